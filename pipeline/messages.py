@@ -1,0 +1,151 @@
+"""Every message that crosses a process boundary, as typed msgspec structs.
+
+Rule: tensors never travel inside a message. A message carries `TensorRef` handles
+(segment, offset, shape, dtype) to bytes in shared memory; only a finished JPEG travels
+as a separate zero-copy ZMQ frame beside its `FrameDone` header.
+
+Flow of one InferBatchComposite request:
+    frontend --InferRequest--> gpu_worker --CompositeJob x B--> compositors
+    gpu_worker --InferDone | InferFailed--> frontend
+    compositor --FrameDone + JPEG | FrameFailed--> frontend
+"""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+
+class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
+    """Base of every wire message (tagged, so one decoder reads any of them)."""
+
+
+class TensorRef(msgspec.Struct, array_like=True, frozen=True):
+    """Where a tensor lives: a shared-memory segment, a byte offset, shape and dtype."""
+
+    segment: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        n = _DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+_DTYPE_SIZES = {"float32": 4, "float16": 2, "int16": 2, "uint8": 1}
+
+
+# ---- frontend -> gpu_worker -------------------------------------------------------------
+
+class InferRequest(Message):
+    request_id: int
+    model_id: str
+    batch_size: int
+    start_frame_idx: int
+    output: TensorRef                   # [B,3,320,320] float32, written by the UNet
+    visual: TensorRef | None = None     # [B,6,320,320] float32 (None: built from the avatar)
+    audio: TensorRef | None = None      # [n] float32 PCM at sample_rate
+    sample_rate: int = 16000
+    features: TensorRef | None = None   # deprecated: one frame's [32,16,16], replicated
+
+
+class LoadModel(Message):
+    request_id: int
+    model_id: str
+
+
+class UnloadModel(Message):
+    request_id: int
+    model_id: str
+
+
+# ---- gpu_worker -> compositor -----------------------------------------------------------
+
+class CompositeJob(Message):
+    request_id: int
+    frame_index: int                    # position in the batch
+    prediction: TensorRef               # [3,320,320] float32 BGR in [0,1]
+    background: TensorRef               # [H,W,3] uint8 BGR
+    rect: tuple[int, int, int, int]     # x1, y1, x2, y2 (half-open)
+    mode: Literal["synctalk", "stretch"]
+    jpeg_quality: int
+
+
+class ReleaseSegment(Message):
+    """Broadcast by a gpu_worker: unmap this segment (a model's backgrounds were unloaded)."""
+
+    segment: str
+
+
+# ---- gpu_worker / compositor -> frontend ------------------------------------------------
+
+class InferDone(Message):
+    request_id: int
+    gpu_id: int
+    audio_ns: int
+    inference_ns: int
+    model_loaded: bool
+    load_ns: int
+    composite_start_ns: int             # time.monotonic_ns() when the jobs were dispatched
+
+
+class InferFailed(Message):
+    request_id: int
+    error: str
+
+
+class FrameDone(Message):
+    """Header of a JPEG; the JPEG bytes follow as the next ZMQ frame."""
+
+    request_id: int
+    frame_index: int
+    composite_ns: int                   # paste + encode time in the compositor
+
+
+class FrameFailed(Message):
+    request_id: int
+    frame_index: int
+    error: str
+
+
+class ControlReply(Message):
+    request_id: int
+    ok: bool
+    error: str = ""
+    gpu_id: int = -1
+    elapsed_ns: int = 0
+
+
+class ModelState(Message):
+    """A gpu_worker's model changed state; the frontend's registry view follows these."""
+
+    worker: int
+    model_id: str
+    state: Literal["loading", "ready", "unloaded", "failed"]
+    memory_bytes: int = 0
+    error: str = ""
+
+
+class Heartbeat(Message):
+    role: Literal["gpu_worker", "compositor"]
+    index: int
+    pid: int
+    gpu_id: int = -1
+    device_memory_used_bytes: int = 0   # measured (NVML on a GPU, process RSS on CPU)
+    loaded_models: tuple[str, ...] = ()
+    queue_depth: int = 0
+
+
+ToWorker = Union[InferRequest, LoadModel, UnloadModel]
+ToCompositor = Union[CompositeJob, ReleaseSegment]
+ToFrontend = Union[InferDone, InferFailed, FrameDone, FrameFailed, ControlReply, ModelState,
+                   Heartbeat]
+
+encode = msgspec.msgpack.Encoder().encode
+worker_decoder = msgspec.msgpack.Decoder(ToWorker)
+compositor_decoder = msgspec.msgpack.Decoder(ToCompositor)
+frontend_decoder = msgspec.msgpack.Decoder(ToFrontend)

@@ -1,0 +1,1 @@
+"""The only code that creates, maps and unlinks shared memory."""

@@ -1,0 +1,196 @@
+"""Named POSIX shared-memory segments: create (owner), attach (readers), unlink, sweep.
+
+Every segment name is `lipsync-<instance>-<creator pid>-<tag>`, so a start-up sweep can
+remove the segments of dead creators, and nothing else. The stdlib resource_tracker is
+kept out of it: on Python < 3.13 attaching registers the segment and the tracker then
+unlinks it when the attaching process exits (CPython gh-82300), which would pull an
+arena out from under its owner. Lifetimes are ours: the owner unlinks on close, the
+sweep reclaims what a killed owner left.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PREFIX = "lipsync"
+SHM_DIR = Path("/dev/shm")
+
+
+def segment_name(instance: str, tag: str, pid: int | None = None) -> str:
+    """The name of a segment created by this process (or `pid`) for `instance`."""
+    return f"{PREFIX}-{instance}-{os.getpid() if pid is None else pid}-{tag}"
+
+
+def parse_name(name: str) -> tuple[str, int, str] | None:
+    """(instance, creator pid, tag) of one of our segment names, or None if it is not ours."""
+    parts = name.split("-", 3)
+    if len(parts) != 4 or parts[0] != PREFIX or not parts[2].isdigit():
+        return None
+    return parts[1], int(parts[2]), parts[3]
+
+
+def creator_pid(name: str) -> int | None:
+    parsed = parse_name(name)
+    return None if parsed is None else parsed[1]
+
+
+def _open(name: str, create: bool, size: int) -> SharedMemory:
+    if sys.version_info >= (3, 13):
+        return SharedMemory(name, create=create, size=size, track=False)  # type: ignore[call-arg]
+    shm = SharedMemory(name, create=create, size=size)
+    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    return shm
+
+
+class SharedSegment:
+    """One mapped segment. The creating process owns it and unlinks it on close()."""
+
+    def __init__(self, shm: SharedMemory, owner: bool) -> None:
+        self._shm: SharedMemory | None = shm
+        self.name = shm.name
+        self.size = shm.size
+        self.owner = owner
+
+    @classmethod
+    def create(cls, name: str, size: int) -> SharedSegment:
+        """Create and reserve `size` bytes; a full /dev/shm is an error here, not a SIGBUS later."""
+        shm = _open(name, create=True, size=size)
+        try:
+            # tmpfs pages are allocated on first touch; reserve them now.
+            os.posix_fallocate(shm._fd, 0, size)  # type: ignore[attr-defined]
+        except OSError as exc:
+            shm.close()
+            shm.unlink()
+            raise MemoryError(f"cannot reserve {size} bytes of shared memory for {name}: "
+                              f"{exc.strerror} (is /dev/shm large enough?)") from exc
+        return cls(shm, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> SharedSegment:
+        return cls(_open(name, create=False, size=0), owner=False)
+
+    @property
+    def buf(self) -> memoryview:
+        if self._shm is None:
+            raise ValueError(f"segment {self.name} is closed")
+        return self._shm.buf  # type: ignore[return-value]
+
+    def ndarray(self, offset: int, shape: tuple[int, ...], dtype: str | np.dtype) -> np.ndarray:
+        """A view (no copy) of the bytes at offset; raises if it would run past the end."""
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        if offset < 0 or offset + count * dt.itemsize > self.size:
+            raise ValueError(f"view [{offset}, +{count * dt.itemsize}) outside segment "
+                             f"{self.name} of {self.size} bytes")
+        return np.ndarray(shape, dtype=dt, buffer=self.buf, offset=offset)
+
+    def close(self) -> None:
+        """Unmap (and unlink, for the owner). Idempotent.
+
+        Views handed out must be dropped first; one still alive keeps the mapping (and
+        only the mapping) until it is collected.
+        """
+        shm, self._shm = self._shm, None
+        if shm is None:
+            return
+        try:
+            shm.close()
+        except BufferError:
+            # A numpy view is still alive; drop our reference, the mmap dies with the view.
+            shm._buf = None  # type: ignore[attr-defined]
+            shm._mmap = None  # type: ignore[attr-defined]
+        if self.owner:
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class SegmentCache:
+    """Reader side: attach segments by name on first use and keep them mapped."""
+
+    def __init__(self) -> None:
+        self._segments: dict[str, SharedSegment] = {}
+
+    def get(self, name: str) -> SharedSegment:
+        segment = self._segments.get(name)
+        if segment is None:
+            self._forget_replaced(name)
+            segment = self._segments[name] = SharedSegment.attach(name)
+        return segment
+
+    def _forget_replaced(self, name: str) -> None:
+        """A new creator of the same instance and tag means the old one is gone: unmap it,
+        or its pages would stay alive in /dev/shm for as long as we live."""
+        parsed = parse_name(name)
+        if parsed is None:
+            return
+        instance, _, tag = parsed
+        for old in list(self._segments):
+            other = parse_name(old)
+            if other is not None and (other[0], other[2]) == (instance, tag):
+                self.forget(old)
+
+    def ndarray(self, name: str, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        return self.get(name).ndarray(offset, shape, dtype)
+
+    def forget(self, name: str) -> None:
+        """Unmap a segment its owner has released (or that belonged to a dead owner)."""
+        segment = self._segments.pop(name, None)
+        if segment is not None:
+            segment.close()
+
+    def forget_pid(self, pid: int) -> None:
+        for name in [n for n in self._segments if creator_pid(n) == pid]:
+            self.forget(name)
+
+    def close(self) -> None:
+        for name in list(self._segments):
+            self.forget(name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def list_segments(instance: str | None = None) -> list[str]:
+    """Our segment names in /dev/shm (of one instance, or all)."""
+    prefix = f"{PREFIX}-{instance}-" if instance else f"{PREFIX}-"
+    try:
+        return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def sweep_stale_segments(instance: str | None = None, pids: set[int] | None = None) -> list[str]:
+    """Unlink our segments whose creator is dead (or is one of `pids`, known dead)."""
+    removed = []
+    for name in list_segments(instance):
+        pid = creator_pid(name)
+        if pid is None:
+            continue
+        dead = pid in pids if pids is not None else not _alive(pid)
+        if not dead:
+            continue
+        try:
+            (SHM_DIR / name).unlink()
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    if removed:
+        log.info("removed %d stale shared-memory segment(s): %s", len(removed), ", ".join(removed))
+    return removed
