@@ -1,0 +1,131 @@
+"""`lipsync bench`: drive InferBatchComposite with C concurrent clients and report
+frames/s, latency percentiles and the mean stage timings the server measured.
+
+Inputs are what a real client sends: SyncTalk visual tensors built from the avatar's own
+frames and crop rects, and (B + 15) x 40 ms of speech-like audio per request.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.config import load_config
+from pipeline.gpu_worker.avatar import find_frame, load_crop_rects
+from pipeline.gpu_worker.visual import visual_input
+from pipeline.launcher import ServerProcess, channel
+from pipeline.rpc import monolithic_pb2 as pb
+from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
+
+
+def speech_like_audio(seconds: float, sample_rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """Voiced bursts with pauses: a pitch harmonic series under a 3 Hz syllable envelope."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    voice = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 12))
+    envelope = np.clip(np.sin(2 * np.pi * 3 * t), 0, None) ** 2
+    return (0.3 * envelope * voice + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def build_request(cfg_path: Path, model_id: str, batch: int, start: int) -> pb.CompositeBatchRequest:
+    cfg = load_config(cfg_path)
+    model = cfg.models[model_id]
+    rects = load_crop_rects(model.crop_rects_path)
+    names = {p.name for p in model.background_dir.iterdir()}
+    visual = np.empty((batch, 6, 320, 320), np.float32)
+    for i in range(batch):
+        idx = (start + i) % model.num_frames
+        frame = cv2.imread(str(find_frame(model.background_dir, idx, names)))
+        visual_input(frame, tuple(int(v) for v in rects[(start + i) % len(rects)]), out=visual[i])
+    audio = speech_like_audio((batch + 15) * 0.04)
+    return pb.CompositeBatchRequest(model_id=model_id, visual_frames=visual.tobytes(),
+                                    raw_audio=audio.tobytes(), batch_size=batch,
+                                    start_frame_idx=start, sample_rate=16000)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def drive(address: str, request: pb.CompositeBatchRequest, concurrency: int, requests: int,
+          warmup: int) -> dict[str, object]:
+    """Send `requests` measured requests from `concurrency` threads; return the figures."""
+    latencies: list[float] = []
+    stages: dict[str, list[float]] = {k: [] for k in
+                                      ("audio", "inference", "composite", "server_total")}
+    errors: list[str] = []
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def client() -> None:
+        with channel(address) as ch:
+            stub = pb_grpc.MonolithicServiceStub(ch)
+            for _ in range(warmup):
+                stub.InferBatchComposite(request, timeout=120)
+            barrier.wait()
+            while True:
+                with lock:
+                    if next(counter, None) is None:
+                        return
+                t0 = time.perf_counter()
+                resp = stub.InferBatchComposite(request, timeout=120)
+                dt = (time.perf_counter() - t0) * 1e3
+                with lock:
+                    if not resp.success:
+                        errors.append(resp.error)
+                        continue
+                    latencies.append(dt)
+                    stages["audio"].append(resp.audio_processing_ms)
+                    stages["inference"].append(resp.inference_time_ms)
+                    stages["composite"].append(resp.composite_time_ms)
+                    stages["server_total"].append(resp.total_time_ms)
+
+    barrier = threading.Barrier(concurrency + 1)
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    frames = len(latencies) * request.batch_size
+    return {
+        "batch": request.batch_size, "concurrency": concurrency, "requests": len(latencies),
+        "errors": len(errors), "first_error": errors[0] if errors else "",
+        "wall_s": round(wall, 3), "fps": round(frames / wall, 2) if wall else 0.0,
+        "p50_ms": round(percentile(latencies, 50), 2), "p95_ms": round(percentile(latencies, 95), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+        "stage_ms": {k: round(statistics.fmean(v), 2) if v else 0.0 for k, v in stages.items()},
+    }
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.batch < 1 or args.batch > 32 or args.concurrency < 1 or args.requests < 1:
+        raise SystemExit("lipsync bench: need 1 <= --batch <= 32, --concurrency >= 1, --requests >= 1")
+    request = build_request(args.config, args.model, args.batch, start=0)
+    with ExitStack() as stack:
+        address = args.address
+        if address is None:
+            log = Path(tempfile.mkdtemp(prefix="lipsync-bench-")) / "server.log"
+            address = stack.enter_context(ServerProcess(args.config, log_path=log)).address
+        result = drive(address, request, args.concurrency, args.requests, args.warmup)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"batch {result['batch']}  concurrency {result['concurrency']}  "
+              f"requests {result['requests']}  errors {result['errors']}")
+        print(f"frames/s {result['fps']}   latency p50 {result['p50_ms']} ms  "
+              f"p95 {result['p95_ms']} ms  p99 {result['p99_ms']} ms")
+        print("mean stage ms: " + "  ".join(f"{k} {v}" for k, v in result["stage_ms"].items()))
+        if result["first_error"]:
+            print(f"first error: {result['first_error']}")
+    return 0 if not result["errors"] else 1

@@ -1,0 +1,109 @@
+"""The `lipsync` command: serve, demo-assets, bench."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from pipeline.process import setup_logging
+
+log = logging.getLogger("lipsync")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        sys.exit(f"lipsync: bad config: {exc}")
+    return cfg.with_ports(getattr(args, "grpc_port", None), getattr(args, "ws_port", None))
+
+
+def ensure_demo_assets(cfg: Config, force: bool = False) -> bool:
+    """Build the demo avatar and graphs where the config points at their default places.
+
+    Returns True when something was built. Models elsewhere are the user's and untouched.
+    """
+    from pipeline.demo.assets import DEMO_MODEL_ID, build_demo_assets, demo_asset_paths, demo_assets_present
+
+    demo = demo_asset_paths(cfg.models_root)
+    model = cfg.models.get(DEMO_MODEL_ID)
+    uses_demo = cfg.audio_encoder_path == demo.audio_encoder_path or (
+        model is not None and model.model_path == demo.unet_path)
+    if not uses_demo or (demo_assets_present(cfg.models_root) and not force):
+        return False
+    from tqdm import tqdm
+
+    with tqdm(desc="building demo avatar", unit="frame", disable=None) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        build_demo_assets(cfg.models_root, force=force, progress=progress)
+    log.info("demo assets written to %s", cfg.models_root)
+    return True
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.supervisor import Supervisor
+
+    cfg = _load(args)
+    ensure_demo_assets(cfg)
+    try:
+        supervisor = Supervisor(cfg)
+    except ValueError as exc:
+        sys.exit(f"lipsync: {exc}")
+    return supervisor.run()
+
+
+def cmd_demo_assets(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if not ensure_demo_assets(cfg, force=args.force):
+        print(f"demo assets already present in {cfg.models_root}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lipsync", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
+                       help=f"config file (default {DEFAULT_CONFIG_PATH})")
+        return p
+
+    serve = with_config(sub.add_parser("serve", help="run the server (all roles)"))
+    serve.add_argument("--grpc-port", type=int, help="override server.port")
+    serve.add_argument("--ws-port", type=int, help="override server.ws_port")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = with_config(sub.add_parser("demo-assets", help="build the built-in demo avatar"))
+    demo.add_argument("--force", action="store_true", help="rebuild even if present")
+    demo.set_defaults(func=cmd_demo_assets)
+
+    bench = with_config(sub.add_parser("bench", help="measure frames/s and latency"))
+    bench.add_argument("--address", help="a running server (host:port); default: start one")
+    bench.add_argument("--model", default="demo")
+    bench.add_argument("--batch", type=int, default=8)
+    bench.add_argument("--concurrency", type=int, default=4)
+    bench.add_argument("--requests", type=int, default=40)
+    bench.add_argument("--warmup", type=int, default=2, help="requests per client not measured")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging("lipsync")
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

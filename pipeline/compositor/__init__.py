@@ -1,0 +1,1 @@
+"""Role: the compositor pool (paste mouth crops onto backgrounds, JPEG)."""

@@ -1,0 +1,46 @@
+"""Paste one predicted mouth crop into its background frame and encode the JPEG.
+
+Modes (spec/reference-pipeline.md §3; DESIGN "Compositing"):
+- synctalk (default, how SyncTalk-2D was trained): the background's rect is cubic-resized
+  to 328x328, the 320x320 prediction replaces its [4:324, 4:324] interior, and the crop is
+  cubic-resized back to the rect and pasted.
+- stretch (the Go server): the prediction is stretched bilinearly over the whole rect.
+Pixel conversion as the reference: x255, clamp to [0, 255], truncate.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+CROP = 328
+INNER = slice(4, 324)
+
+
+def prediction_to_bgr(prediction: np.ndarray) -> np.ndarray:
+    """[3,320,320] float BGR in [0,1] -> [320,320,3] uint8 (x255, clamp, truncate; NaN -> 0)."""
+    hwc = np.nan_to_num(prediction.transpose(1, 2, 0), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(hwc * 255.0, 0.0, 255.0).astype(np.uint8)
+
+
+def paste(background: np.ndarray, prediction: np.ndarray, rect: tuple[int, int, int, int],
+          mode: str = "synctalk") -> np.ndarray:
+    """A new frame: `background` (HxWx3 uint8, left untouched) with the prediction pasted."""
+    x1, y1, x2, y2 = rect
+    w, h = x2 - x1, y2 - y1
+    mouth = prediction_to_bgr(prediction)
+    frame = background.copy()
+    if mode == "stretch":
+        patch = cv2.resize(mouth, (w, h), interpolation=cv2.INTER_LINEAR)
+    else:
+        crop = cv2.resize(background[y1:y2, x1:x2], (CROP, CROP), interpolation=cv2.INTER_CUBIC)
+        crop[INNER, INNER] = mouth
+        patch = cv2.resize(crop, (w, h), interpolation=cv2.INTER_CUBIC)
+    frame[y1:y2, x1:x2] = patch
+    return frame
+
+
+def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
+    ok, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return jpeg.tobytes()

@@ -1,0 +1,98 @@
+"""A compositor process: pulls CompositeJobs from every gpu_worker, reads the prediction
+and the background in place from shared memory, pastes, encodes the JPEG and pushes it
+to the frontend as [FrameDone header, JPEG] (the JPEG as its own zero-copy frame).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from multiprocessing.connection import Connection
+
+import cv2
+import zmq
+
+from pipeline import messages as msg
+from pipeline.addresses import Addresses
+from pipeline.compositor.composite import encode_jpeg, paste
+from pipeline.config import Config
+from pipeline.process import Readiness, run_role
+from pipeline.shm.segment import SegmentCache
+from pipeline.sockets import make_socket
+
+log = logging.getLogger(__name__)
+
+
+def run_compositor_process(cfg: Config, index: int, ready: Connection | None = None) -> None:
+    """Entry point of compositor `index` (spawned, or run by systemd)."""
+    run_role(f"compositor {index}", ready,
+             lambda readiness, stop: Compositor(cfg, index).serve(readiness, stop))
+
+
+class Compositor:
+    def __init__(self, cfg: Config, index: int) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.addresses = Addresses.of(cfg)
+        self.segments = SegmentCache()
+        cv2.setNumThreads(1)  # parallelism comes from the pool, not from inside one frame
+
+    def serve(self, readiness: Readiness, stop: threading.Event) -> None:
+        workers = range(self.cfg.gpus.count)
+        ctx = zmq.Context()
+        jobs = make_socket(ctx, zmq.PULL, connect=[self.addresses.worker_jobs(i) for i in workers])
+        events = make_socket(ctx, zmq.SUB,
+                             connect=[self.addresses.worker_events(i) for i in workers])
+        results = make_socket(ctx, zmq.PUSH, connect=[self.addresses.frontend_inbox])
+        poller = zmq.Poller()
+        poller.register(jobs, zmq.POLLIN)
+        poller.register(events, zmq.POLLIN)
+        heartbeat = msg.encode(msg.Heartbeat(role="compositor", index=self.index, pid=os.getpid()))
+        next_beat = 0.0
+        readiness.ready()
+        log.info("ready")
+        try:
+            while not stop.is_set():
+                if time.monotonic() >= next_beat:
+                    self._send(results, [heartbeat])
+                    next_beat = time.monotonic() + self.cfg.runtime.heartbeat_s
+                ready_socks = dict(poller.poll(100))
+                if events in ready_socks:
+                    release = msg.compositor_decoder.decode(events.recv())
+                    if isinstance(release, msg.ReleaseSegment):
+                        self.segments.forget(release.segment)
+                if jobs in ready_socks:
+                    job = msg.compositor_decoder.decode(jobs.recv())
+                    if isinstance(job, msg.CompositeJob):
+                        self._send(results, self.composite(job))
+        finally:
+            self.segments.close()
+            for sock in (jobs, events, results):
+                sock.close(0)
+            ctx.term()
+
+    def composite(self, job: msg.CompositeJob) -> list[bytes]:
+        """The frames to push for one job: [FrameDone, JPEG] or [FrameFailed]."""
+        t0 = time.perf_counter_ns()
+        try:
+            prediction = self._view(job.prediction)
+            background = self._view(job.background)
+            jpeg = encode_jpeg(paste(background, prediction, job.rect, job.mode), job.jpeg_quality)
+        except Exception as exc:
+            log.exception("compositing frame %d of request %d failed", job.frame_index,
+                          job.request_id)
+            return [msg.encode(msg.FrameFailed(job.request_id, job.frame_index,
+                                               f"failed to composite frame {job.frame_index}: {exc}"))]
+        header = msg.FrameDone(job.request_id, job.frame_index, time.perf_counter_ns() - t0)
+        return [msg.encode(header), jpeg]
+
+    def _view(self, ref: msg.TensorRef):
+        return self.segments.ndarray(ref.segment, ref.offset, ref.shape, ref.dtype)
+
+    @staticmethod
+    def _send(sock: zmq.Socket, frames: list[bytes]) -> None:
+        try:
+            sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            log.error("frontend unreachable; result dropped")

@@ -1,0 +1,1 @@
+"""Role: the asyncio frontend (gRPC, admission, routing, answers)."""

@@ -1,0 +1,417 @@
+"""The frontend's bridge to the other roles: admission, shared-memory blocks, routing to
+gpu_workers, collecting JPEGs, and the registry view every RPC answers from.
+
+Everything here runs on the frontend's one asyncio loop, so the state below needs no
+locks. Each request owns one arena block from admission until it is answered (or, if
+it timed out, until its worker has let go of it or died).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from pipeline import messages as msg
+from pipeline.addresses import Addresses
+from pipeline.config import Config
+from pipeline.frontend.validation import ValidRequest, check_finite_visual
+from pipeline.shm.arena import Arena, Block
+from pipeline.sockets import make_socket
+
+log = logging.getLogger(__name__)
+
+FLOAT = 4
+VISUAL_BYTES = 6 * 320 * 320 * FLOAT
+PREDICTION_BYTES = 3 * 320 * 320 * FLOAT
+LIVENESS_BEATS = 5  # a role silent this many heartbeats is dead
+
+
+class Unavailable(Exception):
+    """The request could not be served for a reason of the server's (gRPC UNAVAILABLE)."""
+
+
+class Overloaded(Exception):
+    """Admission refused (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class Failed(Exception):
+    """The pipeline rejected the request; str() is the client-facing error (success=false)."""
+
+
+@dataclass
+class InferResult:
+    frames: list[bytes]
+    done: msg.InferDone
+    composite_ns: int
+
+
+@dataclass
+class Pending:
+    """One admitted InferBatchComposite request on its way through the pipeline."""
+
+    request_id: int
+    model_id: str
+    worker: int
+    block: Block
+    frames: list[bytes | None]
+    future: asyncio.Future[InferResult]
+    done: msg.InferDone | None = None
+    received: int = 0
+    abandoned: bool = False  # the client gave up; the block waits for the worker
+
+    def complete_if_ready(self) -> bool:
+        if self.done is None or self.received < len(self.frames):
+            return False
+        if not self.future.done():
+            ns = max(0, time.monotonic_ns() - self.done.composite_start_ns)
+            self.future.set_result(InferResult(list(self.frames), self.done, ns))  # type: ignore[arg-type]
+        return True
+
+
+@dataclass
+class ModelView:
+    """What the frontend knows of one configured model (fed by the workers' events)."""
+
+    model_id: str
+    state: str = "unloaded"   # unloaded | loading | ready | failed
+    worker: int = -1
+    memory_bytes: int = 0
+    error: str = ""
+    request_count: int = 0
+    total_inference_ns: int = 0
+    last_used: float = 0.0    # unix seconds
+    last_used_mono: float = 0.0
+    inflight: int = 0
+
+
+@dataclass
+class RoleView:
+    """Liveness of one gpu_worker or compositor, from its heartbeats."""
+
+    pid: int = 0
+    last_seen: float = 0.0
+    device_memory_used_bytes: int = 0
+    queue_depth: int = 0
+
+    def alive(self, now: float, heartbeat_s: float) -> bool:
+        return self.pid != 0 and now - self.last_seen < LIVENESS_BEATS * heartbeat_s
+
+
+@dataclass
+class Control:
+    future: asyncio.Future[msg.ControlReply]
+    worker: int
+
+
+class Dispatcher:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.addresses = Addresses.of(cfg)
+        self.ctx = zmq.asyncio.Context()
+        self.inbox = make_socket(self.ctx, zmq.PULL, bind=self.addresses.frontend_inbox)
+        self.to_workers = [make_socket(self.ctx, zmq.PUSH, connect=[self.addresses.worker_inbox(i)])
+                           for i in range(cfg.gpus.count)]
+        self.arena = Arena.create(self.addresses.request_arena(), cfg.runtime.arena_mb * 2**20)
+        self.pending: dict[int, Pending] = {}
+        self.controls: dict[int, Control] = {}
+        self.models = {mid: ModelView(mid) for mid in cfg.models}
+        self.workers = [RoleView() for _ in range(cfg.gpus.count)]
+        self.compositors: dict[int, RoleView] = {}
+        self._ids = itertools.count((os.getpid() & 0xFFFFFF) << 32)
+        self._space_freed = asyncio.Event()
+        self._admitted = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._read_inbox()),
+                       asyncio.create_task(self._watch_liveness())]
+
+    async def wait_for_roles(self, timeout: float) -> None:
+        """Until every gpu_worker and compositor has been heard from."""
+        deadline = time.monotonic() + timeout
+        while not self.all_roles_alive():
+            if time.monotonic() > deadline:
+                raise TimeoutError("not every role reported in: workers "
+                                   f"{[w.pid for w in self.workers]}, compositors "
+                                   f"{sorted(self.compositors)}")
+            await asyncio.sleep(0.05)
+
+    def all_roles_alive(self) -> bool:
+        now, hb = time.monotonic(), self.cfg.runtime.heartbeat_s
+        alive_compositors = sum(c.alive(now, hb) for c in self.compositors.values())
+        return (all(w.alive(now, hb) for w in self.workers)
+                and alive_compositors >= self.cfg.compositor.pool_size)
+
+    def healthy(self) -> bool:
+        now, hb = time.monotonic(), self.cfg.runtime.heartbeat_s
+        return (all(w.alive(now, hb) for w in self.workers)
+                and any(c.alive(now, hb) for c in self.compositors.values()))
+
+    # ---- inference -------------------------------------------------------------------
+
+    async def infer(self, req: ValidRequest, timeout: float) -> InferResult:
+        if self._admitted >= self.cfg.server.max_inflight_requests:
+            raise Overloaded(f"server busy: {self._admitted} requests in flight")
+        self._admitted += 1
+        try:
+            return await self._infer(req, timeout)
+        finally:
+            self._admitted -= 1
+
+    async def _infer(self, req: ValidRequest, timeout: float) -> InferResult:
+        b = req.batch_size
+        audio_len = 0 if req.audio is None else req.audio.nbytes
+        feature_len = 0 if req.features is None else req.features.nbytes
+        size = b * (VISUAL_BYTES + PREDICTION_BYTES) + audio_len + feature_len
+        if size > self.arena.capacity:
+            raise Overloaded(f"request needs {size} bytes of shared memory; the arena has "
+                             f"{self.arena.capacity} (runtime.arena_mb)")
+        deadline = time.monotonic() + timeout
+        block = await self._allocate(size, deadline)
+        pending: Pending | None = None
+        refs = self._layout(block, b, audio_len, feature_len)
+        write = asyncio.ensure_future(asyncio.to_thread(self._write_inputs, req, refs))
+        try:
+            await asyncio.shield(write)
+            worker = await self._place(req.model_id)
+            request_id = next(self._ids)
+            pending = Pending(request_id, req.model_id, worker, block, [None] * b,
+                              asyncio.get_running_loop().create_future())
+            self.pending[request_id] = pending
+            model = self.models[req.model_id]
+            model.inflight += 1
+            try:
+                await self.to_workers[worker].send(msg.encode(msg.InferRequest(
+                    request_id=request_id, model_id=req.model_id, batch_size=b,
+                    start_frame_idx=req.start_frame_idx, output=refs["output"],
+                    visual=refs["visual"], audio=refs.get("audio"), sample_rate=req.sample_rate,
+                    features=refs.get("features"))))
+                result = await asyncio.wait_for(asyncio.shield(pending.future),
+                                                deadline - time.monotonic())
+            finally:
+                model.inflight -= 1
+            model.request_count += 1
+            model.total_inference_ns += result.done.inference_ns
+            model.last_used, model.last_used_mono = time.time(), time.monotonic()
+            return result
+        except (TimeoutError, asyncio.CancelledError):
+            if pending is not None and pending.done is None:
+                # the worker may still write into the block: it is released when the
+                # worker reports this request finished, or is found dead
+                pending.abandoned = True
+            raise
+        finally:
+            if pending is None and not write.done():
+                # cancelled mid-copy: the copying thread still writes into the block
+                write.add_done_callback(lambda _: self._release(block))
+            elif pending is None:
+                self._release(block)
+            elif not pending.abandoned:
+                self._finish(pending)
+
+    async def _allocate(self, size: int, deadline: float) -> Block:
+        """A block of the arena; waits (bounded by the deadline) while others hold it."""
+        while (block := self.arena.allocate(size)) is None:
+            self._space_freed.clear()
+            try:
+                await asyncio.wait_for(self._space_freed.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                raise Overloaded("server busy: no shared memory freed before the deadline") from None
+        return block
+
+    def _release(self, block: Block) -> None:
+        self.arena.release(block)
+        self._space_freed.set()
+
+    def _finish(self, pending: Pending) -> None:
+        if self.pending.pop(pending.request_id, None) is not None:
+            self._release(pending.block)
+
+    def _layout(self, block: Block, b: int, audio_len: int, feature_len: int) -> dict[str, msg.TensorRef]:
+        offset = block.offset
+        refs = {}
+        for name, shape, nbytes in (("visual", (b, 6, 320, 320), b * VISUAL_BYTES),
+                                    ("output", (b, 3, 320, 320), b * PREDICTION_BYTES),
+                                    ("audio", (audio_len // FLOAT,), audio_len),
+                                    ("features", (feature_len // FLOAT,), feature_len)):
+            if nbytes or name in ("visual", "output"):
+                refs[name] = msg.TensorRef(block.segment, offset, shape, "float32")
+            offset += nbytes
+        return refs
+
+    def _write_inputs(self, req: ValidRequest, refs: dict[str, msg.TensorRef]) -> None:
+        """The one copy of the request's tensors: protobuf bytes -> shared memory."""
+        for name, source in (("visual", req.visual), ("audio", req.audio),
+                             ("features", req.features)):
+            if source is not None:
+                ref = refs[name]
+                self.arena.ndarray(ref.offset, ref.shape, "float32")[...] = source.reshape(ref.shape)
+        check_finite_visual(req.visual)
+
+    # ---- model placement and control --------------------------------------------------
+
+    async def _place(self, model_id: str) -> int:
+        """The worker that holds (or will load) the model; evicts under max_models."""
+        model = self.models[model_id]
+        if model.state in ("ready", "loading") and model.worker >= 0:
+            return model.worker
+        await self._make_room(exclude=model_id)
+        model.worker = self._choose_worker(self.cfg.models[model_id].preferred_gpu)
+        model.state = "loading"
+        return model.worker
+
+    def _choose_worker(self, preferred: int) -> int:
+        if 0 <= preferred < len(self.workers):
+            return preferred
+        counts = [0] * len(self.workers)
+        for m in self.models.values():
+            if m.state in ("ready", "loading") and m.worker >= 0:
+                counts[m.worker] += 1
+        return min(range(len(self.workers)),
+                   key=lambda w: (counts[w], self.workers[w].device_memory_used_bytes, w))
+
+    async def _make_room(self, exclude: str) -> None:
+        loaded = [m for m in self.models.values()
+                  if m.state in ("ready", "loading") and m.model_id != exclude]
+        while len(loaded) >= self.cfg.capacity.max_models:
+            idle = [m for m in loaded if m.state == "ready" and m.inflight == 0]
+            if not idle:
+                raise Overloaded(f"all {len(loaded)} loaded models are busy (capacity.max_models "
+                                 f"{self.cfg.capacity.max_models})")
+            victim = min(idle, key=lambda m: m.last_used_mono)
+            log.info("evicting %s (least recently used)", victim.model_id)
+            await self.control(victim.worker, msg.UnloadModel, victim.model_id)
+            loaded.remove(victim)
+
+    async def load_model(self, model_id: str, preferred_gpu: int) -> msg.ControlReply:
+        model = self.models[model_id]
+        if model.state not in ("ready", "loading"):
+            await self._make_room(exclude=model_id)
+            model.worker = self._choose_worker(preferred_gpu)
+            model.state = "loading"
+        return await self.control(model.worker, msg.LoadModel, model_id)
+
+    async def unload_model(self, model_id: str) -> msg.ControlReply:
+        model = self.models[model_id]
+        if model.state != "ready":
+            return msg.ControlReply(0, ok=False,
+                                    error=f"Failed to unload model: model '{model_id}' not loaded")
+        while model.inflight:  # never pull a model out from under its requests
+            await asyncio.sleep(0.01)
+        return await self.control(model.worker, msg.UnloadModel, model_id)
+
+    async def control(self, worker: int, kind: type, model_id: str) -> msg.ControlReply:
+        request_id = next(self._ids)
+        future: asyncio.Future[msg.ControlReply] = asyncio.get_running_loop().create_future()
+        self.controls[request_id] = Control(future, worker)
+        try:
+            await self.to_workers[worker].send(msg.encode(kind(request_id, model_id)))
+            return await asyncio.wait_for(future, self.cfg.runtime.start_timeout_s)
+        finally:
+            self.controls.pop(request_id, None)
+
+    # ---- the inbox -------------------------------------------------------------------
+
+    async def _read_inbox(self) -> None:
+        while True:
+            frames = await self.inbox.recv_multipart()
+            try:
+                self._handle(msg.frontend_decoder.decode(frames[0]), frames[1:])
+            except Exception:
+                log.exception("dropped a message from the inbox")
+
+    def _handle(self, m: msg.Message, rest: list[bytes]) -> None:
+        if isinstance(m, msg.FrameDone):
+            p = self.pending.get(m.request_id)
+            if p is not None and 0 <= m.frame_index < len(p.frames) and p.frames[m.frame_index] is None:
+                p.frames[m.frame_index] = rest[0]
+                p.received += 1
+                p.complete_if_ready()
+        elif isinstance(m, msg.InferDone):
+            p = self.pending.get(m.request_id)
+            if p is not None:
+                p.done = m
+                if p.abandoned:
+                    self._finish(p)
+                else:
+                    p.complete_if_ready()
+        elif isinstance(m, (msg.InferFailed, msg.FrameFailed)):
+            p = self.pending.get(m.request_id)
+            if p is not None:
+                if not p.future.done():
+                    p.future.set_exception(Failed(m.error))
+                if p.abandoned and isinstance(m, msg.InferFailed):
+                    self._finish(p)
+        elif isinstance(m, msg.ControlReply):
+            c = self.controls.get(m.request_id)
+            if c is not None and not c.future.done():
+                c.future.set_result(m)
+        elif isinstance(m, msg.ModelState):
+            self._on_model_state(m)
+        elif isinstance(m, msg.Heartbeat):
+            self._on_heartbeat(m)
+
+    def _on_model_state(self, m: msg.ModelState) -> None:
+        model = self.models.get(m.model_id)
+        if model is None:
+            return
+        model.state, model.error = m.state, m.error
+        model.worker = m.worker if m.state in ("loading", "ready") else -1
+        model.memory_bytes = m.memory_bytes if m.state == "ready" else 0
+
+    def _on_heartbeat(self, m: msg.Heartbeat) -> None:
+        if m.role == "compositor":
+            view = self.compositors.setdefault(m.index, RoleView())
+        elif 0 <= m.index < len(self.workers):
+            view = self.workers[m.index]
+            if view.pid and view.pid != m.pid:
+                self._worker_lost(m.index, f"gpu_worker {m.index} restarted")
+        else:
+            return
+        view.pid, view.last_seen = m.pid, time.monotonic()
+        view.device_memory_used_bytes = m.device_memory_used_bytes
+        view.queue_depth = m.queue_depth
+
+    async def _watch_liveness(self) -> None:
+        hb = self.cfg.runtime.heartbeat_s
+        while True:
+            await asyncio.sleep(hb / 2)
+            now = time.monotonic()
+            for i, w in enumerate(self.workers):
+                if w.pid and not w.alive(now, hb):
+                    log.error("gpu_worker %d (pid %d) stopped answering", i, w.pid)
+                    self._worker_lost(i, f"gpu_worker {i} is unavailable (no heartbeat)")
+                    w.pid = 0
+
+    def _worker_lost(self, index: int, reason: str) -> None:
+        """Fail everything the worker held; its blocks come back (it can no longer write)."""
+        for p in [p for p in self.pending.values() if p.worker == index]:
+            if not p.future.done():
+                p.future.set_exception(Unavailable(f"{reason}; request failed"))
+            if p.abandoned:
+                self._finish(p)
+        for c in self.controls.values():
+            if c.worker == index and not c.future.done():
+                c.future.set_exception(Unavailable(reason))
+        for model in self.models.values():
+            if model.worker == index:
+                model.state, model.worker, model.memory_bytes = "unloaded", -1, 0
+
+    # ---- shutdown --------------------------------------------------------------------
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for sock in [self.inbox, *self.to_workers]:
+            sock.close(0)
+        self.ctx.term()
+        self.arena.close()

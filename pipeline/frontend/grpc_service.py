@@ -1,0 +1,120 @@
+"""monolithic.MonolithicService: the six RPCs of the original server, wire-compatible.
+
+Application errors come back as success=false + error (as the original did); overload
+and a dead worker as gRPC status codes, so clients can retry those.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from pipeline.frontend.dispatcher import Dispatcher, Failed, Overloaded, Unavailable
+from pipeline.frontend.validation import InvalidRequest, validate
+from pipeline.rpc import monolithic_pb2 as pb
+from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class MonolithicService(pb_grpc.MonolithicServiceServicer):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.cfg = dispatcher.cfg
+
+    async def InferBatchComposite(self, request: pb.CompositeBatchRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.CompositeBatchResponse:
+        t0 = time.perf_counter_ns()
+        try:
+            valid = validate(request, self.cfg)
+            result = await self.dispatcher.infer(valid, self.cfg.server.request_timeout_s)
+        except (InvalidRequest, Failed) as exc:
+            return pb.CompositeBatchResponse(success=False, error=str(exc), gpu_id=-1)
+        except Overloaded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except Unavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"request not answered within {self.cfg.server.request_timeout_s} s")
+        done = result.done
+        return pb.CompositeBatchResponse(
+            composited_frames=result.frames,
+            inference_time_ms=done.inference_ns / 1e6,
+            composite_time_ms=result.composite_ns / 1e6,
+            total_time_ms=(time.perf_counter_ns() - t0) / 1e6,
+            audio_processing_ms=done.audio_ns / 1e6,
+            model_loaded=done.model_loaded,
+            model_load_time_ms=done.load_ns / 1e6,
+            success=True,
+            gpu_id=done.gpu_id,
+        )
+
+    async def Health(self, request: pb.HealthRequest,
+                     context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        d = self.dispatcher
+        return pb.HealthResponse(
+            healthy=d.healthy(),
+            loaded_models=sum(m.state == "ready" for m in d.models.values()),
+            max_models=self.cfg.capacity.max_models,
+            gpu_ids=list(range(len(d.workers))),
+            gpu_memory_used_gb=[w.device_memory_used_bytes / 2**30 for w in d.workers],
+        )
+
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[
+            pb.ModelInfo(model_id=m.model_id, loaded=m.state == "ready", gpu_id=m.worker,
+                         memory_mb=m.memory_bytes // 2**20, request_count=m.request_count,
+                         avg_inference_ms=_avg_ms(m.total_inference_ns, m.request_count))
+            for m in sorted(self.dispatcher.models.values(), key=lambda m: m.model_id)])
+
+    async def GetModelStats(self, request: pb.GetModelStatsRequest,
+                            context: grpc.aio.ServicerContext) -> pb.GetModelStatsResponse:
+        return pb.GetModelStatsResponse(models=[
+            pb.ModelStats(model_id=m.model_id, loaded=m.state == "ready", gpu_id=m.worker,
+                          memory_mb=m.memory_bytes // 2**20, request_count=m.request_count,
+                          total_inference_ms=m.total_inference_ns // 1_000_000,
+                          avg_inference_ms=_avg_ms(m.total_inference_ns, m.request_count),
+                          last_used_timestamp=int(m.last_used))
+            for m in sorted(self.dispatcher.models.values(), key=lambda m: m.model_id)])
+
+    async def LoadModel(self, request: pb.LoadModelRequest,
+                        context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
+        if not request.model_id:
+            return pb.LoadModelResponse(success=False, error="model_id is required", gpu_id=-1)
+        if request.model_id not in self.cfg.models:
+            return pb.LoadModelResponse(
+                success=False, gpu_id=-1,
+                error=f"Failed to load model: model '{request.model_id}' not configured")
+        t0 = time.perf_counter_ns()
+        try:
+            reply = await self.dispatcher.load_model(request.model_id, request.preferred_gpu)
+        except Overloaded as exc:
+            return pb.LoadModelResponse(success=False, error=f"Failed to load model: {exc}",
+                                        gpu_id=-1)
+        except Unavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        if not reply.ok:
+            return pb.LoadModelResponse(success=False, error=reply.error, gpu_id=-1)
+        return pb.LoadModelResponse(success=True, gpu_id=reply.gpu_id,
+                                    load_time_ms=(time.perf_counter_ns() - t0) / 1e6)
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest,
+                          context: grpc.aio.ServicerContext) -> pb.UnloadModelResponse:
+        if not request.model_id:
+            return pb.UnloadModelResponse(success=False, error="model_id is required")
+        if request.model_id not in self.cfg.models:
+            return pb.UnloadModelResponse(
+                success=False,
+                error=f"Failed to unload model: model '{request.model_id}' not configured")
+        try:
+            reply = await self.dispatcher.unload_model(request.model_id)
+        except Unavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return pb.UnloadModelResponse(success=reply.ok, error=reply.error)
+
+
+def _avg_ms(total_ns: int, count: int) -> float:
+    return total_ns / count / 1e6 if count else 0.0

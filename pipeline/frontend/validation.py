@@ -1,0 +1,93 @@
+"""Validation of InferBatchComposite requests: the order and error strings of the original
+(spec/monolithic-api.md error table; reference-pipeline.md §5), plus the checks the
+original lacked (negative start index, partial samples, NaN/Inf, sample rate, length).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.rpc import monolithic_pb2 as pb
+
+MAX_BATCH = 32
+VISUAL_FRAME_FLOATS = 6 * 320 * 320
+FEATURE_BYTES = 32 * 16 * 16 * 4
+DEFAULT_SAMPLE_RATE = 16000
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
+MAX_AUDIO_SECONDS = 60.0
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be served; str() is the client-facing error."""
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    """A request that passed every check; arrays are views of the protobuf's bytes."""
+
+    model_id: str
+    batch_size: int
+    start_frame_idx: int
+    visual: np.ndarray            # [B,6,320,320] float32 (finiteness checked while copying)
+    audio: np.ndarray | None      # float32 samples at sample_rate
+    sample_rate: int
+    features: np.ndarray | None   # deprecated: 8192 float32
+
+
+def _finite(values: np.ndarray) -> bool:
+    # fast path: a sum is finite when every term is (and no sum overflowed)
+    return bool(np.isfinite(values.sum(dtype=np.float64))) or bool(np.isfinite(values).all())
+
+
+def validate(req: pb.CompositeBatchRequest, cfg: Config) -> ValidRequest:
+    if not req.model_id:
+        raise InvalidRequest("model_id is required")
+    b = req.batch_size
+    if b <= 0 or b > MAX_BATCH:
+        raise InvalidRequest(f"batch_size must be 1-{MAX_BATCH}, got {b}")
+    expected = b * VISUAL_FRAME_FLOATS * 4
+    if len(req.visual_frames) != expected:
+        raise InvalidRequest(f"Invalid visual frames size: got {len(req.visual_frames)} bytes, "
+                             f"expected {expected} bytes")
+    visual = np.frombuffer(req.visual_frames, dtype="<f4").reshape(b, 6, 320, 320)
+
+    audio = features = None
+    sample_rate = req.sample_rate or DEFAULT_SAMPLE_RATE
+    if req.raw_audio:
+        n = len(req.raw_audio)
+        if n % 4:
+            raise InvalidRequest(f"Invalid raw audio size: got {n} bytes, expected a multiple of "
+                                 "4 (float32 samples)")
+        if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+            raise InvalidRequest(f"sample_rate must be {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz, "
+                                 f"got {req.sample_rate}")
+        if n // 4 > MAX_AUDIO_SECONDS * sample_rate:
+            raise InvalidRequest(f"raw_audio too long: {n // 4 / sample_rate:.1f} s, at most "
+                                 f"{MAX_AUDIO_SECONDS:.0f} s per request")
+        audio = np.frombuffer(req.raw_audio, dtype="<f4")
+        if not _finite(audio):
+            raise InvalidRequest("raw_audio contains NaN or Inf values")
+    elif req.audio_features:
+        n = len(req.audio_features)
+        if n != FEATURE_BYTES:
+            raise InvalidRequest(f"Invalid audio features size: got {n} bytes, expected "
+                                 f"{FEATURE_BYTES} bytes")
+        features = np.frombuffer(req.audio_features, dtype="<f4")
+        if not _finite(features):
+            raise InvalidRequest("audio_features contains NaN or Inf values")
+    else:
+        raise InvalidRequest("Either raw_audio or audio_features must be provided")
+
+    if req.model_id not in cfg.models:
+        raise InvalidRequest(f"Model '{req.model_id}' not found in configuration")
+    if req.start_frame_idx < 0:
+        raise InvalidRequest(f"start_frame_idx must be >= 0, got {req.start_frame_idx}")
+    return ValidRequest(req.model_id, b, req.start_frame_idx, visual, audio, sample_rate, features)
+
+
+def check_finite_visual(visual: np.ndarray) -> None:
+    """Raise InvalidRequest for NaN/Inf in the visual tensor (run off the event loop)."""
+    if not _finite(visual):
+        raise InvalidRequest("visual_frames contains NaN or Inf values")

@@ -1,0 +1,1 @@
+"""Role: one pinned worker per GPU (model LRU, audio features, UNet)."""

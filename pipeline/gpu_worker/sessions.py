@@ -1,0 +1,88 @@
+"""ONNX Runtime sessions of a gpu_worker: the shared audio encoder and one UNet per avatar.
+
+Input and output names are read from the graph (visual: the 4-D input with 6 channels;
+audio: the other), so any export with the SyncTalk-2D contract drops in by config.
+Tensors are bound in place (IO binding): ORT reads the request's visual tensor from
+shared memory and writes the prediction straight into the request's output block.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from pipeline.gpu_worker.device import Resolved
+
+VISUAL_SHAPE = (6, 320, 320)
+PREDICTION_SHAPE = (3, 320, 320)
+MEL_WINDOW_SHAPE = (1, 80, 16)
+ENCODED_DIM = 512
+
+
+def _session(path: Path, provider: Resolved, intra_op_threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads:
+        opts.intra_op_num_threads = intra_op_threads
+    opts.log_severity_level = 3
+    providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
+    if provider == "cuda":
+        # the process sees only its own device (CUDA_VISIBLE_DEVICES), so device 0
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": "0"}))
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
+def _bind(binding: ort.IOBinding, name: str, array: np.ndarray, output: bool = False) -> None:
+    if not array.flags.c_contiguous or array.dtype != np.float32:
+        raise ValueError(f"{name}: expected a C-contiguous float32 array")
+    bind = binding.bind_output if output else binding.bind_input
+    bind(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+
+
+class UNet:
+    """An avatar's lip-sync UNet: [B,6,320,320] + [B,32,16,16] -> [B,3,320,320]."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        inputs = session.get_inputs()
+        visual = [i for i in inputs if len(i.shape) == 4 and i.shape[1] == VISUAL_SHAPE[0]]
+        if len(inputs) != 2 or len(visual) != 1 or len(session.get_outputs()) != 1:
+            raise ValueError("the model must have two inputs (one [B,6,320,320]) and one output, "
+                             f"got inputs {[(i.name, i.shape) for i in inputs]}")
+        self.visual_name = visual[0].name
+        self.audio_name = next(i.name for i in inputs if i.name != self.visual_name)
+        self.output_name = session.get_outputs()[0].name
+
+    @classmethod
+    def create(cls, path: Path, provider: Resolved, intra_op_threads: int = 0) -> UNet:
+        return cls(_session(path, provider, intra_op_threads))
+
+    def run(self, visual: np.ndarray, audio: np.ndarray, out: np.ndarray) -> None:
+        """Write the predictions for visual/audio into `out` (all [B,...] float32)."""
+        binding = self.session.io_binding()
+        _bind(binding, self.visual_name, visual)
+        _bind(binding, self.audio_name, audio)
+        _bind(binding, self.output_name, out, output=True)
+        self.session.run_with_iobinding(binding)
+
+
+class AudioEncoder:
+    """The shared audio encoder: every mel window of a request in one batched run."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.output_name = session.get_outputs()[0].name
+
+    @classmethod
+    def create(cls, path: Path, provider: Resolved, intra_op_threads: int = 0) -> AudioEncoder:
+        return cls(_session(path, provider, intra_op_threads))
+
+    def encode(self, windows: np.ndarray) -> np.ndarray:
+        """[N,1,80,16] mel windows -> [N,512] features (N may be 0)."""
+        if len(windows) == 0:
+            return np.zeros((0, ENCODED_DIM), np.float32)
+        (out,) = self.session.run([self.output_name],
+                                  {self.input_name: np.ascontiguousarray(windows, np.float32)})
+        return out
