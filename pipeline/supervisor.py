@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -142,4 +143,9 @@ class Supervisor:
                 p.join()
         pids = {pid for r in self.roles for pid in r.pids}
         sweep_stale_segments(self.cfg.runtime.instance, pids=pids)
+        # the spawn context started multiprocessing's resource tracker for us; reap it too,
+        # so nothing of ours outlives this process
+        stop_tracker = getattr(resource_tracker._resource_tracker, "_stop", None)
+        if stop_tracker is not None:
+            stop_tracker()
         log.info("stopped")

@@ -50,13 +50,17 @@ def pin_to_device(provider: Resolved, gpu_index: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
 
 
-def process_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def process_anon_bytes() -> int:
+    """Private resident memory of this process (excludes shared-memory pages it touched)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class DeviceMemory:
-    """Measured memory in use on this worker's device: NVML on a GPU, process RSS on CPU."""
+    """Measured memory in use on this worker's device: NVML on a GPU, private RSS on CPU."""
 
     def __init__(self, provider: Resolved, gpu_index: int) -> None:
         self._handle = None
@@ -68,7 +72,7 @@ class DeviceMemory:
 
     def used_bytes(self) -> int:
         if self._handle is None:
-            return process_rss_bytes()
+            return process_anon_bytes()
         import pynvml
 
         return int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).used)

@@ -26,7 +26,7 @@ import zmq
 from pipeline import messages as msg
 from pipeline.addresses import Addresses
 from pipeline.config import Config, ModelConfig
-from pipeline.gpu_worker.device import DeviceMemory, Resolved, pin_to_device, process_rss_bytes
+from pipeline.gpu_worker.device import DeviceMemory, Resolved, pin_to_device
 from pipeline.process import Readiness, run_role
 from pipeline.shm.segment import SegmentCache
 from pipeline.sockets import make_socket
@@ -224,10 +224,9 @@ class GpuWorker:
             avatar = load_avatar(config, self.addresses.background_arena(self.index, next(self._bg_serial)))
         except Exception as exc:
             raise LoadError(f"Failed to get model data: {exc}") from exc
-        # measured: device memory (GPU) or RSS (CPU) growth over the load; on CPU the
-        # backgrounds live in shared memory, which RSS counts only once touched by us.
-        grown = max(0, self.memory.used_bytes() - before)
-        memory = grown + (avatar.nbytes if self.provider == "cpu" else 0)
+        # measured: the device's (or, on CPU, this process's private) memory growth over
+        # the load, plus the backgrounds' shared-memory segment
+        memory = max(0, self.memory.used_bytes() - before) + avatar.nbytes
         return LoadedModel(config, unet, avatar, memory, time.monotonic_ns() - t0)
 
     def _on_load_finished(self, done: LoadFinished) -> None:

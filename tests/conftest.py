@@ -1,0 +1,48 @@
+"""Shared fixtures: the demo assets (built once per session) and a config around them."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.demo.assets import build_demo_assets
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference"
+if not REFERENCE.is_dir():  # CI runs a clean clone with shared/ beside it
+    REFERENCE = Path(__file__).resolve().parents[1] / "../shared/fixtures/reference"
+
+DEMO_FRAMES = 250
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models_root holding the built-in demo avatar and graphs."""
+    root = tmp_path_factory.mktemp("models")
+    build_demo_assets(root, num_frames=DEMO_FRAMES)
+    return root
+
+
+def write_config(path: Path, models_root: Path, **overrides: object) -> Path:
+    """A config for tests: the demo model, a per-test instance name and runtime dir."""
+    raw: dict[str, object] = {
+        "server": {"host": "127.0.0.1", "request_timeout_s": 60},
+        "gpus": {"count": 1, "provider": "cpu"},
+        "compositor": {"pool_size": 2},
+        "runtime": {"dir": str(path.parent / "run"), "instance": f"t{os.getpid()}{path.parent.name[-6:].replace('-', '_')}",
+                    "arena_mb": 512},
+        "models_root": str(models_root),
+        "audio_encoder_path": "audio_encoder.onnx",
+        "models": {"demo": {"model_path": "demo/unet.onnx", "background_dir": "demo/frames",
+                            "crop_rects_path": "demo/crop_rects.json", "num_frames": DEMO_FRAMES,
+                            "preload_model": True}},
+    }
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})  # type: ignore[assignment]
+        node[leaf] = value  # type: ignore[index]
+    path.write_text(yaml.safe_dump(raw))
+    return path

@@ -1,0 +1,289 @@
+"""The real multi-process server (`lipsync serve`) driven by a gRPC client built from proto/."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.bench import build_request, speech_like_audio
+from pipeline.demo.assets import COUNTER_BOX
+from pipeline.launcher import ServerProcess, channel
+from pipeline.rpc import monolithic_pb2 as pb
+from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
+from pipeline.shm.segment import list_segments
+from tests.conftest import DEMO_FRAMES, write_config
+
+VISUAL_FRAME_BYTES = 6 * 320 * 320 * 4
+
+
+def child_pids(pid: int) -> set[int]:
+    """Every descendant of pid, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {c for c, p in parents.items() if p in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, models_root: Path):
+    tmp = tmp_path_factory.mktemp("server")
+    config = write_config(tmp / "config.yaml", models_root,
+                          **{"models.other": {"model_path": "demo/unet.onnx",
+                                              "background_dir": "demo/frames",
+                                              "crop_rects_path": "demo/crop_rects.json",
+                                              "num_frames": DEMO_FRAMES}})
+    with ServerProcess(config, log_path=tmp / "server.log") as srv:
+        srv.config_path = config  # type: ignore[attr-defined]
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerProcess):
+    with channel(server.address) as ch:
+        yield pb_grpc.MonolithicServiceStub(ch)
+
+
+@pytest.fixture(scope="module")
+def backgrounds(models_root: Path) -> np.ndarray:
+    """The counter corner of every demo background, decoded as the server decodes them."""
+    x1, y1, x2, y2 = COUNTER_BOX
+    frames = [cv2.imread(str(models_root / "demo" / "frames" / f"frame_{i:04d}.jpg"))
+              for i in range(DEMO_FRAMES)]
+    return np.stack([f[y1:y2, x1:x2] for f in frames]).astype(np.float32)
+
+
+def which_background(jpeg: bytes, backgrounds: np.ndarray) -> int:
+    x1, y1, x2, y2 = COUNTER_BOX
+    frame = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    corner = frame[y1:y2, x1:x2].astype(np.float32)
+    return int(np.argmin(np.abs(backgrounds - corner).mean(axis=(1, 2, 3))))
+
+
+def request(server: ServerProcess, batch: int, start: int, **fields: object) -> pb.CompositeBatchRequest:
+    req = build_request(server.config_path, "demo", batch, start)  # type: ignore[attr-defined]
+    for name, value in fields.items():
+        setattr(req, name, value)
+    return req
+
+
+@pytest.mark.parametrize("batch", [1, 8, 32])
+def test_batch_returns_the_right_background_frames(stub, server, backgrounds, batch: int) -> None:
+    """Batch 1, 8 and 32: B JPEGs of the background's size, each the right background frame."""
+    start = 240  # crosses the wrap at 250 for the larger batches
+    resp = stub.InferBatchComposite(request(server, batch, start), timeout=120)
+    assert resp.success, resp.error
+    assert len(resp.composited_frames) == batch
+    for i, jpeg in enumerate(resp.composited_frames):
+        frame = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        assert frame.shape == (720, 1280, 3)
+        assert which_background(jpeg, backgrounds) == (start + i) % DEMO_FRAMES
+    assert resp.gpu_id == 0
+    assert resp.inference_time_ms > 0 and resp.audio_processing_ms > 0
+    assert resp.composite_time_ms > 0
+    assert resp.total_time_ms >= resp.inference_time_ms + resp.audio_processing_ms
+
+
+def test_huge_start_index_wraps(stub, server, backgrounds) -> None:
+    """A start index far past the frame count wraps modulo the background count."""
+    start = 2**31 - 1 - 4
+    resp = stub.InferBatchComposite(request(server, 4, start), timeout=60)
+    assert resp.success, resp.error
+    assert [which_background(j, backgrounds) for j in resp.composited_frames] == \
+        [(start + i) % DEMO_FRAMES for i in range(4)]
+
+
+def test_speech_opens_the_mouth_and_silence_closes_it(stub, server) -> None:
+    """The same frames differ in the mouth region between speech and silent audio."""
+    speech = stub.InferBatchComposite(request(server, 4, 0), timeout=60)
+    silence = stub.InferBatchComposite(
+        request(server, 4, 0, raw_audio=np.zeros(19 * 640, np.float32).tobytes()), timeout=60)
+    assert speech.success and silence.success
+    diffs = []
+    for a, b in zip(speech.composited_frames, silence.composited_frames):
+        fa = cv2.imdecode(np.frombuffer(a, np.uint8), cv2.IMREAD_GRAYSCALE).astype(np.float32)
+        fb = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_GRAYSCALE).astype(np.float32)
+        diffs.append(np.abs(fa - fb))
+    # some frame's mouth moved a lot, and nothing changed in the counter corner
+    assert max(d.max() for d in diffs) > 100
+    x1, y1, x2, y2 = COUNTER_BOX
+    assert max(d[y1:y2, x1:x2].max() for d in diffs) < 1
+
+
+@pytest.mark.parametrize("fields, error", [
+    ({"model_id": ""}, "model_id is required"),
+    ({"batch_size": 0}, "batch_size must be 1-32, got 0"),
+    ({"batch_size": 33}, "batch_size must be 1-32, got 33"),
+    ({"batch_size": -5}, "batch_size must be 1-32, got -5"),
+    ({"visual_frames": b""}, f"Invalid visual frames size: got 0 bytes, expected {2 * VISUAL_FRAME_BYTES} bytes"),
+    ({"visual_frames": b"\0" * 100}, f"Invalid visual frames size: got 100 bytes, expected {2 * VISUAL_FRAME_BYTES} bytes"),
+    ({"raw_audio": b"\0\0\0"}, "Invalid raw audio size: got 3 bytes, expected a multiple of 4 (float32 samples)"),
+    ({"raw_audio": b"\0"}, "Invalid raw audio size: got 1 bytes, expected a multiple of 4 (float32 samples)"),
+    ({"raw_audio": np.array([0.1, np.nan], np.float32).tobytes()}, "raw_audio contains NaN or Inf values"),
+    ({"raw_audio": np.array([np.inf] * 4, np.float32).tobytes()}, "raw_audio contains NaN or Inf values"),
+    ({"raw_audio": b"", "audio_features": b"\0" * 100}, "Invalid audio features size: got 100 bytes, expected 32768 bytes"),
+    ({"raw_audio": b""}, "Either raw_audio or audio_features must be provided"),
+    ({"sample_rate": 100}, "sample_rate must be 8000-192000 Hz, got 100"),
+    ({"model_id": "nobody"}, "Model 'nobody' not found in configuration"),
+    ({"start_frame_idx": -1}, "start_frame_idx must be >= 0, got -1"),
+])
+def test_bad_requests_get_the_clear_error(stub, server, fields: dict, error: str) -> None:
+    """Each bad input gets its error string (the original's where it has one), success=false."""
+    resp = stub.InferBatchComposite(request(server, 2, 0, **fields), timeout=60)
+    assert not resp.success
+    assert resp.error == error
+    assert len(resp.composited_frames) == 0
+
+
+def test_nan_visual_frames_are_rejected(stub, server) -> None:
+    """NaN or Inf in visual_frames is a clear error, not garbage frames."""
+    visual = np.full((1, 6, 320, 320), 0.5, np.float32)
+    visual[0, 3, 100, 100] = np.nan
+    resp = stub.InferBatchComposite(request(server, 1, 0, visual_frames=visual.tobytes()), timeout=60)
+    assert (resp.success, resp.error) == (False, "visual_frames contains NaN or Inf values")
+
+
+def test_deprecated_audio_features_path(stub, server, backgrounds) -> None:
+    """32768 bytes of features, replicated to every frame, give frames with audio time 0."""
+    resp = stub.InferBatchComposite(
+        request(server, 3, 7, raw_audio=b"",
+                audio_features=np.full(8192, 0.3, np.float32).tobytes()), timeout=60)
+    assert resp.success, resp.error
+    assert resp.audio_processing_ms < 5
+    assert [which_background(j, backgrounds) for j in resp.composited_frames] == [7, 8, 9]
+
+
+def test_other_sample_rates_are_resampled(stub, server) -> None:
+    """48 kHz audio is accepted and gives the same frame count."""
+    audio = speech_like_audio(19 * 0.04, sample_rate=48000)
+    resp = stub.InferBatchComposite(
+        request(server, 4, 0, raw_audio=audio.tobytes(), sample_rate=48000), timeout=60)
+    assert resp.success, resp.error
+    assert len(resp.composited_frames) == 4
+
+
+def test_the_server_survives_every_bad_request(stub) -> None:
+    """After all the bad inputs, the server is still healthy with every role alive."""
+    health = stub.Health(pb.HealthRequest(), timeout=5)
+    assert health.healthy
+    assert list(health.gpu_ids) == [0]
+    assert health.max_models == 40
+
+
+def test_concurrent_clients_each_get_their_own_frames(server, backgrounds) -> None:
+    """8 concurrent clients x 5 requests with different start indices: no mixed-up frames."""
+    base = request(server, 4, 0)
+
+    def client(c: int) -> list[tuple[int, list[int]]]:
+        out = []
+        with channel(server.address) as ch:
+            s = pb_grpc.MonolithicServiceStub(ch)
+            for r in range(5):
+                start = 31 * c + 7 * r
+                req = pb.CompositeBatchRequest()
+                req.CopyFrom(base)
+                req.start_frame_idx = start
+                resp = s.InferBatchComposite(req, timeout=120)
+                assert resp.success, resp.error
+                out.append((start, [which_background(j, backgrounds) for j in resp.composited_frames]))
+        return out
+
+    with ThreadPoolExecutor(8) as pool:
+        results = [x for r in pool.map(client, range(8)) for x in r]
+    assert len(results) == 40
+    for start, frames in results:
+        assert frames == [(start + i) % DEMO_FRAMES for i in range(4)]
+
+
+def test_model_management_rpcs(stub, server) -> None:
+    """ListModels lists every configured model; Load/Unload change state; stats count requests."""
+    listed = {m.model_id: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=5).models}
+    assert set(listed) == {"demo", "other"}
+    assert listed["demo"].loaded and listed["demo"].gpu_id == 0 and listed["demo"].memory_mb > 0
+    assert not listed["other"].loaded and listed["other"].gpu_id == -1
+
+    before = {m.model_id: m for m in stub.GetModelStats(pb.GetModelStatsRequest(), timeout=5).models}
+    resp = stub.InferBatchComposite(request(server, 2, 0), timeout=60)
+    assert resp.success
+    after = {m.model_id: m for m in stub.GetModelStats(pb.GetModelStatsRequest(), timeout=5).models}
+    assert after["demo"].request_count == before["demo"].request_count + 1
+    assert after["demo"].last_used_timestamp >= int(time.time()) - 5
+    assert after["demo"].avg_inference_ms > 0
+
+    load = stub.LoadModel(pb.LoadModelRequest(model_id="other", preferred_gpu=-1), timeout=60)
+    assert load.success, load.error
+    assert load.gpu_id == 0 and load.load_time_ms > 0
+    assert stub.Health(pb.HealthRequest(), timeout=5).loaded_models == 2
+
+    unload = stub.UnloadModel(pb.UnloadModelRequest(model_id="other"), timeout=60)
+    assert unload.success, unload.error
+    again = stub.UnloadModel(pb.UnloadModelRequest(model_id="other"), timeout=60)
+    assert (again.success, again.error) == (False, "Failed to unload model: model 'other' not loaded")
+    unknown = stub.LoadModel(pb.LoadModelRequest(model_id="nobody"), timeout=5)
+    assert (unknown.success, unknown.error) == (False, "Failed to load model: model 'nobody' not configured")
+
+
+def test_on_demand_load_sets_model_loaded(stub, server) -> None:
+    """A request for an unloaded model loads it and says so in model_loaded/model_load_time_ms."""
+    stub.UnloadModel(pb.UnloadModelRequest(model_id="other"), timeout=60)
+    req = request(server, 2, 0, model_id="other")
+    first = stub.InferBatchComposite(req, timeout=120)
+    assert first.success, first.error
+    assert first.model_loaded and first.model_load_time_ms > 0
+    second = stub.InferBatchComposite(req, timeout=60)
+    assert second.success and not second.model_loaded and second.model_load_time_ms == 0
+
+
+def test_sigterm_stops_everything_and_leaks_nothing(tmp_path: Path, models_root: Path) -> None:
+    """SIGTERM: exit 0 within 10 s, no child process and no /dev/shm segment left."""
+    config = write_config(tmp_path / "config.yaml", models_root)
+    instance = yaml.safe_load(config.read_text())["runtime"]["instance"]
+    srv = ServerProcess(config, log_path=tmp_path / "server.log")
+    srv.start()
+    try:
+        with channel(srv.address) as ch:
+            resp = pb_grpc.MonolithicServiceStub(ch).InferBatchComposite(
+                build_request(config, "demo", 2, 0), timeout=60)
+            assert resp.success, resp.error
+        children = child_pids(srv.proc.pid)
+        assert len(children) >= 4  # frontend, gpu_worker, 2 compositors
+        assert list_segments(instance)
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(10) == 0
+        assert time.monotonic() - t0 < 10
+    finally:
+        srv.stop()
+    alive = [p for p in children if Path(f"/proc/{p}").exists()]
+    assert alive == []
+    assert list_segments(instance) == []
+
+
+def test_sigint_stops_everything(tmp_path: Path, models_root: Path) -> None:
+    """SIGINT (Ctrl-C) stops the server the same way."""
+    config = write_config(tmp_path / "config.yaml", models_root)
+    instance = yaml.safe_load(config.read_text())["runtime"]["instance"]
+    srv = ServerProcess(config, log_path=tmp_path / "server.log")
+    srv.start()
+    children = child_pids(srv.proc.pid)
+    os.kill(srv.proc.pid, signal.SIGINT)
+    assert srv.proc.wait(10) == 0
+    srv.stop()
+    assert [p for p in children if Path(f"/proc/{p}").exists()] == []
+    assert list_segments(instance) == []
