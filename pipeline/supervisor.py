@@ -45,6 +45,10 @@ class Supervisor:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.ctx = mp.get_context("spawn")
+        # Parallelism comes from the processes and ONNX Runtime's own pool; BLAS threads
+        # would spin against them (inherited by every spawned role).
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
         provider = resolve_provider(cfg.gpus.provider, cfg.gpus.count)
         log.info("%d %s gpu_worker(s), %d compositor(s)", cfg.gpus.count, provider,
                  cfg.compositor.pool_size)
