@@ -68,7 +68,7 @@ class SharedSegment:
             os.posix_fallocate(shm._fd, 0, size)  # type: ignore[attr-defined]
         except OSError as exc:
             shm.close()
-            shm.unlink()
+            (SHM_DIR / name).unlink(missing_ok=True)
             raise MemoryError(f"cannot reserve {size} bytes of shared memory for {name}: "
                               f"{exc.strerror} (is /dev/shm large enough?)") from exc
         return cls(shm, owner=True)
@@ -108,8 +108,10 @@ class SharedSegment:
             shm._buf = None  # type: ignore[attr-defined]
             shm._mmap = None  # type: ignore[attr-defined]
         if self.owner:
+            # by path, not shm.unlink(): that would unregister from the resource tracker
+            # a segment we never left registered (the tracker then prints a KeyError)
             try:
-                shm.unlink()
+                (SHM_DIR / self.name).unlink()
             except FileNotFoundError:
                 pass
 
