@@ -44,7 +44,7 @@ def build_request(cfg_path: Path, model_id: str, batch: int, start: int) -> pb.C
     for i in range(batch):
         idx = (start + i) % model.num_frames
         frame = cv2.imread(str(find_frame(model.background_dir, idx, names)))
-        visual_input(frame, tuple(int(v) for v in rects[(start + i) % len(rects)]), out=visual[i])
+        visual_input(frame, tuple(int(v) for v in rects[idx]), out=visual[i])
     audio = speech_like_audio((batch + 15) * 0.04)
     return pb.CompositeBatchRequest(model_id=model_id, visual_frames=visual.tobytes(),
                                     raw_audio=audio.tobytes(), batch_size=batch,

@@ -38,7 +38,9 @@ class ValidRequest:
 
 def _finite(values: np.ndarray) -> bool:
     # fast path: a sum is finite when every term is (and no sum overflowed)
-    return bool(np.isfinite(values.sum(dtype=np.float64))) or bool(np.isfinite(values).all())
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = values.sum(dtype=np.float64)
+    return bool(np.isfinite(total)) or bool(np.isfinite(values).all())
 
 
 def validate(req: pb.CompositeBatchRequest, cfg: Config) -> ValidRequest:

@@ -91,8 +91,8 @@ class Avatar:
         return TensorRef(self.segment.name, i * size, (self.height, self.width, 3), "uint8")
 
     def rect(self, frame_index: int) -> tuple[int, int, int, int]:
-        """Crop rect of output frame `frame_index`, clipped to the frame; wraps like frames."""
-        x1, y1, x2, y2 = (int(v) for v in self.rects[frame_index % len(self.rects)])
+        """Crop rect of output frame `frame_index` (wrapping with its background), clipped."""
+        x1, y1, x2, y2 = (int(v) for v in self.rects[frame_index % self.num_frames])
         x1, x2 = max(0, min(x1, self.width - 1)), max(1, min(x2, self.width))
         y1, y2 = max(0, min(y1, self.height - 1)), max(1, min(y2, self.height))
         return x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)
@@ -104,6 +104,9 @@ class Avatar:
 def load_avatar(model: ModelConfig, segment_name: str, threads: int | None = None) -> Avatar:
     """Decode `num_frames` backgrounds (in parallel) into a new shared segment."""
     rects = load_crop_rects(model.crop_rects_path)
+    if len(rects) < model.num_frames:
+        raise AvatarError(f"failed to load crop rects: {model.crop_rects_path} has {len(rects)} "
+                          f"rects for num_frames {model.num_frames} (one per frame needed)")
     try:
         names = set(os.listdir(model.background_dir))
     except OSError as exc:

@@ -90,7 +90,9 @@ class SharedSegment:
         if offset < 0 or offset + count * dt.itemsize > self.size:
             raise ValueError(f"view [{offset}, +{count * dt.itemsize}) outside segment "
                              f"{self.name} of {self.size} bytes")
-        return np.ndarray(shape, dtype=dt, buffer=self.buf, offset=offset)
+        # frombuffer holds a buffer export on the mapping, so close() cannot unmap it
+        # under a live view (np.ndarray(buffer=...) does not, and a later read segfaults)
+        return np.frombuffer(self.buf, dtype=dt, count=count, offset=offset).reshape(shape)
 
     def close(self) -> None:
         """Unmap (and unlink, for the owner). Idempotent.
@@ -104,9 +106,13 @@ class SharedSegment:
         try:
             shm.close()
         except BufferError:
-            # A numpy view is still alive; drop our reference, the mmap dies with the view.
+            # A view is still alive: drop our references and the descriptor; the mapping
+            # is unmapped when the last view is collected.
             shm._buf = None  # type: ignore[attr-defined]
             shm._mmap = None  # type: ignore[attr-defined]
+            if shm._fd >= 0:  # type: ignore[attr-defined]
+                os.close(shm._fd)  # type: ignore[attr-defined]
+                shm._fd = -1  # type: ignore[attr-defined]
         if self.owner:
             # by path, not shm.unlink(): that would unregister from the resource tracker
             # a segment we never left registered (the tracker then prints a KeyError)

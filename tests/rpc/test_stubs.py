@@ -1,0 +1,157 @@
+"""The committed gRPC stubs: no drift from proto/, and the seed's wire contract kept."""
+from __future__ import annotations
+
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.descriptor import FieldDescriptor as F
+
+from pipeline.rpc import generate, monolithic_pb2, monolithic_pb2_grpc
+
+STR, BYTES, I32, I64, F32, BOOL, MSG = (F.TYPE_STRING, F.TYPE_BYTES, F.TYPE_INT32, F.TYPE_INT64,
+                                        F.TYPE_FLOAT, F.TYPE_BOOL, F.TYPE_MESSAGE)
+REPEATED = True
+
+# spec/reference-pipeline.md §0: message -> {field: (number, type, repeated)}
+SEED_MESSAGES: dict[str, dict[str, tuple[int, int, bool]]] = {
+    "CompositeBatchRequest": {
+        "model_id": (1, STR, False), "visual_frames": (2, BYTES, False),
+        "raw_audio": (3, BYTES, False), "audio_features": (4, BYTES, False),
+        "batch_size": (5, I32, False), "start_frame_idx": (6, I32, False),
+        "sample_rate": (7, I32, False),
+    },
+    "CompositeBatchResponse": {
+        "composited_frames": (1, BYTES, REPEATED), "inference_time_ms": (2, F32, False),
+        "composite_time_ms": (3, F32, False), "total_time_ms": (4, F32, False),
+        "audio_processing_ms": (5, F32, False), "model_loaded": (6, BOOL, False),
+        "model_load_time_ms": (7, F32, False), "success": (8, BOOL, False),
+        "error": (9, STR, False), "gpu_id": (10, I32, False),
+    },
+    "ListModelsRequest": {},
+    "ListModelsResponse": {"models": (1, MSG, REPEATED)},
+    "ModelInfo": {
+        "model_id": (1, STR, False), "loaded": (2, BOOL, False), "gpu_id": (3, I32, False),
+        "memory_mb": (4, I64, False), "request_count": (5, I32, False),
+        "avg_inference_ms": (6, F32, False),
+    },
+    "LoadModelRequest": {"model_id": (1, STR, False), "preferred_gpu": (2, I32, False)},
+    "LoadModelResponse": {
+        "success": (1, BOOL, False), "error": (2, STR, False), "gpu_id": (3, I32, False),
+        "load_time_ms": (4, F32, False),
+    },
+    "UnloadModelRequest": {"model_id": (1, STR, False)},
+    "UnloadModelResponse": {"success": (1, BOOL, False), "error": (2, STR, False)},
+    "GetModelStatsRequest": {},
+    "GetModelStatsResponse": {"models": (1, MSG, REPEATED)},
+    "ModelStats": {
+        "model_id": (1, STR, False), "loaded": (2, BOOL, False), "gpu_id": (3, I32, False),
+        "memory_mb": (4, I64, False), "request_count": (5, I32, False),
+        "total_inference_ms": (6, I64, False), "avg_inference_ms": (7, F32, False),
+        "last_used_timestamp": (8, I64, False),
+    },
+    "HealthRequest": {},
+    "HealthResponse": {
+        "healthy": (1, BOOL, False), "loaded_models": (2, I32, False),
+        "max_models": (3, I32, False), "gpu_ids": (4, I32, REPEATED),
+        "gpu_memory_used_gb": (5, F32, REPEATED),
+    },
+}
+NESTED = {("ListModelsResponse", "models"): "monolithic.ModelInfo",
+          ("GetModelStatsResponse", "models"): "monolithic.ModelStats"}
+SEED_RPCS = {
+    "InferBatchComposite": ("CompositeBatchRequest", "CompositeBatchResponse"),
+    "ListModels": ("ListModelsRequest", "ListModelsResponse"),
+    "LoadModel": ("LoadModelRequest", "LoadModelResponse"),
+    "UnloadModel": ("UnloadModelRequest", "UnloadModelResponse"),
+    "GetModelStats": ("GetModelStatsRequest", "GetModelStatsResponse"),
+    "Health": ("HealthRequest", "HealthResponse"),
+}
+
+
+def _repeated(field: F) -> bool:
+    if hasattr(field, "is_repeated"):
+        return bool(field.is_repeated)
+    return field.label == F.LABEL_REPEATED
+
+
+def test_committed_stubs_equal_a_fresh_regeneration(tmp_path: Path) -> None:
+    """pipeline/rpc/*_pb2*.py are byte for byte what generate() writes from proto/ now."""
+    written = generate.generate(tmp_path)
+    assert sorted(p.name for p in written) == ["monolithic_pb2.py", "monolithic_pb2_grpc.py"]
+    for fresh in written:
+        committed = generate.STUB_DIR / fresh.name
+        assert committed.read_bytes() == fresh.read_bytes(), (
+            f"{committed} differs from proto/: run `python -m pipeline.rpc.generate`")
+
+
+def test_package_and_service() -> None:
+    """The proto's package is `monolithic` with service MonolithicService."""
+    assert monolithic_pb2.DESCRIPTOR.package == "monolithic"
+    service = monolithic_pb2.DESCRIPTOR.services_by_name["MonolithicService"]
+    assert service.full_name == "monolithic.MonolithicService"
+
+
+def test_seed_rpcs_are_unary_with_seed_types() -> None:
+    """The six seed RPCs exist, unary-unary, with the seed's request and response messages."""
+    service = monolithic_pb2.DESCRIPTOR.services_by_name["MonolithicService"]
+    methods = service.methods_by_name
+    for name, (request, response) in SEED_RPCS.items():
+        method = methods[name]
+        assert method.input_type.full_name == f"monolithic.{request}", name
+        assert method.output_type.full_name == f"monolithic.{response}", name
+        assert not method.client_streaming and not method.server_streaming, name
+
+
+@pytest.mark.parametrize("message", sorted(SEED_MESSAGES))
+def test_seed_fields_unchanged(message: str) -> None:
+    """Every seed field keeps its name, number, type and cardinality; added fields use new numbers."""
+    descriptor = monolithic_pb2.DESCRIPTOR.message_types_by_name[message]
+    seed = SEED_MESSAGES[message]
+    for name, (number, ftype, repeated) in seed.items():
+        field = descriptor.fields_by_number.get(number)
+        assert field is not None, f"{message}: field number {number} ({name}) is gone"
+        assert field.name == name, f"{message}.{number} is {field.name}, seed says {name}"
+        assert field.type == ftype, f"{message}.{name}: type {field.type}, seed {ftype}"
+        assert _repeated(field) == repeated, f"{message}.{name}: repeated changed"
+        if ftype == MSG:
+            assert field.message_type.full_name == NESTED[(message, name)]
+    seed_numbers = {number for number, _, _ in seed.values()}
+    for field in descriptor.fields:
+        if field.number not in seed_numbers:
+            assert field.name not in seed, f"{message}.{field.name} was renumbered"
+
+
+class _HealthOnly(monolithic_pb2_grpc.MonolithicServiceServicer):
+    def Health(self, request, context):  # type: ignore[no-untyped-def]
+        return monolithic_pb2.HealthResponse(healthy=True, max_models=7, gpu_ids=[0, 1])
+
+
+def test_seed_method_paths_are_served() -> None:
+    """A server built from the stubs serves /monolithic.MonolithicService/<RPC> for each seed RPC."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    monolithic_pb2_grpc.add_MonolithicServiceServicer_to_server(_HealthOnly(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for rpc, (request, response) in SEED_RPCS.items():
+                call = channel.unary_unary(
+                    f"/monolithic.MonolithicService/{rpc}",
+                    request_serializer=lambda m: m.SerializeToString(),
+                    response_deserializer=getattr(monolithic_pb2, response).FromString)
+                req = getattr(monolithic_pb2, request)()
+                if rpc == "Health":
+                    assert call(req, timeout=10).max_models == 7
+                    continue
+                with pytest.raises(grpc.RpcError) as info:
+                    call(req, timeout=10)
+                # the servicer's own default, not "Method not found!": the path is registered
+                assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+                assert info.value.details() == "Method not implemented!", rpc
+            stub = monolithic_pb2_grpc.MonolithicServiceStub(channel)
+            reply = stub.Health(monolithic_pb2.HealthRequest(), timeout=10)
+            assert (reply.healthy, list(reply.gpu_ids)) == (True, [0, 1])
+    finally:
+        server.stop(None)
