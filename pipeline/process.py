@@ -40,6 +40,17 @@ def setup_logging(role: str, level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a pid we may not signal still exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def die_with_parent() -> None:
     """Ask the kernel for SIGTERM when the parent dies; exit now if it already has."""
     parent = os.getppid()

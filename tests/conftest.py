@@ -1,7 +1,9 @@
 """Shared fixtures: the demo assets (built once per session) and a config around them."""
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,18 @@ if not REFERENCE.is_dir():  # CI runs a clean clone with shared/ beside it
     REFERENCE = Path(__file__).resolve().parents[1] / "../shared/fixtures/reference"
 
 DEMO_FRAMES = 250
+_instances = itertools.count()
+
+
+@pytest.fixture
+def instance() -> Iterator[str]:
+    """A fresh runtime instance name; every shared-memory segment of it is removed after."""
+    from pipeline.shm.segment import PREFIX, SHM_DIR
+
+    name = f"ut{os.getpid()}x{next(_instances)}"
+    yield name
+    for entry in SHM_DIR.glob(f"{PREFIX}-{name}-*"):
+        entry.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,8 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from pipeline.process import pid_alive
+
 if TYPE_CHECKING:
     import onnx
 
@@ -193,18 +195,9 @@ def _remove_dead_staging_dirs(root: Path) -> None:
     """Remove staging dirs left by builds whose process died; a live builder's dir stays."""
     for stale in root.glob(f"{_STAGING_PREFIX}*"):
         pid_text = stale.name[len(_STAGING_PREFIX) :].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and not pid_alive(int(pid_text)):
             shutil.rmtree(stale, ignore_errors=True)
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_frames(

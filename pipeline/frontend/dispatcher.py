@@ -12,9 +12,8 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import zmq
 import zmq.asyncio
 

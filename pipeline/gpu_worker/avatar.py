@@ -130,7 +130,6 @@ def load_avatar(model: ModelConfig, segment_name: str, threads: int | None = Non
         # cv2 decodes without the GIL: threads scale with cores
         with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
             list(pool.map(decode_into, range(1, model.num_frames)))
-        del frames
     except BaseException:
         segment.close()
         raise

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.process import pid_alive
+
 log = logging.getLogger(__name__)
 
 PREFIX = "lipsync"
@@ -165,15 +167,6 @@ class SegmentCache:
             self.forget(name)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def list_segments(instance: str | None = None) -> list[str]:
     """Our segment names in /dev/shm (of one instance, or all)."""
@@ -191,7 +184,7 @@ def sweep_stale_segments(instance: str | None = None, pids: set[int] | None = No
         pid = creator_pid(name)
         if pid is None:
             continue
-        dead = pid in pids if pids is not None else not _alive(pid)
+        dead = pid in pids if pids is not None else not pid_alive(pid)
         if not dead:
             continue
         try:

@@ -1,10 +1,7 @@
 """An avatar's backgrounds decoded into shared memory, its crop rects, and every load error."""
 from __future__ import annotations
 
-import itertools
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -14,20 +11,12 @@ import pytest
 from pipeline.config import ModelConfig
 from pipeline.gpu_worker.avatar import AvatarError, find_frame, load_avatar, load_crop_rects
 from pipeline.messages import TensorRef
-from pipeline.shm.segment import PREFIX, SHM_DIR, SharedSegment, list_segments, segment_name
+from pipeline.shm.segment import SharedSegment, list_segments, segment_name
 
 LOADED = 6  # demo frames decoded per test: enough to wrap, small enough to be fast
 SMALL_W, SMALL_H = 64, 48
-_counter = itertools.count()
 
 
-@pytest.fixture
-def instance() -> Iterator[str]:
-    """A fresh instance name; its segments are removed after the test."""
-    name = f"ut{os.getpid()}av{next(_counter)}"
-    yield name
-    for entry in SHM_DIR.glob(f"{PREFIX}-{name}-*"):
-        entry.unlink(missing_ok=True)
 
 
 def _model(background_dir: Path, crop_rects_path: Path, num_frames: int) -> ModelConfig:

@@ -1,13 +1,11 @@
 """Named shared-memory segments: cross-process round trip, lifetimes, bounds, sweep, reader cache."""
 from __future__ import annotations
 
-import itertools
 import multiprocessing
 import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +24,8 @@ from pipeline.shm.segment import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-_counter = itertools.count()
 
 
-@pytest.fixture
-def instance() -> Iterator[str]:
-    """A fresh instance name for this test; every segment of it is removed afterwards."""
-    name = f"ut{os.getpid()}x{next(_counter)}"
-    yield name
-    for entry in SHM_DIR.glob(f"{PREFIX}-{name}-*"):
-        entry.unlink(missing_ok=True)
 
 
 def _exists(name: str) -> bool:
