@@ -43,6 +43,7 @@ _DTYPE_SIZES = {"float32": 4, "float16": 2, "int16": 2, "uint8": 1}
 
 class InferRequest(Message):
     request_id: int
+    worker_pid: int                     # the process it is meant for (see GpuWorker._receive)
     model_id: str
     batch_size: int
     start_frame_idx: int
@@ -55,11 +56,13 @@ class InferRequest(Message):
 
 class LoadModel(Message):
     request_id: int
+    worker_pid: int
     model_id: str
 
 
 class UnloadModel(Message):
     request_id: int
+    worker_pid: int
     model_id: str
 
 

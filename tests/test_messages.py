@@ -9,13 +9,13 @@ from pipeline import messages as msg
 REF = msg.TensorRef("lipsync-default-123-arena", 8192, (2, 3, 320, 320), "float32")
 
 TO_WORKER = [
-    msg.InferRequest(request_id=1, model_id="demo", batch_size=2, start_frame_idx=5, output=REF),
-    msg.InferRequest(request_id=2, model_id="demo", batch_size=1, start_frame_idx=0, output=REF,
+    msg.InferRequest(request_id=1, worker_pid=10, model_id="demo", batch_size=2, start_frame_idx=5, output=REF),
+    msg.InferRequest(request_id=2, worker_pid=10, model_id="demo", batch_size=1, start_frame_idx=0, output=REF,
                      visual=msg.TensorRef("s", 0, (1, 6, 320, 320), "float32"),
                      audio=msg.TensorRef("s", 4096, (10240,), "float32"), sample_rate=44100,
                      features=msg.TensorRef("s", 0, (32, 16, 16), "float32")),
-    msg.LoadModel(request_id=3, model_id="demo"),
-    msg.UnloadModel(request_id=4, model_id="demo"),
+    msg.LoadModel(request_id=3, worker_pid=10, model_id="demo"),
+    msg.UnloadModel(request_id=4, worker_pid=10, model_id="demo"),
 ]
 TO_COMPOSITOR = [
     msg.CompositeJob(request_id=5, frame_index=3, prediction=REF,

@@ -96,6 +96,7 @@ class RoleView:
 
     pid: int = 0
     last_seen: float = 0.0
+    silent: bool = False      # missed its heartbeats; its requests were failed
     device_memory_used_bytes: int = 0
     queue_depth: int = 0
 
@@ -179,7 +180,7 @@ class Dispatcher:
         write = asyncio.ensure_future(asyncio.to_thread(self._write_inputs, req, refs))
         try:
             await asyncio.shield(write)
-            worker = await self._place(req.model_id)
+            worker = self._check_alive(await self._place(req.model_id))
             request_id = next(self._ids)
             pending = Pending(request_id, req.model_id, worker, block, [None] * b,
                               asyncio.get_running_loop().create_future())
@@ -188,7 +189,8 @@ class Dispatcher:
             model.inflight += 1
             try:
                 await self.to_workers[worker].send(msg.encode(msg.InferRequest(
-                    request_id=request_id, model_id=req.model_id, batch_size=b,
+                    request_id=request_id, worker_pid=self.workers[worker].pid,
+                    model_id=req.model_id, batch_size=b,
                     start_frame_idx=req.start_frame_idx, output=refs["output"],
                     visual=refs["visual"], audio=refs.get("audio"), sample_rate=req.sample_rate,
                     features=refs.get("features"))))
@@ -306,12 +308,21 @@ class Dispatcher:
             await asyncio.sleep(0.01)
         return await self.control(model.worker, msg.UnloadModel, model_id)
 
+    def _check_alive(self, worker: int) -> int:
+        """The worker index, or Unavailable when it is not there to take work."""
+        w = self.workers[worker]
+        if not w.alive(time.monotonic(), self.cfg.runtime.heartbeat_s):
+            raise Unavailable(f"gpu_worker {worker} is unavailable (restarting or not answering)")
+        return worker
+
     async def control(self, worker: int, kind: type, model_id: str) -> msg.ControlReply:
+        self._check_alive(worker)
         request_id = next(self._ids)
         future: asyncio.Future[msg.ControlReply] = asyncio.get_running_loop().create_future()
         self.controls[request_id] = Control(future, worker)
         try:
-            await self.to_workers[worker].send(msg.encode(kind(request_id, model_id)))
+            await self.to_workers[worker].send(
+                msg.encode(kind(request_id, self.workers[worker].pid, model_id)))
             return await asyncio.wait_for(future, self.cfg.runtime.start_timeout_s)
         finally:
             self.controls.pop(request_id, None)
@@ -371,10 +382,11 @@ class Dispatcher:
         elif 0 <= m.index < len(self.workers):
             view = self.workers[m.index]
             if view.pid and view.pid != m.pid:
-                self._worker_lost(m.index, f"gpu_worker {m.index} restarted")
+                log.warning("gpu_worker %d restarted (pid %d -> %d)", m.index, view.pid, m.pid)
+                self._worker_lost(m.index, f"gpu_worker {m.index} restarted", restarted=True)
         else:
             return
-        view.pid, view.last_seen = m.pid, time.monotonic()
+        view.pid, view.last_seen, view.silent = m.pid, time.monotonic(), False
         view.device_memory_used_bytes = m.device_memory_used_bytes
         view.queue_depth = m.queue_depth
 
@@ -384,24 +396,33 @@ class Dispatcher:
             await asyncio.sleep(hb / 2)
             now = time.monotonic()
             for i, w in enumerate(self.workers):
-                if w.pid and not w.alive(now, hb):
+                if w.pid and not w.silent and not w.alive(now, hb):
                     log.error("gpu_worker %d (pid %d) stopped answering", i, w.pid)
-                    self._worker_lost(i, f"gpu_worker {i} is unavailable (no heartbeat)")
-                    w.pid = 0
+                    w.silent = True
+                    self._worker_lost(i, f"gpu_worker {i} is unavailable (no heartbeat)",
+                                      restarted=False)
 
-    def _worker_lost(self, index: int, reason: str) -> None:
-        """Fail everything the worker held; its blocks come back (it can no longer write)."""
+    def _worker_lost(self, index: int, reason: str, restarted: bool) -> None:
+        """Fail everything the worker held.
+
+        Its arena blocks come back only once it provably cannot write into them any more
+        (it restarted, or it reports the request finished); a worker that is merely silent
+        may still be computing.
+        """
         for p in [p for p in self.pending.values() if p.worker == index]:
+            if restarted:
+                self._finish(p)
+            else:
+                p.abandoned = p.done is None
             if not p.future.done():
                 p.future.set_exception(Unavailable(f"{reason}; request failed"))
-            if p.abandoned:
-                self._finish(p)
         for c in self.controls.values():
             if c.worker == index and not c.future.done():
                 c.future.set_exception(Unavailable(reason))
-        for model in self.models.values():
-            if model.worker == index:
-                model.state, model.worker, model.memory_bytes = "unloaded", -1, 0
+        if restarted:
+            for model in self.models.values():
+                if model.worker == index:
+                    model.state, model.worker, model.memory_bytes = "unloaded", -1, 0
 
     # ---- shutdown --------------------------------------------------------------------
 

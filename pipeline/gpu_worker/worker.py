@@ -121,12 +121,21 @@ class GpuWorker:
             ctx.term()
 
     def _receive(self, sock: zmq.Socket, stop: threading.Event) -> None:
+        pid = os.getpid()
         while not stop.is_set():
             if sock.poll(100):
                 try:
-                    self.inbox.put(msg.worker_decoder.decode(sock.recv()))
+                    message = msg.worker_decoder.decode(sock.recv())
                 except Exception:
                     log.exception("dropped an undecodable message")
+                    continue
+                # ZMQ hands a restarted worker what was queued for its predecessor; the
+                # frontend has failed those requests and may reuse their memory already
+                if message.worker_pid == pid:
+                    self.inbox.put(message)
+                else:
+                    log.warning("dropped %s %d meant for pid %d", type(message).__name__,
+                                message.request_id, message.worker_pid)
 
     def _send(self, socks: dict[str, zmq.Socket], stop: threading.Event) -> None:
         next_beat = 0.0

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
+import grpc
 import numpy as np
 import pytest
 import yaml
@@ -286,3 +287,30 @@ def test_sigint_stops_everything(tmp_path: Path, models_root: Path) -> None:
     srv.stop()
     assert [p for p in children if Path(f"/proc/{p}").exists()] == []
     assert list_segments(instance) == []
+
+
+def test_a_killed_gpu_worker_is_restarted_and_serves_again(tmp_path: Path, models_root: Path) -> None:
+    """SIGKILL of the gpu_worker: the supervisor restarts it and requests succeed again."""
+    config = write_config(tmp_path / "config.yaml", models_root)
+    with ServerProcess(config, log_path=tmp_path / "server.log") as srv, channel(srv.address) as ch:
+        stub = pb_grpc.MonolithicServiceStub(ch)
+        req = build_request(config, "demo", 2, 0)
+        assert stub.InferBatchComposite(req, timeout=60).success
+        worker = next(p for p in child_pids(srv.proc.pid)
+                      if b"gpu_worker" in Path(f"/proc/{p}/cmdline").read_bytes())
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        resp = None
+        while time.monotonic() < deadline:
+            try:
+                resp = stub.InferBatchComposite(req, timeout=60)
+            except grpc.RpcError as exc:  # UNAVAILABLE while the worker is down
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                time.sleep(0.2)
+                continue
+            if resp.success:
+                break
+            time.sleep(0.2)
+        assert resp is not None and resp.success, resp
+        assert resp.model_loaded  # the new worker loaded the model on demand
+        assert stub.Health(pb.HealthRequest(), timeout=5).healthy
