@@ -11,9 +11,8 @@ import yaml
 
 from pipeline.demo.assets import build_demo_assets
 
+# Real data from the original server, in the shared/ folder beside the checkout (as in CI).
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference"
-if not REFERENCE.is_dir():  # CI runs a clean clone with shared/ beside it
-    REFERENCE = Path(__file__).resolve().parents[1] / "../shared/fixtures/reference"
 
 DEMO_FRAMES = 250
 _instances = itertools.count()

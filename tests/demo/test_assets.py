@@ -27,9 +27,10 @@ from pipeline.demo.assets import (
     demo_crop_rect,
     draw_background_frame,
 )
+from tests.conftest import REFERENCE
 
 SMALL = 12  # frames per test build: enough to cover the motion, fast to write
-SPEECH = Path("/work/shared/fixtures/reference/speech_16k.npy")
+SPEECH = REFERENCE / "speech_16k.npy"
 CPU = ["CPUExecutionProvider"]
 
 

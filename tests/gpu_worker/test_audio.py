@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -14,23 +13,14 @@ import pytest
 import scipy.signal
 
 from pipeline.gpu_worker import audio
+from tests.conftest import REFERENCE
 
 TOL = 1e-4
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-_REFERENCE_CANDIDATES = [
-    Path(p) for p in [os.environ.get("LIPSYNC_REFERENCE_FIXTURES", "")] if p
-] + [
-    _REPO_ROOT / "shared" / "fixtures" / "reference",
-    _REPO_ROOT.parent / "shared" / "fixtures" / "reference",
-]
 
 
 def _reference_file(name: str) -> Path:
-    for folder in _REFERENCE_CANDIDATES:
-        if (folder / name).is_file():
-            return folder / name
-    pytest.skip(f"reference fixture {name} not found in {_REFERENCE_CANDIDATES}")
+    return REFERENCE / name
 
 
 def _librosa_reference_mel(wav: np.ndarray) -> np.ndarray:
@@ -147,7 +137,7 @@ def test_import_does_not_build_the_filterbank() -> None:
         "assert 'librosa' not in sys.modules; "
         "audio.warm_up(); assert audio._mel_basis.cache_info().currsize == 1"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=_REPO_ROOT)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 def test_reused_buffers_leave_no_stale_audio(speech: np.ndarray) -> None:
