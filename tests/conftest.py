@@ -14,6 +14,15 @@ from pipeline.demo.assets import build_demo_assets
 # Real data from the original server, in the shared/ folder beside the checkout (as in CI).
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference"
 
+
+def reference_file(name: str) -> Path:
+    """A reference fixture; the calling test skips, saying why, when shared/ is absent."""
+    path = REFERENCE / name
+    if not path.is_file():
+        pytest.skip(f"reference fixture {name} not found: {REFERENCE} is absent "
+                    "(shared/ must sit beside the checkout)")
+    return path
+
 DEMO_FRAMES = 250
 _instances = itertools.count()
 

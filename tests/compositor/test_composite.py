@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.compositor.composite import encode_jpeg, paste, prediction_to_bgr
-from tests.conftest import REFERENCE
+from tests.conftest import reference_file
 
 H, W = 720, 1280
 RECT = (500, 300, 692, 492)  # 192x192, the demo's crop size
@@ -107,8 +107,8 @@ def test_synctalk_differs_from_stretch() -> None:
 
 def test_real_face_crops_golden() -> None:
     """Real crops pasted (synctalk) at real rects equal the crop cubic-resized, within 1 level inside."""
-    crops = np.load(REFERENCE / "face_crops_328.npy")[..., ::-1]  # RGB -> BGR
-    rects = json.loads((REFERENCE / "crop_rects_1280x720.json").read_text())
+    crops = np.load(reference_file("face_crops_328.npy"))[..., ::-1]  # RGB -> BGR
+    rects = json.loads((reference_file("crop_rects_1280x720.json")).read_text())
     background = _noise_background(5)
     for i, crop in enumerate(crops):
         crop = np.ascontiguousarray(crop)
@@ -128,7 +128,7 @@ def test_real_face_crops_golden() -> None:
 
 def test_jpeg_round_trip() -> None:
     """encode_jpeg gives a JPEG that decodes to the frame's size, close to the frame; quality matters."""
-    crops = np.load(REFERENCE / "face_crops_328.npy")[..., ::-1]
+    crops = np.load(reference_file("face_crops_328.npy"))[..., ::-1]
     frame = np.zeros((H, W, 3), np.uint8)
     frame[:] = (90, 120, 150)
     frame[100:428, 200:528] = crops[0]

@@ -27,10 +27,9 @@ from pipeline.demo.assets import (
     demo_crop_rect,
     draw_background_frame,
 )
-from tests.conftest import REFERENCE
+from tests.conftest import reference_file
 
 SMALL = 12  # frames per test build: enough to cover the motion, fast to write
-SPEECH = REFERENCE / "speech_16k.npy"
 CPU = ["CPUExecutionProvider"]
 
 
@@ -119,7 +118,7 @@ def face() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def speech_windows() -> np.ndarray:
-    return _mel_windows(_reference_mel(np.load(SPEECH).astype(np.float64)))
+    return _mel_windows(_reference_mel(np.load(reference_file("speech_16k.npy")).astype(np.float64)))
 
 
 # --- files --------------------------------------------------------------------------------

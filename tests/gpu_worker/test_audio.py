@@ -13,14 +13,10 @@ import pytest
 import scipy.signal
 
 from pipeline.gpu_worker import audio
-from tests.conftest import REFERENCE
+from tests.conftest import reference_file
 
 TOL = 1e-4
 
-
-
-def _reference_file(name: str) -> Path:
-    return REFERENCE / name
 
 
 def _librosa_reference_mel(wav: np.ndarray) -> np.ndarray:
@@ -37,7 +33,7 @@ def _librosa_reference_mel(wav: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def speech() -> np.ndarray:
-    return np.load(_reference_file("speech_16k.npy"))
+    return np.load(reference_file("speech_16k.npy"))
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +51,8 @@ def _sine(sample_rate: int, seconds: float = 1.0, hz: float = 1000.0) -> np.ndar
 
 def test_tone_matches_python_reference_fixture() -> None:
     """The 640 ms tone's mel is (52, 80) and equals the stored SyncTalk reference within 1e-4."""
-    tone = np.load(_reference_file("tone_640ms_16k.npy"))
-    expected = np.load(_reference_file("tone_640ms_mel_reference.npy"))
+    tone = np.load(reference_file("tone_640ms_16k.npy"))
+    expected = np.load(reference_file("tone_640ms_mel_reference.npy"))
     mel = audio.melspectrogram(tone)
     assert mel.shape == (52, 80) == expected.shape
     assert mel.dtype == np.float32

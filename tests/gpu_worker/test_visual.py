@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.gpu_worker.visual import visual_input
-from tests.conftest import REFERENCE
+from tests.conftest import reference_file
 
 RECT = (532, 210, 714, 392)  # a real rect of the reference avatar (182 px)
 
@@ -18,7 +18,7 @@ def frame() -> np.ndarray:
     """A 1280x720 BGR frame: noise with a real face crop resized into the rect."""
     rng = np.random.default_rng(11)
     image = rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8)
-    crop = np.ascontiguousarray(np.load(REFERENCE / "face_crops_328.npy")[0, ..., ::-1])
+    crop = np.ascontiguousarray(np.load(reference_file("face_crops_328.npy"))[0, ..., ::-1])
     x1, y1, x2, y2 = RECT
     image[y1:y2, x1:x2] = cv2.resize(crop, (x2 - x1, y2 - y1), interpolation=cv2.INTER_AREA)
     return image
@@ -78,7 +78,7 @@ def test_writes_into_given_array(frame: np.ndarray) -> None:
 
 def test_real_rects_each_give_their_own_crop(frame: np.ndarray) -> None:
     """Different real rects of the reference avatar give different inputs, each the reference crop."""
-    rects = [tuple(r) for r in json.loads((REFERENCE / "crop_rects_1280x720.json").read_text())[:200:50]]
+    rects = [tuple(r) for r in json.loads((reference_file("crop_rects_1280x720.json")).read_text())[:200:50]]
     outs = [visual_input(frame, r) for r in rects]
     for rect, out in zip(rects, outs):
         np.testing.assert_array_equal(np.rint(out[:3] * 255).astype(np.uint8),
