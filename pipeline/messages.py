@@ -48,7 +48,8 @@ class InferRequest(Message):
     batch_size: int
     start_frame_idx: int
     output: TensorRef                   # [B,3,320,320] float32, written by the UNet
-    visual: TensorRef | None = None     # [B,6,320,320] float32 (None: built from the avatar)
+    visual: TensorRef                   # [B,6,320,320] float32
+    build_visual: bool = False          # visual is empty: build it from the avatar's frames
     audio: TensorRef | None = None      # [n] float32 PCM at sample_rate
     sample_rate: int = 16000
     features: TensorRef | None = None   # deprecated: one frame's [32,16,16], replicated
@@ -90,6 +91,7 @@ class InferDone(Message):
     request_id: int
     gpu_id: int
     audio_ns: int
+    visual_ns: int                      # building the visual input (0 when the client sent it)
     inference_ns: int
     model_loaded: bool
     load_ns: int

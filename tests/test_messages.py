@@ -9,7 +9,8 @@ from pipeline import messages as msg
 REF = msg.TensorRef("lipsync-default-123-arena", 8192, (2, 3, 320, 320), "float32")
 
 TO_WORKER = [
-    msg.InferRequest(request_id=1, worker_pid=10, model_id="demo", batch_size=2, start_frame_idx=5, output=REF),
+    msg.InferRequest(request_id=1, worker_pid=10, model_id="demo", batch_size=2, start_frame_idx=5,
+                     output=REF, visual=REF),
     msg.InferRequest(request_id=2, worker_pid=10, model_id="demo", batch_size=1, start_frame_idx=0, output=REF,
                      visual=msg.TensorRef("s", 0, (1, 6, 320, 320), "float32"),
                      audio=msg.TensorRef("s", 4096, (10240,), "float32"), sample_rate=44100,
@@ -26,7 +27,7 @@ TO_COMPOSITOR = [
     msg.ReleaseSegment(segment="lipsync-default-9-bg-demo"),
 ]
 TO_FRONTEND = [
-    msg.InferDone(request_id=7, gpu_id=0, audio_ns=1, inference_ns=2, model_loaded=True,
+    msg.InferDone(request_id=7, gpu_id=0, audio_ns=1, visual_ns=3, inference_ns=2, model_loaded=True,
                   load_ns=3, composite_start_ns=4),
     msg.InferFailed(request_id=8, error="Inference failed: boom"),
     msg.FrameDone(request_id=9, frame_index=31, composite_ns=12345),
@@ -82,7 +83,8 @@ def test_literal_fields_are_validated() -> None:
 def test_defaults_survive_round_trip() -> None:
     """Omitted optional fields decode to their defaults."""
     decoded = msg.worker_decoder.decode(msg.encode(TO_WORKER[0]))
-    assert decoded.visual is None and decoded.audio is None and decoded.features is None
+    assert decoded.build_visual is False
+    assert decoded.audio is None and decoded.features is None
     assert decoded.sample_rate == 16000
     assert isinstance(decoded.output.shape, tuple)
 

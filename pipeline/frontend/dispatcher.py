@@ -192,7 +192,8 @@ class Dispatcher:
                     request_id=request_id, worker_pid=self.workers[worker].pid,
                     model_id=req.model_id, batch_size=b,
                     start_frame_idx=req.start_frame_idx, output=refs["output"],
-                    visual=refs["visual"], audio=refs.get("audio"), sample_rate=req.sample_rate,
+                    visual=refs["visual"], build_visual=req.visual is None,
+                    audio=refs.get("audio"), sample_rate=req.sample_rate,
                     features=refs.get("features"))))
                 result = await asyncio.wait_for(asyncio.shield(pending.future),
                                                 deadline - time.monotonic())
@@ -254,7 +255,8 @@ class Dispatcher:
             if source is not None:
                 ref = refs[name]
                 self.arena.ndarray(ref.offset, ref.shape, "float32")[...] = source.reshape(ref.shape)
-        check_finite_visual(req.visual)
+        if req.visual is not None:
+            check_finite_visual(req.visual)
 
     # ---- model placement and control --------------------------------------------------
 

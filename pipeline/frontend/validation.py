@@ -30,7 +30,8 @@ class ValidRequest:
     model_id: str
     batch_size: int
     start_frame_idx: int
-    visual: np.ndarray            # [B,6,320,320] float32 (finiteness checked while copying)
+    visual: np.ndarray | None     # [B,6,320,320] float32 (finiteness checked while copying);
+                                  # None: built by the server from the avatar
     audio: np.ndarray | None      # float32 samples at sample_rate
     sample_rate: int
     features: np.ndarray | None   # deprecated: 8192 float32
@@ -50,10 +51,12 @@ def validate(req: pb.CompositeBatchRequest, cfg: Config) -> ValidRequest:
     if b <= 0 or b > MAX_BATCH:
         raise InvalidRequest(f"batch_size must be 1-{MAX_BATCH}, got {b}")
     expected = b * VISUAL_FRAME_FLOATS * 4
-    if len(req.visual_frames) != expected:
-        raise InvalidRequest(f"Invalid visual frames size: got {len(req.visual_frames)} bytes, "
-                             f"expected {expected} bytes")
-    visual = np.frombuffer(req.visual_frames, dtype="<f4").reshape(b, 6, 320, 320)
+    visual = None  # empty: the gpu_worker builds the input from the avatar's own frames
+    if req.visual_frames:
+        if len(req.visual_frames) != expected:
+            raise InvalidRequest(f"Invalid visual frames size: got {len(req.visual_frames)} "
+                                 f"bytes, expected {expected} bytes")
+        visual = np.frombuffer(req.visual_frames, dtype="<f4").reshape(b, 6, 320, 320)
 
     audio = features = None
     sample_rate = req.sample_rate or DEFAULT_SAMPLE_RATE

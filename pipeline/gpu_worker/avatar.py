@@ -15,11 +15,13 @@ import cv2
 import numpy as np
 
 from pipeline.config import ModelConfig
+from pipeline.gpu_worker.visual import visual_input
 from pipeline.messages import TensorRef
 from pipeline.shm.segment import SharedSegment
 
-# The original loader's search order: extension first, then zero-padded then plain index.
-FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# The original loader's search order (extension first, then zero-padded then plain index),
+# then the other formats OpenCV decodes.
+FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 FRAME_PATTERNS = ("frame_{:04d}{}", "frame_{:d}{}")
 
 
@@ -96,6 +98,15 @@ class Avatar:
         x1, x2 = max(0, min(x1, self.width - 1)), max(1, min(x2, self.width))
         y1, y2 = max(0, min(y1, self.height - 1)), max(1, min(y2, self.height))
         return x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)
+
+    def visual_inputs(self, start_frame: int, out: np.ndarray) -> np.ndarray:
+        """The UNet's visual input for output frames start_frame.. (len(out) of them),
+        built from the avatar's own frames exactly as a SyncTalk-2D client builds it."""
+        frames = self.frames()
+        for i in range(len(out)):
+            index = start_frame + i
+            visual_input(frames[index % self.num_frames], self.rect(index), out=out[i])
+        return out
 
     def close(self) -> None:
         self.segment.close()

@@ -192,3 +192,9 @@ def test_visual_finiteness(cfg: Config, bad: float) -> None:
     with pytest.raises(InvalidRequest, match=r"^visual_frames contains NaN or Inf values$"):
         check_finite_visual(valid.visual)
     check_finite_visual(validate(_request(), cfg).visual)
+
+
+def test_empty_visual_frames_means_server_built(cfg: Config) -> None:
+    """Empty visual_frames is valid: the server builds the visual input (visual is None)."""
+    valid = validate(_request(batch_size=3, visual_frames=b""), cfg)
+    assert valid.visual is None and valid.batch_size == 3

@@ -254,3 +254,20 @@ def test_too_few_rects_for_the_frames(tmp_path: Path, instance: str) -> None:
     assert str(info.value) == (f"failed to load crop rects: {rects_path} has 1 rects for "
                                "num_frames 2 (one per frame needed)")
     assert list_segments(instance) == []
+
+
+def test_server_built_visual_input_equals_the_clients(models_root: Path, instance: str) -> None:
+    """Avatar.visual_inputs gives exactly the tensor a SyncTalk client sends (across the wrap)."""
+    from pipeline.bench import build_request
+    from tests.conftest import write_config
+
+    config = write_config(models_root.parent / f"{instance}.yaml", models_root)
+    client = np.frombuffer(build_request(config, "demo", 4, 248).visual_frames,
+                           np.float32).reshape(4, 6, 320, 320)
+    model = _demo_model(models_root, num_frames=250)
+    avatar = load_avatar(model, segment_name(instance, "bg"), threads=2)
+    try:
+        server = avatar.visual_inputs(248, out=np.empty((4, 6, 320, 320), np.float32))
+    finally:
+        avatar.close()
+    np.testing.assert_array_equal(server, client)

@@ -131,7 +131,6 @@ def test_speech_opens_the_mouth_and_silence_closes_it(stub, server) -> None:
     ({"batch_size": 0}, "batch_size must be 1-32, got 0"),
     ({"batch_size": 33}, "batch_size must be 1-32, got 33"),
     ({"batch_size": -5}, "batch_size must be 1-32, got -5"),
-    ({"visual_frames": b""}, f"Invalid visual frames size: got 0 bytes, expected {2 * VISUAL_FRAME_BYTES} bytes"),
     ({"visual_frames": b"\0" * 100}, f"Invalid visual frames size: got 100 bytes, expected {2 * VISUAL_FRAME_BYTES} bytes"),
     ({"raw_audio": b"\0\0\0"}, "Invalid raw audio size: got 3 bytes, expected a multiple of 4 (float32 samples)"),
     ({"raw_audio": b"\0"}, "Invalid raw audio size: got 1 bytes, expected a multiple of 4 (float32 samples)"),
@@ -149,6 +148,16 @@ def test_bad_requests_get_the_clear_error(stub, server, fields: dict, error: str
     assert not resp.success
     assert resp.error == error
     assert len(resp.composited_frames) == 0
+
+
+def test_audio_alone_gives_the_same_frames_as_client_built_input(stub, server) -> None:
+    """Empty visual_frames: the server builds the input from the avatar, byte-identical JPEGs."""
+    client_built = request(server, 5, 123)
+    server_built = request(server, 5, 123, visual_frames=b"")
+    a = stub.InferBatchComposite(client_built, timeout=60)
+    b = stub.InferBatchComposite(server_built, timeout=60)
+    assert a.success and b.success, (a.error, b.error)
+    assert list(a.composited_frames) == list(b.composited_frames)
 
 
 def test_nan_visual_frames_are_rejected(stub, server) -> None:
