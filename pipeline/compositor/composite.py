@@ -4,7 +4,8 @@ Modes (spec/reference-pipeline.md §3; DESIGN "Compositing"):
 - synctalk (default, how SyncTalk-2D was trained): the background's rect is cubic-resized
   to 328x328, the 320x320 prediction replaces its [4:324, 4:324] interior, and the crop is
   cubic-resized back to the rect and pasted.
-- stretch (the Go server): the prediction is stretched bilinearly over the whole rect.
+- stretch (the Go server): the prediction is stretched over the whole rect with the Go
+  server's own bilinear formula (no half-pixel offset).
 Pixel conversion as the reference: x255, clamp to [0, 255], truncate.
 """
 from __future__ import annotations
@@ -22,6 +23,26 @@ def prediction_to_bgr(prediction: np.ndarray) -> np.ndarray:
     return np.clip(hwc * 255.0, 0.0, 255.0).astype(np.uint8)
 
 
+def go_bilinear_resize(image: np.ndarray, w: int, h: int) -> np.ndarray:
+    """The Go server's resize (reference-pipeline.md §3 step 4), reproduced exactly.
+
+    Unlike cv2/PIL it has no half-pixel centre offset: source x = dx * (src_w / w), float32
+    math, neighbours clamped to the last pixel, the result truncated to uint8.
+    """
+    src_h, src_w = image.shape[:2]
+    f32 = np.float32
+    sx = np.arange(w, dtype=f32) * (f32(src_w) / f32(w))
+    sy = np.arange(h, dtype=f32) * (f32(src_h) / f32(h))
+    x0, y0 = sx.astype(np.int64), sy.astype(np.int64)
+    x1, y1 = np.minimum(x0 + 1, src_w - 1), np.minimum(y0 + 1, src_h - 1)
+    fx = (sx - x0.astype(f32))[None, :, None]  # float32 throughout, as Go's float32 math
+    fy = (sy - y0.astype(f32))[:, None, None]
+    src = image.astype(np.float32)
+    top = src[y0][:, x0] * (1 - fx) + src[y0][:, x1] * fx
+    bottom = src[y1][:, x0] * (1 - fx) + src[y1][:, x1] * fx
+    return (top * (1 - fy) + bottom * fy).astype(np.uint8)
+
+
 def paste(background: np.ndarray, prediction: np.ndarray, rect: tuple[int, int, int, int],
           mode: str = "synctalk") -> np.ndarray:
     """A new frame: `background` (HxWx3 uint8, left untouched) with the prediction pasted."""
@@ -30,7 +51,7 @@ def paste(background: np.ndarray, prediction: np.ndarray, rect: tuple[int, int, 
     mouth = prediction_to_bgr(prediction)
     frame = background.copy()
     if mode == "stretch":
-        patch = cv2.resize(mouth, (w, h), interpolation=cv2.INTER_LINEAR)
+        patch = go_bilinear_resize(mouth, w, h)
     else:
         crop = cv2.resize(background[y1:y2, x1:x2], (CROP, CROP), interpolation=cv2.INTER_CUBIC)
         crop[INNER, INNER] = mouth

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.compositor.composite import encode_jpeg, paste, prediction_to_bgr
+from pipeline.compositor.composite import encode_jpeg, go_bilinear_resize, paste, prediction_to_bgr
 from tests.conftest import reference_file
 
 H, W = 720, 1280
@@ -138,3 +138,47 @@ def test_jpeg_round_trip() -> None:
     assert decoded.shape == (H, W, 3)
     assert np.abs(decoded.astype(int) - frame).mean() < 3
     assert len(encode_jpeg(frame, 95)) > len(jpeg) > len(encode_jpeg(frame, 30))
+
+
+def _go_resize_loop(image: np.ndarray, w: int, h: int) -> np.ndarray:
+    """reference-pipeline.md §3 step 4 transliterated pixel by pixel (float32 math, truncation)."""
+    src_h, src_w = image.shape[:2]
+    out = np.zeros((h, w, image.shape[2]), np.uint8)
+    scale_x, scale_y = np.float32(src_w) / np.float32(w), np.float32(src_h) / np.float32(h)
+    for dy in range(h):
+        sy = np.float32(dy) * scale_y
+        y0 = int(sy)
+        y1, fy = min(y0 + 1, src_h - 1), np.float32(sy - y0)
+        for dx in range(w):
+            sx = np.float32(dx) * scale_x
+            x0 = int(sx)
+            x1, fx = min(x0 + 1, src_w - 1), np.float32(sx - x0)
+            c00, c10 = image[y0, x0].astype(np.float32), image[y0, x1].astype(np.float32)
+            c01, c11 = image[y1, x0].astype(np.float32), image[y1, x1].astype(np.float32)
+            v = (c00 * (1 - fx) + c10 * fx) * (1 - fy) + (c01 * (1 - fx) + c11 * fx) * fy
+            out[dy, dx] = v.astype(np.uint8)
+    return out
+
+
+@pytest.mark.parametrize("w, h", [(192, 192), (173, 189), (400, 330), (50, 37)])
+def test_go_bilinear_resize_matches_the_go_formula(w: int, h: int) -> None:
+    """Stretch mode's resize equals the Go server's per-pixel formula exactly (no offset)."""
+    image = np.random.default_rng(w * h).integers(0, 256, (320, 320, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(go_bilinear_resize(image, w, h), _go_resize_loop(image, w, h))
+
+
+def test_go_bilinear_has_no_half_pixel_offset() -> None:
+    """The Go resize differs from cv2's half-pixel-centred bilinear (why it is hand-written)."""
+    image = np.random.default_rng(1).integers(0, 256, (320, 320, 3), dtype=np.uint8)
+    ours = go_bilinear_resize(image, 192, 192).astype(int)
+    theirs = cv2.resize(image, (192, 192), interpolation=cv2.INTER_LINEAR).astype(int)
+    assert np.abs(ours - theirs).mean() > 5
+    # and pixel (0, 0) is exactly the source's (0, 0): sx = sy = 0
+    np.testing.assert_array_equal(ours[0, 0], image[0, 0])
+
+
+def test_go_bilinear_centre_of_a_two_by_two() -> None:
+    """The Go tests' case: the centre between 0 and 255 interpolates to 127 (truncated)."""
+    image = np.array([[[0] * 3, [255] * 3], [[0] * 3, [255] * 3]], np.uint8)
+    out = go_bilinear_resize(image, 4, 4)
+    assert out[0, 0, 0] == 0 and out[0, 1, 0] == 127  # sx = 0.5 -> 127.5 -> 127

@@ -323,3 +323,17 @@ def test_a_killed_gpu_worker_is_restarted_and_serves_again(tmp_path: Path, model
         assert resp is not None and resp.success, resp
         assert resp.model_loaded  # the new worker loaded the model on demand
         assert stub.Health(pb.HealthRequest(), timeout=5).healthy
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16, 23, 32])
+def test_every_audio_length_with_every_batch_size_gives_frames(stub, batch: int) -> None:
+    """Audio from 1 sample to 10 s with batch sizes up to 32: B frames every time, no crash."""
+    for samples in (1, 199, 3200, 10240, 25600, 160000):
+        audio = speech_like_audio(samples / 16000)[:samples]
+        assert audio.size == samples
+        resp = stub.InferBatchComposite(pb.CompositeBatchRequest(
+            model_id="demo", raw_audio=audio.tobytes(), batch_size=batch, start_frame_idx=3),
+            timeout=120)
+        assert resp.success, (samples, resp.error)
+        assert len(resp.composited_frames) == batch
+    assert stub.Health(pb.HealthRequest(), timeout=5).healthy
