@@ -108,7 +108,70 @@ def drive(address: str, request: pb.CompositeBatchRequest, concurrency: int, req
     }
 
 
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        fn()
+        times.append((time.perf_counter_ns() - t0) / 1e6)
+    return statistics.median(times)
+
+
+def stage_timings(cfg_path: Path, model_id: str, batch: int, repeats: int = 20) -> dict[str, float]:
+    """Each stage of the pipeline run in this process on the real components (median ms)."""
+    import os
+
+    from pipeline.compositor.composite import encode_jpeg, paste
+    from pipeline.gpu_worker import audio
+    from pipeline.gpu_worker.avatar import load_avatar
+    from pipeline.gpu_worker.sessions import AudioEncoder, UNet
+    from pipeline.shm.segment import segment_name
+
+    cfg = load_config(cfg_path)
+    model = cfg.models[model_id]
+    encoder = AudioEncoder.create(cfg.audio_encoder_path, "cpu", cfg.gpus.intra_op_threads)
+    unet = UNet.create(model.model_path, "cpu", cfg.gpus.intra_op_threads)
+    avatar = load_avatar(model, segment_name(f"bench{os.getpid()}", "bg"))
+    try:
+        chunk = speech_like_audio(0.64)
+        samples = speech_like_audio((batch + 15) * 0.04)
+        windows = audio.mel_windows(audio.melspectrogram(samples))
+        features = audio.frame_features(encoder.encode(windows), batch)
+        visual = np.empty((batch, 6, 320, 320), np.float32)
+        prediction = np.empty((batch, 3, 320, 320), np.float32)
+        avatar.visual_inputs(0, visual)
+        unet.run(visual, features, prediction)
+        frame = paste(avatar.frames()[0], prediction[0], avatar.rect(0), model.composite_mode)
+        return {
+            "mel_per_640ms_chunk": _median_ms(lambda: audio.melspectrogram(chunk), repeats),
+            f"audio_features_batch{batch}": _median_ms(
+                lambda: audio.frame_features(encoder.encode(audio.mel_windows(
+                    audio.melspectrogram(samples))), batch), repeats),
+            "encoder_windows": float(len(windows)),
+            "visual_input_per_frame": _median_ms(lambda: avatar.visual_inputs(0, visual[:1]), repeats),
+            f"unet_batch{batch}": _median_ms(lambda: unet.run(visual, features, prediction), repeats),
+            "paste_per_frame": _median_ms(lambda: paste(avatar.frames()[0], prediction[0],
+                                                        avatar.rect(0), model.composite_mode), repeats),
+            "jpeg_per_frame": _median_ms(lambda: encode_jpeg(frame, cfg.jpeg_quality), repeats),
+        }
+    finally:
+        avatar.close()
+
+
+def run_stages(args: argparse.Namespace) -> int:
+    timings = stage_timings(args.config, args.model, args.batch)
+    if args.json:
+        print(json.dumps({k: round(v, 3) for k, v in timings.items()}))
+    else:
+        for name, ms in timings.items():
+            print(f"{name:28s} {ms:10.3f}" + ("" if name == "encoder_windows" else " ms"))
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    if args.stages:
+        return run_stages(args)
     if args.batch < 1 or args.batch > 32 or args.concurrency < 1 or args.requests < 1:
         raise SystemExit("lipsync bench: need 1 <= --batch <= 32, --concurrency >= 1, --requests >= 1")
     request = build_request(args.config, args.model, args.batch, start=0)

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--requests", type=int, default=40)
     bench.add_argument("--warmup", type=int, default=2, help="requests per client not measured")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--stages", action="store_true",
+                       help="time each stage in this process (no server): mel, encoder, "
+                            "visual input, UNet, paste, JPEG")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -64,7 +64,8 @@ def _cli(argv: list[str]) -> int:
 # --- success ----------------------------------------------------------------------------------
 
 
-def test_frames_written_in_order_with_loader_names(tmp_path: Path, video: Path, rects: Path) -> None:
+def test_frames_written_in_order_with_loader_names(tmp_path: Path, video: Path,
+                                                    rects: Path) -> None:
     """Every frame lands as frame_%04d.jpg, in video order, with its own colour."""
     out = tmp_path / "avatar"
     prepare_avatar(video, rects, out, progress=False)
@@ -289,8 +290,10 @@ def test_frame_write_failure(tmp_path: Path, video: Path, rects: Path,
     assert os.listdir(out / "frames") == ["keep.jpg"]
 
 
-@pytest.mark.parametrize("kwargs, message", [({"jpeg_quality": 101}, "--jpeg-quality must be 0-100"),
-                                             ({"num_frames": 0}, "--num-frames must be >= 1")])
+@pytest.mark.parametrize("kwargs, message", [
+    ({"jpeg_quality": 101}, "--jpeg-quality must be 0-100"),
+    ({"num_frames": 0}, "--num-frames must be >= 1"),
+])
 def test_bad_options(tmp_path: Path, video: Path, rects: Path, kwargs: dict[str, int],
                      message: str) -> None:
     """Out-of-range --jpeg-quality and --num-frames are refused before any work."""
@@ -313,7 +316,8 @@ def test_cli_prints_block(tmp_path: Path, video: Path, rects: Path,
     assert cfg.models["carol"].num_frames == FRAMES
 
 
-def test_cli_error_is_one_line(tmp_path: Path, video: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_error_is_one_line(tmp_path: Path, video: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
     """A command error exits 2 with one `lipsync prepare-avatar: ...` line and no traceback."""
     few = _make_rects(tmp_path / "few.json", 3)
     code = _cli(["--video", str(video), "--crop-rects", str(few), "--out", str(tmp_path / "a")])
@@ -333,10 +337,10 @@ def test_cli_unreadable_video_in_subprocess(tmp_path: Path, rects: Path) -> None
     code = ("import argparse, sys; from pipeline.prepare_avatar import register; "
             "p = argparse.ArgumentParser(prog='lipsync'); register(p.add_subparsers()); "
             "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_LOGLEVEL"}
     proc = subprocess.run([sys.executable, "-c", code, "prepare-avatar", "--video", str(fake),
                            "--crop-rects", str(rects), "--out", str(tmp_path / "a")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_LOGLEVEL"})
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"lipsync prepare-avatar: cannot open video {fake}: "
                                         "not a format OpenCV can read"]
