@@ -271,3 +271,17 @@ def test_server_built_visual_input_equals_the_clients(models_root: Path, instanc
     finally:
         avatar.close()
     np.testing.assert_array_equal(server, client)
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"])
+def test_every_common_image_format_loads(tmp_path: Path, instance: str, ext: str) -> None:
+    """Backgrounds in each common format load into the segment exactly as OpenCV decodes them."""
+    names = [f"frame_{i:04d}{ext}" for i in range(3)]
+    frames_dir, rects_path = _small_avatar_dir(tmp_path, names)
+    avatar = load_avatar(_model(frames_dir, rects_path, 3), segment_name(instance, "bg"))
+    try:
+        for i, name in enumerate(names):
+            expected = cv2.imread(str(frames_dir / name))
+            np.testing.assert_array_equal(avatar.frames()[i], expected)
+    finally:
+        avatar.close()
