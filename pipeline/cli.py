@@ -1,4 +1,4 @@
-"""The `lipsync` command: serve, demo-assets, bench."""
+"""The `lipsync` command: serve, demo-assets, prepare-avatar, bench."""
 from __future__ import annotations
 
 import argparse
@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = with_config(sub.add_parser("demo-assets", help="build the built-in demo avatar"))
     demo.add_argument("--force", action="store_true", help="rebuild even if present")
     demo.set_defaults(func=cmd_demo_assets)
+
+    from pipeline.prepare_avatar import register as register_prepare_avatar
+
+    register_prepare_avatar(sub)
 
     bench = with_config(sub.add_parser("bench", help="measure frames/s and latency"))
     bench.add_argument("--address", help="a running server (host:port); default: start one")
