@@ -123,16 +123,7 @@ class ControlReply(Message):
     error: str = ""
     gpu_id: int = -1
     elapsed_ns: int = 0
-
-
-class ModelState(Message):
-    """A gpu_worker's model changed state; the frontend's registry view follows these."""
-
-    worker: int
-    model_id: str
-    state: Literal["loading", "ready", "unloaded", "failed"]
-    memory_bytes: int = 0
-    error: str = ""
+    memory_bytes: int = 0               # LoadModel: the model's measured memory
 
 
 class Heartbeat(Message):
@@ -147,8 +138,7 @@ class Heartbeat(Message):
 
 ToWorker = Union[InferRequest, LoadModel, UnloadModel]
 ToCompositor = Union[CompositeJob, ReleaseSegment]
-ToFrontend = Union[InferDone, InferFailed, FrameDone, FrameFailed, ControlReply, ModelState,
-                   Heartbeat]
+ToFrontend = Union[InferDone, InferFailed, FrameDone, FrameFailed, ControlReply, Heartbeat]
 
 encode = msgspec.msgpack.Encoder().encode
 worker_decoder = msgspec.msgpack.Decoder(ToWorker)

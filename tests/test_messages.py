@@ -35,8 +35,6 @@ TO_FRONTEND = [
     msg.ControlReply(request_id=11, ok=True),
     msg.ControlReply(request_id=12, ok=False, error="model 'x' not configured", gpu_id=1,
                      elapsed_ns=99),
-    msg.ModelState(worker=0, model_id="demo", state="ready", memory_bytes=2**31),
-    msg.ModelState(worker=1, model_id="demo", state="failed", error="no file"),
     msg.Heartbeat(role="gpu_worker", index=0, pid=4242, gpu_id=0,
                   device_memory_used_bytes=10**9, loaded_models=("demo", "other"), queue_depth=3),
     msg.Heartbeat(role="compositor", index=2, pid=4343),

@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
@@ -75,22 +76,6 @@ class Pending:
 
 
 @dataclass
-class ModelView:
-    """What the frontend knows of one configured model (fed by the workers' events)."""
-
-    model_id: str
-    state: str = "unloaded"   # unloaded | loading | ready | failed
-    worker: int = -1
-    memory_bytes: int = 0
-    error: str = ""
-    request_count: int = 0
-    total_inference_ns: int = 0
-    last_used: float = 0.0    # unix seconds
-    last_used_mono: float = 0.0
-    inflight: int = 0
-
-
-@dataclass
 class RoleView:
     """Liveness of one gpu_worker or compositor, from its heartbeats."""
 
@@ -121,12 +106,11 @@ class Dispatcher:
         self.arena = Arena.create(self.addresses.request_arena(), cfg.runtime.arena_mb * 2**20)
         self.pending: dict[int, Pending] = {}
         self.controls: dict[int, Control] = {}
-        self.models = {mid: ModelView(mid) for mid in cfg.models}
         self.workers = [RoleView() for _ in range(cfg.gpus.count)]
         self.compositors: dict[int, RoleView] = {}
         self._ids = itertools.count((os.getpid() & 0xFFFFFF) << 32)
         self._space_freed = asyncio.Event()
-        self._admitted = 0
+        self.on_worker_restart: Callable[[int], None] = lambda index: None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -156,16 +140,8 @@ class Dispatcher:
 
     # ---- inference -------------------------------------------------------------------
 
-    async def infer(self, req: ValidRequest, timeout: float) -> InferResult:
-        if self._admitted >= self.cfg.server.max_inflight_requests:
-            raise Overloaded(f"server busy: {self._admitted} requests in flight")
-        self._admitted += 1
-        try:
-            return await self._infer(req, timeout)
-        finally:
-            self._admitted -= 1
-
-    async def _infer(self, req: ValidRequest, timeout: float) -> InferResult:
+    async def run(self, worker: int, req: ValidRequest, deadline: float) -> InferResult:
+        """Run one request on `worker`: its tensors into the arena, frames back in order."""
         b = req.batch_size
         audio_len = 0 if req.audio is None else req.audio.nbytes
         feature_len = 0 if req.features is None else req.features.nbytes
@@ -173,36 +149,25 @@ class Dispatcher:
         if size > self.arena.capacity:
             raise Overloaded(f"request needs {size} bytes of shared memory; the arena has "
                              f"{self.arena.capacity} (runtime.arena_mb)")
-        deadline = time.monotonic() + timeout
         block = await self._allocate(size, deadline)
         pending: Pending | None = None
         refs = self._layout(block, b, audio_len, feature_len)
         write = asyncio.ensure_future(asyncio.to_thread(self._write_inputs, req, refs))
         try:
             await asyncio.shield(write)
-            worker = self._check_alive(await self._place(req.model_id))
+            self._check_alive(worker)
             request_id = next(self._ids)
             pending = Pending(request_id, req.model_id, worker, block, [None] * b,
                               asyncio.get_running_loop().create_future())
             self.pending[request_id] = pending
-            model = self.models[req.model_id]
-            model.inflight += 1
-            try:
-                await self.to_workers[worker].send(msg.encode(msg.InferRequest(
-                    request_id=request_id, worker_pid=self.workers[worker].pid,
-                    model_id=req.model_id, batch_size=b,
-                    start_frame_idx=req.start_frame_idx, output=refs["output"],
-                    visual=refs["visual"], build_visual=req.visual is None,
-                    audio=refs.get("audio"), sample_rate=req.sample_rate,
-                    features=refs.get("features"))))
-                result = await asyncio.wait_for(asyncio.shield(pending.future),
-                                                deadline - time.monotonic())
-            finally:
-                model.inflight -= 1
-            model.request_count += 1
-            model.total_inference_ns += result.done.inference_ns
-            model.last_used, model.last_used_mono = time.time(), time.monotonic()
-            return result
+            await self.to_workers[worker].send(msg.encode(msg.InferRequest(
+                request_id=request_id, worker_pid=self.workers[worker].pid,
+                model_id=req.model_id, batch_size=b, start_frame_idx=req.start_frame_idx,
+                output=refs["output"], visual=refs["visual"], build_visual=req.visual is None,
+                audio=refs.get("audio"), sample_rate=req.sample_rate,
+                features=refs.get("features"))))
+            return await asyncio.wait_for(asyncio.shield(pending.future),
+                                          deadline - time.monotonic())
         except (TimeoutError, asyncio.CancelledError):
             if pending is not None and pending.done is None:
                 # the worker may still write into the block: it is released when the
@@ -258,57 +223,7 @@ class Dispatcher:
         if req.visual is not None:
             check_finite_visual(req.visual)
 
-    # ---- model placement and control --------------------------------------------------
-
-    async def _place(self, model_id: str) -> int:
-        """The worker that holds (or will load) the model; evicts under max_models."""
-        model = self.models[model_id]
-        if model.state in ("ready", "loading") and model.worker >= 0:
-            return model.worker
-        await self._make_room(exclude=model_id)
-        model.worker = self._choose_worker(self.cfg.models[model_id].preferred_gpu)
-        model.state = "loading"
-        return model.worker
-
-    def _choose_worker(self, preferred: int) -> int:
-        if 0 <= preferred < len(self.workers):
-            return preferred
-        counts = [0] * len(self.workers)
-        for m in self.models.values():
-            if m.state in ("ready", "loading") and m.worker >= 0:
-                counts[m.worker] += 1
-        return min(range(len(self.workers)),
-                   key=lambda w: (counts[w], self.workers[w].device_memory_used_bytes, w))
-
-    async def _make_room(self, exclude: str) -> None:
-        loaded = [m for m in self.models.values()
-                  if m.state in ("ready", "loading") and m.model_id != exclude]
-        while len(loaded) >= self.cfg.capacity.max_models:
-            idle = [m for m in loaded if m.state == "ready" and m.inflight == 0]
-            if not idle:
-                raise Overloaded(f"all {len(loaded)} loaded models are busy (capacity.max_models "
-                                 f"{self.cfg.capacity.max_models})")
-            victim = min(idle, key=lambda m: m.last_used_mono)
-            log.info("evicting %s (least recently used)", victim.model_id)
-            await self.control(victim.worker, msg.UnloadModel, victim.model_id)
-            loaded.remove(victim)
-
-    async def load_model(self, model_id: str, preferred_gpu: int) -> msg.ControlReply:
-        model = self.models[model_id]
-        if model.state not in ("ready", "loading"):
-            await self._make_room(exclude=model_id)
-            model.worker = self._choose_worker(preferred_gpu)
-            model.state = "loading"
-        return await self.control(model.worker, msg.LoadModel, model_id)
-
-    async def unload_model(self, model_id: str) -> msg.ControlReply:
-        model = self.models[model_id]
-        if model.state != "ready":
-            return msg.ControlReply(0, ok=False,
-                                    error=f"Failed to unload model: model '{model_id}' not loaded")
-        while model.inflight:  # never pull a model out from under its requests
-            await asyncio.sleep(0.01)
-        return await self.control(model.worker, msg.UnloadModel, model_id)
+    # ---- control -----------------------------------------------------------------------
 
     def _check_alive(self, worker: int) -> int:
         """The worker index, or Unavailable when it is not there to take work."""
@@ -365,18 +280,8 @@ class Dispatcher:
             c = self.controls.get(m.request_id)
             if c is not None and not c.future.done():
                 c.future.set_result(m)
-        elif isinstance(m, msg.ModelState):
-            self._on_model_state(m)
         elif isinstance(m, msg.Heartbeat):
             self._on_heartbeat(m)
-
-    def _on_model_state(self, m: msg.ModelState) -> None:
-        model = self.models.get(m.model_id)
-        if model is None:
-            return
-        model.state, model.error = m.state, m.error
-        model.worker = m.worker if m.state in ("loading", "ready") else -1
-        model.memory_bytes = m.memory_bytes if m.state == "ready" else 0
 
     def _on_heartbeat(self, m: msg.Heartbeat) -> None:
         if m.role == "compositor":
@@ -422,9 +327,7 @@ class Dispatcher:
             if c.worker == index and not c.future.done():
                 c.future.set_exception(Unavailable(reason))
         if restarted:
-            for model in self.models.values():
-                if model.worker == index:
-                    model.state, model.worker, model.memory_bytes = "unloaded", -1, 0
+            self.on_worker_restart(index)
 
     # ---- shutdown --------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import time
 import grpc
 
 from pipeline.frontend.dispatcher import Dispatcher, Failed, Overloaded, Unavailable
+from pipeline.frontend.models import ModelManager
 from pipeline.frontend.validation import InvalidRequest, validate
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
@@ -18,9 +19,15 @@ from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 
+STATES = {"unloaded": pb.MODEL_STATE_UNLOADED, "loading": pb.MODEL_STATE_LOADING,
+          "ready": pb.MODEL_STATE_READY, "failed": pb.MODEL_STATE_FAILED,
+          "unloading": pb.MODEL_STATE_UNLOADING}
+
+
 class MonolithicService(pb_grpc.MonolithicServiceServicer):
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, models: ModelManager) -> None:
         self.dispatcher = dispatcher
+        self.models = models
         self.cfg = dispatcher.cfg
 
     async def InferBatchComposite(self, request: pb.CompositeBatchRequest,
@@ -28,7 +35,7 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
         t0 = time.perf_counter_ns()
         try:
             valid = validate(request, self.cfg)
-            result = await self.dispatcher.infer(valid, self.cfg.server.request_timeout_s)
+            result, lease = await self.models.infer(valid, self.cfg.server.request_timeout_s)
         except (InvalidRequest, Failed) as exc:
             return pb.CompositeBatchResponse(success=False, error=str(exc), gpu_id=-1)
         except Overloaded as exc:
@@ -45,8 +52,8 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
             composite_time_ms=result.composite_ns / 1e6,
             total_time_ms=(time.perf_counter_ns() - t0) / 1e6,
             audio_processing_ms=done.audio_ns / 1e6,
-            model_loaded=done.model_loaded,
-            model_load_time_ms=done.load_ns / 1e6,
+            model_loaded=lease.loaded_now or done.model_loaded,
+            model_load_time_ms=(lease.load_ns or done.load_ns) / 1e6,
             success=True,
             gpu_id=done.gpu_id,
         )
@@ -56,7 +63,7 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
         d = self.dispatcher
         return pb.HealthResponse(
             healthy=d.healthy(),
-            loaded_models=sum(m.state == "ready" for m in d.models.values()),
+            loaded_models=self.models.loaded_count(),
             max_models=self.cfg.capacity.max_models,
             gpu_ids=list(range(len(d.workers))),
             gpu_memory_used_gb=[w.device_memory_used_bytes / 2**30 for w in d.workers],
@@ -67,8 +74,9 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
         return pb.ListModelsResponse(models=[
             pb.ModelInfo(model_id=m.model_id, loaded=m.state == "ready", gpu_id=m.worker,
                          memory_mb=m.memory_bytes // 2**20, request_count=m.request_count,
-                         avg_inference_ms=_avg_ms(m.total_inference_ns, m.request_count))
-            for m in sorted(self.dispatcher.models.values(), key=lambda m: m.model_id)])
+                         avg_inference_ms=_avg_ms(m.total_inference_ns, m.request_count),
+                         state=STATES[m.state], error=m.error)
+            for m in sorted(self.models.models.values(), key=lambda m: m.model_id)])
 
     async def GetModelStats(self, request: pb.GetModelStatsRequest,
                             context: grpc.aio.ServicerContext) -> pb.GetModelStatsResponse:
@@ -77,8 +85,9 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
                           memory_mb=m.memory_bytes // 2**20, request_count=m.request_count,
                           total_inference_ms=m.total_inference_ns // 1_000_000,
                           avg_inference_ms=_avg_ms(m.total_inference_ns, m.request_count),
-                          last_used_timestamp=int(m.last_used))
-            for m in sorted(self.dispatcher.models.values(), key=lambda m: m.model_id)])
+                          last_used_timestamp=int(m.last_used),
+                          state=STATES[m.state], error=m.error)
+            for m in sorted(self.models.models.values(), key=lambda m: m.model_id)])
 
     async def LoadModel(self, request: pb.LoadModelRequest,
                         context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
@@ -88,17 +97,23 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
             return pb.LoadModelResponse(
                 success=False, gpu_id=-1,
                 error=f"Failed to load model: model '{request.model_id}' not configured")
+        preferred = request.preferred_gpu if request.HasField("preferred_gpu") else None
+        if preferred is not None and not -1 <= preferred < len(self.dispatcher.workers):
+            return pb.LoadModelResponse(
+                success=False, gpu_id=-1,
+                error=f"Failed to load model: preferred_gpu {preferred} is not -1 or a GPU "
+                      f"index below {len(self.dispatcher.workers)}")
         t0 = time.perf_counter_ns()
         try:
-            reply = await self.dispatcher.load_model(request.model_id, request.preferred_gpu)
-        except Overloaded as exc:
-            return pb.LoadModelResponse(success=False, error=f"Failed to load model: {exc}",
-                                        gpu_id=-1)
+            gpu = await self.models.load(request.model_id, preferred)
+        except (Failed, Overloaded) as exc:
+            error = str(exc)
+            if not error.startswith("Failed to load model"):
+                error = f"Failed to load model: {error}"
+            return pb.LoadModelResponse(success=False, error=error, gpu_id=-1)
         except Unavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        if not reply.ok:
-            return pb.LoadModelResponse(success=False, error=reply.error, gpu_id=-1)
-        return pb.LoadModelResponse(success=True, gpu_id=reply.gpu_id,
+        return pb.LoadModelResponse(success=True, gpu_id=gpu,
                                     load_time_ms=(time.perf_counter_ns() - t0) / 1e6)
 
     async def UnloadModel(self, request: pb.UnloadModelRequest,
@@ -110,10 +125,12 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
                 success=False,
                 error=f"Failed to unload model: model '{request.model_id}' not configured")
         try:
-            reply = await self.dispatcher.unload_model(request.model_id)
+            await self.models.unload(request.model_id)
+        except Failed as exc:
+            return pb.UnloadModelResponse(success=False, error=str(exc))
         except Unavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        return pb.UnloadModelResponse(success=reply.ok, error=reply.error)
+        return pb.UnloadModelResponse(success=True)
 
 
 def _avg_ms(total_ns: int, count: int) -> float:

@@ -11,6 +11,7 @@ import grpc
 from pipeline.config import Config
 from pipeline.frontend.dispatcher import Dispatcher
 from pipeline.frontend.grpc_service import MonolithicService
+from pipeline.frontend.models import ModelManager
 from pipeline.process import Readiness, run_role
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 
@@ -40,13 +41,16 @@ def grpc_options(cfg: Config) -> list[tuple[str, int]]:
 
 async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> None:
     dispatcher = Dispatcher(cfg)
+    models = ModelManager(cfg, dispatcher)
     server: grpc.aio.Server | None = None
     try:
         await dispatcher.start()
         await dispatcher.wait_for_roles(cfg.runtime.start_timeout_s)
-        await preload(cfg, dispatcher)
+        await preload(cfg, models)
+        models.start()
         server = grpc.aio.server(options=grpc_options(cfg))
-        pb_grpc.add_MonolithicServiceServicer_to_server(MonolithicService(dispatcher), server)
+        pb_grpc.add_MonolithicServiceServicer_to_server(MonolithicService(dispatcher, models),
+                                                        server)
         address = f"{cfg.server.host}:{cfg.server.port}"
         server.add_insecure_port(address)
         await server.start()
@@ -58,17 +62,17 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
     finally:
         if server is not None:
             await server.stop(SHUTDOWN_GRACE_S)
+        await models.close()
         await dispatcher.close()
 
 
-async def preload(cfg: Config, dispatcher: Dispatcher) -> None:
+async def preload(cfg: Config, models: ModelManager) -> None:
     """Load every `preload_model` model before serving; a failure is logged, not fatal."""
     wanted = [m for m in cfg.models.values() if m.preload_model]
-    replies = await asyncio.gather(*(dispatcher.load_model(m.model_id, m.preferred_gpu)
-                                     for m in wanted), return_exceptions=True)
-    for model, reply in zip(wanted, replies):
-        if isinstance(reply, BaseException) or not reply.ok:
-            log.error("preloading %s failed: %s", model.model_id,
-                      reply if isinstance(reply, BaseException) else reply.error)
+    results = await asyncio.gather(*(models.load(m.model_id, None) for m in wanted),
+                                   return_exceptions=True)
+    for model, result in zip(wanted, results):
+        if isinstance(result, BaseException):
+            log.error("preloading %s failed: %s", model.model_id, result)
         else:
-            log.info("preloaded %s on gpu %d", model.model_id, reply.gpu_id)
+            log.info("preloaded %s on gpu_worker %d", model.model_id, result)

@@ -58,6 +58,7 @@ class Loading:
 
     future: Future[LoadedModel]
     waiting: list[msg.InferRequest | msg.LoadModel] = field(default_factory=list)
+    discard: bool = False  # unloaded while loading
 
 
 def run_gpu_worker_process(cfg: Config, gpu_index: int, provider: Resolved,
@@ -186,10 +187,14 @@ class GpuWorker:
         if model is None:
             self._start_load(req.model_id).waiting.append(req)
             return
-        self._post(FRONTEND, msg.ControlReply(req.request_id, ok=True, gpu_id=self.index))
+        self._post(FRONTEND, msg.ControlReply(req.request_id, ok=True, gpu_id=self.index,
+                                              memory_bytes=model.memory_bytes))
 
     def _on_unload(self, req: msg.UnloadModel) -> None:
         model = self.models.pop(req.model_id, None)
+        loading = self.loading.get(req.model_id)
+        if model is None and loading is not None:
+            loading.discard = True  # the frontend gave up on this load: drop it when done
         if model is None:
             self._post(FRONTEND, msg.ControlReply(
                 req.request_id, ok=False,
@@ -200,7 +205,6 @@ class GpuWorker:
         model.close()
         del model
         self._post(EVENTS, msg.ReleaseSegment(segment))
-        self._post(FRONTEND, msg.ModelState(self.index, req.model_id, "unloaded"))
         self._post(FRONTEND, msg.ControlReply(req.request_id, ok=True, gpu_id=self.index,
                                               elapsed_ns=time.monotonic_ns() - t0))
         log.info("unloaded %s", req.model_id)
@@ -212,7 +216,6 @@ class GpuWorker:
             future = self.loader.submit(self._load, config)
             future.add_done_callback(lambda f: self.inbox.put(LoadFinished(model_id, f)))
             loading = self.loading[model_id] = Loading(future)
-            self._post(FRONTEND, msg.ModelState(self.index, model_id, "loading"))
         return loading
 
     def _load(self, config: ModelConfig) -> LoadedModel:
@@ -242,10 +245,12 @@ class GpuWorker:
         loading = self.loading.pop(done.model_id)
         try:
             model = done.future.result()
+            if loading.discard:
+                model.close()
+                raise LoadError("the load was cancelled")
         except Exception as exc:
             error = str(exc) if isinstance(exc, LoadError) else f"{type(exc).__name__}: {exc}"
             log.error("loading %s failed: %s", done.model_id, error)
-            self._post(FRONTEND, msg.ModelState(self.index, done.model_id, "failed", error=error))
             for req in loading.waiting:
                 text = f"Failed to load model '{done.model_id}': {error}"
                 if isinstance(req, msg.InferRequest):
@@ -256,14 +261,13 @@ class GpuWorker:
         self.models[done.model_id] = model
         log.info("loaded %s in %.0f ms (%d frames, %.1f MB)", done.model_id, model.load_ns / 1e6,
                  model.avatar.num_frames, model.memory_bytes / 2**20)
-        self._post(FRONTEND, msg.ModelState(self.index, done.model_id, "ready",
-                                            memory_bytes=model.memory_bytes))
         for req in loading.waiting:
             if isinstance(req, msg.InferRequest):
                 self._infer(model, req, model_loaded=True)
             else:
                 self._post(FRONTEND, msg.ControlReply(req.request_id, ok=True, gpu_id=self.index,
-                                                      elapsed_ns=model.load_ns))
+                                                      elapsed_ns=model.load_ns,
+                                                      memory_bytes=model.memory_bytes))
 
     def _infer(self, model: LoadedModel, req: msg.InferRequest, model_loaded: bool) -> None:
         try:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10monolithic.proto\x12\nmonolithic\"\xad\x01\n\x15\x43ompositeBatchRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rvisual_frames\x18\x02 \x01(\x0c\x12\x11\n\traw_audio\x18\x03 \x01(\x0c\x12\x16\n\x0e\x61udio_features\x18\x04 \x01(\x0c\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x17\n\x0fstart_frame_idx\x18\x06 \x01(\x05\x12\x13\n\x0bsample_rate\x18\x07 \x01(\x05\"\xff\x01\n\x16\x43ompositeBatchResponse\x12\x19\n\x11\x63omposited_frames\x18\x01 \x03(\x0c\x12\x19\n\x11inference_time_ms\x18\x02 \x01(\x02\x12\x19\n\x11\x63omposite_time_ms\x18\x03 \x01(\x02\x12\x15\n\rtotal_time_ms\x18\x04 \x01(\x02\x12\x1b\n\x13\x61udio_processing_ms\x18\x05 \x01(\x02\x12\x14\n\x0cmodel_loaded\x18\x06 \x01(\x08\x12\x1a\n\x12model_load_time_ms\x18\x07 \x01(\x02\x12\x0f\n\x07success\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06gpu_id\x18\n \x01(\x05\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.monolithic.ModelInfo\"\x81\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x0e\n\x06gpu_id\x18\x03 \x01(\x05\x12\x11\n\tmemory_mb\x18\x04 \x01(\x03\x12\x15\n\rrequest_count\x18\x05 \x01(\x05\x12\x18\n\x10\x61vg_inference_ms\x18\x06 \x01(\x02\";\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rpreferred_gpu\x18\x02 \x01(\x05\"Y\n\x11LoadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0e\n\x06gpu_id\x18\x03 \x01(\x05\x12\x14\n\x0cload_time_ms\x18\x04 \x01(\x02\"&\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"5\n\x13UnloadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x16\n\x14GetModelStatsRequest\"?\n\x15GetModelStatsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.monolithic.ModelStats\"\xbb\x01\n\nModelStats\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x0e\n\x06gpu_id\x18\x03 \x01(\x05\x12\x11\n\tmemory_mb\x18\x04 \x01(\x03\x12\x15\n\rrequest_count\x18\x05 \x01(\x05\x12\x1a\n\x12total_inference_ms\x18\x06 \x01(\x03\x12\x18\n\x10\x61vg_inference_ms\x18\x07 \x01(\x02\x12\x1b\n\x13last_used_timestamp\x18\x08 \x01(\x03\"\x0f\n\rHealthRequest\"y\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x15\n\rloaded_models\x18\x02 \x01(\x05\x12\x12\n\nmax_models\x18\x03 \x01(\x05\x12\x0f\n\x07gpu_ids\x18\x04 \x03(\x05\x12\x1a\n\x12gpu_memory_used_gb\x18\x05 \x03(\x02\x32\xef\x03\n\x11MonolithicService\x12\\\n\x13InferBatchComposite\x12!.monolithic.CompositeBatchRequest\x1a\".monolithic.CompositeBatchResponse\x12K\n\nListModels\x12\x1d.monolithic.ListModelsRequest\x1a\x1e.monolithic.ListModelsResponse\x12H\n\tLoadModel\x12\x1c.monolithic.LoadModelRequest\x1a\x1d.monolithic.LoadModelResponse\x12N\n\x0bUnloadModel\x12\x1e.monolithic.UnloadModelRequest\x1a\x1f.monolithic.UnloadModelResponse\x12T\n\rGetModelStats\x12 .monolithic.GetModelStatsRequest\x1a!.monolithic.GetModelStatsResponse\x12?\n\x06Health\x12\x19.monolithic.HealthRequest\x1a\x1a.monolithic.HealthResponseB\x1cZ\x1ago-monolithic-server/protob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10monolithic.proto\x12\nmonolithic\"\xad\x01\n\x15\x43ompositeBatchRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rvisual_frames\x18\x02 \x01(\x0c\x12\x11\n\traw_audio\x18\x03 \x01(\x0c\x12\x16\n\x0e\x61udio_features\x18\x04 \x01(\x0c\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x17\n\x0fstart_frame_idx\x18\x06 \x01(\x05\x12\x13\n\x0bsample_rate\x18\x07 \x01(\x05\"\xff\x01\n\x16\x43ompositeBatchResponse\x12\x19\n\x11\x63omposited_frames\x18\x01 \x03(\x0c\x12\x19\n\x11inference_time_ms\x18\x02 \x01(\x02\x12\x19\n\x11\x63omposite_time_ms\x18\x03 \x01(\x02\x12\x15\n\rtotal_time_ms\x18\x04 \x01(\x02\x12\x1b\n\x13\x61udio_processing_ms\x18\x05 \x01(\x02\x12\x14\n\x0cmodel_loaded\x18\x06 \x01(\x08\x12\x1a\n\x12model_load_time_ms\x18\x07 \x01(\x02\x12\x0f\n\x07success\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06gpu_id\x18\n \x01(\x05\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.monolithic.ModelInfo\"\xb7\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x0e\n\x06gpu_id\x18\x03 \x01(\x05\x12\x11\n\tmemory_mb\x18\x04 \x01(\x03\x12\x15\n\rrequest_count\x18\x05 \x01(\x05\x12\x18\n\x10\x61vg_inference_ms\x18\x06 \x01(\x02\x12%\n\x05state\x18\x07 \x01(\x0e\x32\x16.monolithic.ModelState\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"R\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1a\n\rpreferred_gpu\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x10\n\x0e_preferred_gpu\"Y\n\x11LoadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0e\n\x06gpu_id\x18\x03 \x01(\x05\x12\x14\n\x0cload_time_ms\x18\x04 \x01(\x02\"&\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"5\n\x13UnloadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x16\n\x14GetModelStatsRequest\"?\n\x15GetModelStatsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.monolithic.ModelStats\"\xf1\x01\n\nModelStats\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x0e\n\x06gpu_id\x18\x03 \x01(\x05\x12\x11\n\tmemory_mb\x18\x04 \x01(\x03\x12\x15\n\rrequest_count\x18\x05 \x01(\x05\x12\x1a\n\x12total_inference_ms\x18\x06 \x01(\x03\x12\x18\n\x10\x61vg_inference_ms\x18\x07 \x01(\x02\x12\x1b\n\x13last_used_timestamp\x18\x08 \x01(\x03\x12%\n\x05state\x18\t \x01(\x0e\x32\x16.monolithic.ModelState\x12\r\n\x05\x65rror\x18\n \x01(\t\"\x0f\n\rHealthRequest\"y\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x15\n\rloaded_models\x18\x02 \x01(\x05\x12\x12\n\nmax_models\x18\x03 \x01(\x05\x12\x0f\n\x07gpu_ids\x18\x04 \x03(\x05\x12\x1a\n\x12gpu_memory_used_gb\x18\x05 \x03(\x02*\x89\x01\n\nModelState\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x04\x32\xef\x03\n\x11MonolithicService\x12\\\n\x13InferBatchComposite\x12!.monolithic.CompositeBatchRequest\x1a\".monolithic.CompositeBatchResponse\x12K\n\nListModels\x12\x1d.monolithic.ListModelsRequest\x1a\x1e.monolithic.ListModelsResponse\x12H\n\tLoadModel\x12\x1c.monolithic.LoadModelRequest\x1a\x1d.monolithic.LoadModelResponse\x12N\n\x0bUnloadModel\x12\x1e.monolithic.UnloadModelRequest\x1a\x1f.monolithic.UnloadModelResponse\x12T\n\rGetModelStats\x12 .monolithic.GetModelStatsRequest\x1a!.monolithic.GetModelStatsResponse\x12?\n\x06Health\x12\x19.monolithic.HealthRequest\x1a\x1a.monolithic.HealthResponseB\x1cZ\x1ago-monolithic-server/protob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,6 +32,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'monolithic_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\032go-monolithic-server/proto'
+  _globals['_MODELSTATE']._serialized_start=1478
+  _globals['_MODELSTATE']._serialized_end=1615
   _globals['_COMPOSITEBATCHREQUEST']._serialized_start=33
   _globals['_COMPOSITEBATCHREQUEST']._serialized_end=206
   _globals['_COMPOSITEBATCHRESPONSE']._serialized_start=209
@@ -41,25 +43,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=487
   _globals['_LISTMODELSRESPONSE']._serialized_end=546
   _globals['_MODELINFO']._serialized_start=549
-  _globals['_MODELINFO']._serialized_end=678
-  _globals['_LOADMODELREQUEST']._serialized_start=680
-  _globals['_LOADMODELREQUEST']._serialized_end=739
-  _globals['_LOADMODELRESPONSE']._serialized_start=741
-  _globals['_LOADMODELRESPONSE']._serialized_end=830
-  _globals['_UNLOADMODELREQUEST']._serialized_start=832
-  _globals['_UNLOADMODELREQUEST']._serialized_end=870
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=872
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=925
-  _globals['_GETMODELSTATSREQUEST']._serialized_start=927
-  _globals['_GETMODELSTATSREQUEST']._serialized_end=949
-  _globals['_GETMODELSTATSRESPONSE']._serialized_start=951
-  _globals['_GETMODELSTATSRESPONSE']._serialized_end=1014
-  _globals['_MODELSTATS']._serialized_start=1017
-  _globals['_MODELSTATS']._serialized_end=1204
-  _globals['_HEALTHREQUEST']._serialized_start=1206
-  _globals['_HEALTHREQUEST']._serialized_end=1221
-  _globals['_HEALTHRESPONSE']._serialized_start=1223
-  _globals['_HEALTHRESPONSE']._serialized_end=1344
-  _globals['_MONOLITHICSERVICE']._serialized_start=1347
-  _globals['_MONOLITHICSERVICE']._serialized_end=1842
+  _globals['_MODELINFO']._serialized_end=732
+  _globals['_LOADMODELREQUEST']._serialized_start=734
+  _globals['_LOADMODELREQUEST']._serialized_end=816
+  _globals['_LOADMODELRESPONSE']._serialized_start=818
+  _globals['_LOADMODELRESPONSE']._serialized_end=907
+  _globals['_UNLOADMODELREQUEST']._serialized_start=909
+  _globals['_UNLOADMODELREQUEST']._serialized_end=947
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=949
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1002
+  _globals['_GETMODELSTATSREQUEST']._serialized_start=1004
+  _globals['_GETMODELSTATSREQUEST']._serialized_end=1026
+  _globals['_GETMODELSTATSRESPONSE']._serialized_start=1028
+  _globals['_GETMODELSTATSRESPONSE']._serialized_end=1091
+  _globals['_MODELSTATS']._serialized_start=1094
+  _globals['_MODELSTATS']._serialized_end=1335
+  _globals['_HEALTHREQUEST']._serialized_start=1337
+  _globals['_HEALTHREQUEST']._serialized_end=1352
+  _globals['_HEALTHRESPONSE']._serialized_start=1354
+  _globals['_HEALTHRESPONSE']._serialized_end=1475
+  _globals['_MONOLITHICSERVICE']._serialized_start=1618
+  _globals['_MONOLITHICSERVICE']._serialized_end=2113
 # @@protoc_insertion_point(module_scope)

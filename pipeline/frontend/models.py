@@ -1,0 +1,280 @@
+"""The model lifecycle, decided in one place: which worker holds which avatar, loading
+(coalesced, warmed up end to end), LRU eviction under `capacity.max_models` (server) and
+`capacity.max_memory_gb` (per device), idle unload, and the per-model statistics.
+
+States: unloaded -> loading -> ready -> unloading -> unloaded, or loading -> failed.
+A model with requests in flight is never unloaded: eviction only picks idle models and
+marks its victim `unloading` before the first await, so no new request can reach it.
+All of this runs on the frontend's event loop: no locks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline import messages as msg
+from pipeline.config import Config
+from pipeline.frontend.dispatcher import Dispatcher, Failed, InferResult, Overloaded
+from pipeline.frontend.validation import ValidRequest
+
+log = logging.getLogger(__name__)
+
+UNLOADED, LOADING, READY, UNLOADING, FAILED = "unloaded", "loading", "ready", "unloading", "failed"
+WARMUP_AUDIO = np.zeros(16 * 640, np.float32)  # 640 ms of silence: one full feature context
+
+
+@dataclass
+class ModelView:
+    """What the frontend knows of one configured model."""
+
+    model_id: str
+    state: str = UNLOADED
+    worker: int = -1
+    memory_bytes: int = 0
+    last_memory_bytes: int = 0     # measured at its last load: the estimate for the next one
+    error: str = ""
+    request_count: int = 0
+    total_inference_ns: int = 0
+    last_used: float = 0.0         # unix seconds
+    last_used_mono: float = 0.0
+    inflight: int = 0
+    load_task: asyncio.Task[int] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_state(self, state: str) -> None:
+        self.state = state
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    @property
+    def placed(self) -> bool:
+        """Holds (or is taking, or giving back) memory on a worker."""
+        return self.state in (LOADING, READY, UNLOADING)
+
+
+@dataclass(frozen=True)
+class Lease:
+    worker: int
+    loaded_now: bool
+    load_ns: int
+
+
+class ModelManager:
+    def __init__(self, cfg: Config, dispatcher: Dispatcher) -> None:
+        self.cfg = cfg
+        self.dispatcher = dispatcher
+        self.models = {mid: ModelView(mid) for mid in cfg.models}
+        self._admitted = 0
+        self._idle_task: asyncio.Task[None] | None = None
+        dispatcher.on_worker_restart = self._worker_restarted
+
+    def start(self) -> None:
+        if self.cfg.capacity.idle_timeout_minutes > 0:
+            self._idle_task = asyncio.create_task(self._unload_idle())
+
+    async def close(self) -> None:
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+            await asyncio.gather(self._idle_task, return_exceptions=True)
+
+    # ---- requests ----------------------------------------------------------------------
+
+    async def infer(self, req: ValidRequest, timeout: float) -> tuple[InferResult, Lease]:
+        """Run one request on the worker holding its model (loading it first if needed)."""
+        if self._admitted >= self.cfg.server.max_inflight_requests:
+            raise Overloaded(f"server busy: {self._admitted} requests in flight")
+        self._admitted += 1
+        try:
+            deadline = time.monotonic() + timeout
+            async with self._lease(req.model_id, deadline) as lease:
+                result = await self.dispatcher.run(lease.worker, req, deadline)
+            model = self.models[req.model_id]
+            model.request_count += 1
+            model.total_inference_ns += result.done.inference_ns
+            return result, lease
+        finally:
+            self._admitted -= 1
+
+    @asynccontextmanager
+    async def _lease(self, model_id: str, deadline: float) -> AsyncIterator[Lease]:
+        """The model, ready on its worker and marked in use for the duration."""
+        model = self.models[model_id]
+        loaded_now, load_ns = False, 0
+        while model.state != READY:
+            if model.state in (UNLOADED, FAILED):
+                t0 = time.monotonic_ns()
+                await asyncio.wait_for(asyncio.shield(self._load(model, None)),
+                                       deadline - time.monotonic())
+                loaded_now, load_ns = True, time.monotonic_ns() - t0
+            else:  # loading or unloading: wait for the transition
+                if model.state == LOADING and model.load_task is not None:
+                    loaded_now = True
+                    t0 = time.monotonic_ns()
+                    await asyncio.wait_for(asyncio.shield(model.load_task),
+                                           deadline - time.monotonic())
+                    load_ns = time.monotonic_ns() - t0
+                else:
+                    await asyncio.wait_for(model.changed.wait(), deadline - time.monotonic())
+        model.inflight += 1
+        try:
+            yield Lease(model.worker, loaded_now, load_ns)
+        finally:
+            model.inflight -= 1
+            model.last_used, model.last_used_mono = time.time(), time.monotonic()
+            if model.inflight == 0:
+                model.changed.set()
+                model.changed = asyncio.Event()
+
+    # ---- load --------------------------------------------------------------------------
+
+    def _load(self, model: ModelView, preferred: int | None) -> asyncio.Task[int]:
+        """The model's load, started now or already under way (concurrent loads coalesce)."""
+        if model.load_task is None or model.load_task.done():
+            model.load_task = asyncio.create_task(self._do_load(model, preferred))
+        return model.load_task
+
+    async def load(self, model_id: str, preferred: int | None) -> int:
+        """LoadModel: the worker index the model is ready on. Raises Failed."""
+        model = self.models[model_id]
+        while model.state == UNLOADING:
+            await model.changed.wait()
+        if model.state == READY:
+            return model.worker
+        return await asyncio.shield(self._load(model, preferred))
+
+    async def _do_load(self, model: ModelView, preferred: int | None) -> int:
+        config = self.cfg.models[model.model_id]
+        if preferred is None:
+            preferred = config.preferred_gpu
+        worker = self._choose_worker(preferred)
+        model.worker, model.error = worker, ""
+        model.set_state(LOADING)
+        try:
+            await self._make_room(worker, model, model.last_memory_bytes)
+            reply = await self.dispatcher.control(worker, msg.LoadModel, model.model_id)
+            if not reply.ok:
+                raise Failed(reply.error)
+            model.memory_bytes = model.last_memory_bytes = reply.memory_bytes
+            # ready only once a batch has gone through encoder, UNet and a compositor
+            await self.dispatcher.run(worker, self._warmup_request(model.model_id),
+                                      time.monotonic() + self.cfg.runtime.start_timeout_s)
+            await self._make_room(worker, model, 0)  # the measured size may exceed the estimate
+        except Exception as exc:
+            error = str(exc) or type(exc).__name__
+            log.error("loading %s on gpu_worker %d failed: %s", model.model_id, worker, error)
+            await self._discard(model, worker)
+            model.error, model.worker, model.memory_bytes = error, -1, 0
+            model.set_state(FAILED)
+            if isinstance(exc, Failed) and error.startswith("Failed to load model"):
+                raise
+            raise Failed(f"Failed to load model '{model.model_id}': {error}") from exc
+        model.last_used, model.last_used_mono = time.time(), time.monotonic()
+        model.set_state(READY)
+        log.info("%s ready on gpu_worker %d (%.1f MB)", model.model_id, worker,
+                 model.memory_bytes / 2**20)
+        return worker
+
+    async def _discard(self, model: ModelView, worker: int) -> None:
+        """After a failed load, make sure the worker holds nothing of the model."""
+        try:
+            await self.dispatcher.control(worker, msg.UnloadModel, model.model_id)
+        except Exception:
+            pass  # a dead worker holds nothing; an unknown model is the normal case
+
+    def _warmup_request(self, model_id: str) -> ValidRequest:
+        return ValidRequest(model_id=model_id, batch_size=1, start_frame_idx=0, visual=None,
+                            audio=WARMUP_AUDIO, sample_rate=16000, features=None)
+
+    def _choose_worker(self, preferred: int) -> int:
+        """The requested device, else the one with the least measured memory in use."""
+        workers = self.dispatcher.workers
+        if 0 <= preferred < len(workers):
+            return preferred
+        counts = [0] * len(workers)
+        for m in self.models.values():
+            if m.placed and m.worker >= 0:
+                counts[m.worker] += 1
+        return min(range(len(workers)),
+                   key=lambda w: (workers[w].device_memory_used_bytes, counts[w], w))
+
+    # ---- capacity ----------------------------------------------------------------------
+
+    async def _make_room(self, worker: int, incoming: ModelView, incoming_bytes: int) -> None:
+        """Evict least recently used idle models until `incoming` fits both limits."""
+        budget = int(self.cfg.capacity.max_memory_gb * 2**30)
+        while True:
+            others = [m for m in self.models.values() if m.placed and m is not incoming]
+            on_device = [m for m in others if m.worker == worker]
+            device_bytes = (sum(m.memory_bytes for m in on_device) + incoming_bytes
+                            + (incoming.memory_bytes if incoming.state == LOADING else 0))
+            too_many = len(others) + 1 > self.cfg.capacity.max_models
+            too_big = device_bytes > budget
+            if not too_many and not too_big:
+                return
+            candidates = [m for m in (others if too_many else on_device)
+                          if m.state == READY and m.inflight == 0]
+            if not candidates:
+                what = (f"capacity.max_models is {self.cfg.capacity.max_models}" if too_many else
+                        f"gpu {worker} would hold {device_bytes / 2**30:.2f} GB, over "
+                        f"capacity.max_memory_gb {self.cfg.capacity.max_memory_gb}")
+                raise Overloaded(f"no model can be evicted ({what}, and every other loaded "
+                                 "model is in use)")
+            victim = min(candidates, key=lambda m: m.last_used_mono)
+            log.info("evicting %s from gpu_worker %d (least recently used)", victim.model_id,
+                     victim.worker)
+            await self._unload(victim)
+
+    async def unload(self, model_id: str) -> None:
+        """UnloadModel: waits for a load under way and for requests in flight. Raises Failed."""
+        model = self.models[model_id]
+        if model.state == LOADING and model.load_task is not None:
+            await asyncio.gather(model.load_task, return_exceptions=True)
+        if model.state != READY:
+            raise Failed(f"Failed to unload model: model '{model_id}' not loaded")
+        await self._unload(model)
+
+    async def _unload(self, model: ModelView) -> None:
+        model.set_state(UNLOADING)  # before any await: no new request can lease it now
+        while model.inflight:
+            await model.changed.wait()
+        try:
+            reply = await self.dispatcher.control(model.worker, msg.UnloadModel, model.model_id)
+            if not reply.ok:
+                log.warning("unloading %s: %s", model.model_id, reply.error)
+        finally:
+            model.worker, model.memory_bytes = -1, 0
+            model.set_state(UNLOADED)
+
+    async def _unload_idle(self) -> None:
+        timeout = self.cfg.capacity.idle_timeout_minutes * 60
+        while True:
+            await asyncio.sleep(min(10.0, timeout / 4))
+            now = time.monotonic()
+            for model in list(self.models.values()):
+                if (model.state == READY and model.inflight == 0
+                        and now - model.last_used_mono > timeout):
+                    log.info("unloading %s: idle for %.0f s", model.model_id,
+                             now - model.last_used_mono)
+                    try:
+                        await self._unload(model)
+                    except Exception:
+                        log.exception("idle unload of %s failed", model.model_id)
+
+    def _worker_restarted(self, worker: int) -> None:
+        """A restarted worker holds nothing: its models are unloaded (reloaded on demand)."""
+        for model in self.models.values():
+            if model.worker == worker and model.state in (READY, UNLOADING):
+                model.worker, model.memory_bytes = -1, 0
+                model.set_state(UNLOADED)
+        # a load under way there fails by itself (its control or warm-up is failed)
+
+    # ---- views -------------------------------------------------------------------------
+
+    def loaded_count(self) -> int:
+        return sum(m.state == READY for m in self.models.values())
