@@ -44,6 +44,7 @@ class ModelView:
     last_used: float = 0.0         # unix seconds
     last_used_mono: float = 0.0
     inflight: int = 0
+    reserved: bool = False         # a load that has made room for itself
     load_task: asyncio.Task[int] | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -54,8 +55,9 @@ class ModelView:
 
     @property
     def placed(self) -> bool:
-        """Holds (or is taking, or giving back) memory on a worker."""
-        return self.state in (LOADING, READY, UNLOADING)
+        """Holds (or has room reserved for, or is giving back) memory on a worker. A load
+        still waiting for room does not count, or waiting loads could block each other."""
+        return self.state in (READY, UNLOADING) or (self.state == LOADING and self.reserved)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class ModelManager:
         self.dispatcher = dispatcher
         self.models = {mid: ModelView(mid) for mid in cfg.models}
         self._admitted = 0
+        self._changed = asyncio.Event()  # some model changed state: capacity may have freed
         self._idle_task: asyncio.Task[None] | None = None
         dispatcher.on_worker_restart = self._worker_restarted
 
@@ -136,7 +139,8 @@ class ModelManager:
     def _load(self, model: ModelView, preferred: int | None) -> asyncio.Task[int]:
         """The model's load, started now or already under way (concurrent loads coalesce)."""
         if model.load_task is None or model.load_task.done():
-            model.load_task = asyncio.create_task(self._do_load(model, preferred))
+            deadline = time.monotonic() + self.cfg.server.request_timeout_s
+            model.load_task = asyncio.create_task(self._do_load(model, preferred, deadline))
         return model.load_task
 
     async def load(self, model_id: str, preferred: int | None) -> int:
@@ -148,15 +152,15 @@ class ModelManager:
             return model.worker
         return await asyncio.shield(self._load(model, preferred))
 
-    async def _do_load(self, model: ModelView, preferred: int | None) -> int:
+    async def _do_load(self, model: ModelView, preferred: int | None, deadline: float) -> int:
         config = self.cfg.models[model.model_id]
         if preferred is None:
             preferred = config.preferred_gpu
         worker = self._choose_worker(preferred)
         model.worker, model.error = worker, ""
-        model.set_state(LOADING)
+        self._transition(model, LOADING)
         try:
-            await self._make_room(worker, model, model.last_memory_bytes)
+            await self._make_room(worker, model, model.last_memory_bytes, deadline)
             reply = await self.dispatcher.control(worker, msg.LoadModel, model.model_id)
             if not reply.ok:
                 raise Failed(reply.error)
@@ -164,18 +168,19 @@ class ModelManager:
             # ready only once a batch has gone through encoder, UNet and a compositor
             await self.dispatcher.run(worker, self._warmup_request(model.model_id),
                                       time.monotonic() + self.cfg.runtime.start_timeout_s)
-            await self._make_room(worker, model, 0)  # the measured size may exceed the estimate
+            # the measured size may exceed the estimate
+            await self._make_room(worker, model, 0, deadline)
         except Exception as exc:
             error = str(exc) or type(exc).__name__
             log.error("loading %s on gpu_worker %d failed: %s", model.model_id, worker, error)
             await self._discard(model, worker)
             model.error, model.worker, model.memory_bytes = error, -1, 0
-            model.set_state(FAILED)
+            self._transition(model, FAILED)
             if isinstance(exc, Failed) and error.startswith("Failed to load model"):
                 raise
             raise Failed(f"Failed to load model '{model.model_id}': {error}") from exc
         model.last_used, model.last_used_mono = time.time(), time.monotonic()
-        model.set_state(READY)
+        self._transition(model, READY)
         log.info("%s ready on gpu_worker %d (%.1f MB)", model.model_id, worker,
                  model.memory_bytes / 2**20)
         return worker
@@ -192,21 +197,27 @@ class ModelManager:
                             audio=WARMUP_AUDIO, sample_rate=16000, features=None)
 
     def _choose_worker(self, preferred: int) -> int:
-        """The requested device, else the one with the least measured memory in use."""
+        """The requested device, else the one whose models hold the least measured memory
+        (then fewer models, then less device memory in use)."""
         workers = self.dispatcher.workers
         if 0 <= preferred < len(workers):
             return preferred
-        counts = [0] * len(workers)
+        held, counts = [0] * len(workers), [0] * len(workers)
         for m in self.models.values():
             if m.placed and m.worker >= 0:
+                held[m.worker] += max(m.memory_bytes, m.last_memory_bytes)
                 counts[m.worker] += 1
         return min(range(len(workers)),
-                   key=lambda w: (workers[w].device_memory_used_bytes, counts[w], w))
+                   key=lambda w: (held[w], counts[w], workers[w].device_memory_used_bytes, w))
 
     # ---- capacity ----------------------------------------------------------------------
 
-    async def _make_room(self, worker: int, incoming: ModelView, incoming_bytes: int) -> None:
-        """Evict least recently used idle models until `incoming` fits both limits."""
+    async def _make_room(self, worker: int, incoming: ModelView, incoming_bytes: int,
+                         deadline: float) -> None:
+        """Evict until `incoming` fits both limits: the least recently used idle model
+        first; if every candidate is busy, the least recently used one is drained (no new
+        requests reach it, those in flight finish) and then evicted, so a waiting load is
+        never starved by traffic on the loaded models."""
         budget = int(self.cfg.capacity.max_memory_gb * 2**30)
         while True:
             others = [m for m in self.models.values() if m.placed and m is not incoming]
@@ -216,18 +227,23 @@ class ModelManager:
             too_many = len(others) + 1 > self.cfg.capacity.max_models
             too_big = device_bytes > budget
             if not too_many and not too_big:
+                incoming.reserved = True  # before any await: the next load counts us
                 return
-            candidates = [m for m in (others if too_many else on_device)
-                          if m.state == READY and m.inflight == 0]
-            if not candidates:
-                what = (f"capacity.max_models is {self.cfg.capacity.max_models}" if too_many else
-                        f"gpu {worker} would hold {device_bytes / 2**30:.2f} GB, over "
-                        f"capacity.max_memory_gb {self.cfg.capacity.max_memory_gb}")
-                raise Overloaded(f"no model can be evicted ({what}, and every other loaded "
-                                 "model is in use)")
-            victim = min(candidates, key=lambda m: m.last_used_mono)
-            log.info("evicting %s from gpu_worker %d (least recently used)", victim.model_id,
-                     victim.worker)
+            if too_big and not on_device:
+                raise Failed(f"it needs {device_bytes / 2**30:.2f} GB on gpu {worker}, over "
+                             f"capacity.max_memory_gb {self.cfg.capacity.max_memory_gb}")
+            candidates = [m for m in (others if too_many else on_device) if m.state == READY]
+            if not candidates:  # the others are loading or unloading: wait for one of them
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
+                except TimeoutError:
+                    raise Overloaded("no model could be evicted before the deadline") from None
+                continue
+            idle = [m for m in candidates if m.inflight == 0]
+            victim = min(idle or candidates, key=lambda m: m.last_used_mono)
+            log.info("evicting %s from gpu_worker %d (least recently used%s)", victim.model_id,
+                     victim.worker, "" if idle else ", after its requests in flight")
             await self._unload(victim)
 
     async def unload(self, model_id: str) -> None:
@@ -240,7 +256,7 @@ class ModelManager:
         await self._unload(model)
 
     async def _unload(self, model: ModelView) -> None:
-        model.set_state(UNLOADING)  # before any await: no new request can lease it now
+        self._transition(model, UNLOADING)  # before any await: no new request can lease it now
         while model.inflight:
             await model.changed.wait()
         try:
@@ -249,7 +265,7 @@ class ModelManager:
                 log.warning("unloading %s: %s", model.model_id, reply.error)
         finally:
             model.worker, model.memory_bytes = -1, 0
-            model.set_state(UNLOADED)
+            self._transition(model, UNLOADED)
 
     async def _unload_idle(self) -> None:
         timeout = self.cfg.capacity.idle_timeout_minutes * 60
@@ -266,12 +282,18 @@ class ModelManager:
                     except Exception:
                         log.exception("idle unload of %s failed", model.model_id)
 
+    def _transition(self, model: ModelView, state: str) -> None:
+        if state in (UNLOADED, FAILED):
+            model.reserved = False
+        model.set_state(state)
+        self._changed.set()
+
     def _worker_restarted(self, worker: int) -> None:
         """A restarted worker holds nothing: its models are unloaded (reloaded on demand)."""
         for model in self.models.values():
             if model.worker == worker and model.state in (READY, UNLOADING):
                 model.worker, model.memory_bytes = -1, 0
-                model.set_state(UNLOADED)
+                self._transition(model, UNLOADED)
         # a load under way there fails by itself (its control or warm-up is failed)
 
     # ---- views -------------------------------------------------------------------------
