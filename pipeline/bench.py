@@ -169,9 +169,59 @@ def run_stages(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_cycles(address: str, model_id: str, cycles: int, gpu: int) -> dict[str, object]:
+    """LoadModel/UnloadModel `cycles` times on one device; load/unload times and that
+    device's memory (Health: NVML on a GPU, the worker's private RSS on CPU) per cycle."""
+    with channel(address) as ch:
+        stub = pb_grpc.MonolithicServiceStub(ch)
+        stub.UnloadModel(pb.UnloadModelRequest(model_id=model_id), timeout=120)
+
+        def memory_gb() -> float:
+            time.sleep(0.6)  # one heartbeat: the figure is fresh
+            return stub.Health(pb.HealthRequest(), timeout=10).gpu_memory_used_gb[gpu]
+
+        baseline = memory_gb()
+        loads, unloads, after = [], [], []
+        for _ in range(cycles):
+            resp = stub.LoadModel(pb.LoadModelRequest(model_id=model_id, preferred_gpu=gpu),
+                                  timeout=120)
+            if not resp.success:
+                raise SystemExit(f"lipsync bench: LoadModel failed: {resp.error}")
+            loads.append(resp.load_time_ms)
+            loaded = memory_gb()
+            model_mb = next(m.memory_mb for m in stub.ListModels(pb.ListModelsRequest()).models
+                            if m.model_id == model_id)
+            t0 = time.perf_counter()
+            if not stub.UnloadModel(pb.UnloadModelRequest(model_id=model_id), timeout=120).success:
+                raise SystemExit("lipsync bench: UnloadModel failed")
+            unloads.append((time.perf_counter() - t0) * 1e3)
+            after.append(memory_gb())
+    return {
+        "model": model_id, "gpu": gpu, "cycles": cycles,
+        "load_ms_p50": round(percentile(loads, 50), 1), "load_ms_max": round(max(loads), 1),
+        "unload_ms_p50": round(percentile(unloads, 50), 1),
+        "memory_gb_baseline": round(baseline, 4), "memory_gb_loaded_last": round(loaded, 4),
+        "memory_gb_after_first_unload": round(after[0], 4),
+        "memory_gb_after_last_unload": round(after[-1], 4),
+        "memory_growth_mb_over_cycles": round((after[-1] - after[0]) * 1024, 1),
+        "memory_gb_after_unload_every_10": [round(a, 4) for a in after[::10]],
+        "last_model_memory_mb": model_mb,
+    }
+
+
 def run_bench(args: argparse.Namespace) -> int:
     if args.stages:
         return run_stages(args)
+    if args.load_cycles:
+        with ExitStack() as stack:
+            address = args.address
+            if address is None:
+                log = Path(tempfile.mkdtemp(prefix="lipsync-bench-")) / "server.log"
+                address = stack.enter_context(ServerProcess(args.config, log_path=log)).address
+            result = load_cycles(address, args.model, args.load_cycles, args.gpu)
+        print(json.dumps(result) if args.json else
+              "\n".join(f"{k:32s} {v}" for k, v in result.items()))
+        return 0
     if args.batch < 1 or args.batch > 32 or args.concurrency < 1 or args.requests < 1:
         raise SystemExit("lipsync bench: need 1 <= --batch <= 32, --concurrency >= 1, --requests >= 1")
     request = build_request(args.config, args.model, args.batch, start=0)

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--requests", type=int, default=40)
     bench.add_argument("--warmup", type=int, default=2, help="requests per client not measured")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--load-cycles", type=int, metavar="N",
+                       help="LoadModel/UnloadModel N times; load/unload times and whether "
+                            "device memory returns to its baseline")
+    bench.add_argument("--gpu", type=int, default=0, help="device for --load-cycles")
     bench.add_argument("--stages", action="store_true",
                        help="time each stage in this process (no server): mel, encoder, "
                             "visual input, UNet, paste, JPEG")

@@ -68,3 +68,20 @@ def write_config(path: Path, models_root: Path, **overrides: object) -> Path:
         node[leaf] = value  # type: ignore[index]
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def child_pids(pid: int) -> set[int]:
+    """Every descendant of pid, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {c for c, p in parents.items() if p in frontier} - found
+        found |= frontier
+    return found

@@ -8,6 +8,7 @@ CompositeJob per frame to the compositor pool.
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import os
@@ -204,6 +205,7 @@ class GpuWorker:
         segment = model.avatar.segment.name
         model.close()
         del model
+        release_free_heap()
         self._post(EVENTS, msg.ReleaseSegment(segment))
         self._post(FRONTEND, msg.ControlReply(req.request_id, ok=True, gpu_id=self.index,
                                               elapsed_ns=time.monotonic_ns() - t0))
@@ -327,6 +329,15 @@ class GpuWorker:
 
     def _view(self, ref: msg.TensorRef) -> np.ndarray:
         return self.segments.ndarray(ref.segment, ref.offset, ref.shape, ref.dtype)
+
+
+def release_free_heap() -> None:
+    """Hand memory freed by an unloaded model back to the OS (glibc keeps it otherwise, and
+    a worker that loads and unloads avatars all day would only ever grow)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 @dataclass(frozen=True)

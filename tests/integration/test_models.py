@@ -17,7 +17,7 @@ from pipeline.launcher import ServerProcess, channel
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from pipeline.shm.segment import list_segments
-from tests.conftest import write_config
+from tests.conftest import child_pids, write_config
 
 FRAMES = 10
 MARKERS = {"red": (0, 0, 255), "green": (0, 255, 0), "blue": (255, 0, 0)}  # BGR
@@ -298,3 +298,23 @@ def test_idle_models_are_unloaded_and_memory_budget_evicts(tmp_path: Path, model
         while states(s)["red"][0] != "MODEL_STATE_UNLOADED" and time.monotonic() < deadline:
             time.sleep(0.5)
         assert states(s)["red"] == ("MODEL_STATE_UNLOADED", -1)
+
+
+def test_unload_frees_the_backgrounds_everywhere(stub, server) -> None:
+    """UnloadModel unlinks the model's background segment and every process unmaps it."""
+    before = {n for n in list_segments(server.instance) if "-bg" in n}
+    assert stub.LoadModel(pb.LoadModelRequest(model_id="green"), timeout=60).success
+    assert infer(stub, "green", 1).success  # a compositor has mapped the segment
+    added = {n for n in list_segments(server.instance) if "-bg" in n} - before
+    assert len(added) == 1
+    (segment,) = added
+    mapped_by = [pid for pid in child_pids(server.proc.pid)
+                 if segment in Path(f"/proc/{pid}/maps").read_text()]
+    assert len(mapped_by) >= 2  # the worker that loaded it and a compositor
+    assert stub.UnloadModel(pb.UnloadModelRequest(model_id="green"), timeout=60).success
+    assert segment not in list_segments(server.instance)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(
+            segment in Path(f"/proc/{pid}/maps").read_text() for pid in mapped_by):
+        time.sleep(0.1)
+    assert [pid for pid in mapped_by if segment in Path(f"/proc/{pid}/maps").read_text()] == []

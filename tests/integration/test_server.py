@@ -19,26 +19,9 @@ from pipeline.launcher import ServerProcess, channel
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from pipeline.shm.segment import list_segments
-from tests.conftest import DEMO_FRAMES, write_config
+from tests.conftest import DEMO_FRAMES, child_pids, write_config
 
 VISUAL_FRAME_BYTES = 6 * 320 * 320 * 4
-
-
-def child_pids(pid: int) -> set[int]:
-    """Every descendant of pid, from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {c for c, p in parents.items() if p in frontier} - found
-        found |= frontier
-    return found
 
 
 @pytest.fixture(scope="module")
