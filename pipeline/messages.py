@@ -53,6 +53,8 @@ class InferRequest(Message):
     audio: TensorRef | None = None      # [n] float32 PCM at sample_rate
     sample_rate: int = 16000
     features: TensorRef | None = None   # deprecated: one frame's [32,16,16], replicated
+    stream_offset: int = -1             # >= 0: a stream's frames start_frame_idx.., the audio
+                                        # being its 16 kHz samples from this one on
 
 
 class LoadModel(Message):

@@ -165,7 +165,7 @@ class Dispatcher:
                 model_id=req.model_id, batch_size=b, start_frame_idx=req.start_frame_idx,
                 output=refs["output"], visual=refs["visual"], build_visual=req.visual is None,
                 audio=refs.get("audio"), sample_rate=req.sample_rate,
-                features=refs.get("features"))))
+                features=refs.get("features"), stream_offset=req.stream_offset)))
             return await asyncio.wait_for(asyncio.shield(pending.future),
                                           deadline - time.monotonic())
         except (TimeoutError, asyncio.CancelledError):

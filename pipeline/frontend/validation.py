@@ -35,6 +35,7 @@ class ValidRequest:
     audio: np.ndarray | None      # float32 samples at sample_rate
     sample_rate: int
     features: np.ndarray | None   # deprecated: 8192 float32
+    stream_offset: int = -1       # a stream's batch: audio starts at this sample of the stream
 
 
 def _finite(values: np.ndarray) -> bool:

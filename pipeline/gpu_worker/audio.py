@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -326,3 +327,57 @@ def replicated_features(feature_bytes: bytes | memoryview, batch_size: int) -> n
         raise ValueError(f"batch_size must be >= 0, got {batch_size}")
     frame = np.frombuffer(feature_bytes, dtype="<f4").reshape(FRAME_FEATURE_SHAPE)
     return np.broadcast_to(frame.astype(np.float32), (batch_size, *FRAME_FEATURE_SHAPE)).copy()
+
+
+# ---------------------------------------------------------------- streaming
+
+# A stream's frames are those of the whole audio computed at once: frame i takes the
+# feature rows P[i-8 .. i+7] with P[p] = f[max(p - 1, 0)] (the reference's duplicated first
+# window), p < 0 giving zeros; window j starts at mel row int(80 j / 25). Frames are only
+# computed once every window they use lies before the end of the audio (a flushed stream
+# is padded with silence far enough for that), so the end clamp and the duplicated last
+# window never apply and a slice of the audio gives exactly the whole audio's values.
+
+_MEL_EXACT_FROM = 3  # rows 0..2 of a slice's mel see its start (pre-emphasis, padding)
+
+
+def stream_windows(first_frame: int, batch: int) -> tuple[int, int]:
+    """The encoder windows [lo, hi) that frames first_frame .. first_frame+batch-1 use."""
+    return max(0, first_frame - CONTEXT - 1), first_frame + batch + CONTEXT - 2
+
+
+def stream_samples(first_frame: int, batch: int) -> tuple[int, int]:
+    """The audio samples [lo, hi) those frames depend on; lo is a multiple of the hop."""
+    lo, hi = stream_windows(first_frame, batch)
+    first_row = int(MEL_FPS * lo / VIDEO_FPS)
+    last_row = int(MEL_FPS * (hi - 1) / VIDEO_FPS) + MEL_STEP - 1
+    slice_row = max(0, first_row - _MEL_EXACT_FROM)
+    return slice_row * HOP, last_row * HOP + N_FFT // 2
+
+
+def stream_frame_features(
+    encode: Callable[[np.ndarray], np.ndarray],
+    samples: np.ndarray,
+    offset: int,
+    first_frame: int,
+    batch: int,
+) -> np.ndarray:
+    """[B,32,16,16] features of frames first_frame.. of a stream, from 16 kHz `samples`
+    that start at sample `offset` of the stream and cover stream_samples(first_frame, B).
+
+    Equal to frame_features of the whole stream for these frames (see above).
+    """
+    need_lo, need_hi = stream_samples(first_frame, batch)
+    if offset % HOP or offset > need_lo or offset + len(samples) < need_hi:
+        raise ValueError(f"stream audio [{offset}, {offset + len(samples)}) does not cover "
+                         f"[{need_lo}, {need_hi}) hop-aligned")
+    mel = melspectrogram(samples[need_lo - offset : need_hi - offset])
+    lo, hi = stream_windows(first_frame, batch)
+    starts = np.array([int(MEL_FPS * j / VIDEO_FPS) for j in range(lo, hi)]) - need_lo // HOP
+    windows = sliding_window_view(mel, MEL_STEP, axis=0)[starts]  # [J, 80, 16]
+    encoded = encode(np.ascontiguousarray(windows[:, None], dtype=np.float32))
+    # frame i, row r (0..15): P[i - 8 + r] = f[max(i - 9 + r, 0)], zero where i - 8 + r < 0
+    p = np.arange(first_frame, first_frame + batch)[:, None] - CONTEXT + np.arange(2 * CONTEXT)
+    rows = encoded[np.maximum(p - 1, 0) - lo]
+    rows[p < 0] = 0.0
+    return rows.reshape(batch, *FRAME_FEATURE_SHAPE)

@@ -289,7 +289,11 @@ class GpuWorker:
         b = req.batch_size
         t0 = time.monotonic_ns()
         try:
-            if req.audio is not None:
+            if req.stream_offset >= 0 and req.audio is not None:
+                features = audio.stream_frame_features(
+                    self.encoder.encode, self._view(req.audio), req.stream_offset,
+                    req.start_frame_idx, b)
+            elif req.audio is not None:
                 samples = self._view(req.audio)
                 mel = audio.melspectrogram(samples, req.sample_rate)
                 encoded = self.encoder.encode(audio.mel_windows(mel))

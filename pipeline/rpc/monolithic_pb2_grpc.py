@@ -64,6 +64,11 @@ class MonolithicServiceStub:
                 request_serializer=monolithic__pb2.HealthRequest.SerializeToString,
                 response_deserializer=monolithic__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.StreamAudio = channel.stream_stream(
+                '/monolithic.MonolithicService/StreamAudio',
+                request_serializer=monolithic__pb2.StreamAudioRequest.SerializeToString,
+                response_deserializer=monolithic__pb2.StreamAudioResponse.FromString,
+                _registered_method=True)
 
 
 class MonolithicServiceServicer:
@@ -108,6 +113,14 @@ class MonolithicServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamAudio(self, request_iterator, context):
+        """Extension: live audio in, lip-synced frames out, with the semantics of the
+        WebSocket /audio endpoint (docs/streaming.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MonolithicServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +153,11 @@ def add_MonolithicServiceServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=monolithic__pb2.HealthRequest.FromString,
                     response_serializer=monolithic__pb2.HealthResponse.SerializeToString,
+            ),
+            'StreamAudio': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamAudio,
+                    request_deserializer=monolithic__pb2.StreamAudioRequest.FromString,
+                    response_serializer=monolithic__pb2.StreamAudioResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +322,33 @@ class MonolithicService:
             '/monolithic.MonolithicService/Health',
             monolithic__pb2.HealthRequest.SerializeToString,
             monolithic__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamAudio(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/monolithic.MonolithicService/StreamAudio',
+            monolithic__pb2.StreamAudioRequest.SerializeToString,
+            monolithic__pb2.StreamAudioResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -400,3 +400,43 @@ def test_any_length_and_batch_size_gives_finite_features(n: int) -> None:
         assert frames.shape == (b, 32, 16, 16) and frames.dtype == np.float32
         assert np.isfinite(frames).all()
         assert np.array_equal(frames[0, 16:18].ravel(), encoded[0])  # row 8 of frame 0 is f0
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def _fake_encoder(windows: np.ndarray) -> np.ndarray:
+    """A deterministic stand-in [N,1,80,16] -> [N,512] that depends on every value."""
+    flat = windows.reshape(len(windows), -1).astype(np.float64)
+    weights = np.sin(np.arange(flat.shape[1] * 4, dtype=np.float64)).reshape(flat.shape[1], 4)
+    return np.repeat(flat @ weights, 128, axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize("batches", [[1] * 9, [3, 5, 7, 11, 2], [32, 20], [8] * 6])
+def test_streamed_features_equal_the_whole_audio_at_once(speech: np.ndarray, batches: list[int]) -> None:
+    """Frames computed batch by batch from audio slices equal those of the whole audio."""
+    frames = sum(batches)
+    whole = np.zeros((frames + 15) * 640, np.float32)  # flushed: padded with silence
+    n = min(len(speech), frames * 640 - 123)
+    whole[:n] = speech[20000 : 20000 + n]
+    expected = audio.frame_features(
+        _fake_encoder(audio.mel_windows(audio.melspectrogram(whole))), frames)
+    first = 0
+    for b in batches:
+        lo, hi = audio.stream_samples(first, b)
+        offset = lo - 200 * (first % 3)  # any hop-aligned start at or before lo works
+        offset = max(0, offset)
+        got = audio.stream_frame_features(_fake_encoder, whole[offset:hi + 7], offset, first, b)
+        np.testing.assert_array_equal(got, expected[first : first + b])
+        first += b
+
+
+def test_stream_frame_features_refuses_audio_that_does_not_cover_its_frames() -> None:
+    """A slice missing samples the frames need is an error, not wrong frames."""
+    lo, hi = audio.stream_samples(40, 4)
+    samples = np.zeros(hi - lo, np.float32)
+    audio.stream_frame_features(_fake_encoder, samples, lo, 40, 4)
+    with pytest.raises(ValueError, match="does not cover"):
+        audio.stream_frame_features(_fake_encoder, samples[:-1], lo, 40, 4)
+    with pytest.raises(ValueError, match="does not cover"):
+        audio.stream_frame_features(_fake_encoder, samples, lo + 200, 40, 4)

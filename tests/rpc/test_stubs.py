@@ -79,7 +79,8 @@ def _repeated(field: F) -> bool:
 def test_committed_stubs_equal_a_fresh_regeneration(tmp_path: Path) -> None:
     """pipeline/rpc/*_pb2*.py are byte for byte what generate() writes from proto/ now."""
     written = generate.generate(tmp_path)
-    assert sorted(p.name for p in written) == ["monolithic_pb2.py", "monolithic_pb2_grpc.py"]
+    assert sorted(p.name for p in written) == ["inference_pb2.py", "inference_pb2_grpc.py",
+                                               "monolithic_pb2.py", "monolithic_pb2_grpc.py"]
     for fresh in written:
         committed = generate.STUB_DIR / fresh.name
         assert committed.read_bytes() == fresh.read_bytes(), (
@@ -155,3 +156,17 @@ def test_seed_method_paths_are_served() -> None:
             assert (reply.healthy, list(reply.gpu_ids)) == (True, [0, 1])
     finally:
         server.stop(None)
+
+
+def test_inference_service_keeps_the_seed_fields() -> None:
+    """InferenceService/AudioRequest/AudioResponse: the seed's names and numbers, + frames = 5."""
+    from pipeline.rpc import inference_pb2
+
+    service = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
+    assert service.full_name == "InferenceService"
+    assert [m.name for m in service.methods] == ["ProcessAudio"]
+    fields = {m: {f.name: f.number for f in inference_pb2.DESCRIPTOR.message_types_by_name[m].fields}
+              for m in ("AudioRequest", "AudioResponse")}
+    assert fields["AudioRequest"] == {"client_id": 1, "audio_chunks": 2, "timestamp": 3}
+    assert fields["AudioResponse"] == {"client_id": 1, "result": 2, "status_code": 3,
+                                       "message": 4, "frames": 5}
