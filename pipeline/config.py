@@ -61,6 +61,25 @@ class CompositorConfig:
     pool_size: int = 2               # compositor processes (paste + JPEG)
 
 
+LOCAL_ORIGINS = ("http://localhost", "http://localhost:*", "https://localhost",
+                 "https://localhost:*", "http://127.0.0.1", "http://127.0.0.1:*",
+                 "https://127.0.0.1", "https://127.0.0.1:*", "http://[::1]:*")
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    default_model: str = ""           # model of a session that names none ("" = first configured)
+    # a browser Origin must match one of these (fnmatch patterns); no Origin header (a
+    # non-browser client) is accepted
+    allowed_origins: tuple[str, ...] = LOCAL_ORIGINS
+    max_clients: int = 100            # MAX_CLIENTS overrides; beyond it the handshake is refused
+    batch_size: int = 10              # BATCH_SIZE overrides: audio messages per logged batch
+    flush_timeout_s: float = 2.0      # FLUSH_TIMEOUT overrides ("2s", "500ms"): silence -> flush
+    max_message_bytes: int = 1 << 20  # one audio message
+    rate_limit_messages_per_s: float = 200.0  # per client, with a burst of 2 s worth
+    send_timeout_s: float = 5.0       # a client that does not take a frame by then is closed
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     dir: Path = Path("/tmp/lipsync")  # ipc:// sockets live here
@@ -95,7 +114,12 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     compositor: CompositorConfig = field(default_factory=CompositorConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
     models: dict[str, ModelConfig] = field(default_factory=dict)
+
+    @property
+    def default_model(self) -> str:
+        return self.streaming.default_model or next(iter(self.models), "")
 
     @property
     def jpeg_quality(self) -> int:
@@ -127,7 +151,7 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     """Validate a parsed YAML mapping into a Config."""
     raw = _mapping("(top level)", raw)
     _known("(top level)", raw, {"server", "gpus", "capacity", "output", "compositor", "runtime",
-                                "models_root", "audio_encoder_path", "models"})
+                                "streaming", "models_root", "audio_encoder_path", "models"})
     models_root = (base_dir / _str("models_root", raw.get("models_root", "models"))).resolve()
     server = _section(ServerConfig, "server", raw.get("server"), base_dir)
     gpus = _section(GpusConfig, "gpus", raw.get("gpus"), base_dir)
@@ -135,6 +159,7 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     output = _section(OutputConfig, "output", raw.get("output"), base_dir)
     compositor = _section(CompositorConfig, "compositor", raw.get("compositor"), base_dir)
     runtime = _section(RuntimeConfig, "runtime", raw.get("runtime"), base_dir)
+    streaming = _section(StreamingConfig, "streaming", raw.get("streaming"), base_dir)
 
     _check("server.port", 1 <= server.port <= 65535, "must be a port number 1-65535")
     _check("server.ws_port", 1 <= server.ws_port <= 65535, "must be a port number 1-65535")
@@ -157,6 +182,14 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     _check("runtime.heartbeat_s", 0 < runtime.heartbeat_s <= 10, "must be in (0, 10]")
     _check("runtime.start_timeout_s", runtime.start_timeout_s > 0, "must be > 0")
 
+    _check("streaming.max_clients", streaming.max_clients >= 1, "must be >= 1")
+    _check("streaming.batch_size", streaming.batch_size >= 1, "must be >= 1")
+    _check("streaming.flush_timeout_s", streaming.flush_timeout_s > 0, "must be > 0")
+    _check("streaming.max_message_bytes", streaming.max_message_bytes >= 1024, "must be >= 1024")
+    _check("streaming.rate_limit_messages_per_s", streaming.rate_limit_messages_per_s > 0,
+           "must be > 0")
+    _check("streaming.send_timeout_s", streaming.send_timeout_s > 0, "must be > 0")
+
     models_raw = _mapping("models", raw.get("models") or {})
     models = {str(mid): _model(str(mid), spec, models_root) for mid, spec in models_raw.items()}
     for mid, model in models.items():
@@ -164,9 +197,11 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
                f"must be -1 or a GPU index below gpus.count ({gpus.count})")
     encoder = _path("audio_encoder_path", raw.get("audio_encoder_path", "audio_encoder.onnx"),
                     models_root)
+    _check("streaming.default_model", not streaming.default_model
+           or streaming.default_model in models, "must be one of the configured models")
     return Config(path=path, models_root=models_root, audio_encoder_path=encoder, server=server,
                   gpus=gpus, capacity=capacity, output=output, compositor=compositor,
-                  runtime=runtime, models=models)
+                  runtime=runtime, streaming=streaming, models=models)
 
 
 _MODEL_KEYS = {"model_path", "background_dir", "crop_rects_path", "num_frames", "source_video",
@@ -217,6 +252,10 @@ def _section(cls: type, name: str, raw: Any, base_dir: Path) -> Any:
             values[key] = _int(where, value)
         elif isinstance(default, float):
             values[key] = _float(where, value)
+        elif isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+            values[key] = tuple(value)
         elif isinstance(default, Path):
             values[key] = (base_dir / _str(where, value)).resolve()
         else:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 
 from pipeline.frontend.dispatcher import Dispatcher, Failed, Overloaded, Unavailable
 from pipeline.frontend.models import ModelManager
+from pipeline.frontend.stream_rpc import StreamRpc
 from pipeline.frontend.validation import InvalidRequest, validate
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
@@ -25,10 +27,18 @@ STATES = {"unloaded": pb.MODEL_STATE_UNLOADED, "loading": pb.MODEL_STATE_LOADING
 
 
 class MonolithicService(pb_grpc.MonolithicServiceServicer):
-    def __init__(self, dispatcher: Dispatcher, models: ModelManager) -> None:
+    def __init__(self, dispatcher: Dispatcher, models: ModelManager, streams: StreamRpc) -> None:
         self.dispatcher = dispatcher
         self.models = models
+        self.streams = streams
         self.cfg = dispatcher.cfg
+
+    async def StreamAudio(self, request_iterator: AsyncIterator[pb.StreamAudioRequest],
+                          context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[pb.StreamAudioResponse]:
+        # grpc.aio recognises a streaming handler by it being an async generator itself
+        async for response in self.streams.stream_audio(request_iterator, context):
+            yield response
 
     async def InferBatchComposite(self, request: pb.CompositeBatchRequest,
                                   context: grpc.aio.ServicerContext) -> pb.CompositeBatchResponse:

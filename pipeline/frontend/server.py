@@ -12,7 +12,9 @@ from pipeline.config import Config
 from pipeline.frontend.dispatcher import Dispatcher
 from pipeline.frontend.grpc_service import MonolithicService
 from pipeline.frontend.models import ModelManager
+from pipeline.frontend.stream_rpc import InferenceService, StreamRpc
 from pipeline.process import Readiness, run_role
+from pipeline.rpc import inference_pb2_grpc as ipb_grpc
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -48,9 +50,11 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
         await dispatcher.wait_for_roles(cfg.runtime.start_timeout_s)
         await preload(cfg, models)
         models.start()
+        streams = StreamRpc(cfg, models)
         server = grpc.aio.server(options=grpc_options(cfg))
-        pb_grpc.add_MonolithicServiceServicer_to_server(MonolithicService(dispatcher, models),
-                                                        server)
+        pb_grpc.add_MonolithicServiceServicer_to_server(
+            MonolithicService(dispatcher, models, streams), server)
+        ipb_grpc.add_InferenceServiceServicer_to_server(InferenceService(streams), server)
         address = f"{cfg.server.host}:{cfg.server.port}"
         server.add_insecure_port(address)
         await server.start()

@@ -1,0 +1,180 @@
+"""Streaming over gRPC: MonolithicService.StreamAudio (bidirectional, the WebSocket's
+semantics for gRPC-native clients) and the seed's InferenceService.ProcessAudio."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pipeline.config import Config, StreamingConfig
+from pipeline.frontend.models import ModelManager
+from pipeline.frontend.streaming import AudioFormat, StreamError, StreamSession
+from pipeline.rpc import inference_pb2 as ipb
+from pipeline.rpc import inference_pb2_grpc as ipb_grpc
+from pipeline.rpc import monolithic_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+OUTBOX = 64  # responses buffered per stream before the producer waits for the client
+
+
+def streaming_settings(cfg: Config) -> StreamingConfig:
+    """The config's streaming section with the seed's environment variables applied."""
+    import dataclasses
+
+    s = cfg.streaming
+    env = os.environ
+    try:
+        if "BATCH_SIZE" in env:
+            s = dataclasses.replace(s, batch_size=int(env["BATCH_SIZE"]))
+        if "MAX_CLIENTS" in env:
+            s = dataclasses.replace(s, max_clients=int(env["MAX_CLIENTS"]))
+        if "FLUSH_TIMEOUT" in env:
+            s = dataclasses.replace(s, flush_timeout_s=parse_duration(env["FLUSH_TIMEOUT"]))
+    except ValueError as exc:
+        raise ValueError(f"bad streaming environment variable: {exc}") from exc
+    if s.batch_size < 1 or s.max_clients < 1 or s.flush_timeout_s <= 0:
+        raise ValueError("BATCH_SIZE and MAX_CLIENTS must be >= 1, FLUSH_TIMEOUT > 0")
+    return s
+
+
+def parse_duration(text: str) -> float:
+    """Go-style durations as the seed takes them: "2s", "500ms", "1.5s", "1m"; bare seconds."""
+    text = text.strip()
+    for suffix, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale
+    return float(text)
+
+
+class StreamRpc:
+    def __init__(self, cfg: Config, models: ModelManager) -> None:
+        self.cfg = cfg
+        self.models = models
+        self.settings = streaming_settings(cfg)
+
+    def session(self, client_id: str, model_id: str, fmt: AudioFormat, outbox: asyncio.Queue,
+                ) -> StreamSession:
+        timeout = self.settings.send_timeout_s
+
+        async def put(item: object) -> None:
+            try:
+                await asyncio.wait_for(outbox.put(item), timeout)
+            except TimeoutError:
+                raise StreamError(f"client did not take frames for {timeout:.0f} s") from None
+
+        async def send_frame(index: int, pts_us: int, jpeg: bytes) -> None:
+            await put(pb.StreamAudioResponse(frame=pb.StreamFrame(
+                frame_index=index, pts_us=pts_us, jpeg=jpeg)))
+
+        async def send_status(status: dict) -> None:
+            await put(pb.StreamAudioResponse(status_json=json.dumps(status)))
+
+        return StreamSession(self.cfg, self.models, client_id, model_id, fmt, send_frame,
+                             send_status, self.settings.batch_size, self.settings.flush_timeout_s)
+
+    async def stream_audio(self, requests: AsyncIterator[pb.StreamAudioRequest],
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamAudioResponse]:
+        outbox: asyncio.Queue = asyncio.Queue(OUTBOX)
+        first = await anext(aiter(requests), None)
+        config = first.config if first is not None and first.HasField("config") else pb.StreamConfig()
+        try:
+            fmt = AudioFormat(config.format or "s16le", config.sample_rate or 16000)
+            session = self.session(config.client_id, config.model_id or self.cfg.default_model,
+                                   fmt, outbox)
+        except StreamError as exc:
+            yield pb.StreamAudioResponse(status_json=json.dumps({"type": "error", "message": str(exc)}))
+            return
+        log.info("client %s connected (grpc stream, model %s)", session.client_id, session.model_id)
+        session.start()
+        await outbox.put(pb.StreamAudioResponse(status_json=json.dumps(self.ready_status(session))))
+
+        async def read() -> None:
+            async def all_requests() -> AsyncIterator[pb.StreamAudioRequest]:
+                if first is not None and not first.HasField("config"):
+                    yield first
+                async for r in requests:
+                    yield r
+            try:
+                async for r in all_requests():
+                    kind = r.WhichOneof("message")
+                    if kind == "audio":
+                        await session.feed(r.audio)
+                    elif kind == "control" and r.control == pb.STREAM_CONTROL_FLUSH:
+                        await session.flush()
+                    elif kind == "control" and r.control == pb.STREAM_CONTROL_CANCEL:
+                        await session.cancel()
+                    elif kind == "config":
+                        raise StreamError("config is only accepted as the first message")
+                await session.flush()  # the client half-closed: render what it sent
+                await session.wait_flushed()
+            except StreamError as exc:
+                await outbox.put(pb.StreamAudioResponse(
+                    status_json=json.dumps({"type": "error", "message": str(exc)})))
+            await outbox.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await outbox.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            await session.close()
+            log.info("client %s disconnected (grpc stream, %d frames)", session.client_id,
+                     session.frames_sent)
+
+    def ready_status(self, session: StreamSession) -> dict:
+        return {"type": "ready", "client_id": session.client_id, "model": session.model_id,
+                "fps": 25, "sample_rate": session.decoder.fmt.sample_rate,
+                "format": session.decoder.fmt.encoding}
+
+
+class InferenceService(ipb_grpc.InferenceServiceServicer):
+    """The seed's ProcessAudio: a whole utterance (s16le 16 kHz chunks) in, frames out."""
+
+    def __init__(self, streams: StreamRpc) -> None:
+        self.streams = streams
+
+    async def ProcessAudio(self, request: ipb.AudioRequest,
+                           context: grpc.aio.ServicerContext) -> ipb.AudioResponse:
+        t0 = time.perf_counter()
+        frames: list[bytes] = []
+        outbox: asyncio.Queue = asyncio.Queue()
+        client_id = request.client_id
+        if not request.audio_chunks:
+            return ipb.AudioResponse(client_id=client_id, status_code=400,
+                                     message="audio_chunks is empty", result=json.dumps({"frames": 0}))
+        try:
+            session = self.streams.session(client_id, self.streams.cfg.default_model,
+                                           AudioFormat(), outbox)
+        except StreamError as exc:
+            return ipb.AudioResponse(client_id=client_id, status_code=400, message=str(exc),
+                                     result=json.dumps({"frames": 0}))
+        session.start()
+        try:
+            for chunk in request.audio_chunks:
+                await session.feed(chunk)
+            await session.flush()
+            await session.wait_flushed()
+        except StreamError as exc:
+            return ipb.AudioResponse(client_id=session.client_id, status_code=503,
+                                     message=str(exc), result=json.dumps({"frames": 0}))
+        finally:
+            await session.close()
+        while not outbox.empty():
+            item = outbox.get_nowait()
+            if item.WhichOneof("message") == "frame":
+                frames.append(item.frame.jpeg)
+        seconds = session.received / 16000
+        summary = {"client_id": session.client_id, "model": session.model_id,
+                   "chunks": len(request.audio_chunks), "audio_seconds": round(seconds, 3),
+                   "frames": len(frames), "fps": 25,
+                   "processing_ms": round((time.perf_counter() - t0) * 1e3, 1)}
+        return ipb.AudioResponse(client_id=session.client_id, result=json.dumps(summary),
+                                 status_code=200, message="ok", frames=frames)
