@@ -13,6 +13,7 @@ from pipeline.frontend.dispatcher import Dispatcher
 from pipeline.frontend.grpc_service import MonolithicService
 from pipeline.frontend.models import ModelManager
 from pipeline.frontend.stream_rpc import InferenceService, StreamRpc
+from pipeline.frontend.websocket import AudioSocketServer
 from pipeline.process import Readiness, run_role
 from pipeline.rpc import inference_pb2_grpc as ipb_grpc
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
@@ -45,6 +46,7 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
     dispatcher = Dispatcher(cfg)
     models = ModelManager(cfg, dispatcher)
     server: grpc.aio.Server | None = None
+    sockets: AudioSocketServer | None = None
     try:
         await dispatcher.start()
         await dispatcher.wait_for_roles(cfg.runtime.start_timeout_s)
@@ -59,11 +61,15 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
         server.add_insecure_port(address)
         await server.start()
         log.info("serving monolithic.MonolithicService on %s", address)
+        sockets = AudioSocketServer(cfg, models)
+        await sockets.start()
         readiness.ready()
         while not stop.is_set():
             await asyncio.sleep(0.1)
         log.info("stopping: finishing in-flight requests (grace %.0f s)", SHUTDOWN_GRACE_S)
     finally:
+        if sockets is not None:
+            await sockets.close()
         if server is not None:
             await server.stop(SHUTDOWN_GRACE_S)
         await models.close()

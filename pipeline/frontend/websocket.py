@@ -1,0 +1,188 @@
+"""The seed's live audio socket: `ws://host:8080/audio` (docs/streaming.md).
+
+Handshake checks (before the upgrade): path (404), upgrade (400), browser Origin against
+the allowlist (403), MAX_CLIENTS (503), model and audio format (404 / 400). Then binary
+messages are audio, text messages are JSON controls ({"type": "flush"} / {"type":
+"cancel"}); frames go back as binary messages (a 16-byte header + the JPEG), status and
+errors as JSON text messages.
+"""
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+import logging
+import struct
+import time
+import uuid
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from pipeline.config import Config
+from pipeline.frontend.models import ModelManager
+from pipeline.frontend.stream_rpc import streaming_settings
+from pipeline.frontend.streaming import AudioFormat, StreamError, StreamSession
+
+log = logging.getLogger(__name__)
+
+# A frame message: magic, frame index, media timestamp (us on the audio clock), then JPEG.
+FRAME_HEADER = struct.Struct("<4sIQ")
+FRAME_MAGIC = b"LSF0"
+
+
+def frame_message(index: int, pts_us: int, jpeg: bytes) -> bytes:
+    return FRAME_HEADER.pack(FRAME_MAGIC, index, pts_us) + jpeg
+
+
+def parse_frame_message(message: bytes) -> tuple[int, int, bytes]:
+    """(frame index, pts in us, JPEG) of a frame message (for clients and tests)."""
+    magic, index, pts_us = FRAME_HEADER.unpack_from(message)
+    if magic != FRAME_MAGIC:
+        raise ValueError("not a frame message")
+    return index, pts_us, message[FRAME_HEADER.size:]
+
+
+class RateLimit:
+    """Token bucket: `rate` messages per second with a burst of two seconds' worth."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.capacity = rate, 2 * rate
+        self.tokens, self.at = self.capacity, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class AudioSocketServer:
+    def __init__(self, cfg: Config, models: ModelManager) -> None:
+        self.cfg = cfg
+        self.models = models
+        self.settings = streaming_settings(cfg)
+        self.sessions: dict[str, StreamSession] = {}
+        self.server: Server | None = None
+
+    async def start(self) -> None:
+        self.server = await serve(
+            self._handle, self.cfg.server.host, self.cfg.server.ws_port,
+            process_request=self._check_handshake, max_size=self.settings.max_message_bytes,
+            compression=None, server_header="lipsync")
+        log.info("serving WebSocket /audio on %s:%d", self.cfg.server.host, self.cfg.server.ws_port)
+
+    async def close(self, code: int = 1001) -> None:
+        """Stop accepting and close every session (1001: going away)."""
+        if self.server is not None:
+            self.server.close(close_connections=True)
+            await self.server.wait_closed()
+            self.server = None
+
+    # ---- handshake -------------------------------------------------------------------
+
+    def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        if url.path != "/audio":
+            return connection.respond(404, "Not Found\n")
+        if "websocket" not in request.headers.get("Upgrade", "").lower():
+            return connection.respond(400, "Bad Request: /audio takes a WebSocket upgrade\n")
+        origin = request.headers.get("Origin")
+        if origin is not None and not any(fnmatch.fnmatchcase(origin, pattern)
+                                          for pattern in self.settings.allowed_origins):
+            log.warning("refused a connection from origin %s", origin)
+            return connection.respond(403, "Forbidden: origin not allowed\n")
+        if len(self.sessions) >= self.settings.max_clients:
+            return connection.respond(503, f"Service Unavailable: {self.settings.max_clients} "
+                                           "clients connected (MAX_CLIENTS)\n")
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        model = query.get("model") or request.headers.get("X-Model-ID") or self.cfg.default_model
+        if model not in self.cfg.models:
+            return connection.respond(404, f"Not Found: model '{model}' is not configured\n")
+        try:
+            AudioFormat(query.get("format", "s16le"), int(query.get("rate", 16000)))
+        except (StreamError, ValueError) as exc:
+            return connection.respond(400, f"Bad Request: {exc}\n")
+        return None
+
+    # ---- a session -------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        request = ws.request
+        assert request is not None
+        query = {k: v[-1] for k, v in parse_qs(urlsplit(request.path).query).items()}
+        client_id = request.headers.get("X-Client-ID") or str(uuid.uuid4())
+        model = query.get("model") or request.headers.get("X-Model-ID") or self.cfg.default_model
+        fmt = AudioFormat(query.get("format", "s16le"), int(query.get("rate", 16000)))
+        timeout = self.settings.send_timeout_s
+
+        async def send(message: bytes | str) -> None:
+            try:
+                await asyncio.wait_for(ws.send(message), timeout)
+            except TimeoutError:
+                # a slow consumer is closed, not buffered without bound
+                ws.transport.abort()
+                raise StreamError(f"client did not take a message for {timeout:.0f} s") from None
+            except ConnectionClosed:
+                raise StreamError("connection closed") from None
+
+        async def send_frame(index: int, pts_us: int, jpeg: bytes) -> None:
+            await send(frame_message(index, pts_us, jpeg))
+
+        async def send_status(status: dict) -> None:
+            await send(json.dumps(status))
+
+        session = StreamSession(self.cfg, self.models, client_id, model, fmt, send_frame,
+                                send_status, self.settings.batch_size,
+                                self.settings.flush_timeout_s)
+        key = f"{client_id}#{id(ws)}"
+        self.sessions[key] = session
+        log.info("client %s connected", client_id)
+        limit = RateLimit(self.settings.rate_limit_messages_per_s)
+        session.start()
+        try:
+            await send_status({"type": "ready", "client_id": client_id, "model": model,
+                               "fps": 25, "sample_rate": fmt.sample_rate,
+                               "format": fmt.encoding})
+            async for message in ws:
+                if not limit.take():
+                    await send_status({"type": "error", "message": "rate limit exceeded"})
+                    await ws.close(1008, "rate limit exceeded")
+                    break
+                if isinstance(message, bytes):
+                    await session.feed(message)
+                else:
+                    await self._control(session, message, send_status)
+        except StreamError as exc:
+            log.error("audio read error: client=%s: %s", client_id, exc)
+            try:
+                if session.error is None:  # else the session has reported it already
+                    await send_status({"type": "error", "message": str(exc)})
+                await ws.close(1011, str(exc)[:120])
+            except (StreamError, ConnectionClosed):
+                pass
+        except ConnectionClosed:
+            pass
+        finally:
+            await session.close()
+            self.sessions.pop(key, None)
+            log.info("client %s disconnected", client_id)
+
+    @staticmethod
+    async def _control(session: StreamSession, text: str, send_status) -> None:
+        try:
+            kind = json.loads(text).get("type")
+        except (ValueError, AttributeError):
+            kind = None
+        if kind == "flush":
+            await session.flush()
+        elif kind == "cancel":
+            await session.cancel()
+        else:
+            await send_status({"type": "error", "message": "unknown message: expected "
+                                                           '{"type": "flush"} or {"type": "cancel"}'})
