@@ -1,4 +1,4 @@
-"""The `lipsync` command: serve, demo-assets, prepare-avatar, bench."""
+"""The `lipsync` command: serve, demo-assets, prepare-avatar, render, bench."""
 from __future__ import annotations
 
 import argparse
@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.prepare_avatar import register as register_prepare_avatar
 
     register_prepare_avatar(sub)
+
+    from pipeline.render import register as register_render
+
+    register_render(sub)
 
     bench = with_config(sub.add_parser("bench", help="measure frames/s and latency"))
     bench.add_argument("--address", help="a running server (host:port); default: start one")

@@ -1,0 +1,325 @@
+"""`lipsync bench --stream`: S concurrent WebSocket `/audio` sessions, each sending T seconds
+of speech-like s16le 16 kHz audio at real-time pace, and what a live client sees.
+
+Each session connects to `ws://HOST:PORT/audio?model=ID` (header `X-Client-ID: bench-<i>`),
+waits for "ready", then (all sessions together) sends one chunk of `chunk_ms` audio per
+`chunk_ms`, chunk k at t0 + k * chunk_ms on the monotonic clock (no drift from send times),
+then {"type": "flush"}, and reads until {"type": "flushed"}. Per session:
+
+- frames: frame messages received; N seconds of audio must give ceil(25 N).
+- fps (delivered): (frames - 1) / (t_last - t_first), arrival times of the first and last
+  frame: frames - 1 intervals over the span they took. The flush renders the last ~11
+  frames (their 450 ms look-ahead is the flush's silence) in one burst, so a server that
+  keeps up shows about 25 * T / (T - 0.45): 25.6 fps for T = 20 s, 29 for T = 3 s.
+- live_fps: the same rate over the frames rendered from live audio only (those whose every
+  sample was sent before the flush), without that burst: about 25 when the server keeps up.
+- first_frame_latency_ms: t(first frame) - t(first audio chunk sent). It includes the
+  model's look-ahead: frame 0 needs the first 450 ms of audio.
+- p99_gap_ms: p99 of the gaps between consecutive frame arrivals.
+- latency_ms_p99 (frame latency): arrival of frame i - send time of the chunk that
+  completed the last sample frame i needs (`stream_samples(i, 1)[1]`, exclusive end, on the
+  stream clock); for a frame whose last sample lies beyond the audio sent (rendered by the
+  flush) the flush's send time. This is the server's own delay, look-ahead excluded.
+- holds_25fps: every frame received and fps >= 24.5. The 2 % tolerance covers timing
+  noise only: the rate is taken between two single arrivals, each jittered by the
+  server's batching and by this client's event-loop wake-ups on a loaded machine (tens of
+  ms), while a server that cannot keep up falls behind by an amount growing with T.
+
+The client runs in this process, on the same machine as a server it starts itself.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from pipeline.gpu_worker.audio import stream_samples
+
+SAMPLE_RATE = 16000
+FPS = 25
+FRAME_SAMPLES = SAMPLE_RATE // FPS
+FRAME_US = 1_000_000 // FPS
+HOLD_FPS = 24.5               # holds_25fps threshold (see the module docstring)
+CONNECT_RETRY_S = 10.0        # a server just started may answer Health before /audio listens
+
+
+# ---- figures (pure: unit-tested on synthetic timestamps) ---------------------------------
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default); 0.0 for no values."""
+    return float(np.percentile(values, q)) if len(values) else 0.0
+
+
+def frame_need(index: int) -> int:
+    """The stream sample (exclusive end) frame `index` needs before it can be rendered."""
+    return stream_samples(index, 1)[1]
+
+
+def completing_chunk(need: int, chunk_samples: int) -> int:
+    """Index of the chunk that completes samples [0, need): chunk k holds
+    [k * chunk_samples, (k + 1) * chunk_samples)."""
+    return max(0, -(-need // chunk_samples) - 1)
+
+
+def frame_latencies_ms(arrivals: Sequence[tuple[int, float]], send_times: Sequence[float],
+                       chunk_samples: int, total_samples: int,
+                       flush_time: float | None) -> list[float]:
+    """Per received frame (index, arrival time): arrival - send time of the chunk that
+    completed its last needed sample, or the flush's send time when that sample lies
+    beyond the audio sent. Frames with no reference time (not possible from a correct
+    server) are left out."""
+    out = []
+    for index, arrived in arrivals:
+        need = frame_need(index)
+        k = completing_chunk(need, chunk_samples)
+        if need <= total_samples and k < len(send_times):
+            ref = send_times[k]
+        elif flush_time is not None:
+            ref = flush_time
+        else:
+            continue
+        out.append((arrived - ref) * 1e3)
+    return out
+
+
+@dataclass
+class SessionLog:
+    """What one session saw, in monotonic seconds."""
+    session: int
+    total_samples: int
+    chunk_samples: int
+    send_times: list[float] = field(default_factory=list)
+    flush_time: float | None = None
+    arrivals: list[tuple[int, float]] = field(default_factory=list)   # (frame index, time)
+    errors: list[str] = field(default_factory=list)
+    flushed: bool = False
+
+    @property
+    def expected_frames(self) -> int:
+        return math.ceil(self.total_samples / FRAME_SAMPLES)
+
+
+def summarize(log: SessionLog) -> dict[str, object]:
+    """The per-session figures of the module docstring."""
+    frames = len(log.arrivals)
+    times = [t for _, t in log.arrivals]
+    span = times[-1] - times[0] if frames > 1 else 0.0
+    fps = (frames - 1) / span if span > 0 else 0.0
+    live = [t for i, t in log.arrivals if frame_need(i) <= log.total_samples]
+    live_span = live[-1] - live[0] if len(live) > 1 else 0.0
+    live_fps = (len(live) - 1) / live_span if live_span > 0 else 0.0
+    gaps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+    latencies = frame_latencies_ms(log.arrivals, log.send_times, log.chunk_samples,
+                                   log.total_samples, log.flush_time)
+    first = (times[0] - log.send_times[0]) * 1e3 if frames and log.send_times else 0.0
+    complete = frames == log.expected_frames and log.flushed
+    return {
+        "session": log.session,
+        "client_id": f"bench-{log.session}",
+        "frames": frames,
+        "expected_frames": log.expected_frames,
+        "fps": round(fps, 2),
+        "live_fps": round(live_fps, 2),
+        "first_frame_latency_ms": round(first, 1),
+        "p99_gap_ms": round(percentile(gaps, 99), 1),
+        "max_gap_ms": round(max(gaps, default=0.0), 1),
+        "latency_ms_p50": round(percentile(latencies, 50), 1),
+        "latency_ms_p99": round(percentile(latencies, 99), 1),
+        "latency_ms_max": round(max(latencies, default=0.0), 1),
+        "holds_25fps": bool(complete and fps >= HOLD_FPS and not log.errors),
+        "errors": list(log.errors),
+    }
+
+
+def aggregate(per_session: list[dict], sessions: int, seconds: float,
+              chunk_ms: float) -> dict[str, object]:
+    return {
+        "sessions": sessions,
+        "seconds": seconds,
+        "per_session": per_session,
+        "min_fps": min((s["fps"] for s in per_session), default=0.0),
+        "max_p99_latency_ms": max((s["latency_ms_p99"] for s in per_session), default=0.0),
+        "max_p99_gap_ms": max((s["p99_gap_ms"] for s in per_session), default=0.0),
+        "all_hold_25fps": bool(per_session) and all(s["holds_25fps"] for s in per_session),
+        "chunk_ms": chunk_ms,
+        "min_live_fps": min((s["live_fps"] for s in per_session), default=0.0),
+        "max_first_frame_latency_ms": max((s["first_frame_latency_ms"] for s in per_session),
+                                          default=0.0),
+        "errors": sum(len(s["errors"]) for s in per_session),
+    }
+
+
+# ---- the client --------------------------------------------------------------------------
+
+def pcm_s16le(seconds: float, seed: int) -> bytes:
+    """`seconds` of speech-like audio as s16le 16 kHz mono bytes."""
+    from pipeline.bench import speech_like_audio
+
+    audio = speech_like_audio(seconds, SAMPLE_RATE, seed=seed)
+    return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
+
+async def _connect(url: str, client_id: str):
+    from websockets.asyncio.client import connect
+
+    deadline = time.monotonic() + CONNECT_RETRY_S
+    while True:
+        try:
+            return await connect(url, additional_headers={"X-Client-ID": client_id},
+                                 compression=None, max_size=None, proxy=None,
+                                 open_timeout=30, ping_interval=None)
+        except OSError:  # refused: not listening yet
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def _open(url: str, log: SessionLog):
+    """Connect and read "ready"; None (with the error logged) when that fails."""
+    try:
+        ws = await _connect(url, f"bench-{log.session}")
+    except Exception as exc:
+        log.errors.append(f"connect failed: {type(exc).__name__}: {exc}")
+        return None
+    try:
+        status = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        if status.get("type") != "ready":
+            raise ValueError(f"expected ready, got {status}")
+    except Exception as exc:
+        log.errors.append(f"no ready message: {type(exc).__name__}: {exc}")
+        await ws.close()
+        return None
+    return ws
+
+
+async def _receive(ws, log: SessionLog) -> None:
+    """Frames and status messages until "flushed" (or the connection ends)."""
+    from websockets.exceptions import ConnectionClosed
+
+    from pipeline.frontend.websocket import parse_frame_message
+
+    try:
+        async for message in ws:
+            arrived = time.monotonic()
+            if isinstance(message, bytes):
+                index, pts_us, _ = parse_frame_message(message)
+                expected = len(log.arrivals)
+                if index != expected or pts_us != index * FRAME_US:
+                    log.errors.append(f"frame {index} (pts {pts_us} us) arrived where frame "
+                                      f"{expected} was due")
+                log.arrivals.append((index, arrived))
+                continue
+            status = json.loads(message)
+            if status.get("type") == "error":
+                log.errors.append(f"server error: {status.get('message')}")
+            elif status.get("type") == "flushed":
+                log.flushed = True
+                if status.get("frames") != log.expected_frames:
+                    log.errors.append(f"flushed reports {status.get('frames')} frames, "
+                                      f"expected {log.expected_frames}")
+                return
+    except ConnectionClosed as exc:
+        log.errors.append(f"connection closed: {exc}")
+        return
+    log.errors.append("connection closed before 'flushed'")
+
+
+async def _stream(ws, log: SessionLog, pcm: bytes, chunk_s: float, t0: float,
+                  timeout_s: float) -> None:
+    """Send chunk k at t0 + k * chunk_s, then flush, and wait for "flushed"."""
+    receiver = asyncio.create_task(_receive(ws, log))
+    step = log.chunk_samples * 2
+    try:
+        for k in range(math.ceil(len(pcm) / step)):
+            delay = t0 + k * chunk_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if receiver.done():  # the server ended the session
+                break
+            log.send_times.append(time.monotonic())
+            await ws.send(pcm[k * step:(k + 1) * step])
+        if not receiver.done():
+            log.flush_time = time.monotonic()
+            await ws.send(json.dumps({"type": "flush"}))
+        await asyncio.wait_for(asyncio.shield(receiver), timeout_s)
+    except TimeoutError:
+        log.errors.append(f"no 'flushed' within {timeout_s:.0f} s of the flush")
+    except Exception as exc:
+        log.errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        receiver.cancel()
+        await asyncio.gather(receiver, return_exceptions=True)
+        await ws.close()
+
+
+async def drive_stream(url: str, sessions: int, seconds: float,
+                       chunk_ms: float = 40.0) -> list[SessionLog]:
+    """Run `sessions` concurrent sessions against `url`; their logs."""
+    chunk_samples = round(SAMPLE_RATE * chunk_ms / 1000)
+    total = int(seconds * SAMPLE_RATE)
+    logs = [SessionLog(i, total, chunk_samples) for i in range(sessions)]
+    pcms = [pcm_s16le(seconds, seed=i) for i in range(sessions)]
+    # everyone connected and ready first, then all start on one clock
+    conns = await asyncio.gather(*(_open(url, log) for log in logs))
+    t0 = time.monotonic() + 0.05
+    timeout_s = max(30.0, 2 * seconds)
+    await asyncio.gather(*(_stream(ws, log, pcm, chunk_samples / SAMPLE_RATE, t0, timeout_s)
+                           for ws, log, pcm in zip(conns, logs, pcms) if ws is not None))
+    return logs
+
+
+def stream_url(address: str, model: str) -> str:
+    base = address if address.startswith(("ws://", "wss://")) else f"ws://{address}"
+    return f"{base.rstrip('/')}/audio?model={quote(model)}"
+
+
+def _table(result: dict) -> str:
+    head = (f"{'session':>7} {'frames':>9} {'fps':>6} {'live':>6} {'first ms':>9} "
+            f"{'p99 gap':>8} {'lat p50':>8} {'lat p99':>8} {'lat max':>8}  holds")
+    lines = [f"{result['sessions']} sessions x {result['seconds']} s of audio, "
+             f"{result['chunk_ms']} ms chunks at real-time pace", head]
+    for s in result["per_session"]:
+        lines.append(f"{s['session']:>7} {s['frames']:>4}/{s['expected_frames']:<4} "
+                     f"{s['fps']:>6.2f} {s['live_fps']:>6.2f} {s['first_frame_latency_ms']:>9.1f} "
+                     f"{s['p99_gap_ms']:>8.1f} {s['latency_ms_p50']:>8.1f} "
+                     f"{s['latency_ms_p99']:>8.1f} {s['latency_ms_max']:>8.1f}  "
+                     f"{'yes' if s['holds_25fps'] else 'NO'}")
+        lines.extend(f"        error: {e}" for e in s["errors"])
+    lines.append(f"min fps {result['min_fps']}  max p99 frame latency "
+                 f"{result['max_p99_latency_ms']} ms  max p99 gap {result['max_p99_gap_ms']} ms  "
+                 f"errors {result['errors']}  every session holds 25 fps: "
+                 f"{'yes' if result['all_hold_25fps'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def run_stream_bench(args: argparse.Namespace) -> int:
+    """`lipsync bench --stream`: 0 when it ran (whether or not 25 fps held), 1 on errors."""
+    sessions = getattr(args, "sessions", 1)
+    seconds = getattr(args, "seconds", 20.0)
+    chunk_ms = getattr(args, "chunk_ms", 40.0)
+    model = getattr(args, "model", None) or "demo"
+    if sessions < 1 or seconds <= 0 or chunk_ms <= 0:
+        raise SystemExit("lipsync bench --stream: need --sessions >= 1, --seconds > 0, "
+                         "--chunk-ms > 0")
+    with ExitStack() as stack:
+        address = getattr(args, "address", None)
+        if address is None:
+            from pipeline.launcher import ServerProcess
+
+            log = Path(tempfile.mkdtemp(prefix="lipsync-bench-")) / "server.log"
+            server = stack.enter_context(ServerProcess(args.config, log_path=log))
+            address = f"127.0.0.1:{server.ws_port}"
+        logs = asyncio.run(drive_stream(stream_url(address, model), sessions, seconds, chunk_ms))
+    result = aggregate([summarize(log) for log in logs], sessions, seconds, chunk_ms)
+    print(json.dumps(result) if getattr(args, "json", False) else _table(result))
+    return 1 if result["errors"] else 0
