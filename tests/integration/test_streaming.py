@@ -5,6 +5,7 @@ import asyncio
 import json
 import math
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -257,11 +258,13 @@ def test_seed_log_lines(server) -> None:
             await stream(ws, pcm16(0.2))
 
     asyncio.run(run())
-    log = server.log_path.read_text()
-    for line in ("client logged connected", "batch ready: client=logged, chunks=",
-                 "batch sent to inference server: client=logged, chunks=",
-                 "client logged disconnected"):
-        assert line in log
+    lines = ("client logged connected", "batch ready: client=logged, chunks=",
+             "batch sent to inference server: client=logged, chunks=",
+             "client logged disconnected")
+    deadline = time.monotonic() + 5  # the server logs the disconnect after our close
+    while not all(line in server.log_path.read_text() for line in lines):
+        assert time.monotonic() < deadline, [l for l in lines if l not in server.log_path.read_text()]
+        time.sleep(0.05)
 
 
 def test_a_slow_consumer_is_closed_not_buffered(tmp_path: Path, models_root: Path) -> None:
