@@ -323,3 +323,23 @@ def run_stream_bench(args: argparse.Namespace) -> int:
     result = aggregate([summarize(log) for log in logs], sessions, seconds, chunk_ms)
     print(json.dumps(result) if getattr(args, "json", False) else _table(result))
     return 1 if result["errors"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.bench_stream`: the same options as `lipsync bench --stream`."""
+    from pipeline.config import DEFAULT_CONFIG_PATH
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench_stream", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    p.add_argument("--address", help="a running server's WebSocket host:port; default: start one")
+    p.add_argument("--model", default="demo")
+    p.add_argument("--sessions", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--chunk-ms", type=float, default=40.0)
+    p.add_argument("--json", action="store_true")
+    return run_stream_bench(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""The `lipsync` command: serve, demo-assets, prepare-avatar, render, bench."""
+"""The `lipsync` command: serve, role, demo-assets, prepare-avatar, render, bench."""
 from __future__ import annotations
 
 import argparse
@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.render import register as register_render
 
     register_render(sub)
+
+    from pipeline.roles import register as register_role
+
+    register_role(sub)
 
     bench = with_config(sub.add_parser("bench", help="measure frames/s and latency"))
     bench.add_argument("--address", help="a running server (host:port); default: start one")

@@ -34,6 +34,7 @@ class ServerConfig:
     ws_port: int = 8080              # WebSocket /audio port
     request_timeout_s: float = 60.0  # a request not answered by then fails with DEADLINE_EXCEEDED
     max_inflight_requests: int = 64  # admission bound; beyond it RESOURCE_EXHAUSTED
+    shutdown_grace_s: float = 5.0    # SIGTERM: in-flight work gets this long to finish
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     _check("server.max_message_size_mb", 1 <= server.max_message_size_mb <= 2047, "must be 1-2047")
     _check("server.request_timeout_s", server.request_timeout_s > 0, "must be > 0")
     _check("server.max_inflight_requests", server.max_inflight_requests >= 1, "must be >= 1")
+    _check("server.shutdown_grace_s", 0 <= server.shutdown_grace_s <= 60, "must be 0-60")
     _check("gpus.count", 1 <= gpus.count <= 64, "must be 1-64")
     _check("gpus.provider", gpus.provider in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu")
     _check("gpus.intra_op_threads", gpus.intra_op_threads >= 0, "must be >= 0")

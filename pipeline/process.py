@@ -1,5 +1,10 @@
 """The fixed prologue every role process runs: parent-death detection, process title,
 logging with a role prefix, readiness report, and "log and tell the parent" on failure.
+
+A role spawned by `lipsync serve` reports through its pipe; a role run on its own
+(`lipsync role ...`, a systemd unit) has no parent to tell or die with, and reports to
+systemd instead (sd_notify: READY=1, STATUS=, STOPPING=1, WATCHDOG=1) when it runs as a
+Type=notify service.
 """
 from __future__ import annotations
 
@@ -7,8 +12,10 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
@@ -64,17 +71,75 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-class Readiness:
-    """Tells whoever started this role that it is ready (or why it failed)."""
+def sd_notify(state: str) -> bool:
+    """Send one state datagram to systemd's $NOTIFY_SOCKET; False when there is none.
 
-    def __init__(self, conn: Connection | None) -> None:
+    The protocol of sd_notify(3), written out so that no dependency is needed: one
+    datagram of newline-separated KEY=VALUE lines to an AF_UNIX socket, whose name is in
+    the abstract namespace when it starts with '@'.
+    """
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address.startswith(("/", "@")):
+        return False
+    if address[0] == "@":
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.warning("sd_notify(%r) failed: %s", state.split("\n", 1)[0], exc)
+        return False
+    return True
+
+
+def watchdog_interval_s() -> float | None:
+    """Half of systemd's WatchdogSec= for this process (None when the watchdog is off)."""
+    usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+class Readiness:
+    """Tells whoever started this role that it is ready (or why it failed).
+
+    With a pipe (`lipsync serve`) the supervisor is told. Without one, and when systemd
+    started us as a Type=notify service ($NOTIFY_SOCKET), systemd is told, and when
+    WatchdogSec= is set a daemon thread pings WATCHDOG=1 every WATCHDOG_USEC/2 from the
+    start (start-up, which may load models for minutes, included) until the process ends.
+    """
+
+    def __init__(self, conn: Connection | None, role: str = "") -> None:
         self._conn = conn
+        self._role = role or "role"
+        self._systemd = conn is None and bool(os.environ.get("NOTIFY_SOCKET"))
+        interval = watchdog_interval_s() if self._systemd else None
+        if interval is not None:
+            threading.Thread(target=self._watchdog, args=(interval,), name="sd-watchdog",
+                             daemon=True).start()
 
     def ready(self) -> None:
         self._send(("ready", os.getpid()))
+        self._notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._role} serving")
 
     def failed(self, reason: str) -> None:
         self._send(("failed", reason))
+        self._notify(f"STATUS=failed: {reason}")
+
+    def stopping(self) -> None:
+        """Tell systemd that the stop it asked for is under way (no-op under a supervisor)."""
+        self._notify(f"STOPPING=1\nSTATUS={self._role} stopping")
+
+    def _notify(self, state: str) -> None:
+        if self._systemd:
+            sd_notify(state)
+
+    @staticmethod
+    def _watchdog(interval: float) -> None:
+        while True:  # a lost ping is systemd's to judge: keep pinging
+            sd_notify("WATCHDOG=1")
+            time.sleep(interval)
 
     def _send(self, message: tuple[str, object]) -> None:
         if self._conn is None:
@@ -92,15 +157,27 @@ def run_role(role: str, ready_conn: Connection | None,
     """Run a role's body under the common prologue; never returns normally with an error.
 
     `body(readiness, stop)` must call readiness.ready() once it serves, and return soon
-    after `stop` is set (SIGTERM). SIGINT is ignored: the supervisor orchestrates shutdown.
+    after `stop` is set (SIGTERM). Under a supervisor (`ready_conn` given) SIGINT is
+    ignored: the supervisor orchestrates shutdown. A role run on its own (`ready_conn`
+    None: `lipsync role`, a systemd unit) has no parent to die with — under systemd its
+    parent is pid 1, which die_with_parent would take for "orphaned" — and stops on
+    SIGINT as on SIGTERM.
     """
-    die_with_parent()
+    standalone = ready_conn is None
+    if not standalone:
+        die_with_parent()
     setproctitle.setproctitle(f"lipsync: {role}")
     setup_logging(role)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    readiness = Readiness(ready_conn)
+    readiness = Readiness(ready_conn, role)
+
+    def on_stop_signal(*_: object) -> None:
+        if not stop.is_set():
+            readiness.stopping()
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGINT, on_stop_signal if standalone else signal.SIG_IGN)
     try:
         body(readiness, stop)
     except Exception as exc:

@@ -24,7 +24,7 @@ from pipeline.shm.segment import sweep_stale_segments
 
 log = logging.getLogger(__name__)
 
-STOP_TIMEOUT_S = 8.0         # SIGTERM, then SIGKILL: all gone well within 10 s
+STOP_TIMEOUT_S = 4.0         # after the frontend's drain: SIGTERM, then SIGKILL
 BACKOFF_S = (0.5, 1, 2, 4, 8, 15, 30)
 STABLE_AFTER_S = 60.0        # a role up this long has its backoff reset
 
@@ -132,12 +132,17 @@ class Supervisor:
                     self._start(role)
 
     def _stop_all(self) -> None:
-        """Frontend first (stop accepting), then the rest; SIGKILL what outlives the timeout."""
+        """The frontend first (it drains: no new work, in-flight work finishes on the other
+        roles), then the rest; SIGKILL what outlives the timeout."""
         live = [r.process for r in reversed(self.roles) if r.process is not None]
-        for p in live:
+        frontend, rest = live[0], live[1:]
+        deadline = time.monotonic() + self.cfg.server.shutdown_grace_s + STOP_TIMEOUT_S
+        if frontend.is_alive():
+            os.kill(frontend.pid, signal.SIGTERM)
+            frontend.join(max(0.0, deadline - STOP_TIMEOUT_S + 1 - time.monotonic()))
+        for p in rest:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
         for p in live:
             p.join(max(0.0, deadline - time.monotonic()))
         for p in live:

@@ -7,6 +7,9 @@ import threading
 from multiprocessing.connection import Connection
 
 import grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from pipeline.config import Config
 from pipeline.frontend.dispatcher import Dispatcher
@@ -15,12 +18,13 @@ from pipeline.frontend.models import ModelManager
 from pipeline.frontend.stream_rpc import InferenceService, StreamRpc
 from pipeline.frontend.websocket import AudioSocketServer
 from pipeline.process import Readiness, run_role
+from pipeline.rpc import inference_pb2 as ipb
 from pipeline.rpc import inference_pb2_grpc as ipb_grpc
+from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_S = 5.0
 
 
 def run_frontend_process(cfg: Config, ready: Connection | None = None) -> None:
@@ -47,6 +51,8 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
     models = ModelManager(cfg, dispatcher)
     server: grpc.aio.Server | None = None
     sockets: AudioSocketServer | None = None
+    health = grpc_health.aio.HealthServicer()
+    watch: asyncio.Task[None] | None = None
     try:
         await dispatcher.start()
         await dispatcher.wait_for_roles(cfg.runtime.start_timeout_s)
@@ -57,23 +63,60 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
         pb_grpc.add_MonolithicServiceServicer_to_server(
             MonolithicService(dispatcher, models, streams), server)
         ipb_grpc.add_InferenceServiceServicer_to_server(InferenceService(streams), server)
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection(SERVICE_NAMES, server)
         address = f"{cfg.server.host}:{cfg.server.port}"
         server.add_insecure_port(address)
         await server.start()
+        watch = asyncio.create_task(follow_health(health, dispatcher))
         log.info("serving monolithic.MonolithicService on %s", address)
         sockets = AudioSocketServer(cfg, models)
         await sockets.start()
         readiness.ready()
         while not stop.is_set():
             await asyncio.sleep(0.1)
-        log.info("stopping: finishing in-flight requests (grace %.0f s)", SHUTDOWN_GRACE_S)
+        grace = cfg.server.shutdown_grace_s
+        log.info("draining: no new work, finishing in-flight requests (grace %.0f s)", grace)
+        if watch is not None:
+            watch.cancel()
+        await set_health(health, NOT_SERVING)
+        # gRPC refuses new calls (UNAVAILABLE) while the calls in flight finish; the
+        # WebSocket stops accepting, lets each session finish its batch, then closes (1001)
+        await asyncio.gather(server.stop(grace), sockets.drain(grace))
+        server = sockets = None
     finally:
+        if watch is not None:
+            watch.cancel()
         if sockets is not None:
-            await sockets.close()
+            await sockets.drain(0)
         if server is not None:
-            await server.stop(SHUTDOWN_GRACE_S)
+            await server.stop(0)
         await models.close()
         await dispatcher.close()
+
+
+SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["MonolithicService"].full_name,
+                 ipb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+                 grpc_health.SERVICE_NAME, reflection.SERVICE_NAME)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def set_health(health: grpc_health.aio.HealthServicer, status: int) -> None:
+    """The overall status ("") and every service's."""
+    for name in ("", *SERVICE_NAMES[:2]):
+        await health.set(name, status)
+
+
+async def follow_health(health: grpc_health.aio.HealthServicer, dispatcher: Dispatcher) -> None:
+    """grpc.health.v1 says SERVING only while every worker and a compositor are alive."""
+    current = None
+    while True:
+        status = SERVING if dispatcher.healthy() else NOT_SERVING
+        if status != current:
+            await set_health(health, status)
+            current = status
+        await asyncio.sleep(0.25)
 
 
 async def preload(cfg: Config, models: ModelManager) -> None:

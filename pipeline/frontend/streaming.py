@@ -114,6 +114,7 @@ class StreamSession:
         self.last_audio = time.monotonic()
         self._after_flush: list[np.ndarray] = []
         self._generation = 0                  # bumped by cancel: results of before are dropped
+        self._rendering = False
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self.error: str | None = None
@@ -236,7 +237,19 @@ class StreamSession:
             except Exception:
                 pass
 
+    @property
+    def rendering(self) -> bool:
+        """A batch is being rendered or sent (what a drain waits for)."""
+        return self._rendering
+
     async def _render(self, batch: int) -> None:
+        self._rendering = True
+        try:
+            await self._render_batch(batch)
+        finally:
+            self._rendering = False
+
+    async def _render_batch(self, batch: int) -> None:
         first = self.next_frame
         lo, hi = stream_samples(first, batch)
         hi = min(hi, self.offset + len(self.audio))

@@ -67,7 +67,7 @@ class AudioSocketServer:
         self.cfg = cfg
         self.models = models
         self.settings = streaming_settings(cfg)
-        self.sessions: dict[str, StreamSession] = {}
+        self.sessions: dict[str, tuple[StreamSession, ServerConnection]] = {}
         self.server: Server | None = None
 
     async def start(self) -> None:
@@ -77,12 +77,22 @@ class AudioSocketServer:
             compression=None, server_header="lipsync")
         log.info("serving WebSocket /audio on %s:%d", self.cfg.server.host, self.cfg.server.ws_port)
 
-    async def close(self, code: int = 1001) -> None:
-        """Stop accepting and close every session (1001: going away)."""
-        if self.server is not None:
-            self.server.close(close_connections=True)
-            await self.server.wait_closed()
-            self.server = None
+    async def drain(self, grace: float) -> None:
+        """Stop accepting; give each session up to `grace` seconds to finish the batch it
+        is rendering, then close it with 1001 (going away)."""
+        if self.server is None:
+            return
+        self.server.close(close_connections=False)
+        deadline = asyncio.get_running_loop().time() + grace
+        while any(s.rendering for s, _ in self.sessions.values()):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*(ws.close(1001, "server shutting down")
+                               for _, ws in list(self.sessions.values())),
+                             return_exceptions=True)
+        await self.server.wait_closed()
+        self.server = None
 
     # ---- handshake -------------------------------------------------------------------
 
@@ -141,7 +151,7 @@ class AudioSocketServer:
                                 send_status, self.settings.batch_size,
                                 self.settings.flush_timeout_s)
         key = f"{client_id}#{id(ws)}"
-        self.sessions[key] = session
+        self.sessions[key] = (session, ws)
         log.info("client %s connected", client_id)
         limit = RateLimit(self.settings.rate_limit_messages_per_s)
         session.start()

