@@ -16,10 +16,11 @@ from pipeline.shm.segment import segment_name
 class Addresses:
     runtime_dir: Path
     instance: str
+    ops_endpoint: str = ""
 
     @classmethod
     def of(cls, cfg: Config) -> Addresses:
-        return cls(cfg.runtime.dir, cfg.runtime.instance)
+        return cls(cfg.runtime.dir, cfg.runtime.instance, cfg.ops.endpoint)
 
     def _ipc(self, name: str) -> str:
         return f"ipc://{self.runtime_dir / f'{self.instance}-{name}.ipc'}"
@@ -40,6 +41,11 @@ class Addresses:
     def worker_events(self, gpu_index: int) -> str:
         """PUB, bound by gpu_worker i: segment releases, subscribed by every compositor."""
         return self._ipc(f"gpu{gpu_index}-events")
+
+    @property
+    def ops(self) -> str:
+        """REP, bound by the frontend: JSON stats for operators (`lipsync stats`)."""
+        return self.ops_endpoint or self._ipc("ops")
 
     def request_arena(self) -> str:
         """The frontend's request arena (inputs and UNet outputs), named by its creator."""

@@ -1,4 +1,4 @@
-"""The `lipsync` command: serve, role, demo-assets, prepare-avatar, render, bench."""
+"""The `lipsync` command: serve, role, demo-assets, prepare-avatar, render, stats, bench."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline import ops_client, prepare_avatar, render, roles
 from pipeline.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from pipeline.process import setup_logging
 
@@ -87,17 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="rebuild even if present")
     demo.set_defaults(func=cmd_demo_assets)
 
-    from pipeline.prepare_avatar import register as register_prepare_avatar
-
-    register_prepare_avatar(sub)
-
-    from pipeline.render import register as register_render
-
-    register_render(sub)
-
-    from pipeline.roles import register as register_role
-
-    register_role(sub)
+    for register in (prepare_avatar.register, render.register, ops_client.register,
+                     roles.register):
+        register(sub)
 
     bench = with_config(sub.add_parser("bench", help="measure frames/s and latency"))
     bench.add_argument("--address", help="a running server (host:port); default: start one")

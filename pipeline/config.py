@@ -82,12 +82,21 @@ class StreamingConfig:
 
 
 @dataclass(frozen=True)
+class OpsConfig:
+    endpoint: str = ""                # ZeroMQ ops socket; "" = ipc://<runtime.dir>/<instance>-ops.ipc
+    metrics_host: str = "127.0.0.1"   # Prometheus /metrics listen address
+    metrics_port: int = 9464          # 0 disables /metrics
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     dir: Path = Path("/tmp/lipsync")  # ipc:// sockets live here
     instance: str = "default"         # names the ipc endpoints and shared-memory arenas
     arena_mb: int = 1024              # request arena in /dev/shm (visual + audio + UNet output)
     heartbeat_s: float = 0.5          # roles report liveness to the frontend this often
     start_timeout_s: float = 120.0    # every role must be ready by then
+    restart_backoff_max_s: float = 30.0  # `lipsync serve` restarts a dead role after 0.5 s,
+                                         # doubling up to this while it keeps dying
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,7 @@ class Config:
     compositor: CompositorConfig = field(default_factory=CompositorConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
     models: dict[str, ModelConfig] = field(default_factory=dict)
 
     @property
@@ -152,7 +162,7 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     """Validate a parsed YAML mapping into a Config."""
     raw = _mapping("(top level)", raw)
     _known("(top level)", raw, {"server", "gpus", "capacity", "output", "compositor", "runtime",
-                                "streaming", "models_root", "audio_encoder_path", "models"})
+                                "streaming", "ops", "models_root", "audio_encoder_path", "models"})
     models_root = (base_dir / _str("models_root", raw.get("models_root", "models"))).resolve()
     server = _section(ServerConfig, "server", raw.get("server"), base_dir)
     gpus = _section(GpusConfig, "gpus", raw.get("gpus"), base_dir)
@@ -161,6 +171,11 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     compositor = _section(CompositorConfig, "compositor", raw.get("compositor"), base_dir)
     runtime = _section(RuntimeConfig, "runtime", raw.get("runtime"), base_dir)
     streaming = _section(StreamingConfig, "streaming", raw.get("streaming"), base_dir)
+    ops = _section(OpsConfig, "ops", raw.get("ops"), base_dir)
+    _check("ops.endpoint", not ops.endpoint or ops.endpoint.startswith(("ipc://", "tcp://127.",
+                                                                          "tcp://localhost:")),
+           "must be ipc://PATH or tcp on loopback (tcp://127.0.0.1:PORT)")
+    _check("ops.metrics_port", 0 <= ops.metrics_port <= 65535, "must be 0 (off) or a port")
 
     _check("server.port", 1 <= server.port <= 65535, "must be a port number 1-65535")
     _check("server.ws_port", 1 <= server.ws_port <= 65535, "must be a port number 1-65535")
@@ -183,6 +198,7 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     _check("runtime.arena_mb", runtime.arena_mb >= 64, "must be >= 64")
     _check("runtime.heartbeat_s", 0 < runtime.heartbeat_s <= 10, "must be in (0, 10]")
     _check("runtime.start_timeout_s", runtime.start_timeout_s > 0, "must be > 0")
+    _check("runtime.restart_backoff_max_s", runtime.restart_backoff_max_s >= 0.5, "must be >= 0.5")
 
     _check("streaming.max_clients", streaming.max_clients >= 1, "must be >= 1")
     _check("streaming.batch_size", streaming.batch_size >= 1, "must be >= 1")
@@ -203,7 +219,7 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
            or streaming.default_model in models, "must be one of the configured models")
     return Config(path=path, models_root=models_root, audio_encoder_path=encoder, server=server,
                   gpus=gpus, capacity=capacity, output=output, compositor=compositor,
-                  runtime=runtime, streaming=streaming, models=models)
+                  runtime=runtime, streaming=streaming, ops=ops, models=models)
 
 
 _MODEL_KEYS = {"model_path", "background_dir", "crop_rects_path", "num_frames", "source_video",
@@ -260,6 +276,8 @@ def _section(cls: type, name: str, raw: Any, base_dir: Path) -> Any:
             values[key] = tuple(value)
         elif isinstance(default, Path):
             values[key] = (base_dir / _str(where, value)).resolve()
+        elif default == "" and value == "":  # an optional string left empty
+            values[key] = ""
         else:
             values[key] = _str(where, value)
     return cls(**values)

@@ -55,6 +55,7 @@ class InferRequest(Message):
     features: TensorRef | None = None   # deprecated: one frame's [32,16,16], replicated
     stream_offset: int = -1             # >= 0: a stream's frames start_frame_idx.., the audio
                                         # being its 16 kHz samples from this one on
+    sent_ns: int = 0                    # time.monotonic_ns() at the frontend's send
 
 
 class LoadModel(Message):
@@ -92,9 +93,11 @@ class ReleaseSegment(Message):
 class InferDone(Message):
     request_id: int
     gpu_id: int
-    audio_ns: int
+    queue_ns: int                       # from the frontend's send to the worker starting it
+    audio_ns: int                       # mel, encoder and per-frame assembly
+    encoder_ns: int                     # the audio encoder's share of audio_ns
     visual_ns: int                      # building the visual input (0 when the client sent it)
-    inference_ns: int
+    inference_ns: int                   # the UNet
     model_loaded: bool
     load_ns: int
     composite_start_ns: int             # time.monotonic_ns() when the jobs were dispatched
@@ -110,7 +113,9 @@ class FrameDone(Message):
 
     request_id: int
     frame_index: int
-    composite_ns: int                   # paste + encode time in the compositor
+    compositor: int                     # which compositor made it
+    paste_ns: int
+    jpeg_ns: int
 
 
 class FrameFailed(Message):

@@ -25,7 +25,6 @@ from pipeline.shm.segment import sweep_stale_segments
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 4.0         # after the frontend's drain: SIGTERM, then SIGKILL
-BACKOFF_S = (0.5, 1, 2, 4, 8, 15, 30)
 STABLE_AFTER_S = 60.0        # a role up this long has its backoff reset
 
 
@@ -122,7 +121,7 @@ class Supervisor:
                 sweep_stale_segments(self.cfg.runtime.instance, pids={role.process.pid})
                 if time.monotonic() - role.started_at > STABLE_AFTER_S:
                     role.restarts = 0
-                delay = BACKOFF_S[min(role.restarts, len(BACKOFF_S) - 1)]
+                delay = min(0.5 * 2 ** min(role.restarts, 16), self.cfg.runtime.restart_backoff_max_s)
                 role.restarts += 1
                 log.info("restarting %s in %.1f s", role.name, delay)
                 end = time.monotonic() + delay

@@ -54,6 +54,7 @@ def write_config(path: Path, models_root: Path, **overrides: object) -> Path:
         "compositor": {"pool_size": 2},
         "runtime": {"dir": str(path.parent / "run"), "instance": f"t{os.getpid()}{path.parent.name[-6:].replace('-', '_')}",
                     "arena_mb": 512},
+        "ops": {"metrics_port": 0},
         "models_root": str(models_root),
         "audio_encoder_path": "audio_encoder.onnx",
         "models": {"demo": {"model_path": "demo/unet.onnx", "background_dir": "demo/frames",

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from pipeline.bench_stream import (
+    _table,
     FRAME_SAMPLES,
     SessionLog,
     aggregate,
@@ -72,6 +73,8 @@ def test_summary_of_a_server_that_keeps_up():
     assert s["frames"] == s["expected_frames"] == 75
     assert s["latency_ms_p50"] == pytest.approx(30.0, abs=0.2)
     assert s["latency_ms_p99"] == pytest.approx(50.0, abs=0.2)    # the flush's frames
+    assert s["live_latency_ms_p99"] == pytest.approx(30.0, abs=0.2)
+    assert s["flush_latency_ms_max"] == pytest.approx(50.0, abs=0.2)
     assert s["live_fps"] == pytest.approx(25.0, abs=0.1)
     assert 25.0 < s["fps"] < 30.0
     assert s["p99_gap_ms"] == pytest.approx(40.0, abs=0.2)
@@ -94,6 +97,8 @@ def test_summary_of_a_server_that_falls_behind_or_drops_frames():
     assert result["min_fps"] == slow["fps"]
     assert result["max_p99_latency_ms"] == slow["latency_ms_p99"]
     assert result["all_hold_25fps"] is False and result["errors"] == 0
+    table = _table(result)
+    assert "every session holds 25 fps: NO" in table and f"{slow['fps']:.2f}" in table
 
 
 def test_one_real_session_of_3_s(tmp_path, models_root, capsys):
@@ -106,12 +111,14 @@ def test_one_real_session_of_3_s(tmp_path, models_root, capsys):
                                   json=True)
         code = run_stream_bench(args)
     result = json.loads(capsys.readouterr().out)
+    print(json.dumps(result))
     assert code == 0, result
     (s,) = result["per_session"]
     assert s["errors"] == [] and result["errors"] == 0
     assert s["frames"] == s["expected_frames"] == 75
     assert 20.0 <= s["fps"] <= 30.0
-    assert 0 < s["latency_ms_p50"] <= s["latency_ms_p99"] <= s["latency_ms_max"]
+    assert 0 < s["latency_ms_min"] <= s["latency_ms_p50"]
+    assert s["latency_ms_p50"] <= s["latency_ms_p99"] <= s["latency_ms_max"]
     # frame 0 cannot come before its 450 ms of audio was sent
     assert s["first_frame_latency_ms"] >= 1000 * frame_need(0) / 16000 - 40
     assert s["p99_gap_ms"] > 0

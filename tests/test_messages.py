@@ -27,10 +27,11 @@ TO_COMPOSITOR = [
     msg.ReleaseSegment(segment="lipsync-default-9-bg-demo"),
 ]
 TO_FRONTEND = [
-    msg.InferDone(request_id=7, gpu_id=0, audio_ns=1, visual_ns=3, inference_ns=2, model_loaded=True,
+    msg.InferDone(request_id=7, gpu_id=0, queue_ns=5, audio_ns=1, encoder_ns=1, visual_ns=3,
+                  inference_ns=2, model_loaded=True,
                   load_ns=3, composite_start_ns=4),
     msg.InferFailed(request_id=8, error="Inference failed: boom"),
-    msg.FrameDone(request_id=9, frame_index=31, composite_ns=12345),
+    msg.FrameDone(request_id=9, frame_index=31, compositor=1, paste_ns=12345, jpeg_ns=6789),
     msg.FrameFailed(request_id=10, frame_index=2, error="failed to composite frame 2: x"),
     msg.ControlReply(request_id=11, ok=True),
     msg.ControlReply(request_id=12, ok=False, error="model 'x' not configured", gpu_id=1,

@@ -3,6 +3,7 @@ config loads, and a standalone role speaks sd_notify (READY=1, STATUS=, WATCHDOG
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -88,8 +89,9 @@ def test_verify_catches_a_broken_unit(tmp_path: Path, unit: str, good: str, bad:
     """A typo'd directive or value in a copy of a unit makes the check fail, naming it."""
     unit_dir = copy_units(tmp_path)
     text = (unit_dir / unit).read_text()
-    assert good in text
-    (unit_dir / unit).write_text(text.replace(good, bad, 1))
+    broken = re.sub(f"^{re.escape(good)}", bad, text, count=1, flags=re.MULTILINE)
+    assert broken != text
+    (unit_dir / unit).write_text(broken)
     problems = verify_problems(unit_dir)
     assert problems and any(unit in p for p in problems), problems
 

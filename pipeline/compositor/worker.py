@@ -78,13 +78,16 @@ class Compositor:
         try:
             prediction = self._view(job.prediction)
             background = self._view(job.background)
-            jpeg = encode_jpeg(paste(background, prediction, job.rect, job.mode), job.jpeg_quality)
+            frame = paste(background, prediction, job.rect, job.mode)
+            t1 = time.perf_counter_ns()
+            jpeg = encode_jpeg(frame, job.jpeg_quality)
         except Exception as exc:
             log.exception("compositing frame %d of request %d failed", job.frame_index,
                           job.request_id)
             return [msg.encode(msg.FrameFailed(job.request_id, job.frame_index,
                                                f"failed to composite frame {job.frame_index}: {exc}"))]
-        header = msg.FrameDone(job.request_id, job.frame_index, time.perf_counter_ns() - t0)
+        header = msg.FrameDone(job.request_id, job.frame_index, self.index, paste_ns=t1 - t0,
+                               jpeg_ns=time.perf_counter_ns() - t1)
         return [msg.encode(header), jpeg]
 
     def _view(self, ref: msg.TensorRef):

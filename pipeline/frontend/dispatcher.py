@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 FLOAT = 4
 VISUAL_BYTES = 6 * 320 * 320 * FLOAT
 PREDICTION_BYTES = 3 * 320 * 320 * FLOAT
-LIVENESS_BEATS = 5  # a role silent this many heartbeats is dead
+LIVENESS_BEATS = 3  # a role silent this many heartbeats is dead: its requests fail in < 2 s
 
 
 class Unavailable(Exception):
@@ -49,7 +49,9 @@ class Failed(Exception):
 class InferResult:
     frames: list[bytes]
     done: msg.InferDone
-    composite_ns: int
+    composite_ns: int          # wall time from the jobs' dispatch to the last JPEG here
+    paste_ns: int              # summed over the frames, in the compositors
+    jpeg_ns: int
 
 
 @dataclass
@@ -64,6 +66,8 @@ class Pending:
     future: asyncio.Future[InferResult]
     done: msg.InferDone | None = None
     received: int = 0
+    paste_ns: int = 0
+    jpeg_ns: int = 0
     abandoned: bool = False  # the client gave up; the block waits for the worker
 
     def complete_if_ready(self) -> bool:
@@ -71,7 +75,8 @@ class Pending:
             return False
         if not self.future.done():
             ns = max(0, time.monotonic_ns() - self.done.composite_start_ns)
-            self.future.set_result(InferResult(list(self.frames), self.done, ns))  # type: ignore[arg-type]
+            self.future.set_result(InferResult(list(self.frames), self.done, ns,  # type: ignore[arg-type]
+                                               self.paste_ns, self.jpeg_ns))
         return True
 
 
@@ -82,6 +87,7 @@ class RoleView:
     pid: int = 0
     last_seen: float = 0.0
     silent: bool = False      # missed its heartbeats; its requests were failed
+    restarts: int = 0         # pid changes seen
     device_memory_used_bytes: int = 0
     queue_depth: int = 0
 
@@ -165,7 +171,8 @@ class Dispatcher:
                 model_id=req.model_id, batch_size=b, start_frame_idx=req.start_frame_idx,
                 output=refs["output"], visual=refs["visual"], build_visual=req.visual is None,
                 audio=refs.get("audio"), sample_rate=req.sample_rate,
-                features=refs.get("features"), stream_offset=req.stream_offset)))
+                features=refs.get("features"), stream_offset=req.stream_offset,
+                sent_ns=time.monotonic_ns())))
             return await asyncio.wait_for(asyncio.shield(pending.future),
                                           deadline - time.monotonic())
         except (TimeoutError, asyncio.CancelledError):
@@ -260,6 +267,8 @@ class Dispatcher:
             if p is not None and 0 <= m.frame_index < len(p.frames) and p.frames[m.frame_index] is None:
                 p.frames[m.frame_index] = rest[0]
                 p.received += 1
+                p.paste_ns += m.paste_ns
+                p.jpeg_ns += m.jpeg_ns
                 p.complete_if_ready()
         elif isinstance(m, msg.InferDone):
             p = self.pending.get(m.request_id)
@@ -286,9 +295,14 @@ class Dispatcher:
     def _on_heartbeat(self, m: msg.Heartbeat) -> None:
         if m.role == "compositor":
             view = self.compositors.setdefault(m.index, RoleView())
+            if view.pid and view.pid != m.pid:
+                view.restarts += 1
+                if not view.silent:
+                    self._compositor_lost(m.index, f"compositor {m.index} restarted")
         elif 0 <= m.index < len(self.workers):
             view = self.workers[m.index]
             if view.pid and view.pid != m.pid:
+                view.restarts += 1
                 log.warning("gpu_worker %d restarted (pid %d -> %d)", m.index, view.pid, m.pid)
                 self._worker_lost(m.index, f"gpu_worker {m.index} restarted", restarted=True)
         else:
@@ -308,6 +322,11 @@ class Dispatcher:
                     w.silent = True
                     self._worker_lost(i, f"gpu_worker {i} is unavailable (no heartbeat)",
                                       restarted=False)
+            for i, c in self.compositors.items():
+                if c.pid and not c.silent and not c.alive(now, hb):
+                    log.error("compositor %d (pid %d) stopped answering", i, c.pid)
+                    c.silent = True
+                    self._compositor_lost(i, f"compositor {i} is unavailable (no heartbeat)")
 
     def _worker_lost(self, index: int, reason: str, restarted: bool) -> None:
         """Fail everything the worker held.
@@ -328,6 +347,14 @@ class Dispatcher:
                 c.future.set_exception(Unavailable(reason))
         if restarted:
             self.on_worker_restart(index)
+
+    def _compositor_lost(self, index: int, reason: str) -> None:
+        """Frames handed to a dead compositor never come: fail every request still waiting
+        for frames (their worker is done writing, so their blocks come back now)."""
+        for p in [p for p in self.pending.values() if p.done is not None]:
+            if not p.future.done():
+                p.future.set_exception(Unavailable(f"{reason}; request failed"))
+            self._finish(p)
 
     # ---- shutdown --------------------------------------------------------------------
 

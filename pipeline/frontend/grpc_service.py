@@ -46,7 +46,10 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
         try:
             valid = validate(request, self.cfg)
             result, lease = await self.models.infer(valid, self.cfg.server.request_timeout_s)
-        except (InvalidRequest, Failed) as exc:
+        except InvalidRequest as exc:
+            self.models.telemetry.request_failed("invalid")
+            return pb.CompositeBatchResponse(success=False, error=str(exc), gpu_id=-1)
+        except Failed as exc:
             return pb.CompositeBatchResponse(success=False, error=str(exc), gpu_id=-1)
         except Overloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))

@@ -20,7 +20,8 @@ import numpy as np
 
 from pipeline import messages as msg
 from pipeline.config import Config
-from pipeline.frontend.dispatcher import Dispatcher, Failed, InferResult, Overloaded
+from pipeline.frontend.dispatcher import Dispatcher, Failed, InferResult, Overloaded, Unavailable
+from pipeline.frontend.telemetry import Telemetry
 from pipeline.frontend.validation import ValidRequest
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,10 @@ class Lease:
 
 
 class ModelManager:
-    def __init__(self, cfg: Config, dispatcher: Dispatcher) -> None:
+    def __init__(self, cfg: Config, dispatcher: Dispatcher, telemetry: Telemetry) -> None:
         self.cfg = cfg
         self.dispatcher = dispatcher
+        self.telemetry = telemetry
         self.models = {mid: ModelView(mid) for mid in cfg.models}
         self._admitted = 0
         self._changed = asyncio.Event()  # some model changed state: capacity may have freed
@@ -100,7 +102,20 @@ class ModelManager:
             model = self.models[req.model_id]
             model.request_count += 1
             model.total_inference_ns += result.done.inference_ns
+            self.telemetry.request_done(req.model_id, result)
             return result, lease
+        except Failed:
+            self.telemetry.request_failed("failed")
+            raise
+        except Overloaded:
+            self.telemetry.request_failed("overloaded")
+            raise
+        except Unavailable:
+            self.telemetry.request_failed("unavailable")
+            raise
+        except TimeoutError:
+            self.telemetry.request_failed("timeout")
+            raise
         finally:
             self._admitted -= 1
 
@@ -156,6 +171,7 @@ class ModelManager:
         config = self.cfg.models[model.model_id]
         if preferred is None:
             preferred = config.preferred_gpu
+        started = time.monotonic()
         worker = self._choose_worker(preferred)
         model.worker, model.error = worker, ""
         self._transition(model, LOADING)
@@ -181,6 +197,7 @@ class ModelManager:
             raise Failed(f"Failed to load model '{model.model_id}': {error}") from exc
         model.last_used, model.last_used_mono = time.time(), time.monotonic()
         self._transition(model, READY)
+        self.telemetry.model_loaded(time.monotonic() - started)
         log.info("%s ready on gpu_worker %d (%.1f MB)", model.model_id, worker,
                  model.memory_bytes / 2**20)
         return worker
@@ -244,7 +261,7 @@ class ModelManager:
             victim = min(idle or candidates, key=lambda m: m.last_used_mono)
             log.info("evicting %s from gpu_worker %d (least recently used%s)", victim.model_id,
                      victim.worker, "" if idle else ", after its requests in flight")
-            await self._unload(victim)
+            await self._unload(victim, evicted=True)
 
     async def unload(self, model_id: str) -> None:
         """UnloadModel: waits for a load under way and for requests in flight. Raises Failed."""
@@ -255,10 +272,11 @@ class ModelManager:
             raise Failed(f"Failed to unload model: model '{model_id}' not loaded")
         await self._unload(model)
 
-    async def _unload(self, model: ModelView) -> None:
+    async def _unload(self, model: ModelView, evicted: bool = False) -> None:
         self._transition(model, UNLOADING)  # before any await: no new request can lease it now
         while model.inflight:
             await model.changed.wait()
+        started = time.monotonic()
         try:
             reply = await self.dispatcher.control(model.worker, msg.UnloadModel, model.model_id)
             if not reply.ok:
@@ -266,6 +284,7 @@ class ModelManager:
         finally:
             model.worker, model.memory_bytes = -1, 0
             self._transition(model, UNLOADED)
+            self.telemetry.model_unloaded(time.monotonic() - started, evicted)
 
     async def _unload_idle(self) -> None:
         timeout = self.cfg.capacity.idle_timeout_minutes * 60

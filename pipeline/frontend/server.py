@@ -16,6 +16,7 @@ from pipeline.frontend.dispatcher import Dispatcher
 from pipeline.frontend.grpc_service import MonolithicService
 from pipeline.frontend.models import ModelManager
 from pipeline.frontend.stream_rpc import InferenceService, StreamRpc
+from pipeline.frontend.telemetry import Telemetry
 from pipeline.frontend.websocket import AudioSocketServer
 from pipeline.process import Readiness, run_role
 from pipeline.rpc import inference_pb2 as ipb
@@ -48,7 +49,10 @@ def grpc_options(cfg: Config) -> list[tuple[str, int]]:
 
 async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> None:
     dispatcher = Dispatcher(cfg)
-    models = ModelManager(cfg, dispatcher)
+    telemetry = Telemetry(cfg)
+    models = ModelManager(cfg, dispatcher, telemetry)
+    telemetry.attach(dispatcher, models)
+    ops: asyncio.Task[None] | None = None
     server: grpc.aio.Server | None = None
     sockets: AudioSocketServer | None = None
     health = grpc_health.aio.HealthServicer()
@@ -72,6 +76,9 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
         log.info("serving monolithic.MonolithicService on %s", address)
         sockets = AudioSocketServer(cfg, models)
         await sockets.start()
+        telemetry.websocket_sessions = lambda: len(sockets.sessions) if sockets else 0
+        ops = telemetry.start(dispatcher.addresses.ops, cfg.ops.metrics_host,
+                              cfg.ops.metrics_port)
         readiness.ready()
         while not stop.is_set():
             await asyncio.sleep(0.1)
@@ -85,8 +92,9 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
         await asyncio.gather(server.stop(grace), sockets.drain(grace))
         server = sockets = None
     finally:
-        if watch is not None:
-            watch.cancel()
+        for task in (watch, ops):
+            if task is not None:
+                task.cancel()
         if sockets is not None:
             await sockets.drain(0)
         if server is not None:

@@ -288,16 +288,23 @@ class GpuWorker:
 
         b = req.batch_size
         t0 = time.monotonic_ns()
+        encoder_ns = 0
+
+        def encode(windows: np.ndarray) -> np.ndarray:
+            nonlocal encoder_ns
+            start = time.monotonic_ns()
+            encoded = self.encoder.encode(windows)
+            encoder_ns += time.monotonic_ns() - start
+            return encoded
+
         try:
             if req.stream_offset >= 0 and req.audio is not None:
                 features = audio.stream_frame_features(
-                    self.encoder.encode, self._view(req.audio), req.stream_offset,
-                    req.start_frame_idx, b)
+                    encode, self._view(req.audio), req.stream_offset, req.start_frame_idx, b)
             elif req.audio is not None:
                 samples = self._view(req.audio)
                 mel = audio.melspectrogram(samples, req.sample_rate)
-                encoded = self.encoder.encode(audio.mel_windows(mel))
-                features = audio.frame_features(encoded, b)
+                features = audio.frame_features(encode(audio.mel_windows(mel)), b)
             elif req.features is not None:
                 features = audio.replicated_features(self._view(req.features).tobytes(), b)
             else:
@@ -327,8 +334,11 @@ class GpuWorker:
                 background=model.avatar.background_ref(frame), rect=model.avatar.rect(frame),
                 mode=model.config.composite_mode, jpeg_quality=self.cfg.jpeg_quality)
             self._post(JOBS, job)
-        return msg.InferDone(req.request_id, gpu_id=self.index, audio_ns=t1 - t0,
-                             visual_ns=t2 - t1, inference_ns=t3 - t2, model_loaded=model_loaded,
+        return msg.InferDone(req.request_id, gpu_id=self.index,
+                             queue_ns=max(0, t0 - req.sent_ns) if req.sent_ns else 0,
+                             audio_ns=t1 - t0, encoder_ns=encoder_ns,
+                             visual_ns=t2 - t1 if req.build_visual else 0,
+                             inference_ns=t3 - t2, model_loaded=model_loaded,
                              load_ns=model.load_ns if model_loaded else 0, composite_start_ns=t3)
 
     def _view(self, ref: msg.TensorRef) -> np.ndarray:

@@ -225,10 +225,16 @@ def test_frontend_first_then_workers(units: Units) -> None:
     """The frontend started alone is not ready (no READY=1, no gRPC) until the workers it
     waits for come up later; then it serves."""
     frontend = units.start("frontend")
-    time.sleep(3)
+    deadline = time.monotonic() + 60
+    while not any(m.get("WATCHDOG") == "1" for m in units.notify.of(frontend.pid)):
+        assert time.monotonic() < deadline and frontend.poll() is None, units.logs()
+        time.sleep(0.1)
+    time.sleep(2)  # it runs, and pings the watchdog, while it waits for the others
     assert frontend.poll() is None, units.logs()
     assert not [m for m in units.notify.of(frontend.pid) if m.get("READY")]
-    assert any(m.get("WATCHDOG") == "1" for m in units.notify.of(frontend.pid))
+    with channel(units.address) as ch, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.MonolithicServiceStub(ch).Health(pb.HealthRequest(), timeout=1)
+    assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     units.start("gpu-worker", 0)
     units.start("compositor", 1)
     units.start("compositor", 0)
