@@ -8,7 +8,9 @@ Type=notify service.
 """
 from __future__ import annotations
 
+import contextvars
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -24,7 +26,11 @@ import setproctitle
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-LOG_FORMAT = "%(asctime)s %(levelname)s [%(role)s] %(name)s: %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(role)s] [%(request)s] %(name)s: %(message)s"
+
+# The request (or stream client) a line is about; set where a request is handled, read by
+# every log line of that task or thread ("-" when none).
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
 class _RoleFilter(logging.Filter):
@@ -34,14 +40,29 @@ class _RoleFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.role = self.role
+        record.request = request_id.get()
         return True
 
 
+class JsonLines(logging.Formatter):
+    """One JSON object per line, for log shippers (LIPSYNC_LOG_JSON=1)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname,
+                 "role": getattr(record, "role", ""), "request": getattr(record, "request", "-"),
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
 def setup_logging(role: str, level: int = logging.INFO) -> None:
-    """One log format for every role: time, level, [role], logger, message."""
+    """One log setup for every role: time, level, [role], [request id], logger, message;
+    JSON lines instead when LIPSYNC_LOG_JSON=1."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RoleFilter(role))
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    json_lines = os.environ.get("LIPSYNC_LOG_JSON", "").lower() in ("1", "true", "yes")
+    handler.setFormatter(JsonLines() if json_lines else logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

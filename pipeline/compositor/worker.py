@@ -18,6 +18,7 @@ from pipeline.addresses import Addresses
 from pipeline.compositor.composite import encode_jpeg, paste
 from pipeline.config import Config
 from pipeline.process import Readiness, run_role
+from pipeline.process import request_id as log_request
 from pipeline.shm.segment import SegmentCache
 from pipeline.sockets import make_socket
 
@@ -74,6 +75,13 @@ class Compositor:
 
     def composite(self, job: msg.CompositeJob) -> list[bytes]:
         """The frames to push for one job: [FrameDone, JPEG] or [FrameFailed]."""
+        token = log_request.set(f"{job.request_id:x}")
+        try:
+            return self._composite(job)
+        finally:
+            log_request.reset(token)
+
+    def _composite(self, job: msg.CompositeJob) -> list[bytes]:
         t0 = time.perf_counter_ns()
         try:
             prediction = self._view(job.prediction)

@@ -22,6 +22,7 @@ from pipeline import messages as msg
 from pipeline.addresses import Addresses
 from pipeline.config import Config
 from pipeline.frontend.validation import ValidRequest, check_finite_visual
+from pipeline.process import request_id as log_request
 from pipeline.shm.arena import Arena, Block
 from pipeline.sockets import make_socket
 
@@ -163,6 +164,7 @@ class Dispatcher:
             await asyncio.shield(write)
             self._check_alive(worker)
             request_id = next(self._ids)
+            log_request.set(f"{request_id:x}")
             pending = Pending(request_id, req.model_id, worker, block, [None] * b,
                               asyncio.get_running_loop().create_future())
             self.pending[request_id] = pending

@@ -26,6 +26,7 @@ from pipeline.frontend.dispatcher import Failed, Overloaded, Unavailable
 from pipeline.frontend.models import ModelManager
 from pipeline.frontend.validation import MAX_BATCH, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, ValidRequest
 from pipeline.gpu_worker.audio import stream_samples
+from pipeline.process import request_id as log_request
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ class StreamSession:
         return n
 
     async def _run(self) -> None:
+        log_request.set(f"client:{self.client_id}")
         try:
             while True:
                 try:

@@ -29,6 +29,7 @@ from pipeline.addresses import Addresses
 from pipeline.config import Config, ModelConfig
 from pipeline.gpu_worker.device import DeviceMemory, Resolved, pin_to_device
 from pipeline.process import Readiness, run_role
+from pipeline.process import request_id as log_request
 from pipeline.shm.segment import SegmentCache
 from pipeline.sockets import make_socket
 
@@ -272,6 +273,13 @@ class GpuWorker:
                                                       memory_bytes=model.memory_bytes))
 
     def _infer(self, model: LoadedModel, req: msg.InferRequest, model_loaded: bool) -> None:
+        token = log_request.set(f"{req.request_id:x}")
+        try:
+            self._infer_logged(model, req, model_loaded)
+        finally:
+            log_request.reset(token)
+
+    def _infer_logged(self, model: LoadedModel, req: msg.InferRequest, model_loaded: bool) -> None:
         try:
             done = self._run(model, req, model_loaded)
         except RequestError as exc:
