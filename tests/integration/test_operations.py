@@ -30,10 +30,14 @@ GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, models_root: Path):
     tmp = tmp_path_factory.mktemp("ops_server")
+    from pipeline.launcher import free_port
+
     config = write_config(tmp / "config.yaml", models_root, **{
         "models.sanders": {"model_path": "demo/unet.onnx", "background_dir": "demo/frames",
-                           "crop_rects_path": "demo/crop_rects.json", "num_frames": 250}})
+                           "crop_rects_path": "demo/crop_rects.json", "num_frames": 250},
+        "ops.metrics_port": free_port()})
     with ServerProcess(config, log_path=tmp / "server.log") as srv:
+        srv.config_path = config  # type: ignore[attr-defined]
         yield srv
 
 
@@ -87,6 +91,45 @@ def test_standard_health_says_serving(server) -> None:
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
     check = grpcurl(server, f"localhost:{server.grpc_port}", "grpc.health.v1.Health/Check")
     assert check["status"] == "SERVING"
+
+
+def test_ops_socket_stats_table_and_metrics(server) -> None:
+    """The ops socket answers every role's stats; lipsync stats prints them; /metrics too."""
+    import urllib.request
+
+    import yaml
+
+    from pipeline.bench import build_request
+
+    with channel(server.address) as ch:
+        stub = pb_grpc.MonolithicServiceStub(ch)
+        for _ in range(3):
+            assert stub.InferBatchComposite(build_request(server.config_path, "demo", 2, 0),
+                                            timeout=60).success
+        assert not stub.InferBatchComposite(pb.CompositeBatchRequest(), timeout=10).success
+    cli = [sys.executable, "-m", "pipeline.cli", "stats", "--config", str(server.config_path)]
+    raw = subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=30, check=True)
+    stats = json.loads(raw.stdout)
+    assert stats["frontend"]["pid"] > 0 and stats["frontend"]["rss_bytes"] > 0
+    (worker,) = stats["gpu_workers"]
+    assert worker["alive"] and worker["models"] == ["demo"] and worker["uptime_s"] > 0
+    assert {c["index"] for c in stats["compositors"]} == {0, 1}
+    assert all(c["restarts"] == 0 and c["alive"] for c in stats["compositors"])
+    demo = stats["models"]["demo"]
+    assert demo["state"] == "ready" and demo["requests"] >= 3
+    for stage in ("queue", "audio", "encoder", "unet", "composite", "jpeg"):
+        assert demo["stages"][stage]["count"] >= 3 and demo["stages"][stage]["ns"] > 0, stage
+    assert stats["arena"]["blocks"] == 0 and stats["arena"]["capacity_bytes"] == 512 * 2**20
+    assert stats["failures"]["invalid"] >= 1
+    table = subprocess.run(cli, capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "gpu_worker 0" in table and "compositor 1" in table and "demo" in table
+    port = yaml.safe_load(server.config_path.read_text())["ops"]["metrics_port"]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for name in ('lipsync_requests_total{model="demo"}', "lipsync_request_failures_total",
+                 'lipsync_stage_duration_seconds_count{stage="unet"}', "lipsync_frames_total",
+                 "lipsync_queue_depth", "lipsync_model_load_seconds_count", "lipsync_loaded_models",
+                 "lipsync_device_memory_used_bytes", "lipsync_websocket_sessions"):
+        assert name in metrics, name
 
 
 def test_sigterm_drains_in_flight_work_then_exits_0(tmp_path: Path, models_root: Path) -> None:
