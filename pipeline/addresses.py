@@ -47,6 +47,10 @@ class Addresses:
         """REP, bound by the frontend: JSON stats for operators (`lipsync stats`)."""
         return self.ops_endpoint or self._ipc("ops")
 
+    def role_lock(self, role: str) -> Path:
+        """The lock file one process of `role` (e.g. "gpu_worker 0") holds while it runs."""
+        return self.runtime_dir / f"{self.instance}-{role.replace(' ', '')}.lock"
+
     def request_arena(self) -> str:
         """The frontend's request arena (inputs and UNet outputs), named by its creator."""
         return segment_name(self.instance, "requests")

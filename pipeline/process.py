@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import setproctitle
 
@@ -173,8 +175,31 @@ class Readiness:
         self._conn = None
 
 
+class RoleTaken(RuntimeError):
+    """Another process already runs this role of this instance."""
+
+
+def hold_role_lock(path: Path) -> int:
+    """An exclusive lock on `path`, held until this process exits (the kernel drops it
+    even on SIGKILL). A second `lipsync serve` or unit of the same instance would otherwise
+    bind the same ipc endpoints and steal half the traffic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RoleTaken(f"{path.stem} is already running (pid {owner}); stop it first or "
+                        "give this one another runtime.instance") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
 def run_role(role: str, ready_conn: Connection | None,
-             body: Callable[[Readiness, threading.Event], None]) -> None:
+             body: Callable[[Readiness, threading.Event], None],
+             lock: Path | None = None) -> None:
     """Run a role's body under the common prologue; never returns normally with an error.
 
     `body(readiness, stop)` must call readiness.ready() once it serves, and return soon
@@ -200,6 +225,8 @@ def run_role(role: str, ready_conn: Connection | None,
     signal.signal(signal.SIGTERM, on_stop_signal)
     signal.signal(signal.SIGINT, on_stop_signal if standalone else signal.SIG_IGN)
     try:
+        if lock is not None:
+            hold_role_lock(lock)
         body(readiness, stop)
     except Exception as exc:
         log.exception("%s failed", role)

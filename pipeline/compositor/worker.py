@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 def run_compositor_process(cfg: Config, index: int, ready: Connection | None = None) -> None:
     """Entry point of compositor `index` (spawned, or run by systemd)."""
-    run_role(f"compositor {index}", ready,
-             lambda readiness, stop: Compositor(cfg, index).serve(readiness, stop))
+    role = f"compositor {index}"
+    run_role(role, ready, lambda readiness, stop: Compositor(cfg, index).serve(readiness, stop),
+             lock=Addresses.of(cfg).role_lock(role))
 
 
 class Compositor:

@@ -11,6 +11,7 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pipeline.addresses import Addresses
 from pipeline.config import Config
 from pipeline.frontend.dispatcher import Dispatcher
 from pipeline.frontend.grpc_service import MonolithicService
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 def run_frontend_process(cfg: Config, ready: Connection | None = None) -> None:
     """Entry point of the frontend (spawned, or run by systemd)."""
     run_role("frontend", ready,
-             lambda readiness, stop: asyncio.run(serve(cfg, readiness, stop)))
+             lambda readiness, stop: asyncio.run(serve(cfg, readiness, stop)),
+             lock=Addresses.of(cfg).role_lock("frontend"))
 
 
 def grpc_options(cfg: Config) -> list[tuple[str, int]]:

@@ -67,8 +67,10 @@ def run_gpu_worker_process(cfg: Config, gpu_index: int, provider: Resolved,
                            ready: Connection | None = None) -> None:
     """Entry point of gpu_worker `gpu_index` (spawned, or run by systemd)."""
     pin_to_device(provider, gpu_index)  # before onnxruntime is imported anywhere
-    run_role(f"gpu_worker {gpu_index}", ready,
-             lambda readiness, stop: GpuWorker(cfg, gpu_index, provider).serve(readiness, stop))
+    role = f"gpu_worker {gpu_index}"
+    run_role(role, ready,
+             lambda readiness, stop: GpuWorker(cfg, gpu_index, provider).serve(readiness, stop),
+             lock=Addresses.of(cfg).role_lock(role))
 
 
 class GpuWorker:

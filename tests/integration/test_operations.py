@@ -279,3 +279,14 @@ def test_sigkill_under_load_costs_requests_never_the_service(tmp_path: Path, mod
     assert outcomes.count("ok") > kills  # it kept serving between the kills
     assert max(slow) < 10  # nothing waited for a timeout: dead roles fail requests fast
     assert rss_end - rss_start < 40 * 2**20, (rss_start, rss_end)
+
+
+def test_a_second_server_of_the_same_instance_refuses_to_start(server, tmp_path: Path) -> None:
+    """Another lipsync serve with the same instance exits with a clear error; the first is unharmed."""
+    second = ServerProcess(server.config_path, log_path=tmp_path / "second.log",
+                           start_timeout_s=60)
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        second.start()
+    assert "is already running (pid" in (tmp_path / "second.log").read_text()
+    with channel(server.address) as ch:
+        assert pb_grpc.MonolithicServiceStub(ch).Health(pb.HealthRequest(), timeout=5).healthy
