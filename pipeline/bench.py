@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -120,7 +121,6 @@ def _median_ms(fn, repeats: int) -> float:
 
 def stage_timings(cfg_path: Path, model_id: str, batch: int, repeats: int = 20) -> dict[str, float]:
     """Each stage of the pipeline run in this process on the real components (median ms)."""
-    import os
 
     from pipeline.compositor.composite import encode_jpeg, paste
     from pipeline.gpu_worker import audio
@@ -214,7 +214,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_stages(args)
     if args.load_cycles:
         with ExitStack() as stack:
-            address = args.address
+            address = args.address or os.environ.get("GRPC_SERVER")
             if address is None:
                 log = Path(tempfile.mkdtemp(prefix="lipsync-bench-")) / "server.log"
                 address = stack.enter_context(ServerProcess(args.config, log_path=log)).address
@@ -226,7 +226,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise SystemExit("lipsync bench: need 1 <= --batch <= 32, --concurrency >= 1, --requests >= 1")
     request = build_request(args.config, args.model, args.batch, start=0)
     with ExitStack() as stack:
-        address = args.address
+        address = args.address or os.environ.get("GRPC_SERVER")
         if address is None:
             log = Path(tempfile.mkdtemp(prefix="lipsync-bench-")) / "server.log"
             address = stack.enter_context(ServerProcess(args.config, log_path=log)).address

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         register(sub)
 
     bench = with_config(sub.add_parser("bench", help="measure frames/s and latency"))
-    bench.add_argument("--address", help="a running server (host:port); default: start one")
+    bench.add_argument("--address", help="a running server (host:port); default: "
+                       "$GRPC_SERVER, else start one")
     bench.add_argument("--model", default="demo")
     bench.add_argument("--batch", type=int, default=8)
     bench.add_argument("--concurrency", type=int, default=4)
