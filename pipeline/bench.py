@@ -121,7 +121,6 @@ def _median_ms(fn, repeats: int) -> float:
 
 def stage_timings(cfg_path: Path, model_id: str, batch: int, repeats: int = 20) -> dict[str, float]:
     """Each stage of the pipeline run in this process on the real components (median ms)."""
-
     from pipeline.compositor.composite import encode_jpeg, paste
     from pipeline.gpu_worker import audio
     from pipeline.gpu_worker.avatar import load_avatar
