@@ -209,6 +209,10 @@ def load_cycles(address: str, model_id: str, cycles: int, gpu: int) -> dict[str,
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.stream:
+        from pipeline.bench_stream import run_stream_bench
+
+        return run_stream_bench(args)
     if args.stages:
         return run_stages(args)
     if args.load_cycles:

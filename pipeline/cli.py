@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LoadModel/UnloadModel N times; load/unload times and whether "
                             "device memory returns to its baseline")
     bench.add_argument("--gpu", type=int, default=0, help="device for --load-cycles")
+    bench.add_argument("--stream", action="store_true",
+                       help="real-time WebSocket sessions instead of gRPC batches "
+                            "(--address is then the WebSocket host:port)")
+    bench.add_argument("--sessions", type=int, default=1, help="--stream: concurrent sessions")
+    bench.add_argument("--seconds", type=float, default=20.0, help="--stream: audio per session")
+    bench.add_argument("--chunk-ms", type=float, default=40.0, help="--stream: audio per message")
     bench.add_argument("--stages", action="store_true",
                        help="time each stage in this process (no server): mel, encoder, "
                             "visual input, UNet, paste, JPEG")
