@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -31,6 +32,25 @@ def channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE)])
+
+
+def wait_healthy(address: str, timeout_s: float, died: Callable[[], str | None]) -> bool:
+    """Poll Health at `address` until it says healthy (True) or `timeout_s` passes (False);
+    RuntimeError with died()'s message as soon as it reports a dead process."""
+    deadline = time.monotonic() + timeout_s
+    with channel(address) as ch:
+        stub = pb_grpc.MonolithicServiceStub(ch)
+        while time.monotonic() < deadline:
+            reason = died()
+            if reason is not None:
+                raise RuntimeError(reason)
+            try:
+                if stub.Health(pb.HealthRequest(), timeout=1).healthy:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    return False
 
 
 class ServerProcess:
@@ -60,19 +80,15 @@ class ServerProcess:
             [sys.executable, "-m", "pipeline.cli", "serve", "--config", str(self.config),
              "--grpc-port", str(self.grpc_port), "--ws-port", str(self.ws_port)],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + self.start_timeout_s
-        with channel(self.address) as ch:
-            stub = pb_grpc.MonolithicServiceStub(ch)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"lipsync serve exited with {self.proc.returncode}"
-                                       f"{self._tail()}")
-                try:
-                    if stub.Health(pb.HealthRequest(), timeout=1).healthy:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
+        proc = self.proc
+
+        def died() -> str | None:
+            if proc.poll() is None:
+                return None
+            return f"lipsync serve exited with {proc.returncode}{self._tail()}"
+
+        if wait_healthy(self.address, self.start_timeout_s, died):
+            return
         self.stop()
         raise TimeoutError(f"lipsync serve not healthy after {self.start_timeout_s} s{self._tail()}")
 

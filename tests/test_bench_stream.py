@@ -103,15 +103,22 @@ def test_summary_of_a_server_that_falls_behind_or_drops_frames():
 
 def test_one_real_session_of_3_s(tmp_path, models_root, capsys):
     """One 3 s real-time session against a real server: 75 frames near 25 fps, positive
-    latencies, no errors."""
+    latencies, no errors; a session the server refuses exits 1."""
     config = write_config(tmp_path / "config.yaml", models_root)
     with ServerProcess(config, log_path=tmp_path / "server.log") as server:
         args = argparse.Namespace(config=config, address=f"127.0.0.1:{server.ws_port}",
                                   model="demo", sessions=1, seconds=3.0, chunk_ms=40.0,
                                   json=True)
         code = run_stream_bench(args)
-    result = json.loads(capsys.readouterr().out)
-    print(json.dumps(result))
+        result = json.loads(capsys.readouterr().out)
+        print(json.dumps(result))
+        # a refused session is an error: exit code 1, the server's answer recorded
+        refused = argparse.Namespace(**{**vars(args), "model": "nosuch", "seconds": 1.0})
+        refused_code = run_stream_bench(refused)
+        refused_result = json.loads(capsys.readouterr().out)
+    assert refused_code == 1 and refused_result["errors"] == 1
+    assert "404" in refused_result["per_session"][0]["errors"][0]
+    assert refused_result["all_hold_25fps"] is False
     assert code == 0, result
     (s,) = result["per_session"]
     assert s["errors"] == [] and result["errors"] == 0

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from pipeline.bench import build_request
-from pipeline.launcher import channel, free_port
+from pipeline.launcher import channel, free_port, wait_healthy
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from pipeline.shm.segment import list_segments
@@ -111,19 +111,12 @@ class Units:
                        for p in sorted(self.tmp.glob("*.log")))
 
     def wait_healthy(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        with channel(self.address) as ch:
-            stub = pb_grpc.MonolithicServiceStub(ch)
-            while time.monotonic() < deadline:
-                dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
-                assert not dead, f"roles exited: {dead}{self.logs()}"
-                try:
-                    if stub.Health(pb.HealthRequest(), timeout=1).healthy:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        raise AssertionError(f"not healthy after {START_TIMEOUT_S} s{self.logs()}")
+        def died() -> str | None:
+            dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+            return f"roles exited: {dead}{self.logs()}" if dead else None
+
+        assert wait_healthy(self.address, START_TIMEOUT_S, died), \
+            f"not healthy after {START_TIMEOUT_S} s{self.logs()}"
 
     def infer(self, batch: int = 2) -> pb.CompositeBatchResponse:
         with channel(self.address) as ch:
