@@ -111,7 +111,6 @@ def test_one_real_session_of_3_s(tmp_path, models_root, capsys):
                                   json=True)
         code = run_stream_bench(args)
         result = json.loads(capsys.readouterr().out)
-        print(json.dumps(result))
         # a refused session is an error: exit code 1, the server's answer recorded
         refused = argparse.Namespace(**{**vars(args), "model": "nosuch", "seconds": 1.0})
         refused_code = run_stream_bench(refused)
