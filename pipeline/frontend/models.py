@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 UNLOADED, LOADING, READY, UNLOADING, FAILED = "unloaded", "loading", "ready", "unloading", "failed"
 WARMUP_AUDIO = np.zeros(16 * 640, np.float32)  # 640 ms of silence: one full feature context
+FAILURE_REASONS = {Failed: "failed", Overloaded: "overloaded", Unavailable: "unavailable",
+                   TimeoutError: "timeout"}  # the `reason` label of lipsync_request_failures
 
 
 @dataclass
@@ -104,17 +106,8 @@ class ModelManager:
             model.total_inference_ns += result.done.inference_ns
             self.telemetry.request_done(req.model_id, result)
             return result, lease
-        except Failed:
-            self.telemetry.request_failed("failed")
-            raise
-        except Overloaded:
-            self.telemetry.request_failed("overloaded")
-            raise
-        except Unavailable:
-            self.telemetry.request_failed("unavailable")
-            raise
-        except TimeoutError:
-            self.telemetry.request_failed("timeout")
+        except (Failed, Overloaded, Unavailable, TimeoutError) as exc:
+            self.telemetry.request_failed(FAILURE_REASONS[type(exc)])
             raise
         finally:
             self._admitted -= 1
