@@ -208,6 +208,18 @@ def load_cycles(address: str, model_id: str, cycles: int, gpu: int) -> dict[str,
     }
 
 
+def start_server(stack: ExitStack, config: Path) -> ServerProcess:
+    """A server for this bench run (its log in a temp dir), stopped when `stack` closes."""
+    log = Path(tempfile.mkdtemp(prefix="lipsync-bench-")) / "server.log"
+    return stack.enter_context(ServerProcess(config, log_path=log))
+
+
+def grpc_address(stack: ExitStack, args: argparse.Namespace) -> str:
+    """--address, else $GRPC_SERVER, else a server started for this run."""
+    return (args.address or os.environ.get("GRPC_SERVER")
+            or start_server(stack, args.config).address)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     if args.stream:
         from pipeline.bench_stream import run_stream_bench
@@ -217,11 +229,8 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_stages(args)
     if args.load_cycles:
         with ExitStack() as stack:
-            address = args.address or os.environ.get("GRPC_SERVER")
-            if address is None:
-                log = Path(tempfile.mkdtemp(prefix="lipsync-bench-")) / "server.log"
-                address = stack.enter_context(ServerProcess(args.config, log_path=log)).address
-            result = load_cycles(address, args.model, args.load_cycles, args.gpu)
+            result = load_cycles(grpc_address(stack, args), args.model, args.load_cycles,
+                                 args.gpu)
         print(json.dumps(result) if args.json else
               "\n".join(f"{k:32s} {v}" for k, v in result.items()))
         return 0
@@ -229,11 +238,8 @@ def run_bench(args: argparse.Namespace) -> int:
         raise SystemExit("lipsync bench: need 1 <= --batch <= 32, --concurrency >= 1, --requests >= 1")
     request = build_request(args.config, args.model, args.batch, start=0)
     with ExitStack() as stack:
-        address = args.address or os.environ.get("GRPC_SERVER")
-        if address is None:
-            log = Path(tempfile.mkdtemp(prefix="lipsync-bench-")) / "server.log"
-            address = stack.enter_context(ServerProcess(args.config, log_path=log)).address
-        result = drive(address, request, args.concurrency, args.requests, args.warmup)
+        result = drive(grpc_address(stack, args), request, args.concurrency, args.requests,
+                       args.warmup)
     if args.json:
         print(json.dumps(result))
     else:

@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import json
 import math
-import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -330,11 +329,9 @@ def run_stream_bench(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         address = getattr(args, "address", None)
         if address is None:
-            from pipeline.launcher import ServerProcess
+            from pipeline.bench import start_server
 
-            log = Path(tempfile.mkdtemp(prefix="lipsync-bench-")) / "server.log"
-            server = stack.enter_context(ServerProcess(args.config, log_path=log))
-            address = f"127.0.0.1:{server.ws_port}"
+            address = f"127.0.0.1:{start_server(stack, args.config).ws_port}"
         logs = asyncio.run(drive_stream(stream_url(address, model), sessions, seconds, chunk_ms))
     result = aggregate([summarize(log) for log in logs], sessions, seconds, chunk_ms)
     print(json.dumps(result) if getattr(args, "json", False) else _table(result))
