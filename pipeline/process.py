@@ -8,6 +8,7 @@ Type=notify service.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import ctypes
 import fcntl
@@ -19,7 +20,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -33,6 +34,17 @@ LOG_FORMAT = "%(asctime)s %(levelname)s [%(role)s] [%(request)s] %(name)s: %(mes
 # The request (or stream client) a line is about; set where a request is handled, read by
 # every log line of that task or thread ("-" when none).
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+@contextlib.contextmanager
+def logging_request(request: int) -> Iterator[None]:
+    """Log lines inside the block carry this request's id (a worker's or compositor's
+    thread handles one request after another, so the id is put back after it)."""
+    token = request_id.set(f"{request:x}")
+    try:
+        yield
+    finally:
+        request_id.reset(token)
 
 
 class _RoleFilter(logging.Filter):

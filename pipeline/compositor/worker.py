@@ -17,8 +17,7 @@ from pipeline import messages as msg
 from pipeline.addresses import Addresses
 from pipeline.compositor.composite import encode_jpeg, paste
 from pipeline.config import Config
-from pipeline.process import Readiness, run_role
-from pipeline.process import request_id as log_request
+from pipeline.process import Readiness, logging_request, run_role
 from pipeline.shm.segment import SegmentCache
 from pipeline.sockets import make_socket
 
@@ -76,11 +75,8 @@ class Compositor:
 
     def composite(self, job: msg.CompositeJob) -> list[bytes]:
         """The frames to push for one job: [FrameDone, JPEG] or [FrameFailed]."""
-        token = log_request.set(f"{job.request_id:x}")
-        try:
+        with logging_request(job.request_id):
             return self._composite(job)
-        finally:
-            log_request.reset(token)
 
     def _composite(self, job: msg.CompositeJob) -> list[bytes]:
         t0 = time.perf_counter_ns()

@@ -234,12 +234,11 @@ class Dispatcher:
 
     # ---- control -----------------------------------------------------------------------
 
-    def _check_alive(self, worker: int) -> int:
-        """The worker index, or Unavailable when it is not there to take work."""
+    def _check_alive(self, worker: int) -> None:
+        """Unavailable when the worker is not there to take work."""
         w = self.workers[worker]
         if not w.alive(time.monotonic(), self.cfg.runtime.heartbeat_s):
             raise Unavailable(f"gpu_worker {worker} is unavailable (restarting or not answering)")
-        return worker
 
     async def control(self, worker: int, kind: type, model_id: str) -> msg.ControlReply:
         self._check_alive(worker)

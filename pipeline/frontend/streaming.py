@@ -24,13 +24,12 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.frontend.dispatcher import Failed, Overloaded, Unavailable
 from pipeline.frontend.models import ModelManager
-from pipeline.frontend.validation import MAX_BATCH, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, ValidRequest
-from pipeline.gpu_worker.audio import stream_samples
+from pipeline.frontend.validation import MAX_BATCH, ValidRequest
+from pipeline.gpu_worker.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE, stream_samples
 from pipeline.process import request_id as log_request
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 FRAME_SAMPLES = 640          # 40 ms: one video frame at 25 fps
 FRAME_US = 40_000
 TAIL_FRAMES = 15             # silence after a flush: every frame's look-ahead lies inside

@@ -9,13 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.gpu_worker.audio import FEATURE_BYTES, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE
 from pipeline.rpc import monolithic_pb2 as pb
 
 MAX_BATCH = 32
 VISUAL_FRAME_FLOATS = 6 * 320 * 320
-FEATURE_BYTES = 32 * 16 * 16 * 4
-DEFAULT_SAMPLE_RATE = 16000
-MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 MAX_AUDIO_SECONDS = 60.0
 
 
@@ -60,7 +58,7 @@ def validate(req: pb.CompositeBatchRequest, cfg: Config) -> ValidRequest:
         visual = np.frombuffer(req.visual_frames, dtype="<f4").reshape(b, 6, 320, 320)
 
     audio = features = None
-    sample_rate = req.sample_rate or DEFAULT_SAMPLE_RATE
+    sample_rate = req.sample_rate or SAMPLE_RATE
     if req.raw_audio:
         n = len(req.raw_audio)
         if n % 4:

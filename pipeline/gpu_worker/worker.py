@@ -28,8 +28,7 @@ from pipeline import messages as msg
 from pipeline.addresses import Addresses
 from pipeline.config import Config, ModelConfig
 from pipeline.gpu_worker.device import DeviceMemory, Resolved, pin_to_device
-from pipeline.process import Readiness, run_role
-from pipeline.process import request_id as log_request
+from pipeline.process import Readiness, logging_request, run_role
 from pipeline.shm.segment import SegmentCache
 from pipeline.sockets import make_socket
 
@@ -275,22 +274,14 @@ class GpuWorker:
                                                       memory_bytes=model.memory_bytes))
 
     def _infer(self, model: LoadedModel, req: msg.InferRequest, model_loaded: bool) -> None:
-        token = log_request.set(f"{req.request_id:x}")
-        try:
-            self._infer_logged(model, req, model_loaded)
-        finally:
-            log_request.reset(token)
-
-    def _infer_logged(self, model: LoadedModel, req: msg.InferRequest, model_loaded: bool) -> None:
-        try:
-            done = self._run(model, req, model_loaded)
-        except RequestError as exc:
-            self._post(FRONTEND, msg.InferFailed(req.request_id, str(exc)))
-            return
-        except Exception as exc:  # a bug must cost one request, never the worker
-            log.exception("request %d failed", req.request_id)
-            self._post(FRONTEND, msg.InferFailed(req.request_id, f"internal error: {exc}"))
-            return
+        with logging_request(req.request_id):
+            try:
+                done: msg.Message = self._run(model, req, model_loaded)
+            except RequestError as exc:
+                done = msg.InferFailed(req.request_id, str(exc))
+            except Exception as exc:  # a bug must cost one request, never the worker
+                log.exception("request %d failed", req.request_id)
+                done = msg.InferFailed(req.request_id, f"internal error: {exc}")
         self._post(FRONTEND, done)
 
     def _run(self, model: LoadedModel, req: msg.InferRequest, model_loaded: bool) -> msg.InferDone:
