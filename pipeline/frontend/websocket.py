@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from pipeline.config import Config
 from pipeline.frontend.models import ModelManager
@@ -107,7 +108,10 @@ class AudioSocketServer:
                                           for pattern in self.settings.allowed_origins):
             log.warning("refused a connection from origin %s", origin)
             return connection.respond(403, "Forbidden: origin not allowed\n")
-        if len(self.sessions) >= self.settings.max_clients:
+        # a session whose connection is closing no longer holds its slot (its handler may
+        # still be finishing when its client, told it is closed, connects again)
+        if sum(ws.state is State.OPEN for _, ws in self.sessions.values()) \
+                >= self.settings.max_clients:
             return connection.respond(503, f"Service Unavailable: {self.settings.max_clients} "
                                            "clients connected (MAX_CLIENTS)\n")
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
