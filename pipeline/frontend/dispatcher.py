@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
@@ -21,7 +21,7 @@ import zmq.asyncio
 from pipeline import messages as msg
 from pipeline.addresses import Addresses
 from pipeline.config import Config
-from pipeline.frontend.validation import ValidRequest, check_finite_visual
+from pipeline.frontend.validation import ValidRequest, copy_finite_visual
 from pipeline.process import request_id as log_request
 from pipeline.shm.arena import Arena, Block
 from pipeline.sockets import make_socket
@@ -53,6 +53,8 @@ class InferResult:
     composite_ns: int          # wall time from the jobs' dispatch to the last JPEG here
     paste_ns: int              # summed over the frames, in the compositors
     jpeg_ns: int
+    critical_ns: int           # paste + JPEG of the busiest compositor
+    input_copy_ns: int         # the request's tensors into shared memory
 
 
 @dataclass
@@ -69,15 +71,26 @@ class Pending:
     received: int = 0
     paste_ns: int = 0
     jpeg_ns: int = 0
+    input_copy_ns: int = 0
     abandoned: bool = False  # the client gave up; the block waits for the worker
+    per_compositor_ns: dict[int, int] = field(default_factory=dict)
+
+    def frame_done(self, m: msg.FrameDone, jpeg: bytes) -> None:
+        self.frames[m.frame_index] = jpeg
+        self.received += 1
+        self.paste_ns += m.paste_ns
+        self.jpeg_ns += m.jpeg_ns
+        busy = self.per_compositor_ns.get(m.compositor, 0)
+        self.per_compositor_ns[m.compositor] = busy + m.paste_ns + m.jpeg_ns
 
     def complete_if_ready(self) -> bool:
         if self.done is None or self.received < len(self.frames):
             return False
         if not self.future.done():
             ns = max(0, time.monotonic_ns() - self.done.composite_start_ns)
-            self.future.set_result(InferResult(list(self.frames), self.done, ns,  # type: ignore[arg-type]
-                                               self.paste_ns, self.jpeg_ns))
+            self.future.set_result(InferResult(
+                list(self.frames), self.done, ns, self.paste_ns, self.jpeg_ns,  # type: ignore[arg-type]
+                max(self.per_compositor_ns.values(), default=0), self.input_copy_ns))
         return True
 
 
@@ -161,12 +174,12 @@ class Dispatcher:
         refs = self._layout(block, b, audio_len, feature_len)
         write = asyncio.ensure_future(asyncio.to_thread(self._write_inputs, req, refs))
         try:
-            await asyncio.shield(write)
+            copy_ns = await asyncio.shield(write)
             self._check_alive(worker)
             request_id = next(self._ids)
             log_request.set(f"{request_id:x}")
             pending = Pending(request_id, req.model_id, worker, block, [None] * b,
-                              asyncio.get_running_loop().create_future())
+                              asyncio.get_running_loop().create_future(), input_copy_ns=copy_ns)
             self.pending[request_id] = pending
             await self.to_workers[worker].send(msg.encode(msg.InferRequest(
                 request_id=request_id, worker_pid=self.workers[worker].pid,
@@ -222,15 +235,19 @@ class Dispatcher:
             offset += nbytes
         return refs
 
-    def _write_inputs(self, req: ValidRequest, refs: dict[str, msg.TensorRef]) -> None:
-        """The one copy of the request's tensors: protobuf bytes -> shared memory."""
+    def _write_inputs(self, req: ValidRequest, refs: dict[str, msg.TensorRef]) -> int:
+        """The one copy of the request's tensors: received message -> shared memory (ns)."""
+        t0 = time.perf_counter_ns()
         for name, source in (("visual", req.visual), ("audio", req.audio),
                              ("features", req.features)):
             if source is not None:
                 ref = refs[name]
-                self.arena.ndarray(ref.offset, ref.shape, "float32")[...] = source.reshape(ref.shape)
-        if req.visual is not None:
-            check_finite_visual(req.visual)
+                target = self.arena.ndarray(ref.offset, ref.shape, "float32")
+                if name == "visual":
+                    copy_finite_visual(source, target)
+                else:
+                    target[...] = source.reshape(ref.shape)
+        return time.perf_counter_ns() - t0
 
     # ---- control -----------------------------------------------------------------------
 
@@ -266,10 +283,7 @@ class Dispatcher:
         if isinstance(m, msg.FrameDone):
             p = self.pending.get(m.request_id)
             if p is not None and 0 <= m.frame_index < len(p.frames) and p.frames[m.frame_index] is None:
-                p.frames[m.frame_index] = rest[0]
-                p.received += 1
-                p.paste_ns += m.paste_ns
-                p.jpeg_ns += m.jpeg_ns
+                p.frame_done(m, rest[0])
                 p.complete_if_ready()
         elif isinstance(m, msg.InferDone):
             p = self.pending.get(m.request_id)

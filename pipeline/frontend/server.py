@@ -19,11 +19,11 @@ from pipeline.frontend.models import ModelManager
 from pipeline.frontend.stream_rpc import InferenceService, StreamRpc
 from pipeline.frontend.telemetry import Telemetry
 from pipeline.frontend.websocket import AudioSocketServer
+from pipeline.frontend.wire import add_servicer, parse_composite_request
 from pipeline.process import Readiness, run_role
 from pipeline.rpc import inference_pb2 as ipb
 from pipeline.rpc import inference_pb2_grpc as ipb_grpc
 from pipeline.rpc import monolithic_pb2 as pb
-from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,9 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
         models.start()
         streams = StreamRpc(cfg, models)
         server = grpc.aio.server(options=grpc_options(cfg))
-        pb_grpc.add_MonolithicServiceServicer_to_server(
-            MonolithicService(dispatcher, models, streams), server)
+        add_servicer(server, MonolithicService(dispatcher, models, streams),
+                     pb.DESCRIPTOR.services_by_name["MonolithicService"],
+                     {"InferBatchComposite": parse_composite_request})
         ipb_grpc.add_InferenceServiceServicer_to_server(InferenceService(streams), server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(SERVICE_NAMES, server)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.frontend.wire import CompositeRequestView
 from pipeline.gpu_worker.audio import FEATURE_BYTES, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE
 from pipeline.rpc import monolithic_pb2 as pb
 
@@ -43,7 +44,7 @@ def _finite(values: np.ndarray) -> bool:
     return bool(np.isfinite(total)) or bool(np.isfinite(values).all())
 
 
-def validate(req: pb.CompositeBatchRequest, cfg: Config) -> ValidRequest:
+def validate(req: pb.CompositeBatchRequest | CompositeRequestView, cfg: Config) -> ValidRequest:
     if not req.model_id:
         raise InvalidRequest("model_id is required")
     b = req.batch_size
@@ -91,7 +92,20 @@ def validate(req: pb.CompositeBatchRequest, cfg: Config) -> ValidRequest:
     return ValidRequest(req.model_id, b, req.start_frame_idx, visual, audio, sample_rate, features)
 
 
-def check_finite_visual(visual: np.ndarray) -> None:
-    """Raise InvalidRequest for NaN/Inf in the visual tensor (run off the event loop)."""
-    if not _finite(visual):
-        raise InvalidRequest("visual_frames contains NaN or Inf values")
+_CHECK_CHUNK = 1 << 18  # floats: 1 MiB, copied then summed while still in cache
+
+
+def copy_finite_visual(source: np.ndarray, target: np.ndarray) -> None:
+    """Copy the visual tensor into `target` (shared memory), checking for NaN/Inf on the way.
+
+    Chunked so the check reads what the copy just wrote from cache, not from memory again.
+    Raises InvalidRequest for NaN/Inf (run off the event loop).
+    """
+    src, dst = source.reshape(-1), target.reshape(-1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for start in range(0, src.size, _CHECK_CHUNK):
+            chunk = dst[start:start + _CHECK_CHUNK]
+            chunk[...] = src[start:start + _CHECK_CHUNK]
+            # a float32 sum is finite when every term is (the exact check only on doubt)
+            if not np.isfinite(np.add.reduce(chunk)) and not np.isfinite(chunk).all():
+                raise InvalidRequest("visual_frames contains NaN or Inf values")

@@ -10,9 +10,10 @@ from pipeline.config import Config, parse_config
 from pipeline.frontend.validation import (
     InvalidRequest,
     ValidRequest,
-    check_finite_visual,
+    copy_finite_visual,
     validate,
 )
+from pipeline.frontend.wire import CompositeRequestView, parse_composite_request
 from pipeline.rpc import monolithic_pb2 as pb
 
 FRAME_FLOATS = 6 * 320 * 320
@@ -34,15 +35,17 @@ def _audio(samples: int = 10240, value: float = 0.1) -> bytes:
     return np.full(samples, value, "<f4").tobytes()
 
 
-def _request(**fields: object) -> pb.CompositeBatchRequest:
-    """A valid request for model demo, batch 1, with the given fields replaced."""
+def _request(**fields: object) -> CompositeRequestView:
+    """A valid request for model demo, batch 1, with the given fields replaced, read from
+    its wire bytes as the server reads it."""
     base: dict[str, object] = {"model_id": "demo", "batch_size": 1, "visual_frames": _visual(1),
                                "raw_audio": _audio(), "start_frame_idx": 0}
     base.update(fields)
-    return pb.CompositeBatchRequest(**base)  # type: ignore[arg-type]
+    wire = pb.CompositeBatchRequest(**base).SerializeToString()  # type: ignore[arg-type]
+    return parse_composite_request(wire)
 
 
-def _error(req: pb.CompositeBatchRequest, cfg: Config) -> str:
+def _error(req: CompositeRequestView, cfg: Config) -> str:
     with pytest.raises(InvalidRequest) as info:
         validate(req, cfg)
     return str(info.value)
@@ -180,18 +183,25 @@ def test_huge_finite_values_accepted(cfg: Config) -> None:
     features = np.full(FEATURE_FLOATS, -3e38, "<f4")
     assert validate(_request(raw_audio=b"", audio_features=features.tobytes()), cfg).features is not None
     visual = np.full((1, 6, 320, 320), 3e38, "<f4")
-    check_finite_visual(visual)
+    copy = np.empty_like(visual)
+    copy_finite_visual(visual, copy)
+    assert np.array_equal(copy, visual)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_visual_finiteness(cfg: Config, bad: float) -> None:
-    """validate() leaves the visual check to check_finite_visual, which rejects NaN/Inf."""
-    visual = np.full(FRAME_FLOATS, 0.5, "<f4")
-    visual[FRAME_FLOATS // 2] = bad
-    valid = validate(_request(visual_frames=visual.tobytes()), cfg)
-    with pytest.raises(InvalidRequest, match=r"^visual_frames contains NaN or Inf values$"):
-        check_finite_visual(valid.visual)
-    check_finite_visual(validate(_request(), cfg).visual)
+    """validate() leaves the visual check to the copy into shared memory, which rejects
+    NaN/Inf wherever it sits (first, middle or last float, every chunk boundary)."""
+    for position in (0, FRAME_FLOATS // 2, (1 << 18) - 1, 1 << 18, FRAME_FLOATS - 1):
+        visual = np.full(FRAME_FLOATS, 0.5, "<f4")
+        visual[position] = bad
+        valid = validate(_request(visual_frames=visual.tobytes()), cfg)
+        with pytest.raises(InvalidRequest, match=r"^visual_frames contains NaN or Inf values$"):
+            copy_finite_visual(valid.visual, np.empty_like(valid.visual))
+    good = validate(_request(), cfg).visual
+    copy = np.empty_like(good)
+    copy_finite_visual(good, copy)
+    assert np.array_equal(copy, good)
 
 
 def test_empty_visual_frames_means_server_built(cfg: Config) -> None:
