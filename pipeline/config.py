@@ -45,6 +45,12 @@ class GpusConfig:
 
 
 @dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_frames: int = 32       # frames of concurrent requests coalesced into one UNet run
+    max_queue_delay_ms: float = 1.0  # how long a run waits for more requests (0: only those queued)
+
+
+@dataclass(frozen=True)
 class CapacityConfig:
     max_models: int = 40             # models loaded on the whole server
     max_memory_gb: float = 20.0      # per-device memory budget for models
@@ -120,6 +126,7 @@ class Config:
     audio_encoder_path: Path          # the shared audio-encoder ONNX
     server: ServerConfig = field(default_factory=ServerConfig)
     gpus: GpusConfig = field(default_factory=GpusConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     compositor: CompositorConfig = field(default_factory=CompositorConfig)
@@ -161,11 +168,13 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
 def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     """Validate a parsed YAML mapping into a Config."""
     raw = _mapping("(top level)", raw)
-    _known("(top level)", raw, {"server", "gpus", "capacity", "output", "compositor", "runtime",
-                                "streaming", "ops", "models_root", "audio_encoder_path", "models"})
+    _known("(top level)", raw, {"server", "gpus", "batching", "capacity", "output", "compositor",
+                                "runtime", "streaming", "ops", "models_root",
+                                "audio_encoder_path", "models"})
     models_root = (base_dir / _str("models_root", raw.get("models_root", "models"))).resolve()
     server = _section(ServerConfig, "server", raw.get("server"), base_dir)
     gpus = _section(GpusConfig, "gpus", raw.get("gpus"), base_dir)
+    batching = _section(BatchingConfig, "batching", raw.get("batching"), base_dir)
     capacity = _section(CapacityConfig, "capacity", raw.get("capacity"), base_dir)
     output = _section(OutputConfig, "output", raw.get("output"), base_dir)
     compositor = _section(CompositorConfig, "compositor", raw.get("compositor"), base_dir)
@@ -186,6 +195,9 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     _check("gpus.count", 1 <= gpus.count <= 64, "must be 1-64")
     _check("gpus.provider", gpus.provider in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu")
     _check("gpus.intra_op_threads", gpus.intra_op_threads >= 0, "must be >= 0")
+    _check("batching.max_batch_frames", 1 <= batching.max_batch_frames <= 1024, "must be 1-1024")
+    _check("batching.max_queue_delay_ms", 0 <= batching.max_queue_delay_ms <= 1000,
+           "must be 0-1000")
     _check("capacity.max_models", capacity.max_models >= 1, "must be >= 1")
     _check("capacity.max_memory_gb", capacity.max_memory_gb > 0, "must be > 0")
     _check("capacity.idle_timeout_minutes", capacity.idle_timeout_minutes >= 0, "must be >= 0")
@@ -218,8 +230,9 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     _check("streaming.default_model", not streaming.default_model
            or streaming.default_model in models, "must be one of the configured models")
     return Config(path=path, models_root=models_root, audio_encoder_path=encoder, server=server,
-                  gpus=gpus, capacity=capacity, output=output, compositor=compositor,
-                  runtime=runtime, streaming=streaming, ops=ops, models=models)
+                  gpus=gpus, batching=batching, capacity=capacity, output=output,
+                  compositor=compositor, runtime=runtime, streaming=streaming, ops=ops,
+                  models=models)
 
 
 _MODEL_KEYS = {"model_path", "background_dir", "crop_rects_path", "num_frames", "source_video",

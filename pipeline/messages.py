@@ -101,6 +101,8 @@ class InferDone(Message):
     model_loaded: bool
     load_ns: int
     composite_start_ns: int             # time.monotonic_ns() when the jobs were dispatched
+    run_frames: int = 0                 # frames of the UNet run this request shared (batching)
+    run_requests: int = 1               # requests coalesced into that run
 
 
 class InferFailed(Message):

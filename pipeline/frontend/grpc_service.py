@@ -69,6 +69,13 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
             model_load_time_ms=(lease.load_ns or done.load_ns) / 1e6,
             success=True,
             gpu_id=done.gpu_id,
+            stages=pb.StageTimings(
+                queue_ms=done.queue_ns / 1e6, audio_ms=done.audio_ns / 1e6,
+                encoder_ms=done.encoder_ns / 1e6, visual_ms=done.visual_ns / 1e6,
+                unet_ms=done.inference_ns / 1e6, paste_ms=result.paste_ns / 1e6,
+                jpeg_ms=result.jpeg_ns / 1e6, composite_critical_ms=result.critical_ns / 1e6,
+                run_frames=done.run_frames, run_requests=done.run_requests,
+                input_copy_ms=result.input_copy_ns / 1e6),
         )
 
     async def Health(self, request: pb.HealthRequest,

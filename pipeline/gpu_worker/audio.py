@@ -316,6 +316,13 @@ def frame_features(
     return out
 
 
+def request_features(encode: Callable[[np.ndarray], np.ndarray], samples: np.ndarray,
+                     sample_rate: int, batch_size: int) -> np.ndarray:
+    """[B,32,16,16] features of a request's whole audio: mel, every window through
+    `encode` in one call, per-frame assembly (the InferBatchComposite audio stage)."""
+    return frame_features(encode(mel_windows(melspectrogram(samples, sample_rate))), batch_size)
+
+
 def replicated_features(feature_bytes: bytes | memoryview, batch_size: int) -> np.ndarray:
     """Deprecated path: one frame's [32,16,16] float32 LE tensor copied to [B, 32, 16, 16]."""
     n = memoryview(feature_bytes).nbytes

@@ -5,6 +5,12 @@ Threads: a receiver bridges the inbox socket into `inbox` (a queue), a sender dr
 waits on the queue, never on a socket. Per request it computes the audio features,
 runs the UNet on the shared-memory tensors (output written in place) and hands one
 CompositeJob per frame to the compositor pool.
+
+Dynamic batching: the compute loop coalesces the requests of one model that are queued
+(or arrive within `batching.max_queue_delay_ms`) into one UNet run of at most
+`batching.max_batch_frames` frames. A run of one request binds its shared-memory tensors
+directly; a coalesced run gathers the requests' inputs into one staging batch and
+scatters the predictions back into each request's own output block.
 """
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -82,6 +89,8 @@ class GpuWorker:
         self.provider = provider
         self.addresses = Addresses.of(cfg)
         self.inbox: queue.Queue[object] = queue.Queue()
+        self.backlog: deque[object] = deque()   # taken from the inbox, set aside by a batch
+        self.staging: StagingBatch | None = None
         self.outbox: queue.Queue[tuple[str, list[bytes]]] = queue.Queue()
         self.segments = SegmentCache()          # the frontend's request arena, attached lazily
         self.models: dict[str, LoadedModel] = {}
@@ -163,7 +172,8 @@ class GpuWorker:
     def _heartbeat(self) -> msg.Heartbeat:
         return msg.Heartbeat(role="gpu_worker", index=self.index, pid=os.getpid(),
                              gpu_id=self.index, device_memory_used_bytes=self.memory.used_bytes(),
-                             loaded_models=tuple(self.models), queue_depth=self.inbox.qsize())
+                             loaded_models=tuple(self.models),
+                             queue_depth=self.inbox.qsize() + len(self.backlog))
 
     # ---- compute loop ----------------------------------------------------------------
 
@@ -172,18 +182,47 @@ class GpuWorker:
             msg.InferRequest: self._on_infer, msg.LoadModel: self._on_load,
             msg.UnloadModel: self._on_unload, LoadFinished: self._on_load_finished}
         while not stop.is_set():
-            try:
-                item = self.inbox.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            handlers[type(item)](item)
+            item = self.backlog.popleft() if self.backlog else self._get(time.monotonic() + 0.1)
+            if item is not None:
+                handlers[type(item)](item)
+
+    def _get(self, deadline: float) -> object | None:
+        """The next inbox item, waiting until `deadline` (monotonic) at most."""
+        try:
+            return self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return None
 
     def _on_infer(self, req: msg.InferRequest) -> None:
         model = self.models.get(req.model_id)
         if model is None:
             self._start_load(req.model_id).waiting.append(req)
             return
-        self._infer(model, req, model_loaded=False)
+        self._infer(model, self._coalesce(req), model_loaded=False)
+
+    def _coalesce(self, first: msg.InferRequest) -> list[msg.InferRequest]:
+        """`first` and the requests of its model queued behind it, or arriving within the
+        queue delay, up to max_batch_frames. Other items keep their order in the backlog;
+        a control message or a request that does not fit ends the search."""
+        limit = self.cfg.batching.max_batch_frames
+        run, frames, set_aside = [first], first.batch_size, []
+        earlier = list(self.backlog)
+        self.backlog.clear()
+        deadline = time.monotonic() + self.cfg.batching.max_queue_delay_ms / 1e3
+        while frames < limit:
+            item = earlier.pop(0) if earlier else self._get(deadline)
+            if item is None:
+                break
+            same_model = isinstance(item, msg.InferRequest) and item.model_id == first.model_id
+            if same_model and frames + item.batch_size <= limit:  # type: ignore[union-attr]
+                run.append(item)  # type: ignore[arg-type]
+                frames += item.batch_size  # type: ignore[union-attr]
+                continue
+            set_aside.append(item)
+            if same_model or not isinstance(item, msg.InferRequest):
+                break
+        self.backlog.extend(set_aside + earlier)
+        return run
 
     def _on_load(self, req: msg.LoadModel) -> None:
         model = self.models.get(req.model_id)
@@ -266,25 +305,46 @@ class GpuWorker:
         log.info("loaded %s in %.0f ms (%d frames, %.1f MB)", done.model_id, model.load_ns / 1e6,
                  model.avatar.num_frames, model.memory_bytes / 2**20)
         for req in loading.waiting:
-            if isinstance(req, msg.InferRequest):
-                self._infer(model, req, model_loaded=True)
-            else:
+            if isinstance(req, msg.LoadModel):
                 self._post(FRONTEND, msg.ControlReply(req.request_id, ok=True, gpu_id=self.index,
                                                       elapsed_ns=model.load_ns,
                                                       memory_bytes=model.memory_bytes))
+        requests = [r for r in loading.waiting if isinstance(r, msg.InferRequest)]
+        for run in frame_limited_runs(requests, self.cfg.batching.max_batch_frames):
+            self._infer(model, run, model_loaded=True)
 
-    def _infer(self, model: LoadedModel, req: msg.InferRequest, model_loaded: bool) -> None:
-        with logging_request(req.request_id):
-            try:
-                done: msg.Message = self._run(model, req, model_loaded)
-            except RequestError as exc:
-                done = msg.InferFailed(req.request_id, str(exc))
-            except Exception as exc:  # a bug must cost one request, never the worker
-                log.exception("request %d failed", req.request_id)
-                done = msg.InferFailed(req.request_id, f"internal error: {exc}")
-        self._post(FRONTEND, done)
+    def _infer(self, model: LoadedModel, run: list[msg.InferRequest], model_loaded: bool) -> None:
+        """One UNet run for the requests of `run` (one model); each is answered on its own."""
+        prepared = []
+        for req in run:
+            with logging_request(req.request_id):
+                try:
+                    prepared.append(self._prepare(model, req))
+                except Exception as exc:
+                    self._post(FRONTEND, msg.InferFailed(req.request_id, _client_error(exc, req)))
+        if not prepared:
+            return
+        t0 = time.monotonic_ns()
+        try:
+            self._run_unet(model, prepared)
+        except Exception as exc:
+            for p in prepared:
+                self._post(FRONTEND, msg.InferFailed(p.req.request_id, f"Inference failed: {exc}"))
+            return
+        t1 = time.monotonic_ns()
+        frames = sum(p.req.batch_size for p in prepared)
+        for p in prepared:
+            self._dispatch_frames(model, p.req)
+            self._post(FRONTEND, msg.InferDone(
+                p.req.request_id, gpu_id=self.index,
+                queue_ns=max(0, p.started_ns - p.req.sent_ns) if p.req.sent_ns else 0,
+                audio_ns=p.audio_ns, encoder_ns=p.encoder_ns, visual_ns=p.visual_ns,
+                inference_ns=t1 - t0, model_loaded=model_loaded,
+                load_ns=model.load_ns if model_loaded else 0, composite_start_ns=t1,
+                run_frames=frames, run_requests=len(prepared)))
 
-    def _run(self, model: LoadedModel, req: msg.InferRequest, model_loaded: bool) -> msg.InferDone:
+    def _prepare(self, model: LoadedModel, req: msg.InferRequest) -> Prepared:
+        """The request's audio features, and its visual input when the server builds it."""
         from pipeline.gpu_worker import audio
 
         b = req.batch_size
@@ -303,9 +363,8 @@ class GpuWorker:
                 features = audio.stream_frame_features(
                     encode, self._view(req.audio), req.stream_offset, req.start_frame_idx, b)
             elif req.audio is not None:
-                samples = self._view(req.audio)
-                mel = audio.melspectrogram(samples, req.sample_rate)
-                features = audio.frame_features(encode(audio.mel_windows(mel)), b)
+                features = audio.request_features(encode, self._view(req.audio),
+                                                  req.sample_rate, b)
             elif req.features is not None:
                 features = audio.replicated_features(self._view(req.features).tobytes(), b)
             else:
@@ -315,32 +374,46 @@ class GpuWorker:
         except Exception as exc:
             raise RequestError(f"Failed to encode audio features: {exc}") from exc
         t1 = time.monotonic_ns()
-        visual = self._view(req.visual)
         if req.build_visual:
-            model.avatar.visual_inputs(req.start_frame_idx, out=visual)
-        t2 = time.monotonic_ns()
-        prediction = self._view(req.output)
-        try:
-            model.unet.run(visual, features, prediction)
-        except Exception as exc:
-            raise RequestError(f"Inference failed: {exc}") from exc
-        t3 = time.monotonic_ns()
+            model.avatar.visual_inputs(req.start_frame_idx, out=self._view(req.visual))
+        return Prepared(req, features, started_ns=t0, audio_ns=t1 - t0, encoder_ns=encoder_ns,
+                        visual_ns=time.monotonic_ns() - t1 if req.build_visual else 0)
+
+    def _run_unet(self, model: LoadedModel, prepared: list[Prepared]) -> None:
+        """One ORT run over every prepared request, predictions into their output blocks."""
+        if len(prepared) == 1:  # bound in place: ORT reads and writes shared memory
+            p = prepared[0]
+            model.unet.run(self._view(p.req.visual), p.features, self._view(p.req.output))
+            return
+        frames = sum(p.req.batch_size for p in prepared)
+        if self.staging is None:
+            self.staging = StagingBatch(self.cfg.batching.max_batch_frames)
+        visual, audio_in, output = self.staging.views(frames)
+        for p, rows in zip(prepared, self._rows(prepared)):
+            visual[rows] = self._view(p.req.visual)
+            audio_in[rows] = p.features
+        model.unet.run(visual, audio_in, output)
+        for p, rows in zip(prepared, self._rows(prepared)):
+            self._view(p.req.output)[...] = output[rows]
+
+    @staticmethod
+    def _rows(prepared: list[Prepared]) -> Iterator[slice]:
+        start = 0
+        for p in prepared:
+            yield slice(start, start + p.req.batch_size)
+            start += p.req.batch_size
+
+    def _dispatch_frames(self, model: LoadedModel, req: msg.InferRequest) -> None:
+        """One CompositeJob per frame: the compositors read prediction and background in place."""
         frame_bytes = 3 * 320 * 320 * 4
-        for i in range(b):
+        for i in range(req.batch_size):
             frame = req.start_frame_idx + i
-            job = msg.CompositeJob(
+            self._post(JOBS, msg.CompositeJob(
                 request_id=req.request_id, frame_index=i,
                 prediction=msg.TensorRef(req.output.segment, req.output.offset + i * frame_bytes,
                                          (3, 320, 320), "float32"),
                 background=model.avatar.background_ref(frame), rect=model.avatar.rect(frame),
-                mode=model.config.composite_mode, jpeg_quality=self.cfg.jpeg_quality)
-            self._post(JOBS, job)
-        return msg.InferDone(req.request_id, gpu_id=self.index,
-                             queue_ns=max(0, t0 - req.sent_ns) if req.sent_ns else 0,
-                             audio_ns=t1 - t0, encoder_ns=encoder_ns,
-                             visual_ns=t2 - t1 if req.build_visual else 0,
-                             inference_ns=t3 - t2, model_loaded=model_loaded,
-                             load_ns=model.load_ns if model_loaded else 0, composite_start_ns=t3)
+                mode=model.config.composite_mode, jpeg_quality=self.cfg.jpeg_quality))
 
     def _view(self, ref: msg.TensorRef) -> np.ndarray:
         return self.segments.ndarray(ref.segment, ref.offset, ref.shape, ref.dtype)
@@ -353,6 +426,51 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def _client_error(exc: Exception, req: msg.InferRequest) -> str:
+    if isinstance(exc, RequestError):
+        return str(exc)
+    log.exception("request %d failed", req.request_id)  # a bug costs one request, not the worker
+    return f"internal error: {exc}"
+
+
+def frame_limited_runs(requests: list[msg.InferRequest], limit: int) -> Iterator[list[msg.InferRequest]]:
+    """`requests` in order, cut into runs of at most `limit` frames (a larger request alone)."""
+    run: list[msg.InferRequest] = []
+    frames = 0
+    for req in requests:
+        if run and frames + req.batch_size > limit:
+            yield run
+            run, frames = [], 0
+        run.append(req)
+        frames += req.batch_size
+    if run:
+        yield run
+
+
+@dataclass
+class Prepared:
+    """A request ready for the UNet: its features, and what preparing it took."""
+
+    req: msg.InferRequest
+    features: np.ndarray          # [B,32,16,16] float32
+    started_ns: int
+    audio_ns: int
+    encoder_ns: int
+    visual_ns: int
+
+
+class StagingBatch:
+    """The contiguous batch a coalesced run gathers its requests into (allocated once)."""
+
+    def __init__(self, max_frames: int) -> None:
+        self.visual = np.empty((max_frames, 6, 320, 320), np.float32)
+        self.audio = np.empty((max_frames, 32, 16, 16), np.float32)
+        self.output = np.empty((max_frames, 3, 320, 320), np.float32)
+
+    def views(self, frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.visual[:frames], self.audio[:frames], self.output[:frames]
 
 
 @dataclass(frozen=True)
