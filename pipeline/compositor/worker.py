@@ -1,6 +1,6 @@
 """A compositor process: pulls CompositeJobs from every gpu_worker, reads the prediction
 and the background in place from shared memory, pastes, encodes the JPEG and pushes it
-to the frontend as [FrameDone header, JPEG] (the JPEG as its own zero-copy frame).
+to the frontend as [FrameDone header, JPEG] (the JPEG as its own ZMQ frame).
 """
 from __future__ import annotations
 
@@ -101,6 +101,6 @@ class Compositor:
     @staticmethod
     def _send(sock: zmq.Socket, frames: list[bytes]) -> None:
         try:
-            sock.send_multipart(frames, copy=False)
+            sock.send_multipart(frames)  # copied: zero-copy frames cost as much at ~60 KB
         except zmq.Again:
             log.error("frontend unreachable; result dropped")

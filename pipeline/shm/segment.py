@@ -10,6 +10,7 @@ sweep reclaims what a killed owner left.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from multiprocessing import resource_tracker
@@ -88,7 +89,7 @@ class SharedSegment:
     def ndarray(self, offset: int, shape: tuple[int, ...], dtype: str | np.dtype) -> np.ndarray:
         """A view (no copy) of the bytes at offset; raises if it would run past the end."""
         dt = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         if offset < 0 or offset + count * dt.itemsize > self.size:
             raise ValueError(f"view [{offset}, +{count * dt.itemsize}) outside segment "
                              f"{self.name} of {self.size} bytes")
