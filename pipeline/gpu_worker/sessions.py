@@ -26,6 +26,10 @@ def _session(path: Path, provider: Resolved, intra_op_threads: int) -> ort.Infer
     if intra_op_threads:
         opts.intra_op_num_threads = intra_op_threads
     opts.log_severity_level = 3
+    # idle ORT threads sleep instead of spinning: spinning threads would take the CPU from
+    # the compositors and the frontend, which run beside the worker on the same cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
     if provider == "cuda":
         # the process sees only its own device (CUDA_VISIBLE_DEVICES), so device 0
