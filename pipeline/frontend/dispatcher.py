@@ -123,6 +123,7 @@ class Dispatcher:
         self.inbox = make_socket(self.ctx, zmq.PULL, bind=self.addresses.frontend_inbox)
         self.to_workers = [make_socket(self.ctx, zmq.PUSH, connect=[self.addresses.worker_inbox(i)])
                            for i in range(cfg.gpus.count)]
+        self._worker_sockets = [zmq.Socket.shadow(s.underlying) for s in self.to_workers]
         self.arena = Arena.create(self.addresses.request_arena(), cfg.runtime.arena_mb * 2**20)
         self.pending: dict[int, Pending] = {}
         self.controls: dict[int, Control] = {}
@@ -172,7 +173,11 @@ class Dispatcher:
         block = await self._allocate(size, deadline)
         pending: Pending | None = None
         refs = self._layout(block, b, audio_len, feature_len)
-        write = asyncio.ensure_future(asyncio.to_thread(self._write_inputs, req, refs))
+        if req.visual is None:  # audio alone: a copy of microseconds, done right here
+            write = asyncio.get_running_loop().create_future()
+            write.set_result(self._write_inputs(req, refs))
+        else:  # megabytes: in a thread (numpy lets go of the GIL), the loop serves others
+            write = asyncio.ensure_future(asyncio.to_thread(self._write_inputs, req, refs))
         try:
             copy_ns = await asyncio.shield(write)
             self._check_alive(worker)
@@ -181,7 +186,7 @@ class Dispatcher:
             pending = Pending(request_id, req.model_id, worker, block, [None] * b,
                               asyncio.get_running_loop().create_future(), input_copy_ns=copy_ns)
             self.pending[request_id] = pending
-            await self.to_workers[worker].send(msg.encode(msg.InferRequest(
+            await self._send(worker, msg.encode(msg.InferRequest(
                 request_id=request_id, worker_pid=self.workers[worker].pid,
                 model_id=req.model_id, batch_size=b, start_frame_idx=req.start_frame_idx,
                 output=refs["output"], visual=refs["visual"], build_visual=req.visual is None,
@@ -249,6 +254,13 @@ class Dispatcher:
                     target[...] = source.reshape(ref.shape)
         return time.perf_counter_ns() - t0
 
+    async def _send(self, worker: int, message: bytes) -> None:
+        """To a gpu_worker: at once when its queue has room (no future), else waiting."""
+        try:
+            self._worker_sockets[worker].send(message, zmq.NOBLOCK)
+        except zmq.Again:
+            await self.to_workers[worker].send(message)
+
     # ---- control -----------------------------------------------------------------------
 
     def _check_alive(self, worker: int) -> None:
@@ -263,8 +275,8 @@ class Dispatcher:
         future: asyncio.Future[msg.ControlReply] = asyncio.get_running_loop().create_future()
         self.controls[request_id] = Control(future, worker)
         try:
-            await self.to_workers[worker].send(
-                msg.encode(kind(request_id, self.workers[worker].pid, model_id)))
+            await self._send(worker, msg.encode(kind(request_id, self.workers[worker].pid,
+                                                     model_id)))
             return await asyncio.wait_for(future, self.cfg.runtime.start_timeout_s)
         finally:
             self.controls.pop(request_id, None)
@@ -272,12 +284,20 @@ class Dispatcher:
     # ---- the inbox -------------------------------------------------------------------
 
     async def _read_inbox(self) -> None:
+        # one wake-up of the loop takes every message that is there (frames of a batch
+        # arrive together): per message, a non-blocking read instead of a future
+        inbox = zmq.Socket.shadow(self.inbox.underlying)
         while True:
-            frames = await self.inbox.recv_multipart()
-            try:
-                self._handle(msg.frontend_decoder.decode(frames[0]), frames[1:])
-            except Exception:
-                log.exception("dropped a message from the inbox")
+            await self.inbox.poll(flags=zmq.POLLIN)
+            while True:
+                try:
+                    frames = inbox.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    self._handle(msg.frontend_decoder.decode(frames[0]), frames[1:])
+                except Exception:
+                    log.exception("dropped a message from the inbox")
 
     def _handle(self, m: msg.Message, rest: list[bytes]) -> None:
         if isinstance(m, msg.FrameDone):
