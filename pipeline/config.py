@@ -46,8 +46,10 @@ class GpusConfig:
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    max_batch_frames: int = 32       # frames of concurrent requests coalesced into one UNet run
-    max_queue_delay_ms: float = 1.0  # how long a run waits for more requests (0: only those queued)
+    max_batch_frames: int = 0        # frames of concurrent requests coalesced into one UNet run
+                                     # (0: 32 on CUDA; 1, no coalescing, on CPU, where a larger
+                                     # batch is no faster per frame and gathering costs copies)
+    max_queue_delay_ms: float = 0.0  # how long a run waits for more requests (0: only those queued)
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,8 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     _check("gpus.count", 1 <= gpus.count <= 64, "must be 1-64")
     _check("gpus.provider", gpus.provider in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu")
     _check("gpus.intra_op_threads", gpus.intra_op_threads >= 0, "must be >= 0")
-    _check("batching.max_batch_frames", 1 <= batching.max_batch_frames <= 1024, "must be 1-1024")
+    _check("batching.max_batch_frames", 0 <= batching.max_batch_frames <= 1024,
+           "must be 0 (auto) or 1-1024")
     _check("batching.max_queue_delay_ms", 0 <= batching.max_queue_delay_ms <= 1000,
            "must be 0-1000")
     _check("capacity.max_models", capacity.max_models >= 1, "must be >= 1")

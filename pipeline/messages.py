@@ -2,7 +2,7 @@
 
 Rule: tensors never travel inside a message. A message carries `TensorRef` handles
 (segment, offset, shape, dtype) to bytes in shared memory; only a finished JPEG travels
-as a separate zero-copy ZMQ frame beside its `FrameDone` header.
+as a separate ZMQ frame beside its `FrameDone` header.
 
 Flow of one InferBatchComposite request:
     frontend --InferRequest--> gpu_worker --CompositeJob x B--> compositors

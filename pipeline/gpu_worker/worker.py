@@ -8,9 +8,9 @@ CompositeJob per frame to the compositor pool.
 
 Dynamic batching: the compute loop coalesces the requests of one model that are queued
 (or arrive within `batching.max_queue_delay_ms`) into one UNet run of at most
-`batching.max_batch_frames` frames. A run of one request binds its shared-memory tensors
-directly; a coalesced run gathers the requests' inputs into one staging batch and
-scatters the predictions back into each request's own output block.
+`batching.max_batch_frames` frames (auto: 32 on CUDA, none on CPU). A run of one request
+binds its shared-memory tensors directly; a coalesced run gathers the requests' inputs
+into one staging batch and scatters the predictions back into each request's output block.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 import zmq
 
@@ -90,6 +91,7 @@ class GpuWorker:
         self.addresses = Addresses.of(cfg)
         self.inbox: queue.Queue[object] = queue.Queue()
         self.backlog: deque[object] = deque()   # taken from the inbox, set aside by a batch
+        self.max_batch_frames = cfg.batching.max_batch_frames or (32 if provider == "cuda" else 1)
         self.staging: StagingBatch | None = None
         self.outbox: queue.Queue[tuple[str, list[bytes]]] = queue.Queue()
         self.segments = SegmentCache()          # the frontend's request arena, attached lazily
@@ -99,6 +101,7 @@ class GpuWorker:
         self.memory = DeviceMemory(provider, gpu_index)
         self._bg_serial = itertools.count()
         audio.warm_up()
+        cv2.setNumThreads(1)  # building visual inputs: OpenCV's threads only cost on 320 px
         self.encoder = AudioEncoder.create(cfg.audio_encoder_path, provider,
                                            cfg.gpus.intra_op_threads)
         self.encoder.encode(np.full((1, 1, 80, 16), -4.0, np.float32))  # first run allocates
@@ -162,7 +165,7 @@ class GpuWorker:
             except queue.Empty:
                 continue
             try:
-                socks[target].send_multipart(frames, copy=False)
+                socks[target].send_multipart(frames)
             except zmq.Again:
                 log.error("send to %s timed out; message dropped", target)
 
@@ -204,7 +207,7 @@ class GpuWorker:
         """`first` and the requests of its model queued behind it, or arriving within the
         queue delay, up to max_batch_frames. Other items keep their order in the backlog;
         a control message or a request that does not fit ends the search."""
-        limit = self.cfg.batching.max_batch_frames
+        limit = self.max_batch_frames
         run, frames, set_aside = [first], first.batch_size, []
         earlier = list(self.backlog)
         self.backlog.clear()
@@ -310,7 +313,7 @@ class GpuWorker:
                                                       elapsed_ns=model.load_ns,
                                                       memory_bytes=model.memory_bytes))
         requests = [r for r in loading.waiting if isinstance(r, msg.InferRequest)]
-        for run in frame_limited_runs(requests, self.cfg.batching.max_batch_frames):
+        for run in frame_limited_runs(requests, self.max_batch_frames):
             self._infer(model, run, model_loaded=True)
 
     def _infer(self, model: LoadedModel, run: list[msg.InferRequest], model_loaded: bool) -> None:
@@ -387,7 +390,7 @@ class GpuWorker:
             return
         frames = sum(p.req.batch_size for p in prepared)
         if self.staging is None:
-            self.staging = StagingBatch(self.cfg.batching.max_batch_frames)
+            self.staging = StagingBatch(self.max_batch_frames)
         visual, audio_in, output = self.staging.views(frames)
         for p, rows in zip(prepared, self._rows(prepared)):
             visual[rows] = self._view(p.req.visual)
