@@ -7,13 +7,17 @@ frames and crop rects, and (B + 15) x 40 ms of speech-like audio per request.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -36,7 +40,16 @@ def speech_like_audio(seconds: float, sample_rate: int = 16000, seed: int = 0) -
     return (0.3 * envelope * voice + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
 
 
-def build_request(cfg_path: Path, model_id: str, batch: int, start: int) -> pb.CompositeBatchRequest:
+def build_request(cfg_path: Path, model_id: str, batch: int, start: int,
+                  client_visual: bool = True) -> pb.CompositeBatchRequest:
+    """A request as a SyncTalk-2D client sends it; with client_visual False, audio only
+    (empty visual_frames: the server builds the visual input from the avatar's frames)."""
+    audio = speech_like_audio((batch + 15) * 0.04)
+    request = pb.CompositeBatchRequest(model_id=model_id, raw_audio=audio.tobytes(),
+                                       batch_size=batch, start_frame_idx=start,
+                                       sample_rate=16000)
+    if not client_visual:
+        return request
     cfg = load_config(cfg_path)
     model = cfg.models[model_id]
     rects = load_crop_rects(model.crop_rects_path)
@@ -46,67 +59,265 @@ def build_request(cfg_path: Path, model_id: str, batch: int, start: int) -> pb.C
         idx = (start + i) % model.num_frames
         frame = cv2.imread(str(find_frame(model.background_dir, idx, names)))
         visual_input(frame, tuple(int(v) for v in rects[idx]), out=visual[i])
-    audio = speech_like_audio((batch + 15) * 0.04)
-    return pb.CompositeBatchRequest(model_id=model_id, visual_frames=visual.tobytes(),
-                                    raw_audio=audio.tobytes(), batch_size=batch,
-                                    start_frame_idx=start, sample_rate=16000)
+    request.visual_frames = visual.tobytes()
+    return request
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else 0.0
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default); 0.0 for no values."""
+    return float(np.percentile(values, q)) if len(values) else 0.0
 
 
-def drive(address: str, request: pb.CompositeBatchRequest, concurrency: int, requests: int,
-          warmup: int) -> dict[str, object]:
-    """Send `requests` measured requests from `concurrency` threads; return the figures."""
-    latencies: list[float] = []
-    stages: dict[str, list[float]] = {k: [] for k in
-                                      ("audio", "inference", "composite", "server_total")}
-    errors: list[str] = []
-    lock = threading.Lock()
-    counter = iter(range(requests))
+INFER_METHOD = "/monolithic.MonolithicService/InferBatchComposite"
+STAGES = ("queue", "input_copy", "audio", "encoder", "visual", "unet", "paste", "jpeg",
+          "composite_critical")
 
-    def client() -> None:
-        with channel(address) as ch:
-            stub = pb_grpc.MonolithicServiceStub(ch)
-            for _ in range(warmup):
-                stub.InferBatchComposite(request, timeout=120)
+
+def _stages(resp: pb.CompositeBatchResponse) -> dict[str, float]:
+    """The server's per-stage ms of one response, plus its critical-path compute."""
+    st = resp.stages
+    stages = {name: getattr(st, f"{name}_ms") for name in STAGES}
+    # what the request needed computed, in order: features, visual input, the UNet run,
+    # then the busiest compositor's paste + JPEG; everything else is the pipeline's cost
+    stages["compute"] = st.audio_ms + st.visual_ms + st.unet_ms + st.composite_critical_ms
+    stages["server_total"] = resp.total_time_ms
+    stages["run_frames"] = st.run_frames
+    return stages
+
+
+@dataclass
+class Measured:
+    """What the clients saw over one measured stretch of requests."""
+
+    wall_s: float = 0.0
+    frames: int = 0
+    latencies: list[float] = field(default_factory=list)
+    stages: list[dict[str, float]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, other: Measured) -> Measured:
+        return Measured(self.wall_s + other.wall_s, self.frames + other.frames,
+                        self.latencies + other.latencies, self.stages + other.stages,
+                        self.errors + other.errors)
+
+    def summary(self, batch: int, concurrency: int) -> dict[str, object]:
+        stages, lat = self.stages, self.latencies
+        overheads = [t - s["compute"] for t, s in zip(lat, stages)]
+        return {
+            "batch": batch, "concurrency": concurrency, "requests": len(lat),
+            "errors": len(self.errors), "first_error": self.errors[0] if self.errors else "",
+            "wall_s": round(self.wall_s, 3),
+            "fps": round(self.frames / self.wall_s, 2) if self.wall_s else 0.0,
+            "p50_ms": round(percentile(lat, 50), 2), "p95_ms": round(percentile(lat, 95), 2),
+            "p99_ms": round(percentile(lat, 99), 2),
+            "stage_ms": {k: round(statistics.fmean(s[k] for s in stages), 2) if stages else 0.0
+                         for k in (*STAGES, "compute", "server_total")},
+            "mean_run_frames": round(statistics.fmean(s["run_frames"] for s in stages), 2)
+            if stages else 0.0,
+            "overhead_ms_p50": round(percentile(overheads, 50), 2),
+        }
+
+
+class Clients:
+    """`concurrency` gRPC clients of one server, each on its own channel, sending one
+    request (serialized once: the client's protobuf encoding is not what is measured)."""
+
+    def __init__(self, address: str, request: pb.CompositeBatchRequest, concurrency: int,
+                 warmup: int) -> None:
+        self.batch = request.batch_size
+        self.wire = request.SerializeToString()
+        self.channels = [channel(address) for _ in range(concurrency)]
+        self.calls = [ch.unary_unary(INFER_METHOD,
+                                     response_deserializer=pb.CompositeBatchResponse.FromString)
+                      for ch in self.channels]
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(lambda call: [call(self.wire, timeout=300) for _ in range(warmup)],
+                          self.calls))
+
+    def close(self) -> None:
+        for ch in self.channels:
+            ch.close()
+
+    def run(self, requests: int | None, duration: float | None) -> Measured:
+        """Every client sends until `requests` were sent or `duration` seconds passed."""
+        out = Measured()
+        lock = threading.Lock()
+        counter = itertools.count()
+        barrier = threading.Barrier(len(self.calls) + 1)
+        end = [float("inf")]
+
+        def more() -> bool:
+            with lock:
+                n = next(counter)
+            return (requests is None or n < requests) and time.perf_counter() < end[0]
+
+        def client(call) -> None:  # type: ignore[no-untyped-def]
             barrier.wait()
-            while True:
-                with lock:
-                    if next(counter, None) is None:
-                        return
+            while more():
                 t0 = time.perf_counter()
-                resp = stub.InferBatchComposite(request, timeout=120)
+                resp = call(self.wire, timeout=300)
                 dt = (time.perf_counter() - t0) * 1e3
                 with lock:
-                    if not resp.success:
-                        errors.append(resp.error)
-                        continue
-                    latencies.append(dt)
-                    stages["audio"].append(resp.audio_processing_ms)
-                    stages["inference"].append(resp.inference_time_ms)
-                    stages["composite"].append(resp.composite_time_ms)
-                    stages["server_total"].append(resp.total_time_ms)
+                    if resp.success:
+                        out.latencies.append(dt)
+                        out.stages.append(_stages(resp))
+                    else:
+                        out.errors.append(resp.error)
 
-    barrier = threading.Barrier(concurrency + 1)
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    barrier.wait()
+        threads = [threading.Thread(target=client, args=(c,)) for c in self.calls]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        if duration is not None:
+            end[0] = t0 + duration
+        for t in threads:
+            t.join()
+        out.wall_s = time.perf_counter() - t0
+        out.frames = len(out.latencies) * self.batch
+        return out
+
+
+def drive(address: str, request: pb.CompositeBatchRequest, concurrency: int,
+          requests: int | None, duration: float | None, warmup: int) -> dict[str, object]:
+    """`concurrency` clients send `request` until `requests` were measured or `duration`
+    seconds passed; the figures of the measured ones."""
+    clients = Clients(address, request, concurrency, warmup)
+    try:
+        return clients.run(requests, duration).summary(request.batch_size, concurrency)
+    finally:
+        clients.close()
+
+
+def single_requests(address: str, request: pb.CompositeBatchRequest, count: int) -> dict[str, float]:
+    """`count` requests one at a time: latency, the stage compute on its critical path
+    (features + visual + UNet + the busiest compositor) and the rest, the overhead (p50)."""
+    result = drive(address, request, 1, count, None, warmup=1)
+    return {"requests": result["requests"], "latency_ms_p50": result["p50_ms"],
+            "compute_ms_mean": result["stage_ms"]["compute"],  # type: ignore[index]
+            "overhead_ms_p50": result["overhead_ms_p50"]}
+
+
+class InProcessPipeline:
+    """The server's stages in this one process, one request after another: audio features
+    (mel + encoder), UNet, paste and JPEG of every frame. The baseline of `--compare`."""
+
+    def __init__(self, cfg_path: Path, model_id: str) -> None:
+        from pipeline.gpu_worker import audio
+        from pipeline.gpu_worker.avatar import load_avatar
+        from pipeline.gpu_worker.device import resolve_provider
+        from pipeline.gpu_worker.sessions import AudioEncoder, UNet
+        from pipeline.shm.segment import segment_name
+
+        self.cfg = cfg = load_config(cfg_path)
+        self.model = cfg.models[model_id]
+        provider = resolve_provider(cfg.gpus.provider, 1)
+        # ONNX Runtime's default threads (every core): the fastest one-at-a-time baseline
+        self.encoder = AudioEncoder.create(cfg.audio_encoder_path, provider, 0)
+        self.unet = UNet.create(self.model.model_path, provider, 0)
+        self.avatar = load_avatar(self.model, segment_name(f"bench{os.getpid()}", "bg"))
+        audio.warm_up()
+        cv2.setNumThreads(1)  # as in the compositors (faster on 1280x720 frames, measured)
+
+    def close(self) -> None:
+        self.avatar.close()
+
+    def run(self, request: pb.CompositeBatchRequest) -> dict[str, int]:
+        """One request through every stage; ns per stage."""
+        from pipeline.compositor.composite import encode_jpeg, paste
+        from pipeline.gpu_worker import audio
+
+        b, start = request.batch_size, request.start_frame_idx
+        ns = dict.fromkeys(("audio", "encoder", "visual", "unet", "paste", "jpeg"), 0)
+
+        def encode(windows: np.ndarray) -> np.ndarray:
+            t = time.perf_counter_ns()
+            out = self.encoder.encode(windows)
+            ns["encoder"] += time.perf_counter_ns() - t
+            return out
+
+        t0 = time.perf_counter_ns()
+        samples = np.frombuffer(request.raw_audio, "<f4")
+        features = audio.request_features(encode, samples, request.sample_rate or 16000, b)
+        t1 = time.perf_counter_ns()
+        if request.visual_frames:
+            visual = np.frombuffer(request.visual_frames, "<f4").reshape(b, 6, 320, 320)
+        else:  # audio only: built from the avatar's frames, as the gpu_worker does
+            visual = self.avatar.visual_inputs(start, np.empty((b, 6, 320, 320), np.float32))
+        t2 = time.perf_counter_ns()
+        prediction = np.empty((b, 3, 320, 320), np.float32)
+        self.unet.run(visual, features, prediction)
+        t3 = time.perf_counter_ns()
+        ns["audio"], ns["visual"], ns["unet"] = t1 - t0, t2 - t1, t3 - t2
+        frames = self.avatar.frames()
+        for i in range(b):
+            t = time.perf_counter_ns()
+            frame = paste(frames[(start + i) % self.avatar.num_frames], prediction[i],
+                          self.avatar.rect(start + i), self.model.composite_mode)
+            t3 = time.perf_counter_ns()
+            encode_jpeg(frame, self.cfg.jpeg_quality)
+            ns["paste"] += t3 - t
+            ns["jpeg"] += time.perf_counter_ns() - t3
+        return ns
+
+
+def compare_inprocess(address: str, request: pb.CompositeBatchRequest, concurrency: int,
+                      requests: int, warmup: int, rounds: int,
+                      cfg_path: Path) -> tuple[Measured, dict[str, object]]:
+    """The pipeline and the in-process baseline over the same requests, in `rounds`
+    alternating stretches (so a slow spell of a shared machine hits both alike)."""
+    clients = Clients(address, request, concurrency, warmup)
+    baseline = InProcessPipeline(cfg_path, request.model_id)
+    measured, runs, baseline_wall = Measured(), [], 0.0
+    try:
+        for _ in range(max(1, warmup)):
+            baseline.run(request)
+        share = max(1, requests // rounds)
+        for _ in range(rounds):
+            measured = measured.add(clients.run(share, None))
+            t0 = time.perf_counter()
+            runs += [baseline.run(request) for _ in range(share)]
+            baseline_wall += time.perf_counter() - t0
+    finally:
+        baseline.close()
+        clients.close()
+    return measured, {
+        "baseline_fps": round(len(runs) * request.batch_size / baseline_wall, 2),
+        "baseline_requests": len(runs), "rounds": rounds,
+        "baseline_stage_ms": {k: round(statistics.fmean(r[k] for r in runs) / 1e6, 2)
+                              for k in runs[0]}}
+
+
+def ort_only(cfg_path: Path, model_id: str, batch: int, seconds: float) -> dict[str, object]:
+    """frames/s of the UNet session alone at `batch`: inputs and output resident on the
+    device (IO binding of OrtValues), nothing else; the ceiling the pipeline is held to."""
+    import onnxruntime as ort
+
+    from pipeline.gpu_worker.device import resolve_provider
+    from pipeline.gpu_worker.sessions import UNet
+
+    cfg = load_config(cfg_path)
+    provider = resolve_provider(cfg.gpus.provider, 1)
+    unet = UNet.create(cfg.models[model_id].model_path, provider, cfg.gpus.intra_op_threads)
+    device = "cuda" if provider == "cuda" else "cpu"
+    rng = np.random.default_rng(0)
+    binding = unet.session.io_binding()
+    binding.bind_ortvalue_input(unet.visual_name, ort.OrtValue.ortvalue_from_numpy(
+        rng.random((batch, 6, 320, 320), np.float32), device, 0))
+    binding.bind_ortvalue_input(unet.audio_name, ort.OrtValue.ortvalue_from_numpy(
+        rng.random((batch, 32, 16, 16), np.float32), device, 0))
+    binding.bind_ortvalue_output(unet.output_name, ort.OrtValue.ortvalue_from_shape_and_type(
+        [batch, 3, 320, 320], np.float32, device, 0))
+    for _ in range(3):
+        unet.session.run_with_iobinding(binding)
+    runs = 0
     t0 = time.perf_counter()
-    for t in threads:
-        t.join()
+    while runs < 3 or time.perf_counter() - t0 < seconds:
+        unet.session.run_with_iobinding(binding)
+        runs += 1
     wall = time.perf_counter() - t0
-    frames = len(latencies) * request.batch_size
-    return {
-        "batch": request.batch_size, "concurrency": concurrency, "requests": len(latencies),
-        "errors": len(errors), "first_error": errors[0] if errors else "",
-        "wall_s": round(wall, 3), "fps": round(frames / wall, 2) if wall else 0.0,
-        "p50_ms": round(percentile(latencies, 50), 2), "p95_ms": round(percentile(latencies, 95), 2),
-        "p99_ms": round(percentile(latencies, 99), 2),
-        "stage_ms": {k: round(statistics.fmean(v), 2) if v else 0.0 for k, v in stages.items()},
-    }
+    return {"ort_fps": round(runs * batch / wall, 2), "ort_ms_per_run": round(wall / runs * 1e3, 2),
+            "provider": provider}
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -234,20 +445,71 @@ def run_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result) if args.json else
               "\n".join(f"{k:32s} {v}" for k, v in result.items()))
         return 0
-    if args.batch < 1 or args.batch > 32 or args.concurrency < 1 or args.requests < 1:
-        raise SystemExit("lipsync bench: need 1 <= --batch <= 32, --concurrency >= 1, --requests >= 1")
-    request = build_request(args.config, args.model, args.batch, start=0)
+    if not 1 <= args.batch <= 32 or args.concurrency < 1 or (args.requests or 1) < 1:
+        raise SystemExit("lipsync bench: need 1 <= --batch <= 32, --concurrency >= 1, "
+                         "--requests >= 1")
+    requests = None if args.duration else (args.requests or 40)
+    compare = set(args.compare or ())
+    if "inprocess" in compare and requests is None:
+        raise SystemExit("lipsync bench: --compare inprocess runs a number of requests "
+                         "(--requests), not --duration")
+    ensure_bench_model(args.config, args.model)
+    request = build_request(args.config, args.model, args.batch, start=0,
+                            client_visual=args.visual == "client")
     with ExitStack() as stack:
-        result = drive(grpc_address(stack, args), request, args.concurrency, args.requests,
-                       args.warmup)
+        address = grpc_address(stack, args)
+        if "inprocess" in compare:
+            measured, baseline = compare_inprocess(address, request, args.concurrency,
+                                                   requests, args.warmup,  # type: ignore[arg-type]
+                                                   args.rounds, args.config)
+            result = measured.summary(args.batch, args.concurrency)
+            result.update(baseline)
+            result["ratio"] = round(result["fps"] / result["baseline_fps"], 3)  # type: ignore[operator]
+        else:
+            result = drive(address, request, args.concurrency, requests, args.duration,
+                           args.warmup)
+        if args.probe:
+            result["single_request"] = single_requests(address, request, args.probe)
+    result["model"] = args.model
+    result["visual"] = args.visual
+    if "ort" in compare:
+        result.update(ort_only(args.config, args.model, args.batch, seconds=5.0))
+        result["ort_ratio"] = round(result["fps"] / result["ort_fps"], 3)  # type: ignore[operator]
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"batch {result['batch']}  concurrency {result['concurrency']}  "
-              f"requests {result['requests']}  errors {result['errors']}")
-        print(f"frames/s {result['fps']}   latency p50 {result['p50_ms']} ms  "
-              f"p95 {result['p95_ms']} ms  p99 {result['p99_ms']} ms")
-        print("mean stage ms: " + "  ".join(f"{k} {v}" for k, v in result["stage_ms"].items()))
-        if result["first_error"]:
-            print(f"first error: {result['first_error']}")
+        print_result(result)
     return 0 if not result["errors"] else 1
+
+
+def print_result(result: dict[str, object]) -> None:
+    print(f"model {result['model']}  batch {result['batch']}  concurrency {result['concurrency']}"
+          f"  requests {result['requests']}  errors {result['errors']}")
+    print(f"frames/s {result['fps']}   latency p50 {result['p50_ms']} ms  "
+          f"p95 {result['p95_ms']} ms  p99 {result['p99_ms']} ms")
+    print("mean stage ms: " + "  ".join(f"{k} {v}" for k, v in result["stage_ms"].items())  # type: ignore[union-attr]
+          + f"   mean UNet run {result['mean_run_frames']} frames")
+    if "single_request" in result:
+        s = result["single_request"]
+        print(f"one request at a time: latency p50 {s['latency_ms_p50']} ms, stage compute "  # type: ignore[index]
+              f"{s['compute_ms_mean']} ms, overhead p50 {s['overhead_ms_p50']} ms")  # type: ignore[index]
+    if "baseline_fps" in result:
+        print(f"in-process baseline: {result['baseline_fps']} frames/s "
+              f"(stage ms {result['baseline_stage_ms']})   ratio {result['ratio']} "
+              f"({result['rounds']} alternating rounds)")
+    if "ort_fps" in result:
+        print(f"ONNX Runtime alone ({result['provider']}): {result['ort_fps']} frames/s   "
+              f"ratio {result['ort_ratio']}")
+    if result["first_error"]:
+        print(f"first error: {result['first_error']}")
+
+
+def ensure_bench_model(cfg_path: Path, model_id: str) -> None:
+    """`--model bench` builds the bench UNet (and the demo frames it uses) when missing."""
+    from pipeline.cli import ensure_demo_assets
+    from pipeline.demo.bench_model import BENCH_MODEL_ID
+
+    cfg = load_config(cfg_path)
+    if model_id not in cfg.models:
+        raise SystemExit(f"lipsync bench: model '{model_id}' is not in {cfg_path}")
+    ensure_demo_assets(cfg, bench_model=model_id == BENCH_MODEL_ID)

@@ -48,7 +48,9 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from pipeline.bench import speech_like_audio
+from pipeline.addresses import Addresses
+from pipeline.bench import percentile, speech_like_audio
+from pipeline.config import load_config
 from pipeline.frontend.websocket import parse_frame_message
 from pipeline.gpu_worker.audio import stream_samples
 
@@ -61,11 +63,6 @@ CONNECT_RETRY_S = 10.0        # a server just started may answer Health before /
 
 
 # ---- figures (pure: unit-tested on synthetic timestamps) ---------------------------------
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default); 0.0 for no values."""
-    return float(np.percentile(values, q)) if len(values) else 0.0
-
 
 def frame_need(index: int) -> int:
     """The stream sample (exclusive end) frame `index` needs before it can be rendered."""
@@ -317,10 +314,35 @@ def _table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def overall(logs: list[SessionLog]) -> dict[str, float]:
+    """Every session together: frames/s over the run and frame latency percentiles."""
+    latencies = [lat for log in logs for lat in frame_latencies_ms(
+        log.arrivals, log.send_times, log.chunk_samples, log.total_samples, log.flush_time)]
+    arrivals = [t for log in logs for _, t in log.arrivals]
+    starts = [log.send_times[0] for log in logs if log.send_times]
+    span = max(arrivals) - min(starts) if arrivals and starts else 0.0
+    return {"fps": round(len(arrivals) / span, 2) if span > 0 else 0.0,
+            "p50_ms": round(percentile(latencies, 50), 1),
+            "p95_ms": round(percentile(latencies, 95), 1),
+            "p99_ms": round(percentile(latencies, 99), 1)}
+
+
+def server_stages(ops_endpoint: str, model: str) -> dict[str, tuple[int, int]]:
+    """The server's stage counters of `model` ({stage: (count, ns)}), from its ops socket;
+    empty when the socket does not answer (a server started with another config)."""
+    from pipeline.ops_client import fetch
+
+    try:
+        stages = fetch(ops_endpoint, timeout_s=2.0)["models"].get(model, {}).get("stages", {})
+    except (TimeoutError, KeyError):
+        return {}
+    return {name: (v["count"], v["ns"]) for name, v in stages.items()}
+
+
 def run_stream_bench(args: argparse.Namespace) -> int:
     """`lipsync bench --stream`: 0 when it ran (whether or not 25 fps held), 1 on errors."""
     sessions = getattr(args, "sessions", 1)
-    seconds = getattr(args, "seconds", 20.0)
+    seconds = getattr(args, "duration", None) or getattr(args, "seconds", 20.0)
     chunk_ms = getattr(args, "chunk_ms", 40.0)
     model = getattr(args, "model", None) or "demo"
     if sessions < 1 or seconds <= 0 or chunk_ms <= 0:
@@ -332,8 +354,16 @@ def run_stream_bench(args: argparse.Namespace) -> int:
             from pipeline.bench import start_server
 
             address = f"127.0.0.1:{start_server(stack, args.config).ws_port}"
+        ops = Addresses.of(load_config(args.config)).ops
+        before = server_stages(ops, model)
         logs = asyncio.run(drive_stream(stream_url(address, model), sessions, seconds, chunk_ms))
+        after = server_stages(ops, model)
     result = aggregate([summarize(log) for log in logs], sessions, seconds, chunk_ms)
+    result.update(overall(logs))
+    result["stage_ms"] = {stage: round((after[stage][1] - before.get(stage, (0, 0))[1]) / 1e6
+                                       / (after[stage][0] - before.get(stage, (0, 0))[0]), 2)
+                          for stage in after
+                          if after[stage][0] > before.get(stage, (0, 0))[0]}
     print(json.dumps(result) if getattr(args, "json", False) else _table(result))
     return 1 if result["errors"] else 0
 

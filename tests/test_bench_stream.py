@@ -128,5 +128,10 @@ def test_one_real_session_of_3_s(tmp_path, models_root, capsys):
     # frame 0 cannot come before its 450 ms of audio was sent
     assert s["first_frame_latency_ms"] >= 1000 * frame_need(0) / 16000 - 40
     assert s["p99_gap_ms"] > 0
+    # the figures every bench mode prints: frames/s and latency over all sessions, and
+    # the server's own stage times over the run (from its ops socket)
+    assert 20.0 <= result["fps"] <= 30.0
+    assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
+    assert result["stage_ms"]["unet"] > 0 and result["stage_ms"]["jpeg"] > 0
     assert result["min_fps"] == s["fps"] and result["sessions"] == 1
     assert FRAME_SAMPLES == 640

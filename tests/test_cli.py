@@ -39,3 +39,7 @@ def test_demo_assets_command_builds_into_models_root(tmp_path: Path) -> None:
     assert (root / "demo" / "unet.onnx").is_file() and (root / "audio_encoder.onnx").is_file()
     second = lipsync("demo-assets", "--config", str(config))
     assert second.returncode == 0 and "already present" in second.stdout
+    assert not (root / "bench").exists()  # the bench model only on request
+    bench = lipsync("demo-assets", "--config", str(config), "--bench-model")
+    assert bench.returncode == 0, bench.stderr
+    assert (root / "bench" / "unet.onnx").stat().st_size > 40e6  # 12.2 M float32 weights

@@ -1,0 +1,85 @@
+"""`lipsync bench` in gRPC batch mode against a real server: the JSON it promises, the
+in-process baseline and ONNX-Runtime-only comparisons, --duration, and the bench model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.launcher import ServerProcess
+from tests.conftest import write_config
+
+
+def bench(*args: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "--json", *args],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, models_root: Path):
+    tmp = tmp_path_factory.mktemp("bench")
+    config = write_config(tmp / "config.yaml", models_root)
+    with ServerProcess(config, log_path=tmp / "server.log") as srv:
+        srv.config_path = config  # type: ignore[attr-defined]
+        yield srv
+
+
+def test_compare_inprocess_and_ort(server: ServerProcess) -> None:
+    result = bench("--config", str(server.config_path), "--address", server.address,  # type: ignore[attr-defined]
+                   "--batch", "2", "--concurrency", "2", "--requests", "6", "--warmup", "1",
+                   "--compare", "inprocess", "--compare", "ort", "--probe", "2",
+                   "--visual", "server")
+    assert result["errors"] == 0 and result["requests"] == 6 and result["batch"] == 2
+    assert result["fps"] > 0 and 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
+    stages = result["stage_ms"]
+    for stage in ("queue", "input_copy", "audio", "encoder", "visual", "unet", "paste", "jpeg",
+                  "composite_critical", "compute", "server_total"):
+        assert stage in stages
+    assert stages["unet"] > 0 and stages["visual"] > 0 and stages["jpeg"] > 0
+    # the critical path is part of everything the compositors did, and the compute of a
+    # request is within its server time
+    assert stages["composite_critical"] <= stages["paste"] + stages["jpeg"] + 0.01
+    assert stages["compute"] <= stages["server_total"]
+    # the baseline ran the same requests, in the same run; ratio is what it says
+    assert result["baseline_requests"] == 6 and result["baseline_fps"] > 0
+    assert result["ratio"] == pytest.approx(result["fps"] / result["baseline_fps"], rel=1e-2)
+    assert set(result["baseline_stage_ms"]) == {"audio", "encoder", "visual", "unet", "paste",
+                                                "jpeg"}
+    assert result["ort_fps"] > 0 and result["provider"] == "cpu"
+    assert result["ort_ratio"] == pytest.approx(result["fps"] / result["ort_fps"], rel=1e-2)
+    single = result["single_request"]
+    assert single["requests"] == 2
+    assert single["overhead_ms_p50"] == pytest.approx(
+        single["latency_ms_p50"] - single["compute_ms_mean"], abs=single["latency_ms_p50"])
+    assert 0 < single["compute_ms_mean"] < single["latency_ms_p50"]
+
+
+def test_duration_mode_with_client_built_visual(server: ServerProcess) -> None:
+    result = bench("--config", str(server.config_path), "--address", server.address,  # type: ignore[attr-defined]
+                   "--batch", "1", "--concurrency", "2", "--duration", "1.5", "--warmup", "1",
+                   "--probe", "0")
+    assert result["errors"] == 0 and result["requests"] > 0 and result["visual"] == "client"
+    assert 1.4 <= result["wall_s"] <= 15.0
+    assert result["stage_ms"]["input_copy"] > 0 and result["stage_ms"]["visual"] == 0
+    assert "single_request" not in result and "ratio" not in result
+
+
+def test_the_bench_model_is_built_and_served(tmp_path: Path, models_root: Path) -> None:
+    """--model bench builds the SyncTalk-2D-sized UNet where the config expects it (when
+    missing) and the pipeline serves it."""
+    config = write_config(tmp_path / "config.yaml", models_root, **{"models.bench": {
+        "model_path": "bench/unet.onnx", "background_dir": "demo/frames",
+        "crop_rects_path": "demo/crop_rects.json", "num_frames": 10}})
+    (models_root / "bench" / "unet.onnx").unlink(missing_ok=True)
+    with ServerProcess(config, log_path=tmp_path / "server.log") as srv:
+        result = bench("--config", str(config), "--address", srv.address, "--model", "bench",
+                       "--batch", "1", "--concurrency", "1", "--requests", "2", "--warmup", "1",
+                       "--probe", "0", "--visual", "server")
+    assert (models_root / "bench" / "unet.onnx").is_file()
+    assert result["errors"] == 0 and result["model"] == "bench"
+    assert result["stage_ms"]["unet"] > 5 * result["stage_ms"]["audio"]  # a real network's cost
