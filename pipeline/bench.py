@@ -23,7 +23,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipeline.addresses import Addresses
 from pipeline.config import load_config
+from pipeline.frontend.wire import CompositeRequestView, parse_composite_request
 from pipeline.gpu_worker.avatar import find_frame, load_crop_rects
 from pipeline.gpu_worker.visual import visual_input
 from pipeline.launcher import ServerProcess, channel
@@ -94,11 +96,14 @@ class Measured:
     latencies: list[float] = field(default_factory=list)
     stages: list[dict[str, float]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process
 
     def add(self, other: Measured) -> Measured:
+        cpu = {k: self.cpu_s.get(k, 0.0) + other.cpu_s.get(k, 0.0)
+               for k in {*self.cpu_s, *other.cpu_s}}
         return Measured(self.wall_s + other.wall_s, self.frames + other.frames,
                         self.latencies + other.latencies, self.stages + other.stages,
-                        self.errors + other.errors)
+                        self.errors + other.errors, cpu)
 
     def summary(self, batch: int, concurrency: int) -> dict[str, object]:
         stages, lat = self.stages, self.latencies
@@ -115,7 +120,32 @@ class Measured:
             "mean_run_frames": round(statistics.fmean(s["run_frames"] for s in stages), 2)
             if stages else 0.0,
             "overhead_ms_p50": round(percentile(overheads, 50), 2),
+            # where the CPU went: ms of CPU per request, per process (and all together)
+            "cpu_ms_per_request": {
+                role: round(sec * 1e3 / len(lat), 2) for role, sec in
+                sorted({**self.cpu_s, "total": sum(self.cpu_s.values())}.items())}
+            if lat else {},
         }
+
+
+def role_cpu_seconds(ops_endpoint: str | None) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each server process, from the ops socket,
+    and by this process (`client`: the bench's gRPC clients); server roles are absent
+    when the socket does not answer (a server run with another config)."""
+    from pipeline.ops_client import fetch
+
+    cpu = {"client": time.process_time()}
+    if ops_endpoint is None:
+        return cpu
+    try:
+        stats = fetch(ops_endpoint, timeout_s=2.0)
+    except TimeoutError:
+        return cpu
+    cpu["frontend"] = stats["frontend"].get("cpu_s", 0.0)
+    for kind in ("gpu_workers", "compositors"):
+        for p in stats[kind]:
+            cpu[f"{kind[:-1]} {p['index']}"] = p.get("cpu_s", 0.0)
+    return cpu
 
 
 class Clients:
@@ -123,7 +153,8 @@ class Clients:
     request (serialized once: the client's protobuf encoding is not what is measured)."""
 
     def __init__(self, address: str, request: pb.CompositeBatchRequest, concurrency: int,
-                 warmup: int) -> None:
+                 warmup: int, ops_endpoint: str | None = None) -> None:
+        self.ops_endpoint = ops_endpoint
         self.batch = request.batch_size
         self.wire = request.SerializeToString()
         self.channels = [channel(address) for _ in range(concurrency)]
@@ -167,6 +198,7 @@ class Clients:
         threads = [threading.Thread(target=client, args=(c,)) for c in self.calls]
         for t in threads:
             t.start()
+        cpu_before = role_cpu_seconds(self.ops_endpoint)
         barrier.wait()
         t0 = time.perf_counter()
         if duration is not None:
@@ -174,15 +206,19 @@ class Clients:
         for t in threads:
             t.join()
         out.wall_s = time.perf_counter() - t0
+        cpu_after = role_cpu_seconds(self.ops_endpoint)
+        out.cpu_s = {role: cpu_after[role] - cpu_before[role]
+                     for role in cpu_after if role in cpu_before}
         out.frames = len(out.latencies) * self.batch
         return out
 
 
 def drive(address: str, request: pb.CompositeBatchRequest, concurrency: int,
-          requests: int | None, duration: float | None, warmup: int) -> dict[str, object]:
+          requests: int | None, duration: float | None, warmup: int,
+          ops_endpoint: str | None = None) -> dict[str, object]:
     """`concurrency` clients send `request` until `requests` were measured or `duration`
     seconds passed; the figures of the measured ones."""
-    clients = Clients(address, request, concurrency, warmup)
+    clients = Clients(address, request, concurrency, warmup, ops_endpoint)
     try:
         return clients.run(requests, duration).summary(request.batch_size, concurrency)
     finally:
@@ -222,8 +258,9 @@ class InProcessPipeline:
     def close(self) -> None:
         self.avatar.close()
 
-    def run(self, request: pb.CompositeBatchRequest) -> dict[str, int]:
-        """One request through every stage; ns per stage."""
+    def run(self, request: CompositeRequestView) -> dict[str, int]:
+        """One request (read as the server reads it: tensors are views of its wire bytes,
+        no protobuf copies) through every stage; ns per stage."""
         from pipeline.compositor.composite import encode_jpeg, paste
         from pipeline.gpu_worker import audio
 
@@ -262,28 +299,31 @@ class InProcessPipeline:
 
 
 def compare_inprocess(address: str, request: pb.CompositeBatchRequest, concurrency: int,
-                      requests: int, warmup: int, rounds: int,
-                      cfg_path: Path) -> tuple[Measured, dict[str, object]]:
+                      requests: int, warmup: int, rounds: int, cfg_path: Path,
+                      ops_endpoint: str | None = None) -> tuple[Measured, dict[str, object]]:
     """The pipeline and the in-process baseline over the same requests, in `rounds`
     alternating stretches (so a slow spell of a shared machine hits both alike)."""
-    clients = Clients(address, request, concurrency, warmup)
+    clients = Clients(address, request, concurrency, warmup, ops_endpoint)
     baseline = InProcessPipeline(cfg_path, request.model_id)
-    measured, runs, baseline_wall = Measured(), [], 0.0
+    view = parse_composite_request(clients.wire)
+    measured, runs, baseline_wall, baseline_cpu = Measured(), [], 0.0, 0.0
     try:
         for _ in range(max(1, warmup)):
-            baseline.run(request)
+            baseline.run(view)
         share = max(1, requests // rounds)
         for _ in range(rounds):
             measured = measured.add(clients.run(share, None))
-            t0 = time.perf_counter()
-            runs += [baseline.run(request) for _ in range(share)]
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            runs += [baseline.run(view) for _ in range(share)]
             baseline_wall += time.perf_counter() - t0
+            baseline_cpu += time.process_time() - cpu0
     finally:
         baseline.close()
         clients.close()
     return measured, {
         "baseline_fps": round(len(runs) * request.batch_size / baseline_wall, 2),
         "baseline_requests": len(runs), "rounds": rounds,
+        "baseline_cpu_ms_per_request": round(baseline_cpu * 1e3 / len(runs), 2),
         "baseline_stage_ms": {k: round(statistics.fmean(r[k] for r in runs) / 1e6, 2)
                               for k in runs[0]}}
 
@@ -456,18 +496,19 @@ def run_bench(args: argparse.Namespace) -> int:
     ensure_bench_model(args.config, args.model)
     request = build_request(args.config, args.model, args.batch, start=0,
                             client_visual=args.visual == "client")
+    ops = Addresses.of(load_config(args.config)).ops
     with ExitStack() as stack:
         address = grpc_address(stack, args)
         if "inprocess" in compare:
             measured, baseline = compare_inprocess(address, request, args.concurrency,
                                                    requests, args.warmup,  # type: ignore[arg-type]
-                                                   args.rounds, args.config)
+                                                   args.rounds, args.config, ops)
             result = measured.summary(args.batch, args.concurrency)
             result.update(baseline)
             result["ratio"] = round(result["fps"] / result["baseline_fps"], 3)  # type: ignore[operator]
         else:
             result = drive(address, request, args.concurrency, requests, args.duration,
-                           args.warmup)
+                           args.warmup, ops)
         if args.probe:
             result["single_request"] = single_requests(address, request, args.probe)
     result["model"] = args.model
@@ -489,13 +530,17 @@ def print_result(result: dict[str, object]) -> None:
           f"p95 {result['p95_ms']} ms  p99 {result['p99_ms']} ms")
     print("mean stage ms: " + "  ".join(f"{k} {v}" for k, v in result["stage_ms"].items())  # type: ignore[union-attr]
           + f"   mean UNet run {result['mean_run_frames']} frames")
+    if result.get("cpu_ms_per_request"):
+        print("CPU ms per request: " + "  ".join(
+            f"{k} {v}" for k, v in result["cpu_ms_per_request"].items()))  # type: ignore[union-attr]
     if "single_request" in result:
         s = result["single_request"]
         print(f"one request at a time: latency p50 {s['latency_ms_p50']} ms, stage compute "  # type: ignore[index]
               f"{s['compute_ms_mean']} ms, overhead p50 {s['overhead_ms_p50']} ms")  # type: ignore[index]
     if "baseline_fps" in result:
         print(f"in-process baseline: {result['baseline_fps']} frames/s "
-              f"(stage ms {result['baseline_stage_ms']})   ratio {result['ratio']} "
+              f"(stage ms {result['baseline_stage_ms']}, CPU ms per request "
+              f"{result['baseline_cpu_ms_per_request']})   ratio {result['ratio']} "
               f"({result['rounds']} alternating rounds)")
     if "ort_fps" in result:
         print(f"ONNX Runtime alone ({result['provider']}): {result['ort_fps']} frames/s   "

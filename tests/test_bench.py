@@ -52,6 +52,12 @@ def test_compare_inprocess_and_ort(server: ServerProcess) -> None:
                                                 "jpeg"}
     assert result["ort_fps"] > 0 and result["provider"] == "cpu"
     assert result["ort_ratio"] == pytest.approx(result["fps"] / result["ort_fps"], rel=1e-2)
+    # where the CPU went, per process, from the server's ops socket and this process
+    cpu = result["cpu_ms_per_request"]
+    assert {"client", "frontend", "gpu_worker 0", "compositor 0", "compositor 1"} <= set(cpu)
+    assert cpu["gpu_worker 0"] > 0 and cpu["total"] == pytest.approx(
+        sum(v for k, v in cpu.items() if k != "total"), abs=0.1)
+    assert result["baseline_cpu_ms_per_request"] > 0
     single = result["single_request"]
     assert single["requests"] == 2
     assert single["overhead_ms_p50"] == pytest.approx(

@@ -117,7 +117,9 @@ class Telemetry:
                 proc = self._processes[pid] = psutil.Process(pid)
                 proc.cpu_percent(None)  # the first reading primes the counter
             with proc.oneshot():
+                cpu = proc.cpu_times()
                 return {"pid": pid, "cpu_percent": proc.cpu_percent(None),
+                        "cpu_s": round(cpu.user + cpu.system, 3),
                         "rss_bytes": proc.memory_info().rss,
                         "uptime_s": round(time.time() - proc.create_time(), 1)}
         except psutil.Error:
