@@ -337,7 +337,13 @@ class GpuWorker:
         t1 = time.monotonic_ns()
         frames = sum(p.req.batch_size for p in prepared)
         for p in prepared:
-            self._dispatch_frames(model, p.req)
+            with logging_request(p.req.request_id):
+                try:
+                    self._dispatch_frames(model, p.req)
+                except Exception as exc:
+                    self._post(FRONTEND, msg.InferFailed(p.req.request_id,
+                                                         _client_error(exc, p.req)))
+                    continue
             self._post(FRONTEND, msg.InferDone(
                 p.req.request_id, gpu_id=self.index,
                 queue_ns=max(0, p.started_ns - p.req.sent_ns) if p.req.sent_ns else 0,
