@@ -32,9 +32,29 @@ def _session(path: Path, provider: Resolved, intra_op_threads: int) -> ort.Infer
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
     if provider == "cuda":
+        _preload_cuda_libraries()
         # the process sees only its own device (CUDA_VISIBLE_DEVICES), so device 0
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": "0"}))
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        # ONNX Runtime falls back to the CPU without a word (the original server's defect)
+        raise RuntimeError(
+            "the CUDA execution provider did not load (ONNX Runtime's CUDA/cuDNN libraries "
+            f"are missing; onnxruntime {ort.__version__} needs those of "
+            "`pip install onnxruntime-gpu[cuda,cudnn]`, i.e. `pip install -e '.[cuda]'`); "
+            "set gpus.provider: cpu to run on the CPU")
+    return session
+
+
+def _preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* wheels when they are installed (the `cuda`
+    extra); system libraries on the loader path serve otherwise."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload(cuda=True, cudnn=True, msvc=False)
+        except Exception:  # nothing to preload: the system's libraries, or the error below
+            pass
 
 
 def _bind(binding: ort.IOBinding, name: str, array: np.ndarray, output: bool = False) -> None:

@@ -189,3 +189,16 @@ def test_encoder_batch_equals_per_window(graphs: dict[str, Path]) -> None:
     assert (batched[0] == 0).all() and (batched[1:] > 0).any()
     plain = _plain_run(graphs["encoder"], {"mel_spectrogram": windows.astype(np.float32)})
     np.testing.assert_allclose(batched, plain, rtol=1e-6, atol=1e-7)
+
+
+def test_cuda_is_used_or_refused_never_a_silent_cpu_fallback(graphs: dict[str, Path]) -> None:
+    """Asked for CUDA, a session runs on the CUDA EP or fails saying why; ONNX Runtime's own
+    behaviour (fall back to the CPU without a word) would pass neither branch. Without a
+    GPU or its libraries (CI) this is the refusal."""
+    try:
+        unet = UNet.create(graphs["unet"], "cuda")
+    except RuntimeError as exc:
+        assert "the CUDA execution provider did not load" in str(exc)
+        assert "gpus.provider: cpu" in str(exc)
+        return
+    assert unet.session.get_providers()[0] == "CUDAExecutionProvider"
