@@ -38,10 +38,9 @@ class ValidRequest:
 
 
 def _finite(values: np.ndarray) -> bool:
-    # fast path: a sum is finite when every term is (and no sum overflowed)
-    with np.errstate(invalid="ignore", over="ignore"):
-        total = values.sum(dtype=np.float64)
-    return bool(np.isfinite(total)) or bool(np.isfinite(values).all())
+    """No NaN or Inf in a non-empty array: min and max carry any NaN, +Inf shows in the max
+    and -Inf in the min. Exact, and twice as fast as a sum (27 vs 53 us per MiB)."""
+    return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
 
 
 def validate(req: pb.CompositeBatchRequest | CompositeRequestView, cfg: Config) -> ValidRequest:
@@ -92,7 +91,7 @@ def validate(req: pb.CompositeBatchRequest | CompositeRequestView, cfg: Config) 
     return ValidRequest(req.model_id, b, req.start_frame_idx, visual, audio, sample_rate, features)
 
 
-_CHECK_CHUNK = 1 << 18  # floats: 1 MiB, copied then summed while still in cache
+_CHECK_CHUNK = 1 << 18  # floats: 1 MiB, copied then checked while still in cache
 
 
 def copy_finite_visual(source: np.ndarray, target: np.ndarray) -> None:
@@ -105,7 +104,5 @@ def copy_finite_visual(source: np.ndarray, target: np.ndarray) -> None:
     for start in range(0, src.size, _CHECK_CHUNK):
         chunk = dst[start:start + _CHECK_CHUNK]
         chunk[...] = src[start:start + _CHECK_CHUNK]
-        # min and max carry any NaN, +Inf shows in the max and -Inf in the min: exact, and
-        # twice as fast as a sum (measured: 27 vs 53 us per MiB)
-        if not (np.isfinite(chunk.min()) and np.isfinite(chunk.max())):
+        if not _finite(chunk):
             raise InvalidRequest("visual_frames contains NaN or Inf values")
