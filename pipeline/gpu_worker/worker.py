@@ -196,12 +196,16 @@ class GpuWorker:
         except queue.Empty:
             return None
 
-    def _on_infer(self, req: msg.InferRequest) -> None:
+    def _loaded_or_wait(self, req: msg.InferRequest | msg.LoadModel) -> LoadedModel | None:
+        """The request's model if loaded; else None, the request waiting on its load."""
         model = self.models.get(req.model_id)
         if model is None:
             self._start_load(req.model_id).waiting.append(req)
-            return
-        self._infer(model, self._coalesce(req), model_loaded=False)
+        return model
+
+    def _on_infer(self, req: msg.InferRequest) -> None:
+        if (model := self._loaded_or_wait(req)) is not None:
+            self._infer(model, self._coalesce(req), model_loaded=False)
 
     def _coalesce(self, first: msg.InferRequest) -> list[msg.InferRequest]:
         """`first` and the requests of its model queued behind it, or arriving within the
@@ -228,12 +232,9 @@ class GpuWorker:
         return run
 
     def _on_load(self, req: msg.LoadModel) -> None:
-        model = self.models.get(req.model_id)
-        if model is None:
-            self._start_load(req.model_id).waiting.append(req)
-            return
-        self._post(FRONTEND, msg.ControlReply(req.request_id, ok=True, gpu_id=self.index,
-                                              memory_bytes=model.memory_bytes))
+        if (model := self._loaded_or_wait(req)) is not None:
+            self._post(FRONTEND, msg.ControlReply(req.request_id, ok=True, gpu_id=self.index,
+                                                  memory_bytes=model.memory_bytes))
 
     def _on_unload(self, req: msg.UnloadModel) -> None:
         model = self.models.pop(req.model_id, None)
