@@ -86,15 +86,17 @@ class _Graph:
 
     def up(self, x: str, skip: str, cin: int, cout: int) -> str:
         """Bilinear ×2 (align_corners), concatenated with the skip, then DoubleConvDW."""
-        scales = self.weight_const(self.name("scales"), [1.0, 1.0, 2.0, 2.0])
-        x = self.op("Resize", [x, "", scales], mode="linear",
+        x = self.op("Resize", [x, "", self.upsample_scales()], mode="linear",
                     coordinate_transformation_mode="align_corners")
         return self.double_conv_dw(self.op("Concat", [x, skip], axis=1), cin, cout, 1)
 
-    def weight_const(self, name: str, values: list[float]) -> str:
+    def upsample_scales(self) -> str:
+        """The one [1, 1, 2, 2] constant every ×2 Resize shares."""
         from onnx import numpy_helper
 
-        self.inits.append(numpy_helper.from_array(np.asarray(values, np.float32), name))
+        name = "upsample_scales"
+        if not any(t.name == name for t in self.inits):
+            self.inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), name))
         return name
 
 
