@@ -1,8 +1,11 @@
 """`lipsync bench`: drive InferBatchComposite with C concurrent clients and report
-frames/s, latency percentiles and the mean stage timings the server measured.
+frames/s, latency percentiles, the stage timings the server measured and the CPU each
+process spent; `--compare inprocess` runs the same stages in this one process, one request
+after another, `--compare ort` the UNet session alone (docs/benchmarks.md).
 
 Inputs are what a real client sends: SyncTalk visual tensors built from the avatar's own
-frames and crop rects, and (B + 15) x 40 ms of speech-like audio per request.
+frames and crop rects (or none: the server builds them), and (B + 15) x 40 ms of
+speech-like audio per request.
 """
 from __future__ import annotations
 
@@ -128,18 +131,26 @@ class Measured:
         }
 
 
+def ops_stats(ops_endpoint: str | None) -> dict | None:
+    """The server's ops-socket stats; None when the socket does not answer (a server run
+    with another config than the bench's)."""
+    from pipeline.ops_client import fetch
+
+    if ops_endpoint is None:
+        return None
+    try:
+        return fetch(ops_endpoint, timeout_s=2.0)
+    except TimeoutError:
+        return None
+
+
 def role_cpu_seconds(ops_endpoint: str | None) -> dict[str, float]:
     """CPU seconds (user + system) used so far by each server process, from the ops socket,
     and by this process (`client`: the bench's gRPC clients); server roles are absent
-    when the socket does not answer (a server run with another config)."""
-    from pipeline.ops_client import fetch
-
+    when the socket does not answer."""
     cpu = {"client": time.process_time()}
-    if ops_endpoint is None:
-        return cpu
-    try:
-        stats = fetch(ops_endpoint, timeout_s=2.0)
-    except TimeoutError:
+    stats = ops_stats(ops_endpoint)
+    if stats is None:
         return cpu
     cpu["frontend"] = stats["frontend"].get("cpu_s", 0.0)
     for kind in ("gpu_workers", "compositors"):
@@ -238,7 +249,10 @@ class InProcessPipeline:
     """The server's stages in this one process, one request after another: audio features
     (mel + encoder), UNet, paste and JPEG of every frame. The baseline of `--compare`."""
 
-    def __init__(self, cfg_path: Path, model_id: str) -> None:
+    def __init__(self, cfg_path: Path, model_id: str, provider: str | None = None,
+                 threads: int = 0) -> None:
+        """`provider` None: the one the server resolves; `threads` 0: ONNX Runtime's default
+        (every core), the fastest one-at-a-time baseline."""
         from pipeline.gpu_worker import audio
         from pipeline.gpu_worker.avatar import load_avatar
         from pipeline.gpu_worker.device import resolve_provider
@@ -247,10 +261,9 @@ class InProcessPipeline:
 
         self.cfg = cfg = load_config(cfg_path)
         self.model = cfg.models[model_id]
-        provider = resolve_provider(cfg.gpus.provider, 1)
-        # ONNX Runtime's default threads (every core): the fastest one-at-a-time baseline
-        self.encoder = AudioEncoder.create(cfg.audio_encoder_path, provider, 0)
-        self.unet = UNet.create(self.model.model_path, provider, 0)
+        provider = provider or resolve_provider(cfg.gpus.provider, 1)
+        self.encoder = AudioEncoder.create(cfg.audio_encoder_path, provider, threads)
+        self.unet = UNet.create(self.model.model_path, provider, threads)
         self.avatar = load_avatar(self.model, segment_name(f"bench{os.getpid()}", "bg"))
         audio.warm_up()
         cv2.setNumThreads(1)  # as in the compositors (faster on 1280x720 frames, measured)
@@ -288,13 +301,13 @@ class InProcessPipeline:
         ns["audio"], ns["visual"], ns["unet"] = t1 - t0, t2 - t1, t3 - t2
         frames = self.avatar.frames()
         for i in range(b):
-            t = time.perf_counter_ns()
+            t_paste = time.perf_counter_ns()
             frame = paste(frames[(start + i) % self.avatar.num_frames], prediction[i],
                           self.avatar.rect(start + i), self.model.composite_mode)
-            t3 = time.perf_counter_ns()
+            t_jpeg = time.perf_counter_ns()
             encode_jpeg(frame, self.cfg.jpeg_quality)
-            ns["paste"] += t3 - t
-            ns["jpeg"] += time.perf_counter_ns() - t3
+            ns["paste"] += t_jpeg - t_paste
+            ns["jpeg"] += time.perf_counter_ns() - t_jpeg
         return ns
 
 
@@ -374,15 +387,11 @@ def stage_timings(cfg_path: Path, model_id: str, batch: int, repeats: int = 20) 
     """Each stage of the pipeline run in this process on the real components (median ms)."""
     from pipeline.compositor.composite import encode_jpeg, paste
     from pipeline.gpu_worker import audio
-    from pipeline.gpu_worker.avatar import load_avatar
-    from pipeline.gpu_worker.sessions import AudioEncoder, UNet
-    from pipeline.shm.segment import segment_name
 
     cfg = load_config(cfg_path)
-    model = cfg.models[model_id]
-    encoder = AudioEncoder.create(cfg.audio_encoder_path, "cpu", cfg.gpus.intra_op_threads)
-    unet = UNet.create(model.model_path, "cpu", cfg.gpus.intra_op_threads)
-    avatar = load_avatar(model, segment_name(f"bench{os.getpid()}", "bg"))
+    stages = InProcessPipeline(cfg_path, model_id, "cpu", cfg.gpus.intra_op_threads)
+    encoder, unet, avatar = stages.encoder, stages.unet, stages.avatar
+    mode = stages.model.composite_mode
     try:
         chunk = speech_like_audio(0.64)
         samples = speech_like_audio((batch + 15) * 0.04)
@@ -392,21 +401,21 @@ def stage_timings(cfg_path: Path, model_id: str, batch: int, repeats: int = 20) 
         prediction = np.empty((batch, 3, 320, 320), np.float32)
         avatar.visual_inputs(0, visual)
         unet.run(visual, features, prediction)
-        frame = paste(avatar.frames()[0], prediction[0], avatar.rect(0), model.composite_mode)
+        frame = paste(avatar.frames()[0], prediction[0], avatar.rect(0), mode)
         return {
             "mel_per_640ms_chunk": _median_ms(lambda: audio.melspectrogram(chunk), repeats),
             f"audio_features_batch{batch}": _median_ms(
-                lambda: audio.frame_features(encoder.encode(audio.mel_windows(
-                    audio.melspectrogram(samples))), batch), repeats),
+                lambda: audio.request_features(encoder.encode, samples, audio.SAMPLE_RATE, batch),
+                repeats),
             "encoder_windows": float(len(windows)),
             "visual_input_per_frame": _median_ms(lambda: avatar.visual_inputs(0, visual[:1]), repeats),
             f"unet_batch{batch}": _median_ms(lambda: unet.run(visual, features, prediction), repeats),
             "paste_per_frame": _median_ms(lambda: paste(avatar.frames()[0], prediction[0],
-                                                        avatar.rect(0), model.composite_mode), repeats),
+                                                        avatar.rect(0), mode), repeats),
             "jpeg_per_frame": _median_ms(lambda: encode_jpeg(frame, cfg.jpeg_quality), repeats),
         }
     finally:
-        avatar.close()
+        stages.close()
 
 
 def run_stages(args: argparse.Namespace) -> int:
@@ -485,9 +494,11 @@ def run_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result) if args.json else
               "\n".join(f"{k:32s} {v}" for k, v in result.items()))
         return 0
-    if not 1 <= args.batch <= 32 or args.concurrency < 1 or (args.requests or 1) < 1:
+    if (not 1 <= args.batch <= 32 or args.concurrency < 1 or (args.requests or 1) < 1
+            or (args.duration is not None and args.duration <= 0) or args.rounds < 1
+            or args.probe < 0):
         raise SystemExit("lipsync bench: need 1 <= --batch <= 32, --concurrency >= 1, "
-                         "--requests >= 1")
+                         "--requests >= 1, --duration > 0, --rounds >= 1, --probe >= 0")
     requests = None if args.duration else (args.requests or 40)
     compare = set(args.compare or ())
     if "inprocess" in compare and requests is None:
