@@ -49,7 +49,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from pipeline.addresses import Addresses
-from pipeline.bench import percentile, speech_like_audio
+from pipeline.bench import ops_stats, percentile, speech_like_audio
 from pipeline.config import load_config
 from pipeline.frontend.websocket import parse_frame_message
 from pipeline.gpu_worker.audio import stream_samples
@@ -329,14 +329,21 @@ def overall(logs: list[SessionLog]) -> dict[str, float]:
 
 def server_stages(ops_endpoint: str, model: str) -> dict[str, tuple[int, int]]:
     """The server's stage counters of `model` ({stage: (count, ns)}), from its ops socket;
-    empty when the socket does not answer (a server started with another config)."""
-    from pipeline.ops_client import fetch
-
-    try:
-        stages = fetch(ops_endpoint, timeout_s=2.0)["models"].get(model, {}).get("stages", {})
-    except (TimeoutError, KeyError):
-        return {}
+    empty when the socket does not answer."""
+    stats = ops_stats(ops_endpoint) or {}
+    stages = stats.get("models", {}).get(model, {}).get("stages", {})
     return {name: (v["count"], v["ns"]) for name, v in stages.items()}
+
+
+def stage_ms(before: dict[str, tuple[int, int]],
+             after: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Mean ms per stage over what the server counted between two `server_stages`."""
+    means = {}
+    for stage, (count, ns) in after.items():
+        count0, ns0 = before.get(stage, (0, 0))
+        if count > count0:
+            means[stage] = round((ns - ns0) / 1e6 / (count - count0), 2)
+    return means
 
 
 def run_stream_bench(args: argparse.Namespace) -> int:
@@ -360,10 +367,7 @@ def run_stream_bench(args: argparse.Namespace) -> int:
         after = server_stages(ops, model)
     result = aggregate([summarize(log) for log in logs], sessions, seconds, chunk_ms)
     result.update(overall(logs))
-    result["stage_ms"] = {stage: round((after[stage][1] - before.get(stage, (0, 0))[1]) / 1e6
-                                       / (after[stage][0] - before.get(stage, (0, 0))[0]), 2)
-                          for stage in after
-                          if after[stage][0] > before.get(stage, (0, 0))[0]}
+    result["stage_ms"] = stage_ms(before, after)
     print(json.dumps(result) if getattr(args, "json", False) else _table(result))
     return 1 if result["errors"] else 0
 
