@@ -46,8 +46,31 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+SMALL_FRAMES = 32
+
+
+@pytest.fixture(scope="session")
+def small_models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo avatar with 32 frames, for tests where wrap-around at 250 is not the point
+    (its server starts and loads in a fraction of the full avatar's time)."""
+    root = tmp_path_factory.mktemp("small_models")
+    build_demo_assets(root, num_frames=SMALL_FRAMES)
+    return root
+
+
+def ops_stats(config: Path, command: str = "stats") -> dict:
+    """The ops socket's answer of the server started from `config`."""
+    from pipeline.addresses import Addresses
+    from pipeline.config import load_config
+    from pipeline.ops_client import fetch
+
+    return fetch(Addresses.of(load_config(config)).ops, command=command)
+
+
 def write_config(path: Path, models_root: Path, **overrides: object) -> Path:
     """A config for tests: the demo model, a per-test instance name and runtime dir."""
+    frames = DEMO_FRAMES if (models_root / "demo" / "frames" / f"frame_{DEMO_FRAMES - 1:04d}.jpg"
+                             ).exists() else SMALL_FRAMES
     raw: dict[str, object] = {
         "server": {"host": "127.0.0.1", "request_timeout_s": 60},
         "gpus": {"count": 1, "provider": "cpu"},
@@ -58,7 +81,7 @@ def write_config(path: Path, models_root: Path, **overrides: object) -> Path:
         "models_root": str(models_root),
         "audio_encoder_path": "audio_encoder.onnx",
         "models": {"demo": {"model_path": "demo/unet.onnx", "background_dir": "demo/frames",
-                            "crop_rects_path": "demo/crop_rects.json", "num_frames": DEMO_FRAMES,
+                            "crop_rects_path": "demo/crop_rects.json", "num_frames": frames,
                             "preload_model": True}},
     }
     for dotted, value in overrides.items():

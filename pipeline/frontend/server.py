@@ -8,21 +8,22 @@ from multiprocessing.connection import Connection
 
 import grpc
 from grpc_health.v1 import health as grpc_health
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from pipeline.addresses import Addresses
 from pipeline.config import Config
 from pipeline.frontend.dispatcher import Dispatcher
 from pipeline.frontend.grpc_service import MonolithicService
 from pipeline.frontend.models import ModelManager
-from pipeline.frontend.stream_rpc import InferenceService, StreamRpc
+from pipeline.frontend.stream_rpc import InferenceService, StreamRpc, streaming_settings
 from pipeline.frontend.telemetry import Telemetry
 from pipeline.frontend.websocket import AudioSocketServer
-from pipeline.frontend.wire import add_servicer, parse_composite_request
+from pipeline.frontend.wire import (COMPOSITE_MAX_FIELDS, MethodLimits, add_servicer,
+                                    parse_composite_request)
 from pipeline.process import Readiness, run_role
 from pipeline.rpc import inference_pb2 as ipb
-from pipeline.rpc import inference_pb2_grpc as ipb_grpc
 from pipeline.rpc import monolithic_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,27 @@ def run_frontend_process(cfg: Config, ready: Connection | None = None) -> None:
     run_role("frontend", ready,
              lambda readiness, stop: asyncio.run(serve(cfg, readiness, stop)),
              lock=Addresses.of(cfg).role_lock("frontend"))
+
+
+def add_services(server: grpc.aio.Server, cfg: Config,
+                 servicers: dict[ServiceDescriptor, object]) -> None:
+    """Every service, each request read behind its method's limits: control messages are
+    small; a stream's audio message and ProcessAudio's utterance are bounded by what a
+    session accepts; InferBatchComposite is read by the zero-copy wire reader."""
+    streaming = streaming_settings(cfg)
+    limits = {
+        "InferBatchComposite": MethodLimits(cfg.server.max_message_size_mb * 2**20,
+                                            COMPOSITE_MAX_FIELDS),
+        "StreamAudio": MethodLimits(streaming.max_message_bytes + CONTROL_MESSAGE_BYTES, 64),
+        "ProcessAudio": MethodLimits(PROCESS_AUDIO_BYTES, 10_000),
+    }
+    for service, servicer in servicers.items():
+        add_servicer(server, servicer, service, limits, MethodLimits(CONTROL_MESSAGE_BYTES),
+                     {"InferBatchComposite": parse_composite_request})
+
+
+CONTROL_MESSAGE_BYTES = 64 * 2**10
+PROCESS_AUDIO_BYTES = 4 * 2**20  # 2 min of s16le 16 kHz; a session holds at most 60 s
 
 
 def grpc_options(cfg: Config) -> list[tuple[str, int]]:
@@ -66,12 +88,13 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
         models.start()
         streams = StreamRpc(cfg, models)
         server = grpc.aio.server(options=grpc_options(cfg))
-        add_servicer(server, MonolithicService(dispatcher, models, streams),
-                     pb.DESCRIPTOR.services_by_name["MonolithicService"],
-                     {"InferBatchComposite": parse_composite_request})
-        ipb_grpc.add_InferenceServiceServicer_to_server(InferenceService(streams), server)
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection(SERVICE_NAMES, server)
+        add_services(server, cfg, {
+            pb.DESCRIPTOR.services_by_name["MonolithicService"]:
+                MonolithicService(dispatcher, models, streams),
+            ipb.DESCRIPTOR.services_by_name["InferenceService"]: InferenceService(streams),
+            health_pb2.DESCRIPTOR.services_by_name["Health"]: health,
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]:
+                reflection.aio.ReflectionServicer(SERVICE_NAMES)})
         address = f"{cfg.server.host}:{cfg.server.port}"
         server.add_insecure_port(address)
         await server.start()

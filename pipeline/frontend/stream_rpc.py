@@ -14,6 +14,7 @@ import grpc
 from pipeline.config import Config, StreamingConfig
 from pipeline.frontend.models import ModelManager
 from pipeline.frontend.streaming import AudioFormat, StreamError, StreamSession
+from pipeline.frontend.wire import MalformedMessage
 from pipeline.rpc import inference_pb2 as ipb
 from pipeline.rpc import inference_pb2_grpc as ipb_grpc
 from pipeline.rpc import monolithic_pb2 as pb
@@ -64,7 +65,8 @@ class StreamRpc:
 
         async def put(item: object) -> None:
             try:
-                await asyncio.wait_for(outbox.put(item), timeout)
+                async with asyncio.timeout(timeout):
+                    await outbox.put(item)
             except TimeoutError:
                 raise StreamError(f"client did not take frames for {timeout:.0f} s") from None
 
@@ -116,11 +118,16 @@ class StreamRpc:
             except StreamError as exc:
                 await outbox.put(pb.StreamAudioResponse(
                     status_json=json.dumps({"type": "error", "message": str(exc)})))
+            except MalformedMessage as exc:  # answered INVALID_ARGUMENT by the handler's wrapper
+                await outbox.put(exc)
+                return
             await outbox.put(None)
 
         reader = asyncio.create_task(read())
         try:
             while (item := await outbox.get()) is not None:
+                if isinstance(item, MalformedMessage):
+                    raise item
                 yield item
         finally:
             reader.cancel()

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("queue", "audio", "encoder", "visual", "unet", "composite", "jpeg")
 _STAGE_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+LAG_PROBE_S = 0.02
 _LOAD_BUCKETS = (.05, .1, .25, .5, 1, 2, 5, 10, 20, 60)
 
 
@@ -70,6 +71,10 @@ class Telemetry:
         self.m_sessions = Gauge("lipsync_websocket_sessions", "Open WebSocket sessions",
                                 registry=r)
         self.m_arena = Gauge("lipsync_shm_arena_used_bytes", "Request arena in use", registry=r)
+        self.m_loop_lag = Histogram("lipsync_event_loop_lag_seconds",
+                                    "How late the frontend's event loop ran a 20 ms timer",
+                                    buckets=_STAGE_BUCKETS, registry=r)
+        self.loop_lag_max_s = 0.0
 
     def attach(self, dispatcher: Dispatcher, models: ModelManager) -> None:
         self.dispatcher, self.models = dispatcher, models
@@ -154,7 +159,9 @@ class Telemetry:
             "time": time.time(), "instance": self.cfg.runtime.instance,
             "frontend": {**self._process(os.getpid()), "restarts": 0,
                          "inflight_requests": len(d.pending),
-                         "websocket_sessions": self.websocket_sessions()},
+                         "websocket_sessions": self.websocket_sessions(),
+                         "loop_lag_max_ms": round(self.loop_lag_max_s * 1e3, 1),
+                         "tasks": len(asyncio.all_tasks())},
             "gpu_workers": workers, "compositors": compositors, "models": models,
             "arena": {"name": d.arena.name, "capacity_bytes": d.arena.capacity,
                       "used_bytes": d.arena.used_bytes, "blocks": d.arena.blocks_in_use},
@@ -187,6 +194,7 @@ class Telemetry:
 
     async def _serve(self, sock: zmq.asyncio.Socket) -> None:
         refresh = asyncio.create_task(self._refresh_forever())
+        lag = asyncio.create_task(self._watch_loop_lag())
         try:
             while True:
                 raw = await sock.recv()
@@ -204,7 +212,18 @@ class Telemetry:
                 await sock.send(json.dumps(reply).encode())
         finally:
             refresh.cancel()
+            lag.cancel()
             sock.close(0)
+
+    async def _watch_loop_lag(self) -> None:
+        """Anything that holds the event loop delays every client: measure it always."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(LAG_PROBE_S)
+            lag = max(0.0, loop.time() - start - LAG_PROBE_S)
+            self.loop_lag_max_s = max(self.loop_lag_max_s, lag)
+            self.m_loop_lag.observe(lag)
 
     async def _refresh_forever(self) -> None:
         while True:
