@@ -193,8 +193,8 @@ class Dispatcher:
                 audio=refs.get("audio"), sample_rate=req.sample_rate,
                 features=refs.get("features"), stream_offset=req.stream_offset,
                 sent_ns=time.monotonic_ns())))
-            return await asyncio.wait_for(asyncio.shield(pending.future),
-                                          deadline - time.monotonic())
+            async with asyncio.timeout(deadline - time.monotonic()):
+                return await asyncio.shield(pending.future)
         except (TimeoutError, asyncio.CancelledError):
             if pending is not None and pending.done is None:
                 # the worker may still write into the block: it is released when the
@@ -215,7 +215,8 @@ class Dispatcher:
         while (block := self.arena.allocate(size)) is None:
             self._space_freed.clear()
             try:
-                await asyncio.wait_for(self._space_freed.wait(), deadline - time.monotonic())
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    await self._space_freed.wait()
             except TimeoutError:
                 raise Overloaded("server busy: no shared memory freed before the deadline") from None
         return block
@@ -277,7 +278,8 @@ class Dispatcher:
         try:
             await self._send(worker, msg.encode(kind(request_id, self.workers[worker].pid,
                                                      model_id)))
-            return await asyncio.wait_for(future, self.cfg.runtime.start_timeout_s)
+            async with asyncio.timeout(self.cfg.runtime.start_timeout_s):
+                return await future
         finally:
             self.controls.pop(request_id, None)
 

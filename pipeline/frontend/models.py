@@ -120,18 +120,19 @@ class ModelManager:
         while model.state != READY:
             if model.state in (UNLOADED, FAILED):
                 t0 = time.monotonic_ns()
-                await asyncio.wait_for(asyncio.shield(self._load(model, None)),
-                                       deadline - time.monotonic())
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    await asyncio.shield(self._load(model, None))
                 loaded_now, load_ns = True, time.monotonic_ns() - t0
             else:  # loading or unloading: wait for the transition
                 if model.state == LOADING and model.load_task is not None:
                     loaded_now = True
                     t0 = time.monotonic_ns()
-                    await asyncio.wait_for(asyncio.shield(model.load_task),
-                                           deadline - time.monotonic())
+                    async with asyncio.timeout(deadline - time.monotonic()):
+                        await asyncio.shield(model.load_task)
                     load_ns = time.monotonic_ns() - t0
                 else:
-                    await asyncio.wait_for(model.changed.wait(), deadline - time.monotonic())
+                    async with asyncio.timeout(deadline - time.monotonic()):
+                        await model.changed.wait()
         model.inflight += 1
         try:
             yield Lease(model.worker, loaded_now, load_ns)
@@ -246,7 +247,8 @@ class ModelManager:
             if not candidates:  # the others are loading or unloading: wait for one of them
                 self._changed.clear()
                 try:
-                    await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
+                    async with asyncio.timeout(deadline - time.monotonic()):
+                        await self._changed.wait()
                 except TimeoutError:
                     raise Overloaded("no model could be evicted before the deadline") from None
                 continue

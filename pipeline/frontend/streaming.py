@@ -39,6 +39,16 @@ SendFrame = Callable[[int, int, bytes], Awaitable[None]]
 SendStatus = Callable[[dict], Awaitable[None]]
 
 
+async def cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait until it has ended, cancelling again should code it awaits
+    swallow a cancellation (a third-party library, or a Python 3.11 wait_for race)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("stream task failed: %s", task.exception())
+
+
 class StreamError(Exception):
     """The session cannot go on; str() is the message sent to the client."""
 
@@ -170,8 +180,7 @@ class StreamSession:
 
     async def close(self) -> None:
         if self._runner is not None:
-            self._runner.cancel()
-            await asyncio.gather(self._runner, return_exceptions=True)
+            await cancel_and_wait(self._runner)
             self._runner = None
 
     async def wait_flushed(self) -> None:
@@ -210,8 +219,12 @@ class StreamSession:
         log_request.set(f"client:{self.client_id}")
         try:
             while True:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+                # cancellation that races with the event being set, and this loop would
+                # then never end (a session that outlives its connection)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=0.1)
+                    async with asyncio.timeout(0.1):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
                 self._wake.clear()

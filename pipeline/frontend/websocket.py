@@ -137,7 +137,8 @@ class AudioSocketServer:
 
         async def send(message: bytes | str) -> None:
             try:
-                await asyncio.wait_for(ws.send(message), timeout)
+                async with asyncio.timeout(timeout):
+                    await ws.send(message)
             except TimeoutError:
                 # a slow consumer is closed, not buffered without bound
                 ws.transport.abort()
