@@ -57,6 +57,8 @@ class Compositor:
             while not stop.is_set():
                 if time.monotonic() >= next_beat:
                     self._send(results, [heartbeat])
+                    # a dead frontend's arena (or a dead worker's backgrounds) goes at once
+                    self.segments.forget_dead()
                     next_beat = time.monotonic() + self.cfg.runtime.heartbeat_s
                 ready_socks = dict(poller.poll(100))
                 if events in ready_socks:

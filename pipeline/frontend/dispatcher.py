@@ -34,6 +34,28 @@ PREDICTION_BYTES = 3 * 320 * 320 * FLOAT
 LIVENESS_BEATS = 3  # a role silent this many heartbeats is dead: its requests fail in < 2 s
 
 
+ARENA_SPACE_WAIT_S = 10.0
+
+
+def create_arena(name: str, size: int) -> Arena:
+    """The request arena. /dev/shm may be short for a moment after a frontend died: its
+    arena is unlinked but mapped by the other roles until they notice (within a heartbeat),
+    so the space is waited for briefly before giving up."""
+    deadline = time.monotonic() + ARENA_SPACE_WAIT_S
+    waiting = False
+    while True:
+        try:
+            return Arena.create(name, size)
+        except MemoryError as exc:
+            if time.monotonic() > deadline:
+                raise
+            if not waiting:
+                log.warning("%s; waiting up to %.0f s for the other roles to let go of a dead "
+                            "frontend's arena", exc, ARENA_SPACE_WAIT_S)
+                waiting = True
+            time.sleep(0.25)
+
+
 class Unavailable(Exception):
     """The request could not be served for a reason of the server's (gRPC UNAVAILABLE)."""
 
@@ -124,7 +146,7 @@ class Dispatcher:
         self.to_workers = [make_socket(self.ctx, zmq.PUSH, connect=[self.addresses.worker_inbox(i)])
                            for i in range(cfg.gpus.count)]
         self._worker_sockets = [zmq.Socket.shadow(s.underlying) for s in self.to_workers]
-        self.arena = Arena.create(self.addresses.request_arena(), cfg.runtime.arena_mb * 2**20)
+        self.arena = create_arena(self.addresses.request_arena(), cfg.runtime.arena_mb * 2**20)
         self.pending: dict[int, Pending] = {}
         self.controls: dict[int, Control] = {}
         self.workers = [RoleView() for _ in range(cfg.gpus.count)]

@@ -184,10 +184,14 @@ class GpuWorker:
         handlers: dict[type, Callable[[object], None]] = {
             msg.InferRequest: self._on_infer, msg.LoadModel: self._on_load,
             msg.UnloadModel: self._on_unload, LoadFinished: self._on_load_finished}
+        next_sweep = 0.0
         while not stop.is_set():
             item = self.backlog.popleft() if self.backlog else self._get(time.monotonic() + 0.1)
             if item is not None:
                 handlers[type(item)](item)
+            if time.monotonic() >= next_sweep:  # a dead frontend's arena goes at once
+                self.segments.forget_dead()
+                next_sweep = time.monotonic() + self.cfg.runtime.heartbeat_s
 
     def _get(self, deadline: float) -> object | None:
         """The next inbox item, waiting until `deadline` (monotonic) at most."""

@@ -159,9 +159,19 @@ class SegmentCache:
         if segment is not None:
             segment.close()
 
-    def forget_pid(self, pid: int) -> None:
-        for name in [n for n in self._segments if creator_pid(n) == pid]:
+    def forget_dead(self) -> list[str]:
+        """Unmap every segment whose creator has died or that has been unlinked: a deleted
+        segment lives on while anyone maps it, so a dead frontend's arena would hold its
+        memory hostage from the successor that needs the room. Call this periodically."""
+        dead = [name for name in self._segments
+                if not (SHM_DIR / name).exists()
+                or ((pid := creator_pid(name)) is not None and not pid_alive(pid))]
+        for name in dead:
             self.forget(name)
+        if dead:
+            log.info("unmapped %d segment(s) of dead or finished owners: %s", len(dead),
+                     ", ".join(dead))
+        return dead
 
     def close(self) -> None:
         for name in list(self._segments):

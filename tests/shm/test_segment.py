@@ -355,22 +355,28 @@ def test_cache_replaces_segment_of_new_creator(instance: str) -> None:
             seg.close()
 
 
-def test_cache_forget_pid_and_close(instance: str) -> None:
-    """forget_pid() unmaps a creator's segments only; close() unmaps everything."""
+def test_cache_forget_dead_and_close(instance: str) -> None:
+    """forget_dead() unmaps the segments of dead creators and unlinked ones only, never
+    unlinking anything; close() unmaps everything."""
     dead = _dead_pid()
     a = SharedSegment.create(segment_name(instance, "a", pid=dead), 4096)
     b = SharedSegment.create(segment_name(instance, "b"), 4096)
+    c = SharedSegment.create(segment_name(instance, "c"), 4096)
     cache = SegmentCache()
     try:
-        seg_a, seg_b = cache.get(a.name), cache.get(b.name)
-        cache.forget_pid(dead)
-        with pytest.raises(ValueError):
-            _ = seg_a.buf
+        seg_a, seg_b, seg_c = cache.get(a.name), cache.get(b.name), cache.get(c.name)
+        c.close()  # its owner unlinked it: only the cache still maps its pages
+        assert _mapped(c.name)
+        assert sorted(cache.forget_dead()) == sorted([a.name, c.name])
+        for gone in (seg_a, seg_c):
+            with pytest.raises(ValueError):
+                _ = gone.buf
+        assert not _mapped(c.name)
         assert cache.get(b.name) is seg_b
+        assert _exists(a.name) and _exists(b.name), "a reader unlinked a segment"
         cache.close()
         with pytest.raises(ValueError):
             _ = seg_b.buf
-        assert _exists(a.name) and _exists(b.name), "a reader unlinked a segment"
     finally:
         cache.close()
         a.close()
