@@ -46,7 +46,8 @@ def _process_row(role: str, p: dict[str, Any]) -> str:
 def render(stats: dict[str, Any]) -> str:
     """The stats as tables for a terminal."""
     lines = [f"lipsync instance {stats['instance']}  frames {stats['frames']}  "
-             f"evictions {stats['evictions']}  failures {stats['failures'] or 0}",
+             f"evictions {stats['evictions']} ({stats['evictions_last_minute']} in the last "
+             f"minute)  failures {stats['failures'] or 0}",
              "", f"{'process':<14} {'pid':>7} {'cpu':>6} {'rss':>9} {'uptime':>10} {'restarts':>8}",
              _process_row("frontend", stats["frontend"])]
     lines += [_process_row(f"gpu_worker {w['index']}", w) for w in stats["gpu_workers"]]

@@ -32,6 +32,13 @@ FAILURE_REASONS = {Failed: "failed", Overloaded: "overloaded", Unavailable: "una
                    TimeoutError: "timeout"}  # the `reason` label of lipsync_request_failures
 
 
+@dataclass(eq=False)
+class Waiter:
+    """A request waiting for its model; granted its use when the model becomes READY."""
+
+    granted: bool = False
+
+
 @dataclass
 class ModelView:
     """What the frontend knows of one configured model."""
@@ -49,6 +56,7 @@ class ModelView:
     inflight: int = 0
     reserved: bool = False         # a load that has made room for itself
     load_task: asyncio.Task[int] | None = None
+    waiters: set[Waiter] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def set_state(self, state: str) -> None:
@@ -114,34 +122,52 @@ class ModelManager:
 
     @asynccontextmanager
     async def _lease(self, model_id: str, deadline: float) -> AsyncIterator[Lease]:
-        """The model, ready on its worker and marked in use for the duration."""
+        """The model, ready on its worker and marked in use for the duration.
+
+        A request that waits for the model is granted its use the moment the model becomes
+        READY (in the same step), so that no other load can evict the model before the
+        requests it was loaded for have run: eviction then always makes progress.
+        """
         model = self.models[model_id]
         loaded_now, load_ns = False, 0
-        while model.state != READY:
-            if model.state in (UNLOADED, FAILED):
-                t0 = time.monotonic_ns()
-                async with asyncio.timeout(deadline - time.monotonic()):
-                    await asyncio.shield(self._load(model, None))
-                loaded_now, load_ns = True, time.monotonic_ns() - t0
-            else:  # loading or unloading: wait for the transition
-                if model.state == LOADING and model.load_task is not None:
+        waiter = Waiter()
+        if model.state == READY:
+            model.inflight += 1
+            waiter.granted = True
+        else:
+            model.waiters.add(waiter)
+        try:
+            while not waiter.granted:
+                if model.state in (UNLOADED, FAILED):
+                    t0 = time.monotonic_ns()
+                    async with asyncio.timeout(deadline - time.monotonic()):
+                        await asyncio.shield(self._load(model, None))
+                    loaded_now, load_ns = True, time.monotonic_ns() - t0
+                elif model.state == LOADING and model.load_task is not None:
                     loaded_now = True
                     t0 = time.monotonic_ns()
                     async with asyncio.timeout(deadline - time.monotonic()):
                         await asyncio.shield(model.load_task)
                     load_ns = time.monotonic_ns() - t0
-                else:
+                else:  # unloading, or ready for others: wait for the next transition
                     async with asyncio.timeout(deadline - time.monotonic()):
                         await model.changed.wait()
-        model.inflight += 1
+        except BaseException:
+            model.waiters.discard(waiter)
+            if waiter.granted:  # granted while this request gave up: give it back
+                self._release_use(model)
+            raise
         try:
             yield Lease(model.worker, loaded_now, load_ns)
         finally:
-            model.inflight -= 1
-            model.last_used, model.last_used_mono = time.time(), time.monotonic()
-            if model.inflight == 0:
-                model.changed.set()
-                model.changed = asyncio.Event()
+            self._release_use(model)
+
+    def _release_use(self, model: ModelView) -> None:
+        model.inflight -= 1
+        model.last_used, model.last_used_mono = time.time(), time.monotonic()
+        if model.inflight == 0:
+            model.changed.set()
+            model.changed = asyncio.Event()
 
     # ---- load --------------------------------------------------------------------------
 
@@ -299,6 +325,11 @@ class ModelManager:
     def _transition(self, model: ModelView, state: str) -> None:
         if state in (UNLOADED, FAILED):
             model.reserved = False
+        if state == READY:  # the requests that waited for it hold it from this step on
+            for waiter in model.waiters:
+                waiter.granted = True
+            model.inflight += len(model.waiters)
+            model.waiters.clear()
         model.set_state(state)
         self._changed.set()
 

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -44,6 +44,7 @@ class Telemetry:
         self.failures: dict[str, int] = defaultdict(int)
         self.frames = 0
         self.evictions = 0
+        self._eviction_times: deque[float] = deque(maxlen=10_000)
         self._processes: dict[int, psutil.Process] = {}
         self.dispatcher: Dispatcher | None = None
         self.models: ModelManager | None = None
@@ -110,6 +111,7 @@ class Telemetry:
         if evicted:
             self.evictions += 1
             self.m_evictions.inc()
+            self._eviction_times.append(time.monotonic())
 
     # ---- views -------------------------------------------------------------------------
 
@@ -166,8 +168,14 @@ class Telemetry:
             "arena": {"name": d.arena.name, "capacity_bytes": d.arena.capacity,
                       "used_bytes": d.arena.used_bytes, "blocks": d.arena.blocks_in_use},
             "frames": self.frames, "evictions": self.evictions,
+            "evictions_last_minute": self.evictions_since(time.monotonic() - 60),
             "failures": dict(self.failures),
         }
+
+    def evictions_since(self, since: float) -> int:
+        """Evictions after `since` (monotonic): a high rate means more hot models than
+        capacity.max_models / max_memory_gb hold, and every request pays a load."""
+        return sum(t > since for t in self._eviction_times)
 
     def refresh_gauges(self) -> None:
         d, m = self.dispatcher, self.models

@@ -17,7 +17,7 @@ from pipeline.launcher import ServerProcess, channel
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from pipeline.shm.segment import list_segments
-from tests.conftest import child_pids, write_config
+from tests.conftest import child_pids, ops_stats, write_config
 
 FRAMES = 10
 MARKERS = {"red": (0, 0, 255), "green": (0, 255, 0), "blue": (255, 0, 0)}  # BGR
@@ -318,3 +318,36 @@ def test_unload_frees_the_backgrounds_everywhere(stub, server) -> None:
             segment in Path(f"/proc/{pid}/maps").read_text() for pid in mapped_by):
         time.sleep(0.1)
     assert [pid for pid in mapped_by if segment in Path(f"/proc/{pid}/maps").read_text()] == []
+
+
+def test_eviction_never_starves(tmp_path: Path, models_root: Path, counters) -> None:
+    """max_models 1 and three clients on three models: every request is served (slower,
+    never timed out) with its own model's frames, and the eviction rate is reported. A
+    load used to evict a model within a millisecond of it becoming READY, before the
+    requests that waited for it had run: no request was ever served."""
+    config = write_config(tmp_path / "config.yaml", models_root, **{
+        "models": model_config(models_root), "capacity.max_models": 1,
+        "server.request_timeout_s": 60})
+    errors: list[str] = []
+
+    def client(srv: ServerProcess, model: str) -> int:
+        served = 0
+        with channel(srv.address) as ch:
+            s = pb_grpc.MonolithicServiceStub(ch)
+            for r in range(4):
+                resp = infer(s, model, r)
+                got = [which_model(j) for j in resp.composited_frames]
+                if not resp.success or got != [model, model]:
+                    errors.append(f"{model} request {r}: {resp.error or got}")
+                    continue
+                served += 1
+        return served
+
+    with ServerProcess(config, log_path=tmp_path / "server.log") as srv:
+        with ThreadPoolExecutor(3) as pool:
+            served = sum(pool.map(lambda m: client(srv, m), MARKERS))
+        stats = ops_stats(config)
+    assert errors == []
+    assert served == 12
+    assert stats["evictions"] >= 2
+    assert stats["evictions_last_minute"] == stats["evictions"]
