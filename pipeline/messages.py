@@ -141,7 +141,7 @@ class Heartbeat(Message):
     pid: int
     gpu_id: int = -1
     device_memory_used_bytes: int = 0   # measured (NVML on a GPU, process RSS on CPU)
-    loaded_models: tuple[str, ...] = ()
+    loaded_models: dict[str, int] = {}  # model id -> its measured memory (bytes)
     queue_depth: int = 0
 
 

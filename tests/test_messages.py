@@ -37,7 +37,7 @@ TO_FRONTEND = [
     msg.ControlReply(request_id=12, ok=False, error="model 'x' not configured", gpu_id=1,
                      elapsed_ns=99),
     msg.Heartbeat(role="gpu_worker", index=0, pid=4242, gpu_id=0,
-                  device_memory_used_bytes=10**9, loaded_models=("demo", "other"), queue_depth=3),
+                  device_memory_used_bytes=10**9, loaded_models={"demo": 5 * 2**20, "other": 7}, queue_depth=3),
     msg.Heartbeat(role="compositor", index=2, pid=4343),
 ]
 DECODERS = [(m, msg.worker_decoder) for m in TO_WORKER] + \

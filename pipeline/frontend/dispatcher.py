@@ -126,6 +126,7 @@ class RoleView:
     restarts: int = 0         # pid changes seen
     device_memory_used_bytes: int = 0
     queue_depth: int = 0
+    models: dict[str, int] = field(default_factory=dict)  # what it reports holding
 
     def alive(self, now: float, heartbeat_s: float) -> bool:
         return self.pid != 0 and now - self.last_seen < LIVENESS_BEATS * heartbeat_s
@@ -154,6 +155,7 @@ class Dispatcher:
         self._ids = itertools.count((os.getpid() & 0xFFFFFF) << 32)
         self._space_freed = asyncio.Event()
         self.on_worker_restart: Callable[[int], None] = lambda index: None
+        self.on_worker_report: Callable[[int, dict[str, int]], None] = lambda index, models: None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -369,6 +371,9 @@ class Dispatcher:
         view.pid, view.last_seen, view.silent = m.pid, time.monotonic(), False
         view.device_memory_used_bytes = m.device_memory_used_bytes
         view.queue_depth = m.queue_depth
+        if m.role == "gpu_worker":
+            view.models = m.loaded_models
+            self.on_worker_report(m.index, m.loaded_models)
 
     async def _watch_liveness(self) -> None:
         hb = self.cfg.runtime.heartbeat_s

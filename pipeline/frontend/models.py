@@ -55,6 +55,7 @@ class ModelView:
     last_used_mono: float = 0.0
     inflight: int = 0
     reserved: bool = False         # a load that has made room for itself
+    touched: bool = False          # this frontend has loaded or unloaded it
     load_task: asyncio.Task[int] | None = None
     waiters: set[Waiter] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -88,6 +89,7 @@ class ModelManager:
         self._changed = asyncio.Event()  # some model changed state: capacity may have freed
         self._idle_task: asyncio.Task[None] | None = None
         dispatcher.on_worker_restart = self._worker_restarted
+        dispatcher.on_worker_report = self._reconcile
 
     def start(self) -> None:
         if self.cfg.capacity.idle_timeout_minutes > 0:
@@ -192,6 +194,7 @@ class ModelManager:
         if preferred is None:
             preferred = config.preferred_gpu
         started = time.monotonic()
+        model.touched = True
         worker = self._choose_worker(preferred)
         model.worker, model.error = worker, ""
         self._transition(model, LOADING)
@@ -294,6 +297,7 @@ class ModelManager:
         await self._unload(model)
 
     async def _unload(self, model: ModelView, evicted: bool = False) -> None:
+        model.touched = True
         self._transition(model, UNLOADING)  # before any await: no new request can lease it now
         while model.inflight:
             await model.changed.wait()
@@ -340,6 +344,22 @@ class ModelManager:
                 model.worker, model.memory_bytes = -1, 0
                 self._transition(model, UNLOADED)
         # a load under way there fails by itself (its control or warm-up is failed)
+
+    def _reconcile(self, worker: int, held: dict[str, int]) -> None:
+        """Adopt the models a worker reports holding that this frontend has never loaded
+        or unloaded: a frontend that restarted would otherwise show them UNLOADED, be
+        unable to unload them, and undercount capacity. (Models this frontend has touched
+        follow its own loads and unloads, which a heartbeat in flight could contradict.)"""
+        for model_id, memory in held.items():
+            model = self.models.get(model_id)
+            if model is None or model.touched or model.state not in (UNLOADED, FAILED):
+                continue
+            model.worker, model.memory_bytes = worker, memory
+            model.last_memory_bytes, model.reserved, model.error = memory, True, ""
+            model.last_used, model.last_used_mono = time.time(), time.monotonic()
+            self._transition(model, READY)
+            log.info("%s is loaded on gpu_worker %d (%.1f MB): adopted", model_id, worker,
+                     memory / 2**20)
 
     # ---- views -------------------------------------------------------------------------
 

@@ -96,6 +96,9 @@ class GpuWorker:
         self.outbox: queue.Queue[tuple[str, list[bytes]]] = queue.Queue()
         self.segments = SegmentCache()          # the frontend's request arena, attached lazily
         self.models: dict[str, LoadedModel] = {}
+        # what heartbeats report, replaced whole by the compute loop (the sender thread
+        # reads it; iterating `models` there could meet a change mid-way)
+        self.loaded: dict[str, int] = {}
         self.loading: dict[str, Loading] = {}
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="loader")
         self.memory = DeviceMemory(provider, gpu_index)
@@ -175,7 +178,7 @@ class GpuWorker:
     def _heartbeat(self) -> msg.Heartbeat:
         return msg.Heartbeat(role="gpu_worker", index=self.index, pid=os.getpid(),
                              gpu_id=self.index, device_memory_used_bytes=self.memory.used_bytes(),
-                             loaded_models=tuple(self.models),
+                             loaded_models=self.loaded,
                              queue_depth=self.inbox.qsize() + len(self.backlog))
 
     # ---- compute loop ----------------------------------------------------------------
@@ -242,6 +245,7 @@ class GpuWorker:
 
     def _on_unload(self, req: msg.UnloadModel) -> None:
         model = self.models.pop(req.model_id, None)
+        self.loaded = {m: v.memory_bytes for m, v in self.models.items()}
         loading = self.loading.get(req.model_id)
         if model is None and loading is not None:
             loading.discard = True  # the frontend gave up on this load: drop it when done
@@ -310,6 +314,7 @@ class GpuWorker:
                     self._post(FRONTEND, msg.ControlReply(req.request_id, ok=False, error=text))
             return
         self.models[done.model_id] = model
+        self.loaded = {m: v.memory_bytes for m, v in self.models.items()}
         log.info("loaded %s in %.0f ms (%d frames, %.1f MB)", done.model_id, model.load_ns / 1e6,
                  model.avatar.num_frames, model.memory_bytes / 2**20)
         for req in loading.waiting:

@@ -179,3 +179,56 @@ def test_no_session_outlives_its_connection(server) -> None:
     assert stats["frontend"]["websocket_sessions"] == 0
     assert stats["frontend"]["tasks"] <= before, (stats["frontend"]["tasks"], before)
     assert stats["arena"]["blocks"] == 0
+
+
+def _frontend_pid(root: int) -> int | None:
+    from tests.conftest import child_pids
+
+    for pid in child_pids(root):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"lipsync: frontend"):
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def test_a_restarted_frontend_knows_what_the_workers_hold(tmp_path: Path,
+                                                         small_models_root: Path) -> None:
+    """After the frontend is killed and restarted, ListModels, Health and UnloadModel agree
+    with the models the gpu_worker still holds (it used to show them UNLOADED, unable to
+    unload them, and capacity undercounted)."""
+    import os
+    import signal
+
+    other = {"model_path": "demo/unet.onnx", "background_dir": "demo/frames",
+             "crop_rects_path": "demo/crop_rects.json", "num_frames": 32}
+    config = write_config(tmp_path / "config.yaml", small_models_root,
+                          **{"models.other": other, "compositor.pool_size": 1})
+    with ServerProcess(config, log_path=tmp_path / "server.log") as srv:
+        with channel(srv.address) as ch:
+            stub = pb_grpc.MonolithicServiceStub(ch)
+            assert stub.LoadModel(pb.LoadModelRequest(model_id="other"), timeout=60).success
+            before = {m.model_id: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+        frontend = _frontend_pid(srv.proc.pid)
+        assert frontend is not None
+        os.kill(frontend, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while _frontend_pid(srv.proc.pid) in (None, frontend):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        from pipeline.launcher import wait_healthy
+        assert wait_healthy(srv.address, 60, lambda: None)
+        with channel(srv.address) as ch:
+            stub = pb_grpc.MonolithicServiceStub(ch)
+            after = {m.model_id: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+            assert after["other"].state == pb.MODEL_STATE_READY
+            assert after["other"].gpu_id == 0
+            assert after["other"].memory_mb == before["other"].memory_mb > 0
+            assert stub.Health(pb.HealthRequest()).loaded_models == 2
+            assert stub.UnloadModel(pb.UnloadModelRequest(model_id="other"), timeout=60).success
+            assert stub.Health(pb.HealthRequest()).loaded_models == 1
+            resp = stub.InferBatchComposite(pb.CompositeBatchRequest(
+                model_id="other", batch_size=1, raw_audio=speech_like_audio(0.64).tobytes()),
+                timeout=60)
+            assert resp.success and resp.model_loaded
