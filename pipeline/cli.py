@@ -15,10 +15,11 @@ log = logging.getLogger("lipsync")
 
 def _load(args: argparse.Namespace) -> Config:
     try:
-        cfg = load_config(args.config)
+        return load_config(args.config).with_ports(
+            getattr(args, "grpc_port", None), getattr(args, "ws_port", None),
+            getattr(args, "metrics_port", None))
     except ConfigError as exc:
         sys.exit(f"lipsync: bad config: {exc}")
-    return cfg.with_ports(getattr(args, "grpc_port", None), getattr(args, "ws_port", None))
 
 
 def ensure_demo_assets(cfg: Config, force: bool = False, bench_model: bool = False) -> bool:
@@ -59,11 +60,15 @@ def ensure_demo_assets(cfg: Config, force: bool = False, bench_model: bool = Fal
 def cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.supervisor import Supervisor
 
+    from pipeline.frontend.ports import check_free
+    from pipeline.process import RoleError
+
     cfg = _load(args)
-    ensure_demo_assets(cfg)
     try:
+        check_free(cfg)  # before building anything: a taken port fails at once
+        ensure_demo_assets(cfg)
         supervisor = Supervisor(cfg)
-    except ValueError as exc:
+    except (ValueError, RoleError) as exc:
         sys.exit(f"lipsync: {exc}")
     return supervisor.run()
 
@@ -93,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = with_config(sub.add_parser("serve", help="run the server (all roles)"))
     serve.add_argument("--grpc-port", type=int, help="override server.port")
     serve.add_argument("--ws-port", type=int, help="override server.ws_port")
+    serve.add_argument("--metrics-port", type=int,
+                       help="override ops.metrics_port (/metrics; 0 turns it off)")
     serve.set_defaults(func=cmd_serve)
 
     demo = with_config(sub.add_parser("demo-assets", help="build the built-in demo avatar"))

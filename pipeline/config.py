@@ -145,14 +145,19 @@ class Config:
     def jpeg_quality(self) -> int:
         return self.output.jpeg_quality or 75
 
-    def with_ports(self, grpc_port: int | None = None, ws_port: int | None = None) -> Config:
+    def with_ports(self, grpc_port: int | None = None, ws_port: int | None = None,
+                   metrics_port: int | None = None) -> Config:
         """The same config with the command line's port overrides applied."""
-        server = self.server
+        server, ops = self.server, self.ops
         if grpc_port is not None:
             server = dataclasses.replace(server, port=_port("--grpc-port", grpc_port))
         if ws_port is not None:
             server = dataclasses.replace(server, ws_port=_port("--ws-port", ws_port))
-        return dataclasses.replace(self, server=server)
+        if metrics_port is not None:
+            if metrics_port != 0:
+                _port("--metrics-port", metrics_port)
+            ops = dataclasses.replace(ops, metrics_port=metrics_port)
+        return dataclasses.replace(self, server=server, ops=ops)
 
 
 def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:

@@ -187,7 +187,12 @@ class Readiness:
         self._conn = None
 
 
-class RoleTaken(RuntimeError):
+class RoleError(RuntimeError):
+    """A role cannot run, for a reason its message gives in full (logged without a
+    traceback: it is an operator's matter, not a bug)."""
+
+
+class RoleTaken(RoleError):
     """Another process already runs this role of this instance."""
 
 
@@ -261,6 +266,11 @@ def run_role(role: str, ready_conn: Connection | None,
         if lock is not None:
             hold_role_lock(lock)
         body(readiness, stop)
+    except RoleError as exc:
+        log.error("%s", exc)
+        readiness.failed(f"{role}: {exc}")
+        logging.shutdown()
+        os._exit(1)
     except Exception as exc:
         log.exception("%s failed", role)
         readiness.failed(f"{role}: {type(exc).__name__}: {exc}")

@@ -17,6 +17,7 @@ from pipeline.config import Config
 from pipeline.frontend.dispatcher import Dispatcher
 from pipeline.frontend.grpc_service import MonolithicService
 from pipeline.frontend.models import ModelManager
+from pipeline.frontend.ports import bind, listeners
 from pipeline.frontend.stream_rpc import InferenceService, StreamRpc, streaming_settings
 from pipeline.frontend.telemetry import Telemetry
 from pipeline.frontend.websocket import AudioSocketServer
@@ -68,26 +69,37 @@ def grpc_options(cfg: Config) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 3_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # a second server on a taken port must fail, not share it (grpcio's default is 1)
+        ("grpc.so_reuseport", 0),
     ]
 
 
 async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> None:
+    # every port first: a taken one stops the start at once, naming the port
+    grpc_listener, ws_listener, *_ = listeners(cfg)
+    server: grpc.aio.Server | None = grpc.aio.server(options=grpc_options(cfg))
+    address = f"{cfg.server.host}:{cfg.server.port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise grpc_listener.taken(exc) from None
+    ws_socket = bind(ws_listener)
     dispatcher = Dispatcher(cfg)
     telemetry = Telemetry(cfg)
     models = ModelManager(cfg, dispatcher, telemetry)
     telemetry.attach(dispatcher, models)
     ops: asyncio.Task[None] | None = None
-    server: grpc.aio.Server | None = None
     sockets: AudioSocketServer | None = None
     health = grpc_health.aio.HealthServicer()
     watch: asyncio.Task[None] | None = None
     try:
+        ops = telemetry.start(dispatcher.addresses.ops, cfg.ops.metrics_host,
+                              cfg.ops.metrics_port)
         await dispatcher.start()
         await dispatcher.wait_for_roles(cfg.runtime.start_timeout_s)
         await preload(cfg, models)
         models.start()
         streams = StreamRpc(cfg, models)
-        server = grpc.aio.server(options=grpc_options(cfg))
         add_services(server, cfg, {
             pb.DESCRIPTOR.services_by_name["MonolithicService"]:
                 MonolithicService(dispatcher, models, streams),
@@ -95,16 +107,12 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
             health_pb2.DESCRIPTOR.services_by_name["Health"]: health,
             reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]:
                 reflection.aio.ReflectionServicer(SERVICE_NAMES)})
-        address = f"{cfg.server.host}:{cfg.server.port}"
-        server.add_insecure_port(address)
         await server.start()
         watch = asyncio.create_task(follow_health(health, dispatcher))
         log.info("serving monolithic.MonolithicService on %s", address)
         sockets = AudioSocketServer(cfg, models)
-        await sockets.start()
+        await sockets.start(ws_socket)
         telemetry.websocket_sessions = lambda: len(sockets.sessions) if sockets else 0
-        ops = telemetry.start(dispatcher.addresses.ops, cfg.ops.metrics_host,
-                              cfg.ops.metrics_port)
         readiness.ready()
         while not stop.is_set():
             await asyncio.sleep(0.1)
@@ -118,6 +126,7 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
         await asyncio.gather(server.stop(grace), sockets.drain(grace))
         server = sockets = None
     finally:
+        ws_socket.close()
         for task in (watch, ops):
             if task is not None:
                 task.cancel()

@@ -21,6 +21,7 @@ import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from pipeline.config import Config
+from pipeline.frontend.ports import Listener
 from pipeline.sockets import make_socket
 
 if TYPE_CHECKING:
@@ -194,7 +195,12 @@ class Telemetry:
         """Bind the ops socket (ZMQ REP, JSON) and Prometheus (its own thread); a bind that
         fails stops the start with its reason. Returns the task that answers."""
         if metrics_port:
-            start_http_server(metrics_port, metrics_host, registry=self.registry)
+            try:
+                start_http_server(metrics_port, metrics_host, registry=self.registry)
+            except OSError as exc:
+                raise Listener("metrics", metrics_host, metrics_port,
+                               "ops.metrics_port (0 turns it off)",
+                               "--metrics-port").taken(exc.strerror or exc) from None
             log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, metrics_port)
         sock = make_socket(zmq.asyncio.Context.instance(), zmq.REP, bind=endpoint)
         log.info("ops socket on %s", endpoint)

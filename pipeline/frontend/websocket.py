@@ -12,6 +12,7 @@ import asyncio
 import fnmatch
 import json
 import logging
+import socket
 import struct
 import time
 import uuid
@@ -71,9 +72,10 @@ class AudioSocketServer:
         self.sessions: dict[str, tuple[StreamSession, ServerConnection]] = {}
         self.server: Server | None = None
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on `sock`, bound by the frontend before anything else started."""
         self.server = await serve(
-            self._handle, self.cfg.server.host, self.cfg.server.ws_port,
+            self._handle, sock=sock,
             process_request=self._check_handshake, max_size=self.settings.max_message_bytes,
             compression=None, server_header="lipsync")
         log.info("serving WebSocket /audio on %s:%d", self.cfg.server.host, self.cfg.server.ws_port)
