@@ -279,6 +279,9 @@ def _parse_status(text: str) -> dict:
 def _rpc_error(exc: grpc.RpcError, address: str) -> RenderError:
     code = exc.code() if hasattr(exc, "code") else None
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details:
+        return RenderError(f"the server at {address} shut down during the render; no output "
+                           "was written")
     if code == grpc.StatusCode.UNAVAILABLE:
         return RenderError(f"cannot reach the server at {address} (is `lipsync serve` running?): "
                            f"{details}")

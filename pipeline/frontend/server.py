@@ -123,7 +123,7 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
         await set_health(health, NOT_SERVING)
         # gRPC refuses new calls (UNAVAILABLE) while the calls in flight finish; the
         # WebSocket stops accepting, lets each session finish its batch, then closes (1001)
-        await asyncio.gather(server.stop(grace), sockets.drain(grace))
+        await asyncio.gather(server.stop(grace), sockets.drain(grace), streams.drain(grace))
         server = sockets = None
     finally:
         ws_socket.close()

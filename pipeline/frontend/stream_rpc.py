@@ -8,12 +8,13 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 
 from pipeline.config import Config, StreamingConfig
 from pipeline.frontend.models import ModelManager
-from pipeline.frontend.streaming import AudioFormat, StreamError, StreamSession
+from pipeline.frontend.streaming import AudioFormat, StreamError, StreamSession, cancel_and_wait
 from pipeline.frontend.wire import MalformedMessage
 from pipeline.rpc import inference_pb2 as ipb
 from pipeline.rpc import inference_pb2_grpc as ipb_grpc
@@ -22,6 +23,30 @@ from pipeline.rpc import monolithic_pb2 as pb
 log = logging.getLogger(__name__)
 
 OUTBOX = 64  # responses buffered per stream before the producer waits for the client
+SHUTTING_DOWN = "server shutting down"
+
+
+class _Ending:
+    """Put into a stream's outbox by a drain: the stream ends with UNAVAILABLE."""
+
+
+@dataclass(eq=False)
+class _ActiveStream:
+    session: StreamSession
+    outbox: asyncio.Queue
+    reader: asyncio.Task[None] | None = None
+    ending: bool = False
+
+    async def end(self, grace: float) -> None:
+        """Stop taking audio, finish the batch being rendered (up to `grace`), then end
+        the call once the frames rendered are sent."""
+        self.ending = True
+        if self.reader is not None:
+            await cancel_and_wait(self.reader)
+        await self.session.finish_batch(grace)
+        await self.session.close()
+        if not self.outbox.full():
+            self.outbox.put_nowait(_Ending())
 
 
 def streaming_settings(cfg: Config) -> StreamingConfig:
@@ -58,6 +83,14 @@ class StreamRpc:
         self.cfg = cfg
         self.models = models
         self.settings = streaming_settings(cfg)
+        self.active: set[_ActiveStream] = set()
+
+    async def drain(self, grace: float) -> None:
+        """SIGTERM: each StreamAudio call finishes the batch it is rendering (up to
+        `grace`), sends what it rendered, and ends with UNAVAILABLE "server shutting down"
+        (a clean end a client can retry elsewhere, instead of a cancellation at the end of
+        the grace period)."""
+        await asyncio.gather(*(s.end(grace) for s in list(self.active)))
 
     def session(self, client_id: str, model_id: str, fmt: AudioFormat, outbox: asyncio.Queue,
                 ) -> StreamSession:
@@ -93,6 +126,8 @@ class StreamRpc:
             yield pb.StreamAudioResponse(status_json=json.dumps({"type": "error", "message": str(exc)}))
             return
         log.info("client %s connected (grpc stream, model %s)", session.client_id, session.model_id)
+        active = _ActiveStream(session, outbox)
+        self.active.add(active)
         session.start()
         await outbox.put(pb.StreamAudioResponse(status_json=json.dumps(self.ready_status(session))))
 
@@ -123,15 +158,21 @@ class StreamRpc:
                 return
             await outbox.put(None)
 
-        reader = asyncio.create_task(read())
+        reader = active.reader = asyncio.create_task(read())
         try:
             while (item := await outbox.get()) is not None:
                 if isinstance(item, MalformedMessage):
                     raise item
+                if isinstance(item, _Ending):
+                    break
                 yield item
+                if active.ending and outbox.empty():
+                    break
+            if active.ending:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            self.active.discard(active)
+            await cancel_and_wait(reader)
             await session.close()
             log.info("client %s disconnected (grpc stream, %d frames)", session.client_id,
                      session.frames_sent)

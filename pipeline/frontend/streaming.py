@@ -125,6 +125,7 @@ class StreamSession:
         self._after_flush: list[np.ndarray] = []
         self._generation = 0                  # bumped by cancel: results of before are dropped
         self._rendering = False
+        self._draining = False                # render no new batch (server shutting down)
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self.error: str | None = None
@@ -178,6 +179,14 @@ class StreamSession:
         self._generation += 1
         await self.send_status({"type": "cancelled", "dropped_frames": dropped})
 
+    async def finish_batch(self, timeout: float) -> None:
+        """Start no new batch; wait up to `timeout` for the one being rendered to be sent
+        (a drain: the client keeps every frame rendered, then the session is closed)."""
+        self._draining = True
+        self._wake.set()
+        if self._runner is not None:
+            await asyncio.wait({self._runner}, timeout=max(0.0, timeout))
+
     async def close(self) -> None:
         if self._runner is not None:
             await cancel_and_wait(self._runner)
@@ -218,7 +227,7 @@ class StreamSession:
     async def _run(self) -> None:
         log_request.set(f"client:{self.client_id}")
         try:
-            while True:
+            while not self._draining:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
                 # cancellation that races with the event being set, and this loop would
                 # then never end (a session that outlives its connection)
@@ -232,7 +241,7 @@ class StreamSession:
                         and time.monotonic() - self.last_audio > self.flush_timeout_s):
                     log.info("flush timeout: client=%s", self.client_id)
                     await self.flush()
-                while (ready := self.ready_frames()) > self.next_frame:
+                while not self._draining and (ready := self.ready_frames()) > self.next_frame:
                     await self._render(min(MAX_BATCH, ready - self.next_frame))
                 if self.final_frames is not None and self.next_frame >= self.final_frames:
                     await self.send_status({"type": "flushed", "frames": self.final_frames})
@@ -250,11 +259,6 @@ class StreamSession:
                 await self.send_status({"type": "error", "message": self.error})
             except Exception:
                 pass
-
-    @property
-    def rendering(self) -> bool:
-        """A batch is being rendered or sent (what a drain waits for)."""
-        return self._rendering
 
     async def _render(self, batch: int) -> None:
         self._rendering = True

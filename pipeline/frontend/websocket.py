@@ -86,11 +86,7 @@ class AudioSocketServer:
         if self.server is None:
             return
         self.server.close(close_connections=False)
-        deadline = asyncio.get_running_loop().time() + grace
-        while any(s.rendering for s, _ in self.sessions.values()):
-            if asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.02)
+        await asyncio.gather(*(s.finish_batch(grace) for s, _ in list(self.sessions.values())))
         await asyncio.gather(*(ws.close(1001, "server shutting down")
                                for _, ws in list(self.sessions.values())),
                              return_exceptions=True)

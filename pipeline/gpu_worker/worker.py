@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # onnxruntime is imported only after the device is pinned
 log = logging.getLogger(__name__)
 
 FRONTEND, JOBS, EVENTS = "frontend", "jobs", "events"
+STOP_FLUSH_S = 0.5
 
 
 @dataclass
@@ -158,9 +159,12 @@ class GpuWorker:
 
     def _send(self, socks: dict[str, zmq.Socket], stop: threading.Event) -> None:
         next_beat = 0.0
-        while not stop.is_set() or not self.outbox.empty():
+        flush_until: float | None = None  # stopping: what is queued goes out by then, or never
+        while flush_until is None or (time.monotonic() < flush_until and not self.outbox.empty()):
             now = time.monotonic()
-            if now >= next_beat:
+            if stop.is_set() and flush_until is None:
+                flush_until = now + STOP_FLUSH_S
+            if now >= next_beat and flush_until is None:
                 self._post(FRONTEND, self._heartbeat())
                 next_beat = now + self.cfg.runtime.heartbeat_s
             try:
@@ -168,7 +172,9 @@ class GpuWorker:
             except queue.Empty:
                 continue
             try:
-                socks[target].send_multipart(frames)
+                # stopping, a peer that is gone (the frontend stops first) must not hold
+                # this thread for a send timeout per message: don't wait for it
+                socks[target].send_multipart(frames, zmq.NOBLOCK if flush_until else 0)
             except zmq.Again:
                 log.error("send to %s timed out; message dropped", target)
 

@@ -77,13 +77,13 @@ class NotifySocket:
 class Units:
     """The roles of one config, each started as its unit's ExecStart would start it."""
 
-    def __init__(self, tmp_path: Path, models_root: Path) -> None:
+    def __init__(self, tmp_path: Path, models_root: Path, **overrides: object) -> None:
         self.tmp = tmp_path
         self.grpc_port, self.ws_port = free_port(), free_port()
         self.config = write_config(tmp_path / "config.yaml", models_root,
                                    **{"server.port": self.grpc_port,
                                       "server.ws_port": self.ws_port,
-                                      "compositor.pool_size": 2, "gpus.count": 1})
+                                      "compositor.pool_size": 2, "gpus.count": 1, **overrides})
         self.instance = yaml.safe_load(self.config.read_text())["runtime"]["instance"]
         self.address = f"127.0.0.1:{self.grpc_port}"
         self.notify = NotifySocket()
@@ -264,3 +264,36 @@ def test_a_killed_worker_restarted_like_systemd_does_serves_again(units: Units) 
     assert not set(old_segments) & set(list_segments(units.instance))
     assert_serves_two_jpegs(units)
     assert_stops_cleanly(units, frontend_first=False)
+
+
+def test_a_loaded_standalone_frontend_stops_within_its_grace_period(tmp_path: Path,
+                                                                   small_models_root: Path) -> None:
+    """SIGTERM to a frontend run as a unit, while four WebSocket sessions and a StreamAudio
+    call stream: it exits 0 within server.shutdown_grace_s + 2 s (a session task that
+    swallowed its cancellation used to keep it running for tens of seconds)."""
+    from tests.integration.test_shutdown import GrpcStreamer, WebSocketStreamer
+
+    grace = 2.0
+    units = Units(tmp_path, small_models_root, **{"server.shutdown_grace_s": grace})
+    try:
+        units.start_workers()
+        frontend = units.start("frontend")
+        units.wait_healthy()
+        streams = [WebSocketStreamer(units.ws_port) for _ in range(4)]
+        streams.append(GrpcStreamer(units.address))  # type: ignore[arg-type]
+        for stream in streams:
+            stream.start()
+        deadline = time.monotonic() + 60
+        while any(stream.frames == 0 for stream in streams):
+            assert time.monotonic() < deadline, units.logs()
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        frontend.send_signal(signal.SIGTERM)
+        assert frontend.wait(grace + 10) == 0, units.logs()
+        assert time.monotonic() - t0 < grace + 2
+        for stream in streams:
+            stream.join(10)
+        assert [s.close_code for s in streams[:4]] == [1001] * 4  # type: ignore[attr-defined]
+        assert_stops_cleanly(units)
+    finally:
+        units.kill_all()
