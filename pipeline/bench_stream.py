@@ -53,6 +53,7 @@ from pipeline.bench import ops_stats, percentile, speech_like_audio
 from pipeline.config import load_config
 from pipeline.frontend.websocket import parse_frame_message
 from pipeline.gpu_worker.audio import stream_samples
+from pipeline.launcher import websocket_options
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -188,9 +189,11 @@ async def _connect(url: str, client_id: str):
     deadline = time.monotonic() + CONNECT_RETRY_S
     while True:
         try:
-            return await connect(url, additional_headers={"X-Client-ID": client_id},
-                                 compression=None, max_size=None, proxy=None,
-                                 open_timeout=30, ping_interval=None)
+            options = websocket_options()
+            headers = {"X-Client-ID": client_id, **options.pop("additional_headers", {})}  # type: ignore[dict-item]
+            return await connect(url, additional_headers=headers, compression=None,
+                                 max_size=None, proxy=None, open_timeout=30,
+                                 ping_interval=None, **options)  # type: ignore[arg-type]
         except OSError:  # refused: not listening yet
             if time.monotonic() > deadline:
                 raise

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline import ops_client, prepare_avatar, render, roles
 from pipeline.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from pipeline.launcher import add_security_arguments, apply_security_arguments
 from pipeline.process import setup_logging
 
 log = logging.getLogger("lipsync")
@@ -83,6 +84,7 @@ def cmd_demo_assets(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import run_bench
 
+    apply_security_arguments(args)
     return run_bench(args)
 
 
@@ -151,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--stages", action="store_true",
                        help="time each stage in this process (no server): mel, encoder, "
                             "visual input, UNet, paste, JPEG")
+    add_security_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return parser
 

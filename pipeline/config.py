@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,15 +27,39 @@ class ConfigError(ValueError):
     """A config file that cannot be served; the message names the bad key."""
 
 
+PATH = {"kind": "path"}  # field metadata: an optional path, relative to the config's directory
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path | None = field(default=None, metadata=PATH)       # PEM certificate chain
+    key_file: Path | None = field(default=None, metadata=PATH)        # its PEM private key
+    client_ca_file: Path | None = field(default=None, metadata=PATH)  # set: mutual TLS
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    # one bearer token per line ('#' comments); every RPC but grpc.health.v1 and every
+    # WebSocket then needs one. Re-read on SIGHUP.
+    tokens_file: Path | None = field(default=None, metadata=PATH)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "0.0.0.0"            # gRPC listen address
+    host: str = "127.0.0.1"          # gRPC and WebSocket listen address (0.0.0.0: every interface)
     port: int = 50053                # gRPC port; ":50053" (the Go form) is accepted
     max_message_size_mb: int = 100   # gRPC max send/receive message size (MiB)
     ws_port: int = 8080              # WebSocket /audio port
     request_timeout_s: float = 60.0  # a request not answered by then fails with DEADLINE_EXCEEDED
     max_inflight_requests: int = 64  # admission bound; beyond it RESOURCE_EXHAUSTED
+    max_inflight_mb: int = 1024      # and the requests' tensors in flight (a batch-32 is 79 MB)
     shutdown_grace_s: float = 5.0    # SIGTERM: in-flight work gets this long to finish
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
 
 @dataclass(frozen=True)
@@ -70,16 +95,29 @@ class CompositorConfig:
     pool_size: int = 2               # compositor processes (paste + JPEG)
 
 
-LOCAL_ORIGINS = ("http://localhost", "http://localhost:*", "https://localhost",
-                 "https://localhost:*", "http://127.0.0.1", "http://127.0.0.1:*",
-                 "https://127.0.0.1", "https://127.0.0.1:*", "http://[::1]:*")
+LOCAL_ORIGINS = tuple(f"{scheme}://{host}{port}" for scheme in ("http", "https")
+                      for host in ("localhost", "127.0.0.1", "[::1]") for port in ("", ":*"))
+_ORIGIN = re.compile(r"(https?)://(\[[0-9a-f:.]+\]|(?:\*\.)?[a-z0-9-]+(?:\.[a-z0-9-]+)*)"
+                     r"(?::(\d{1,5}|\*))?", re.IGNORECASE)
+
+
+def parse_origin(text: str) -> tuple[str, str, str] | None:
+    """(scheme, host, port) of a browser Origin or an allowed-origin pattern (port "" when
+    absent, "*" for any in a pattern; a pattern's host may start with "*." for any
+    subdomain), lower-cased; None for anything else (user info, a path, a non-numeric
+    port)."""
+    match = _ORIGIN.fullmatch(text.strip())
+    if match is None:
+        return None
+    scheme, host, port = match.groups()
+    return scheme.lower(), host.lower(), port or ""
 
 
 @dataclass(frozen=True)
 class StreamingConfig:
     default_model: str = ""           # model of a session that names none ("" = first configured)
-    # a browser Origin must match one of these (fnmatch patterns); no Origin header (a
-    # non-browser client) is accepted
+    # a browser Origin must match one of these exactly (scheme://host[:port], port * for
+    # any); no Origin header (a non-browser client) is accepted
     allowed_origins: tuple[str, ...] = LOCAL_ORIGINS
     max_clients: int = 100            # MAX_CLIENTS overrides; beyond it the handshake is refused
     batch_size: int = 10              # BATCH_SIZE overrides: audio messages per logged batch
@@ -87,6 +125,8 @@ class StreamingConfig:
     max_message_bytes: int = 1 << 20  # one audio message
     rate_limit_messages_per_s: float = 200.0  # per client, with a burst of 2 s worth
     send_timeout_s: float = 5.0       # a client that does not take a frame by then is closed
+    idle_timeout_s: float = 120.0     # no message from the client this long: close 1000 "idle"
+    max_sessions_per_address: int = 16  # sessions of one client address (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -198,7 +238,13 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     _check("server.max_message_size_mb", 1 <= server.max_message_size_mb <= 2047, "must be 1-2047")
     _check("server.request_timeout_s", server.request_timeout_s > 0, "must be > 0")
     _check("server.max_inflight_requests", server.max_inflight_requests >= 1, "must be >= 1")
+    _check("server.max_inflight_mb", server.max_inflight_mb >= 1, "must be >= 1")
     _check("server.shutdown_grace_s", 0 <= server.shutdown_grace_s <= 60, "must be 0-60")
+    tls = server.tls
+    _check("server.tls", (tls.cert_file is None) == (tls.key_file is None),
+           "cert_file and key_file go together")
+    _check("server.tls.client_ca_file", tls.client_ca_file is None or tls.enabled,
+           "needs cert_file and key_file (mutual TLS is TLS first)")
     _check("gpus.count", 1 <= gpus.count <= 64, "must be 1-64")
     _check("gpus.provider", gpus.provider in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu")
     _check("gpus.intra_op_threads", gpus.intra_op_threads >= 0, "must be >= 0")
@@ -221,12 +267,18 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     _check("runtime.restart_backoff_max_s", runtime.restart_backoff_max_s >= 0.5, "must be >= 0.5")
 
     _check("streaming.max_clients", streaming.max_clients >= 1, "must be >= 1")
+    bad = [o for o in streaming.allowed_origins if parse_origin(o) is None]
+    _check("streaming.allowed_origins", not bad,
+           f"{bad[0] if bad else ''!r} is not scheme://host[:port] (port a number or *)")
     _check("streaming.batch_size", streaming.batch_size >= 1, "must be >= 1")
     _check("streaming.flush_timeout_s", streaming.flush_timeout_s > 0, "must be > 0")
     _check("streaming.max_message_bytes", streaming.max_message_bytes >= 1024, "must be >= 1024")
     _check("streaming.rate_limit_messages_per_s", streaming.rate_limit_messages_per_s > 0,
            "must be > 0")
     _check("streaming.send_timeout_s", streaming.send_timeout_s > 0, "must be > 0")
+    _check("streaming.idle_timeout_s", streaming.idle_timeout_s > 0, "must be > 0")
+    _check("streaming.max_sessions_per_address", streaming.max_sessions_per_address >= 0,
+           "must be >= 0 (0: no limit)")
 
     models_raw = _mapping("models", raw.get("models") or {})
     models = {str(mid): _model(str(mid), spec, models_root) for mid, spec in models_raw.items()}
@@ -282,8 +334,13 @@ def _section(cls: type, name: str, raw: Any, base_dir: Path) -> Any:
     values: dict[str, Any] = {}
     for key, value in raw.items():
         where = f"{name}.{key}"
-        default = fields[key].default
-        if key == "port":
+        spec = fields[key]
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            values[key] = _section(type(default), where, value, base_dir)
+        elif spec.metadata.get("kind") == "path":
+            values[key] = (base_dir / _str(where, value)).resolve() if value else None
+        elif key == "port":
             values[key] = _port(where, value)
         elif isinstance(default, bool):
             values[key] = _bool(where, value)

@@ -5,7 +5,9 @@ both drive exactly what a user runs.
 """
 from __future__ import annotations
 
+import argparse
 import os
+import ssl
 import signal
 import socket
 import subprocess
@@ -16,8 +18,6 @@ from pathlib import Path
 
 import grpc
 
-from pipeline.rpc import monolithic_pb2 as pb
-from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 
 MAX_MESSAGE = 256 * 2**20
 
@@ -28,24 +28,94 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ("grpc.max_send_message_length", MAX_MESSAGE)])
+class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds fixed metadata (the bearer token) to every call of a channel."""
+
+    def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
+        self.pairs = pairs
+
+    def _with(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return details._replace(metadata=(*(details.metadata or ()), *self.pairs))  # type: ignore[attr-defined]
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._with(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+
+    def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._with(details), requests)
+
+    intercept_stream_stream = intercept_stream_unary
 
 
-def wait_healthy(address: str, timeout_s: float, died: Callable[[], str | None]) -> bool:
-    """Poll Health at `address` until it says healthy (True) or `timeout_s` passes (False);
-    RuntimeError with died()'s message as soon as it reports a dead process."""
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """--token and --tls-ca for a command that talks to a server (they set the environment
+    the clients read, so every channel and WebSocket of the command uses them)."""
+    parser.add_argument("--token", help="bearer token for a server with server.auth "
+                                        "(default: $LIPSYNC_TOKEN)")
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA certificate of a TLS server "
+                                                        "(default: $LIPSYNC_TLS_CA)")
+
+
+def apply_security_arguments(args: argparse.Namespace) -> None:
+    if getattr(args, "token", None):
+        os.environ["LIPSYNC_TOKEN"] = args.token
+    if getattr(args, "tls_ca", None):
+        os.environ["LIPSYNC_TLS_CA"] = str(args.tls_ca)
+
+
+def websocket_options() -> dict[str, object]:
+    """What a WebSocket client of ours passes to connect(): the token as an Authorization
+    header and, for wss://, the CA ($LIPSYNC_TOKEN, $LIPSYNC_TLS_CA)."""
+    options: dict[str, object] = {}
+    if token := os.environ.get("LIPSYNC_TOKEN"):
+        options["additional_headers"] = {"Authorization": f"Bearer {token}"}
+    if ca := os.environ.get("LIPSYNC_TLS_CA"):
+        options["ssl"] = ssl.create_default_context(cafile=ca)
+    return options
+
+
+def channel(address: str, token: str | None = None, tls_ca: str | os.PathLike[str] | None = None,
+            client_cert: tuple[Path, Path] | None = None) -> grpc.Channel:
+    """A channel to the server at `address`. `token` (default $LIPSYNC_TOKEN) goes with
+    every call as `authorization: Bearer`; `tls_ca` (default $LIPSYNC_TLS_CA), a PEM file
+    of the CA that signed the server's certificate, makes it a TLS channel, presenting
+    `client_cert` (certificate, key) to a server that asks for one (mutual TLS)."""
+    token = token if token is not None else os.environ.get("LIPSYNC_TOKEN") or None
+    tls_ca = tls_ca if tls_ca is not None else os.environ.get("LIPSYNC_TLS_CA") or None
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE),
+               ("grpc.max_send_message_length", MAX_MESSAGE)]
+    if tls_ca:
+        ca = Path(tls_ca).read_bytes()
+        cert, key = (client_cert[0].read_bytes(), client_cert[1].read_bytes()) \
+            if client_cert else (None, None)
+        credentials = grpc.ssl_channel_credentials(ca, private_key=key, certificate_chain=cert)
+        ch = grpc.secure_channel(address, credentials, options=options)
+    else:
+        ch = grpc.insecure_channel(address, options=options)
+    if token:
+        ch = grpc.intercept_channel(ch, _Metadata((("authorization", f"Bearer {token}"),)))
+    return ch
+
+
+def wait_healthy(address: str, timeout_s: float, died: Callable[[], str | None],
+                 tls_ca: Path | None = None, client_cert: tuple[Path, Path] | None = None) -> bool:
+    """Poll grpc.health.v1 at `address` (no token needed) until it says SERVING (True) or
+    `timeout_s` passes (False); RuntimeError with died()'s message as soon as it reports a
+    dead process."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     deadline = time.monotonic() + timeout_s
-    with channel(address) as ch:
-        stub = pb_grpc.MonolithicServiceStub(ch)
+    with channel(address, tls_ca=tls_ca, client_cert=client_cert) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             reason = died()
             if reason is not None:
                 raise RuntimeError(reason)
             try:
-                if stub.Health(pb.HealthRequest(), timeout=1).healthy:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status \
+                        == health_pb2.HealthCheckResponse.SERVING:
                     return True
             except grpc.RpcError:
                 pass
@@ -57,8 +127,10 @@ class ServerProcess:
     """`lipsync serve` on free ports; a context manager that stops it with SIGTERM."""
 
     def __init__(self, config: Path, log_path: Path | None = None,
-                 start_timeout_s: float = 180.0) -> None:
+                 start_timeout_s: float = 180.0, tls_ca: Path | None = None,
+                 client_cert: tuple[Path, Path] | None = None) -> None:
         self.config = config
+        self.tls_ca, self.client_cert = tls_ca, client_cert
         self.grpc_port = free_port()
         self.ws_port = free_port()
         self.address = f"127.0.0.1:{self.grpc_port}"
@@ -87,7 +159,7 @@ class ServerProcess:
                 return None
             return f"lipsync serve exited with {proc.returncode}{self._tail()}"
 
-        if wait_healthy(self.address, self.start_timeout_s, died):
+        if wait_healthy(self.address, self.start_timeout_s, died, self.tls_ca, self.client_cert):
             return
         self.stop()
         raise TimeoutError(f"lipsync serve not healthy after {self.start_timeout_s} s{self._tail()}")

@@ -234,6 +234,16 @@ def keep_freed_memory() -> None:
         pass
 
 
+def release_free_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise: a worker that
+    loads and unloads avatars, or a frontend after a burst of large requests, would only
+    ever grow). Takes milliseconds for a large heap: not on an event loop."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def run_role(role: str, ready_conn: Connection | None,
              body: Callable[[Readiness, threading.Event], None],
              lock: Path | None = None) -> None:
@@ -261,6 +271,8 @@ def run_role(role: str, ready_conn: Connection | None,
         stop.set()
 
     signal.signal(signal.SIGTERM, on_stop_signal)
+    # SIGHUP means "reload" (the frontend re-reads its tokens), never "die"
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, on_stop_signal if standalone else signal.SIG_IGN)
     try:
         if lock is not None:

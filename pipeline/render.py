@@ -23,6 +23,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from pipeline.launcher import add_security_arguments, apply_security_arguments
+
 PROG = "lipsync render"
 DEFAULT_ADDRESS = "localhost:50053"
 FPS = 25
@@ -298,6 +300,7 @@ def _soundfile_reason(exc: BaseException) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_security_arguments(args)
     try:
         result = render(args.wav, args.out, args.address, args.model, progress=not args.quiet)
     except RenderError as exc:
@@ -324,4 +327,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default=default_address(), metavar="HOST:PORT",
                    help=f"the server (default: $GRPC_SERVER or {DEFAULT_ADDRESS}; now {default_address()})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_security_arguments(p)
     p.set_defaults(func=run)

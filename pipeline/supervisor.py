@@ -73,6 +73,7 @@ class Supervisor:
         """Serve until SIGINT/SIGTERM; returns the process exit code."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self._forward_reload())
         self.cfg.runtime.dir.mkdir(parents=True, exist_ok=True)
         sweep_stale_segments(self.cfg.runtime.instance)
         try:
@@ -88,6 +89,12 @@ class Supervisor:
 
     def _request_stop(self) -> None:
         self._stopping = True
+
+    def _forward_reload(self) -> None:
+        """SIGHUP (systemctl reload): the frontend re-reads its tokens."""
+        frontend = self.roles[-1].process
+        if frontend is not None and frontend.is_alive():
+            os.kill(frontend.pid, signal.SIGHUP)
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.cfg.runtime.start_timeout_s

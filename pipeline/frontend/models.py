@@ -23,11 +23,13 @@ from pipeline.config import Config
 from pipeline.frontend.dispatcher import Dispatcher, Failed, InferResult, Overloaded, Unavailable
 from pipeline.frontend.telemetry import Telemetry
 from pipeline.frontend.validation import ValidRequest
+from pipeline.process import release_free_heap
 
 log = logging.getLogger(__name__)
 
 UNLOADED, LOADING, READY, UNLOADING, FAILED = "unloaded", "loading", "ready", "unloading", "failed"
 WARMUP_AUDIO = np.zeros(16 * 640, np.float32)  # 640 ms of silence: one full feature context
+TRIM_AFTER_IDLE_S = 2.0
 FAILURE_REASONS = {Failed: "failed", Overloaded: "overloaded", Unavailable: "unavailable",
                    TimeoutError: "timeout"}  # the `reason` label of lipsync_request_failures
 
@@ -86,6 +88,8 @@ class ModelManager:
         self.telemetry = telemetry
         self.models = {mid: ModelView(mid) for mid in cfg.models}
         self._admitted = 0
+        self._admitted_bytes = 0
+        self._trim: asyncio.TimerHandle | None = None
         self._changed = asyncio.Event()  # some model changed state: capacity may have freed
         self._idle_task: asyncio.Task[None] | None = None
         dispatcher.on_worker_restart = self._worker_restarted
@@ -106,7 +110,16 @@ class ModelManager:
         """Run one request on the worker holding its model (loading it first if needed)."""
         if self._admitted >= self.cfg.server.max_inflight_requests:
             raise Overloaded(f"server busy: {self._admitted} requests in flight")
+        size = req.nbytes
+        budget = self.cfg.server.max_inflight_mb * 2**20
+        if self._admitted and self._admitted_bytes + size > budget:
+            raise Overloaded(f"server busy: {self._admitted_bytes / 2**20:.0f} MB of requests in "
+                             f"flight (server.max_inflight_mb {self.cfg.server.max_inflight_mb})")
         self._admitted += 1
+        self._admitted_bytes += size
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
         try:
             deadline = time.monotonic() + timeout
             async with self._lease(req.model_id, deadline) as lease:
@@ -121,6 +134,10 @@ class ModelManager:
             raise
         finally:
             self._admitted -= 1
+            self._admitted_bytes -= size
+            if self._admitted == 0:
+                self._trim = asyncio.get_running_loop().call_later(TRIM_AFTER_IDLE_S,
+                                                                   self._release_heap)
 
     @asynccontextmanager
     async def _lease(self, model_id: str, deadline: float) -> AsyncIterator[Lease]:
@@ -170,6 +187,12 @@ class ModelManager:
         if model.inflight == 0:
             model.changed.set()
             model.changed = asyncio.Event()
+
+    def _release_heap(self) -> None:
+        """After a burst, once nothing has been in flight for a moment: give the freed
+        request buffers back (kept warm for reuse while requests keep coming)."""
+        self._trim = None
+        asyncio.get_running_loop().run_in_executor(None, release_free_heap)
 
     # ---- load --------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 from multiprocessing.connection import Connection
 
@@ -18,6 +19,8 @@ from pipeline.frontend.dispatcher import Dispatcher
 from pipeline.frontend.grpc_service import MonolithicService
 from pipeline.frontend.models import ModelManager
 from pipeline.frontend.ports import bind, listeners
+from pipeline.frontend.security import (TokenInterceptor, TokenStore, grpc_credentials,
+                                        ssl_context, warn_if_exposed)
 from pipeline.frontend.stream_rpc import InferenceService, StreamRpc, streaming_settings
 from pipeline.frontend.telemetry import Telemetry
 from pipeline.frontend.websocket import AudioSocketServer
@@ -77,13 +80,21 @@ def grpc_options(cfg: Config) -> list[tuple[str, int]]:
 async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> None:
     # every port first: a taken one stops the start at once, naming the port
     grpc_listener, ws_listener, *_ = listeners(cfg)
-    server: grpc.aio.Server | None = grpc.aio.server(options=grpc_options(cfg))
+    tls = cfg.server.tls
+    tokens = TokenStore(cfg.server.auth.tokens_file)
+    warn_if_exposed(cfg.server)
+    server: grpc.aio.Server | None = grpc.aio.server(
+        options=grpc_options(cfg), interceptors=[TokenInterceptor(tokens)] if tokens.enabled else [])
     address = f"{cfg.server.host}:{cfg.server.port}"
     try:
-        server.add_insecure_port(address)
+        if tls.enabled:
+            server.add_secure_port(address, grpc_credentials(tls))
+        else:
+            server.add_insecure_port(address)
     except RuntimeError as exc:
         raise grpc_listener.taken(exc) from None
     ws_socket = bind(ws_listener)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, tokens.reload)
     dispatcher = Dispatcher(cfg)
     telemetry = Telemetry(cfg)
     models = ModelManager(cfg, dispatcher, telemetry)
@@ -109,9 +120,10 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
                 reflection.aio.ReflectionServicer(SERVICE_NAMES)})
         await server.start()
         watch = asyncio.create_task(follow_health(health, dispatcher))
-        log.info("serving monolithic.MonolithicService on %s", address)
-        sockets = AudioSocketServer(cfg, models)
-        await sockets.start(ws_socket)
+        log.info("serving monolithic.MonolithicService on %s (%s%s)", address,
+                 "TLS" if tls.enabled else "plaintext", ", tokens" if tokens.enabled else "")
+        sockets = AudioSocketServer(cfg, models, tokens)
+        await sockets.start(ws_socket, ssl_context(tls) if tls.enabled else None)
         telemetry.websocket_sessions = lambda: len(sockets.sessions) if sockets else 0
         readiness.ready()
         while not stop.is_set():

@@ -39,6 +39,21 @@ SendFrame = Callable[[int, int, bytes], Awaitable[None]]
 SendStatus = Callable[[dict], Awaitable[None]]
 
 
+MAX_CLIENT_ID = 128
+
+
+def escape(text: str) -> str:
+    """`text` with every control and non-ASCII character escaped: what a client sends
+    never forges a log line."""
+    return text.encode("unicode_escape").decode("ascii")
+
+
+def clean_client_id(client_id: str) -> str:
+    """A client's id as logged and echoed: escaped, at most MAX_CLIENT_ID characters (a
+    generated UUID when it sent none)."""
+    return escape(client_id)[:MAX_CLIENT_ID] if client_id else str(uuid.uuid4())
+
+
 async def cancel_and_wait(task: asyncio.Task[None]) -> None:
     """Cancel `task` and wait until it has ended, cancelling again should code it awaits
     swallow a cancellation (a third-party library, or a Python 3.11 wait_for race)."""
@@ -107,7 +122,7 @@ class StreamSession:
             raise StreamError(f"Model '{model_id}' not found in configuration")
         self.cfg = cfg
         self.models = models
-        self.client_id = client_id or str(uuid.uuid4())
+        self.client_id = clean_client_id(client_id)
         self.model_id = model_id
         self.decoder = AudioDecoder(fmt)
         self.send_frame = send_frame

@@ -33,7 +33,21 @@ log = logging.getLogger(__name__)
 STAGES = ("queue", "audio", "encoder", "visual", "unet", "composite", "jpeg")
 _STAGE_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 LAG_PROBE_S = 0.02
+OPS_MAX_REQUEST_BYTES = 1 << 20
 _LOAD_BUCKETS = (.05, .1, .25, .5, 1, 2, 5, 10, 20, 60)
+
+
+def _private_bytes(pid: int) -> int:
+    """Resident memory of `pid` that is its own (RssAnon): RSS also counts the pages of
+    shared-memory segments it touched, which are the arena's and the models', not a leak."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class Telemetry:
@@ -129,6 +143,7 @@ class Telemetry:
                 return {"pid": pid, "cpu_percent": proc.cpu_percent(None),
                         "cpu_s": round(cpu.user + cpu.system, 3),
                         "rss_bytes": proc.memory_info().rss,
+                        "private_bytes": _private_bytes(pid),
                         "uptime_s": round(time.time() - proc.create_time(), 1)}
         except psutil.Error:
             self._processes.pop(pid, None)
@@ -203,6 +218,7 @@ class Telemetry:
                                "--metrics-port").taken(exc.strerror or exc) from None
             log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, metrics_port)
         sock = make_socket(zmq.asyncio.Context.instance(), zmq.REP, bind=endpoint)
+        sock.setsockopt(zmq.MAXMSGSIZE, OPS_MAX_REQUEST_BYTES)  # larger: the peer is dropped
         log.info("ops socket on %s", endpoint)
         return asyncio.create_task(self._serve(sock))
 
@@ -213,21 +229,26 @@ class Telemetry:
             while True:
                 raw = await sock.recv()
                 try:
-                    request = json.loads(raw) if raw.strip() else {}
-                    command = request.get("cmd", "stats") if isinstance(request, dict) else None
-                    if command == "stats":
-                        reply: dict[str, Any] = self.snapshot()
-                    elif command == "ping":
-                        reply = {"pong": True}
-                    else:
-                        reply = {"error": f"unknown command {command!r} (stats, ping)"}
-                except (ValueError, UnicodeDecodeError) as exc:
-                    reply = {"error": f"bad request: {exc}"}
+                    reply = self._answer(raw)
+                except Exception as exc:  # RecursionError of a nested document, a bug: the
+                    # socket must answer (a REP that does not reply is stuck for good)
+                    log.warning("ops socket: bad request (%d bytes): %s: %s", len(raw),
+                                type(exc).__name__, str(exc)[:200])
+                    reply = {"error": f"bad request: {type(exc).__name__}: {str(exc)[:200]}"}
                 await sock.send(json.dumps(reply).encode())
         finally:
             refresh.cancel()
             lag.cancel()
             sock.close(0)
+
+    def _answer(self, raw: bytes) -> dict[str, Any]:
+        request = json.loads(raw) if raw.strip() else {}
+        command = request.get("cmd", "stats") if isinstance(request, dict) else None
+        if command == "stats":
+            return self.snapshot()
+        if command == "ping":
+            return {"pong": True}
+        return {"error": f"unknown command {command!r} (stats, ping)"}
 
     async def _watch_loop_lag(self) -> None:
         """Anything that holds the event loop delays every client: measure it always."""

@@ -36,6 +36,11 @@ class ValidRequest:
     features: np.ndarray | None   # deprecated: 8192 float32
     stream_offset: int = -1       # a stream's batch: audio starts at this sample of the stream
 
+    @property
+    def nbytes(self) -> int:
+        """The tensors' bytes (the received message's size, give or take a few bytes)."""
+        return sum(a.nbytes for a in (self.visual, self.audio, self.features) if a is not None)
+
 
 def _finite(values: np.ndarray) -> bool:
     """No NaN or Inf in a non-empty array: min and max carry any NaN, +Inf shows in the max

@@ -9,13 +9,12 @@ errors as JSON text messages.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import json
 import logging
 import socket
+import ssl
 import struct
 import time
-import uuid
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -23,10 +22,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from pipeline.config import Config
+from pipeline.config import Config, parse_origin
 from pipeline.frontend.models import ModelManager
 from pipeline.frontend.stream_rpc import streaming_settings
-from pipeline.frontend.streaming import AudioFormat, StreamError, StreamSession
+from pipeline.frontend.security import TokenStore, bearer
+from pipeline.frontend.streaming import AudioFormat, StreamError, StreamSession, escape
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,33 @@ def parse_frame_message(message: bytes) -> tuple[int, int, bytes]:
     return index, pts_us, message[FRAME_HEADER.size:]
 
 
+def _address(connection: ServerConnection) -> str:
+    """The client's IP address (the balancer's, behind one)."""
+    peer = connection.remote_address
+    return str(peer[0]) if peer else "?"
+
+
+def origin_allowed(origin: str, patterns: tuple[str, ...]) -> bool:
+    """Exact matching of a browser Origin (scheme, host, numeric port) against the allowed
+    patterns; a pattern's port `*` stands for any explicit port and a host `*.example.com`
+    for any subdomain (at a label boundary). Anything that is not a plain origin (user
+    info, a path, a port that is not a number) is refused."""
+    parsed = parse_origin(origin)
+    if parsed is None or parsed[2] == "*" or parsed[1].startswith("*."):
+        return False
+    scheme, host, port = parsed
+    for pattern in patterns:
+        allowed = parse_origin(pattern)
+        if allowed is None or allowed[0] != scheme:
+            continue
+        host_ok = allowed[1] == host or (allowed[1].startswith("*.")
+                                         and host.endswith(allowed[1][1:]))
+        port_ok = allowed[2] == port or (allowed[2] == "*" and port != "")
+        if host_ok and port_ok:
+            return True
+    return False
+
+
 class RateLimit:
     """Token bucket: `rate` messages per second with a burst of two seconds' worth."""
 
@@ -65,17 +92,18 @@ class RateLimit:
 
 
 class AudioSocketServer:
-    def __init__(self, cfg: Config, models: ModelManager) -> None:
+    def __init__(self, cfg: Config, models: ModelManager, tokens: TokenStore) -> None:
         self.cfg = cfg
         self.models = models
+        self.tokens = tokens
         self.settings = streaming_settings(cfg)
         self.sessions: dict[str, tuple[StreamSession, ServerConnection]] = {}
         self.server: Server | None = None
 
-    async def start(self, sock: socket.socket) -> None:
+    async def start(self, sock: socket.socket, tls: ssl.SSLContext | None) -> None:
         """Serve on `sock`, bound by the frontend before anything else started."""
         self.server = await serve(
-            self._handle, sock=sock,
+            self._handle, sock=sock, ssl=tls,
             process_request=self._check_handshake, max_size=self.settings.max_message_bytes,
             compression=None, server_header="lipsync")
         log.info("serving WebSocket /audio on %s:%d", self.cfg.server.host, self.cfg.server.ws_port)
@@ -102,17 +130,29 @@ class AudioSocketServer:
         if "websocket" not in request.headers.get("Upgrade", "").lower():
             return connection.respond(400, "Bad Request: /audio takes a WebSocket upgrade\n")
         origin = request.headers.get("Origin")
-        if origin is not None and not any(fnmatch.fnmatchcase(origin, pattern)
-                                          for pattern in self.settings.allowed_origins):
-            log.warning("refused a connection from origin %s", origin)
+        if origin is not None and not origin_allowed(origin, self.settings.allowed_origins):
+            log.warning("refused a connection from origin %s", escape(origin))
             return connection.respond(403, "Forbidden: origin not allowed\n")
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        token = bearer(request.headers.get("Authorization")) or query.get("token")
+        if not self.tokens.accepts(token):
+            log.warning("refused a connection from %s: no valid token", _address(connection))
+            response = connection.respond(401, "Unauthorized: a valid token is required "
+                                               "(Authorization: Bearer <token>, or ?token=)\n")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
         # a session whose connection is closing no longer holds its slot (its handler may
         # still be finishing when its client, told it is closed, connects again)
-        if sum(ws.state is State.OPEN for _, ws in self.sessions.values()) \
-                >= self.settings.max_clients:
+        open_sessions = [ws for _, ws in self.sessions.values() if ws.state is State.OPEN]
+        if len(open_sessions) >= self.settings.max_clients:
             return connection.respond(503, f"Service Unavailable: {self.settings.max_clients} "
                                            "clients connected (MAX_CLIENTS)\n")
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        limit = self.settings.max_sessions_per_address
+        address = _address(connection)
+        if limit and sum(_address(ws) == address for ws in open_sessions) >= limit:
+            log.warning("refused a connection from %s: %d sessions open from it", address, limit)
+            return connection.respond(503, f"Service Unavailable: {limit} sessions from this "
+                                           "address (streaming.max_sessions_per_address)\n")
         model = query.get("model") or request.headers.get("X-Model-ID") or self.cfg.default_model
         if model not in self.cfg.models:
             return connection.respond(404, f"Not Found: model '{model}' is not configured\n")
@@ -128,7 +168,6 @@ class AudioSocketServer:
         request = ws.request
         assert request is not None
         query = {k: v[-1] for k, v in parse_qs(urlsplit(request.path).query).items()}
-        client_id = request.headers.get("X-Client-ID") or str(uuid.uuid4())
         model = query.get("model") or request.headers.get("X-Model-ID") or self.cfg.default_model
         fmt = AudioFormat(query.get("format", "s16le"), int(query.get("rate", 16000)))
         timeout = self.settings.send_timeout_s
@@ -150,9 +189,10 @@ class AudioSocketServer:
         async def send_status(status: dict) -> None:
             await send(json.dumps(status))
 
-        session = StreamSession(self.cfg, self.models, client_id, model, fmt, send_frame,
-                                send_status, self.settings.batch_size,
+        session = StreamSession(self.cfg, self.models, request.headers.get("X-Client-ID", ""),
+                                model, fmt, send_frame, send_status, self.settings.batch_size,
                                 self.settings.flush_timeout_s)
+        client_id = session.client_id  # sanitised: printable, at most 128 characters
         key = f"{client_id}#{id(ws)}"
         self.sessions[key] = (session, ws)
         log.info("client %s connected", client_id)
@@ -162,7 +202,15 @@ class AudioSocketServer:
             await send_status({"type": "ready", "client_id": client_id, "model": model,
                                "fps": 25, "sample_rate": fmt.sample_rate,
                                "format": fmt.encoding})
-            async for message in ws:
+            while True:
+                try:
+                    async with asyncio.timeout(self.settings.idle_timeout_s):
+                        message = await ws.recv()
+                except TimeoutError:  # a connection that says nothing holds a slot for nothing
+                    log.info("client %s idle for %.0f s: closing", client_id,
+                             self.settings.idle_timeout_s)
+                    await ws.close(1000, "idle")
+                    break
                 if not limit.take():
                     await send_status({"type": "error", "message": "rate limit exceeded"})
                     await ws.close(1008, "rate limit exceeded")

@@ -36,7 +36,7 @@ from pipeline import messages as msg
 from pipeline.addresses import Addresses
 from pipeline.config import Config, ModelConfig
 from pipeline.gpu_worker.device import DeviceMemory, Resolved, pin_to_device
-from pipeline.process import Readiness, logging_request, run_role
+from pipeline.process import Readiness, logging_request, release_free_heap, run_role
 from pipeline.shm.segment import SegmentCache
 from pipeline.sockets import make_socket
 
@@ -442,15 +442,6 @@ class GpuWorker:
 
     def _view(self, ref: msg.TensorRef) -> np.ndarray:
         return self.segments.ndarray(ref.segment, ref.offset, ref.shape, ref.dtype)
-
-
-def release_free_heap() -> None:
-    """Hand memory freed by an unloaded model back to the OS (glibc keeps it otherwise, and
-    a worker that loads and unloads avatars all day would only ever grow)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _client_error(exc: Exception, req: msg.InferRequest) -> str:

@@ -232,3 +232,102 @@ def test_a_restarted_frontend_knows_what_the_workers_hold(tmp_path: Path,
                 model_id="other", batch_size=1, raw_audio=speech_like_audio(0.64).tobytes()),
                 timeout=60)
             assert resp.success and resp.model_loaded
+
+
+def test_origins_match_exactly(server) -> None:
+    """Origin: scheme, host and numeric port exactly (port * = any explicit port); user
+    info and other tricks are refused; the IPv6 loopback origin is allowed."""
+    from websockets.exceptions import InvalidStatus
+
+    async def status(origin: str) -> int | str:
+        try:
+            async with connect(f"ws://127.0.0.1:{server.ws_port}/audio", origin=origin) as ws:
+                return json.loads(await ws.recv())["type"]
+        except InvalidStatus as exc:
+            return exc.response.status_code
+
+    async def run() -> list[int | str]:
+        return [await status(o) for o in (
+            "http://localhost:80@evil.com", "http://localhost.evil.com", "http://localhost:3000",
+            "http://[::1]:8080", "http://LOCALHOST", "http://localhost:abc",
+            "http://localhost:3000/path", "null", "https://evil.example")]
+
+    assert asyncio.run(run()) == [403, 403, "ready", "ready", "ready", 403, 403, 403, 403]
+
+
+def test_client_ids_are_escaped_and_capped_in_logs(server) -> None:
+    """A newline in a stream's client_id cannot forge a log line, and a 1 MiB id costs at
+    most 128 characters per line."""
+    forged = "x\n2026-01-01 00:00:00,000 INFO [frontend] [-] forged: line"
+    huge = "y" * 2**20
+    before = server.log_path.stat().st_size
+    with channel(server.address) as ch:
+        stub = pb_grpc.MonolithicServiceStub(ch)
+        for client_id in (forged, huge):
+            stream = stub.StreamAudio(iter([pb.StreamAudioRequest(
+                config=pb.StreamConfig(model_id="demo", client_id=client_id))]), timeout=30)
+            statuses = [json.loads(r.status_json) for r in stream
+                        if r.WhichOneof("message") == "status_json"]
+            assert len(statuses[0]["client_id"]) <= 128
+    time.sleep(0.5)
+    with open(server.log_path) as log:
+        log.seek(before)
+        written = log.read()
+    assert "\nforged" not in written and "\n2026-01-01" not in written
+    assert "x\\n2026-01-01" in written
+    assert len(written) < 20_000
+
+
+def test_a_bad_ops_request_gets_an_error_and_the_socket_keeps_serving(server) -> None:
+    """Deeply nested JSON (a RecursionError in the parser) and junk get an error reply;
+    stats are answered right after."""
+    import zmq
+
+    from pipeline.addresses import Addresses
+    from pipeline.config import load_config
+
+    endpoint = Addresses.of(load_config(server.config_path)).ops
+    ctx = zmq.Context.instance()
+    replies = []
+    for raw in (b"[" * 200_000 + b"]" * 200_000, b"\xff\xfe", b'{"cmd": 7}'):
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sock.send(raw)
+        assert sock.poll(5000), "the ops socket stopped answering"
+        replies.append(json.loads(sock.recv()))
+        sock.close(0)
+    assert all("error" in r for r in replies), replies
+    assert ops_stats(server.config_path)["frontend"]["pid"] > 0
+
+
+def test_memory_goes_back_after_bursts_of_large_requests(server) -> None:
+    """Bursts of 8 concurrent 20 MB requests: once the server is idle, the frontend's
+    private memory falls back (freed request buffers are trimmed) and does not grow from
+    one burst to the next; it used to keep what the bursts had taken."""
+    batch = 8
+    wire = pb.CompositeBatchRequest(
+        model_id="demo", batch_size=batch, raw_audio=speech_like_audio(0.92).tobytes(),
+        visual_frames=np.full(batch * 6 * 320 * 320, 0.5, np.float32).tobytes()).SerializeToString()
+
+    def private_mb() -> float:
+        return ops_stats(server.config_path)["frontend"]["private_bytes"] / 2**20
+
+    def send(_: int) -> bool:
+        with channel(server.address) as ch:
+            call = ch.unary_unary(INFER, request_serializer=None,
+                                  response_deserializer=pb.CompositeBatchResponse.FromString)
+            return call(wire, timeout=120).success
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    baseline, peaks, idle = private_mb(), [], []
+    for _ in range(3):
+        with ThreadPoolExecutor(batch) as pool:
+            assert all(pool.map(send, range(batch)))
+        peaks.append(private_mb())
+        time.sleep(3.5)  # idle: the frontend trims 2 s after its last request
+        idle.append(private_mb())
+    assert max(peaks) > baseline + 100  # the bursts did take memory
+    assert idle[-1] < baseline + (max(peaks) - baseline) / 2, (baseline, peaks, idle)
+    assert idle[-1] < idle[0] + 64, (baseline, peaks, idle)
