@@ -328,6 +328,8 @@ def test_memory_goes_back_after_bursts_of_large_requests(server) -> None:
         peaks.append(private_mb())
         time.sleep(3.5)  # idle: the frontend trims 2 s after its last request
         idle.append(private_mb())
+    print(f"BURSTS private MB: baseline {baseline:.0f}, peaks {[round(p) for p in peaks]}, "
+          f"after idle {[round(i) for i in idle]}")
     assert max(peaks) > baseline + 100  # the bursts did take memory
     assert idle[-1] < baseline + (max(peaks) - baseline) / 2, (baseline, peaks, idle)
     assert idle[-1] < idle[0] + 64, (baseline, peaks, idle)
