@@ -29,7 +29,8 @@ def ensure_demo_assets(cfg: Config, force: bool = False, bench_model: bool = Fal
 
     Returns True when something was built. Models elsewhere are the user's and untouched.
     """
-    from pipeline.demo.assets import DEMO_MODEL_ID, build_demo_assets, demo_asset_paths, demo_assets_present
+    from pipeline.demo.assets import (DEMO_MODEL_ID, NUM_FRAMES, build_demo_assets,
+                                      demo_asset_paths, demo_assets_present)
     from pipeline.demo.bench_model import BENCH_MODEL_ID, bench_model_path, write_bench_model
 
     demo = demo_asset_paths(cfg.models_root)
@@ -39,14 +40,17 @@ def ensure_demo_assets(cfg: Config, force: bool = False, bench_model: bool = Fal
         model is not None and model.model_path == demo.unet_path) or (
         bench is not None and bench.background_dir == demo.background_dir)
     built = False
-    if uses_demo and (force or not demo_assets_present(cfg.models_root)):
+    # as many frames as the config's demo model asks for (a test avatar may use fewer)
+    frames = model.num_frames if model is not None and model.model_path == demo.unet_path \
+        else NUM_FRAMES
+    if uses_demo and (force or not demo_assets_present(cfg.models_root, frames)):
         from tqdm import tqdm
 
         with tqdm(desc="building demo avatar", unit="frame", disable=None) as bar:
             def progress(done: int, total: int) -> None:
                 bar.total = total
                 bar.update(done - bar.n)
-            build_demo_assets(cfg.models_root, force=force, progress=progress)
+            build_demo_assets(cfg.models_root, num_frames=frames, force=force, progress=progress)
         log.info("demo assets written to %s", cfg.models_root)
         built = True
     target = bench_model_path(cfg.models_root)
@@ -61,12 +65,16 @@ def ensure_demo_assets(cfg: Config, force: bool = False, bench_model: bool = Fal
 def cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.supervisor import Supervisor
 
+    from pipeline.addresses import Addresses
     from pipeline.frontend.ports import check_free
-    from pipeline.process import RoleError
+    from pipeline.process import RoleError, check_role_free
 
     cfg = _load(args)
     try:
-        check_free(cfg)  # before building anything: a taken port fails at once
+        # before building anything: another server of this instance, or a taken port,
+        # fails at once
+        check_role_free(Addresses.of(cfg).role_lock("frontend"))
+        check_free(cfg)
         ensure_demo_assets(cfg)
         supervisor = Supervisor(cfg)
     except (ValueError, RoleError) as exc:

@@ -214,6 +214,11 @@ def hold_role_lock(path: Path) -> int:
     return fd
 
 
+def check_role_free(path: Path) -> None:
+    """RoleTaken when a process holds the role's lock now (the lock is not kept)."""
+    os.close(hold_role_lock(path))
+
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 

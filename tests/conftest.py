@@ -67,10 +67,20 @@ def ops_stats(config: Path, command: str = "stats") -> dict:
     return fetch(Addresses.of(load_config(config)).ops, command=command)
 
 
+def _built_frames(models_root: Path) -> int:
+    """The frame count of the demo avatar built in `models_root` (the full demo's when
+    none is built yet: `lipsync serve` builds that)."""
+    import json
+
+    try:
+        return int(json.loads((models_root / "demo" / "build.json").read_text())["num_frames"])
+    except (OSError, ValueError, KeyError):
+        return DEMO_FRAMES
+
+
 def write_config(path: Path, models_root: Path, **overrides: object) -> Path:
     """A config for tests: the demo model, a per-test instance name and runtime dir."""
-    frames = DEMO_FRAMES if (models_root / "demo" / "frames" / f"frame_{DEMO_FRAMES - 1:04d}.jpg"
-                             ).exists() else SMALL_FRAMES
+    frames = _built_frames(models_root)
     raw: dict[str, object] = {
         "server": {"host": "127.0.0.1", "request_timeout_s": 60},
         "gpus": {"count": 1, "provider": "cpu"},
