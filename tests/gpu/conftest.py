@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.demo.assets import build_demo_assets
 from pipeline.demo.bench_model import bench_model_path, write_bench_model
 from pipeline.launcher import ServerProcess
 from tests.conftest import write_config
@@ -19,12 +20,19 @@ def provider() -> str:
 
 
 @pytest.fixture(scope="session")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo assets with BACKGROUNDS frames (all these tests use) and the SyncTalk-2D-sized
+    bench UNet beside them."""
+    root = tmp_path_factory.mktemp("gpu-models")
+    build_demo_assets(root, num_frames=BACKGROUNDS)
+    write_bench_model(bench_model_path(root))
+    return root
+
+
+@pytest.fixture(scope="session")
 def bench_model(models_root: Path) -> Path:
-    """The SyncTalk-2D-sized bench UNet beside the demo assets."""
-    path = bench_model_path(models_root)
-    if not path.is_file():
-        write_bench_model(path)
-    return path
+    """The bench UNet's path."""
+    return bench_model_path(models_root)
 
 
 @pytest.fixture(scope="session")

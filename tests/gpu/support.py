@@ -46,10 +46,11 @@ class Sizes:
     unet_batches: tuple[int, ...]    # batches compared between the device and the CPU
     graph_batches: tuple[int, ...]   # exact bucket, padded, and split (> 32) batches
     precision_batch: int             # frames of the fp16 check
+    split: tuple[int, int]           # one batch against two runs of these sizes
 
 
-SIZES = (Sizes(2, 1, (1, 2), (2,), (3,), 1) if ON_CPU
-         else Sizes(32, 20, (3, 5, 8, 16), (1, 8, 32), (1, 3, 8, 13, 32, 40), 8))
+SIZES = (Sizes(2, 1, (1, 2), (2,), (3,), 1, (1, 2)) if ON_CPU
+         else Sizes(32, 20, (3, 5, 8, 16), (1, 8, 32), (1, 3, 8, 13, 32, 40), 8, (2, 3)))
 
 
 def decode(jpeg: bytes) -> np.ndarray:
