@@ -45,7 +45,7 @@ def gpu_config(tmp_path_factory: pytest.TempPathFactory, models_root: Path, benc
             "num_frames": BACKGROUNDS}
     return write_config(tmp_path_factory.mktemp("gpu") / "config.yaml", models_root, **{
         "gpus.provider": provider, "batching.max_batch_frames": 32,
-        "batching.max_queue_delay_ms": 200, "runtime.arena_mb": 512 if ON_CPU else 2048,
+        "batching.max_queue_delay_ms": 200, "runtime.arena_mb": 512 if ON_CPU else 1024,
         "compositor.pool_size": 2 if ON_CPU else 6,
         "models": {"bench": {**spec, "preload_model": True}, "cycle": spec}})
 
