@@ -150,7 +150,7 @@ class GraphedUNet(UNet):
             [largest, *shape], np.float32, device, 0) for name, shape in
             ((self.visual_name, VISUAL_SHAPE), (self.audio_name, AUDIO_SHAPE),
              (self.output_name, PREDICTION_SHAPE))}
-        for value in self.static.values():  # padding rows then hold zeros, never garbage
+        for value in self.static.values():  # padding rows: zeros or earlier frames, never junk
             self.copies.zero(value.data_ptr(), _nbytes(value))
         self.copies.synchronize()  # cudaMemset may return before it is done
         self.graphs = {bucket: _Graph(self._binding(bucket), _run_options(str(i + 1)))
