@@ -263,7 +263,8 @@ class InProcessPipeline:
         self.model = cfg.models[model_id]
         provider = provider or resolve_provider(cfg.gpus.provider, 1)
         self.encoder = AudioEncoder.create(cfg.audio_encoder_path, provider, threads)
-        self.unet = UNet.create(self.model.model_path, provider, threads)
+        self.unet = UNet.create(self.model.model_path, provider, threads,
+                                cfg.gpus.unet_precision, cfg.gpus.cuda_graphs)
         self.avatar = load_avatar(self.model, segment_name(f"bench{os.getpid()}", "bg"))
         audio.warm_up()
         cv2.setNumThreads(1)  # as in the compositors (faster on 1280x720 frames, measured)
@@ -342,35 +343,19 @@ def compare_inprocess(address: str, request: pb.CompositeBatchRequest, concurren
 
 
 def ort_only(cfg_path: Path, model_id: str, batch: int, seconds: float) -> dict[str, object]:
-    """frames/s of the UNet session alone at `batch`: inputs and output resident on the
-    device (IO binding of OrtValues), nothing else; the ceiling the pipeline is held to."""
-    import onnxruntime as ort
-
+    """frames/s of the UNet session alone at `batch` (the config's precision and CUDA
+    graphs): inputs and output resident on the device, nothing else; the ceiling the
+    pipeline is held to."""
+    from pipeline.bench_unet import unet_throughput
     from pipeline.gpu_worker.device import resolve_provider
     from pipeline.gpu_worker.sessions import UNet
 
     cfg = load_config(cfg_path)
     provider = resolve_provider(cfg.gpus.provider, 1)
-    unet = UNet.create(cfg.models[model_id].model_path, provider, cfg.gpus.intra_op_threads)
-    device = "cuda" if provider == "cuda" else "cpu"
-    rng = np.random.default_rng(0)
-    binding = unet.session.io_binding()
-    binding.bind_ortvalue_input(unet.visual_name, ort.OrtValue.ortvalue_from_numpy(
-        rng.random((batch, 6, 320, 320), np.float32), device, 0))
-    binding.bind_ortvalue_input(unet.audio_name, ort.OrtValue.ortvalue_from_numpy(
-        rng.random((batch, 32, 16, 16), np.float32), device, 0))
-    binding.bind_ortvalue_output(unet.output_name, ort.OrtValue.ortvalue_from_shape_and_type(
-        [batch, 3, 320, 320], np.float32, device, 0))
-    for _ in range(3):
-        unet.session.run_with_iobinding(binding)
-    runs = 0
-    t0 = time.perf_counter()
-    while runs < 3 or time.perf_counter() - t0 < seconds:
-        unet.session.run_with_iobinding(binding)
-        runs += 1
-    wall = time.perf_counter() - t0
-    return {"ort_fps": round(runs * batch / wall, 2), "ort_ms_per_run": round(wall / runs * 1e3, 2),
-            "provider": provider}
+    gpus = cfg.gpus
+    unet = UNet.create(cfg.models[model_id].model_path, provider, gpus.intra_op_threads,
+                       gpus.unet_precision, gpus.cuda_graphs)
+    return unet_throughput(unet, provider, batch, seconds)
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -496,9 +481,10 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     if (not 1 <= args.batch <= 32 or args.concurrency < 1 or (args.requests or 1) < 1
             or (args.duration is not None and args.duration <= 0) or args.rounds < 1
-            or args.probe < 0):
+            or args.probe < 0 or args.ort_seconds <= 0):
         raise SystemExit("lipsync bench: need 1 <= --batch <= 32, --concurrency >= 1, "
-                         "--requests >= 1, --duration > 0, --rounds >= 1, --probe >= 0")
+                         "--requests >= 1, --duration > 0, --rounds >= 1, --probe >= 0, "
+                         "--ort-seconds > 0")
     requests = None if args.duration else (args.requests or 40)
     compare = set(args.compare or ())
     if "inprocess" in compare and requests is None:
@@ -525,7 +511,7 @@ def run_bench(args: argparse.Namespace) -> int:
     result["model"] = args.model
     result["visual"] = args.visual
     if "ort" in compare:
-        result.update(ort_only(args.config, args.model, args.batch, seconds=5.0))
+        result.update(ort_only(args.config, args.model, args.batch, args.ort_seconds))
         result["ort_ratio"] = round(result["fps"] / result["ort_fps"], 3)  # type: ignore[operator]
     if args.json:
         print(json.dumps(result))

@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="inprocess: the same stages in this process, one request after "
                             "another, and the ratio; ort: the UNet session alone at the same "
                             "batch (repeatable)")
+    bench.add_argument("--ort-seconds", type=float, default=5.0, metavar="S",
+                       help="--compare ort: seconds of UNet runs measured")
     bench.add_argument("--rounds", type=int, default=3,
                        help="--compare inprocess: alternate pipeline and baseline this many "
                             "times over the requests")

@@ -20,6 +20,7 @@ import yaml
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "config.yaml"
 
 Provider = Literal["auto", "cuda", "cpu"]
+UnetPrecision = Literal["fp32", "tf32", "fp16"]
 CompositeMode = Literal["synctalk", "stretch"]
 
 
@@ -67,6 +68,10 @@ class GpusConfig:
     count: int = 1                   # gpu_worker processes, one per device
     provider: Provider = "auto"      # auto: CUDA when a device is present, else CPU workers
     intra_op_threads: int = 0        # ONNX Runtime CPU threads per session (0 = ORT default)
+    # fp32: exact float32 (TF32 off on CUDA); tf32: CUDA's TF32 matrix units for float32;
+    # fp16: the UNet converted to float16 at load, its inputs and output kept float32
+    unet_precision: UnetPrecision = "fp32"
+    cuda_graphs: bool = False        # CUDA graphs for the UNet (CUDA only; ignored on the CPU)
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,8 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     _check("gpus.count", 1 <= gpus.count <= 64, "must be 1-64")
     _check("gpus.provider", gpus.provider in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu")
     _check("gpus.intra_op_threads", gpus.intra_op_threads >= 0, "must be >= 0")
+    _check("gpus.unet_precision", gpus.unet_precision in ("fp32", "tf32", "fp16"),
+           "must be fp32, tf32 or fp16")
     _check("batching.max_batch_frames", 0 <= batching.max_batch_frames <= 1024,
            "must be 0 (auto) or 1-1024")
     _check("batching.max_queue_delay_ms", 0 <= batching.max_queue_delay_ms <= 1000,

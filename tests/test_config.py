@@ -323,3 +323,18 @@ def test_parse_does_not_mutate_raw() -> None:
     before = copy.deepcopy(raw)
     _parse(raw)
     assert raw == before
+
+
+def test_unet_precision_and_cuda_graphs() -> None:
+    """gpus.unet_precision is fp32 by default and one of fp32/tf32/fp16; cuda_graphs a bool."""
+    defaults = _parse(_raw()).gpus
+    assert (defaults.unet_precision, defaults.cuda_graphs) == ("fp32", False)
+    for precision in ("fp32", "tf32", "fp16"):
+        gpus = _parse(_raw(gpus={"unet_precision": precision, "cuda_graphs": True})).gpus
+        assert (gpus.unet_precision, gpus.cuda_graphs) == (precision, True)
+    assert _error(_raw(gpus={"unet_precision": "fp8"})) == \
+        "gpus.unet_precision: must be fp32, tf32 or fp16"
+    assert _error(_raw(gpus={"unet_precision": 16})).startswith(
+        "gpus.unet_precision: expected a non-empty string")
+    assert _error(_raw(gpus={"cuda_graphs": "yes"})).startswith(
+        "gpus.cuda_graphs: expected true or false")

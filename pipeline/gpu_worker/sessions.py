@@ -7,6 +7,7 @@ shared memory and writes the prediction straight into the request's output block
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,19 @@ import onnxruntime as ort
 
 from pipeline.gpu_worker.device import Resolved
 
+log = logging.getLogger(__name__)
+
 VISUAL_SHAPE = (6, 320, 320)
+AUDIO_SHAPE = (32, 16, 16)
 PREDICTION_SHAPE = (3, 320, 320)
 MEL_WINDOW_SHAPE = (1, 80, 16)
 ENCODED_DIM = 512
 
 
-def _session(path: Path, provider: Resolved, intra_op_threads: int) -> ort.InferenceSession:
+def _session(model: Path | bytes, provider: Resolved, intra_op_threads: int,
+             cuda_options: dict[str, str] | None = None) -> ort.InferenceSession:
+    """A session of `model` (a file, or a serialized graph) on `provider`; on CUDA, float32
+    stays float32 (TF32 off) unless `cuda_options` say otherwise."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if intra_op_threads:
@@ -30,12 +37,16 @@ def _session(path: Path, provider: Resolved, intra_op_threads: int) -> ort.Infer
     # the compositors and the frontend, which run beside the worker on the same cores
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # which provider runs each node (nodes_by_provider): a partial CPU fallback is visible
+    opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
     if provider == "cuda":
         _preload_cuda_libraries()
         # the process sees only its own device (CUDA_VISIBLE_DEVICES), so device 0
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": "0"}))
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        providers.insert(0, ("CUDAExecutionProvider",
+                             {"device_id": "0", "use_tf32": "0", **(cuda_options or {})}))
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, sess_options=opts, providers=providers)
     if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         # ONNX Runtime falls back to the CPU without a word (the original server's defect)
         raise RuntimeError(
@@ -43,7 +54,25 @@ def _session(path: Path, provider: Resolved, intra_op_threads: int) -> ort.Infer
             f"are missing; onnxruntime {ort.__version__} needs those of "
             "`pip install onnxruntime-gpu[cuda,cudnn]`, i.e. `pip install -e '.[cuda]'`); "
             "set gpus.provider: cpu to run on the CPU")
+    if provider == "cuda" and (on_cpu := nodes_by_provider(session).get("CPUExecutionProvider")):
+        log.warning("%d nodes of %s run on the CPU (no CUDA kernel): %s", len(on_cpu),
+                    model if isinstance(model, Path) else "the model", ", ".join(on_cpu[:10]))
     return session
+
+
+def nodes_by_provider(session: ort.InferenceSession) -> dict[str, list[str]]:
+    """The nodes ("OpType name") each execution provider runs; {} where the installed ONNX
+    Runtime has no graph assignment info (older releases)."""
+    info = getattr(session, "get_provider_graph_assignment_info", None)
+    try:
+        subgraphs = info() if info is not None else []
+    except Exception:  # the session was created without recording it
+        return {}
+    nodes: dict[str, list[str]] = {}
+    for subgraph in subgraphs:
+        nodes.setdefault(subgraph.ep_name, []).extend(
+            f"{node.op_type} {node.name}" for node in subgraph.get_nodes())
+    return nodes
 
 
 def _preload_cuda_libraries() -> None:
@@ -79,8 +108,27 @@ class UNet:
         self.output_name = session.get_outputs()[0].name
 
     @classmethod
-    def create(cls, path: Path, provider: Resolved, intra_op_threads: int = 0) -> UNet:
-        return cls(_session(path, provider, intra_op_threads))
+    def create(cls, path: Path, provider: Resolved, intra_op_threads: int = 0,
+               precision: str = "fp32", cuda_graphs: bool = False) -> UNet:
+        """The avatar's UNet at `precision` (pipeline/gpu_worker/precision.py); with
+        `cuda_graphs` on CUDA, one that replays captured graphs (cuda_graphs.py)."""
+        from pipeline.gpu_worker.precision import unet_model
+
+        graphs = cuda_graphs and provider == "cuda"
+        if cuda_graphs and not graphs:
+            log.warning("gpus.cuda_graphs ignored: CUDA graphs need the CUDA execution "
+                        "provider and this worker runs on the CPU")
+        if precision == "tf32" and provider != "cuda":
+            log.warning("gpus.unet_precision tf32 applies to CUDA only: the CPU computes fp32")
+        options = {"use_tf32": "1" if precision == "tf32" else "0"}
+        if graphs:
+            options["enable_cuda_graph"] = "1"
+        session = _session(unet_model(path, precision), provider, intra_op_threads, options)
+        if graphs:
+            from pipeline.gpu_worker.cuda_graphs import GraphedUNet
+
+            return GraphedUNet(session)
+        return cls(session)
 
     def run(self, visual: np.ndarray, audio: np.ndarray, out: np.ndarray) -> None:
         """Write the predictions for visual/audio into `out` (all [B,...] float32)."""
@@ -89,6 +137,12 @@ class UNet:
         _bind(binding, self.audio_name, audio)
         _bind(binding, self.output_name, out, output=True)
         self.session.run_with_iobinding(binding)
+
+    def warm_up(self) -> None:
+        """One frame through the network: the first run allocates (and on CUDA picks its
+        kernels), so the first request does not pay for it."""
+        self.run(np.zeros((1, *VISUAL_SHAPE), np.float32), np.zeros((1, *AUDIO_SHAPE), np.float32),
+                 np.empty((1, *PREDICTION_SHAPE), np.float32))
 
 
 class AudioEncoder:

@@ -282,17 +282,19 @@ class GpuWorker:
     def _load(self, config: ModelConfig) -> LoadedModel:
         """Runs on the loader thread: sessions, backgrounds, one warm-up batch."""
         from pipeline.gpu_worker.avatar import load_avatar
+        from pipeline.gpu_worker.cuda_graphs import CAPTURE_LOCK
         from pipeline.gpu_worker.sessions import UNet
 
         t0 = time.monotonic_ns()
         before = self.memory.used_bytes()
-        try:
-            unet = UNet.create(config.model_path, self.provider, self.cfg.gpus.intra_op_threads)
-        except Exception as exc:
-            raise LoadError(f"failed to create inferencer: failed to create session: {exc}") from exc
-        visual = np.zeros((1, 6, 320, 320), np.float32)
-        out = np.empty((1, 3, 320, 320), np.float32)
-        unet.run(visual, np.zeros((1, 32, 16, 16), np.float32), out)
+        gpus = self.cfg.gpus
+        with CAPTURE_LOCK:  # a CUDA graph capture on the compute loop must not meet these
+            try:            # allocations (cuda_graphs.py)
+                unet = UNet.create(config.model_path, self.provider, gpus.intra_op_threads,
+                                   gpus.unet_precision, gpus.cuda_graphs)
+            except Exception as exc:
+                raise LoadError(f"failed to create inferencer: failed to create session: {exc}") from exc
+            unet.warm_up()
         try:
             avatar = load_avatar(config, self.addresses.background_arena(self.index, next(self._bg_serial)))
         except Exception as exc:

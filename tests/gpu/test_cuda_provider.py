@@ -1,0 +1,33 @@
+"""The CUDA execution provider loads and runs every node: no silent CPU fallback."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.gpu_worker.device import resolve_provider
+from pipeline.gpu_worker.sessions import AudioEncoder, UNet, nodes_by_provider
+from tests.gpu.support import requires_gpu
+
+pytestmark = requires_gpu
+
+
+def _ep(provider: str) -> str:
+    return "CUDAExecutionProvider" if provider == "cuda" else "CPUExecutionProvider"
+
+
+def test_auto_resolves_to_the_device(provider: str) -> None:
+    """gpus.provider auto picks CUDA where ONNX Runtime has the CUDA EP and NVML a device."""
+    assert resolve_provider("auto", 1) == provider
+
+
+def test_every_node_of_unet_and_encoder_runs_on_the_provider(
+        bench_model: Path, models_root: Path, provider: str) -> None:
+    """The fp32 and fp16 UNet and the audio encoder run all their nodes on the provider."""
+    sessions = {"unet fp32": UNet.create(bench_model, provider).session,
+                "unet fp16": UNet.create(bench_model, provider, precision="fp16").session,
+                "encoder": AudioEncoder.create(models_root / "audio_encoder.onnx",
+                                               provider).session}
+    for name, session in sessions.items():
+        assert session.get_providers()[0] == _ep(provider), name
+        nodes = nodes_by_provider(session)
+        others = {ep: found[:5] for ep, found in nodes.items() if ep != _ep(provider)}
+        assert nodes and not others, f"{name}: nodes off {_ep(provider)}: {others}"

@@ -1,0 +1,107 @@
+"""scripts/wheelparts.py: wheels split into parts, the sha256 manifest, reassembly that names
+every missing or corrupt file, the carry plan, and the pip check for the box's Python."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import wheelparts  # noqa: E402  (scripts/ is no package: the suite runs it as a plain file)
+
+
+def _wheel(folder: Path, name: str, payload: bytes) -> Path:
+    """A valid pure-Python wheel (pip installs it) carrying `payload` in one module."""
+    dist = f"{name}-1.0"
+    files = {f"{name}/__init__.py": b"DATA = " + repr(payload).encode() + b"\n",
+             f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\n"
+                                           "Version: 1.0\n".encode(),
+             f"{dist}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\n"
+                                        b"Root-Is-Purelib: true\nTag: py3-none-any\n"}
+
+    def record(data: bytes) -> str:
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        return f"sha256={digest},{len(data)}"
+
+    lines = [f"{path},{record(data)}" for path, data in files.items()]
+    files[f"{dist}.dist-info/RECORD"] = ("\n".join(lines) + f"\n{dist}.dist-info/RECORD,,\n").encode()
+    path = folder / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name_in_zip, data in files.items():
+            z.writestr(name_in_zip, data)
+    return path
+
+
+@pytest.fixture
+def wheels(tmp_path: Path) -> list[Path]:
+    folder = tmp_path / "download"
+    folder.mkdir()
+    return [_wheel(folder, "bigpkg", bytes(range(256)) * 40),   # ~10 kB: split
+            _wheel(folder, "smallpkg", b"x")]                     # whole
+
+
+def test_split_then_reassemble_gives_the_same_wheels(tmp_path: Path, wheels: list[Path]) -> None:
+    """Wheels over the part size travel as ordered parts, the rest whole; reassembly from
+    several folders (calls) restores every byte."""
+    parts = tmp_path / "parts"
+    manifest = wheelparts.split_wheels(wheels, parts, part_bytes=4000)
+    big = next(w for w in manifest["wheels"] if w["name"].startswith("bigpkg"))
+    small = next(w for w in manifest["wheels"] if w["name"].startswith("smallpkg"))
+    assert len(big["parts"]) >= 3 and small["parts"] == []
+    assert all(p["size"] <= 4000 for p in big["parts"])
+    # spread over two "calls", the manifest in each
+    calls = [tmp_path / "call1", tmp_path / "call2"]
+    for i, f in enumerate(sorted(parts.iterdir())):
+        folder = calls[i % 2]
+        folder.mkdir(exist_ok=True)
+        (folder / f.name).write_bytes(f.read_bytes())
+    (calls[1] / wheelparts.MANIFEST).write_bytes((parts / wheelparts.MANIFEST).read_bytes())
+    out = wheelparts.reassemble([tmp_path / "call1", tmp_path / "call2"], tmp_path / "whole")
+    assert sorted(p.name for p in out) == sorted(w.name for w in wheels)
+    for wheel in wheels:
+        assert (tmp_path / "whole" / wheel.name).read_bytes() == wheel.read_bytes()
+
+
+def test_reassembly_names_every_missing_and_corrupt_part(tmp_path: Path,
+                                                        wheels: list[Path]) -> None:
+    """A lost part and a damaged part are both named in one error, nothing half-written kept."""
+    parts = tmp_path / "parts"
+    manifest = wheelparts.split_wheels(wheels, parts, part_bytes=4000)
+    names = [p["name"] for p in manifest["wheels"][0]["parts"]]
+    (parts / names[0]).unlink()
+    damaged = parts / names[1]
+    damaged.write_bytes(b"\0" + damaged.read_bytes()[1:])
+    with pytest.raises(wheelparts.WheelError) as info:
+        wheelparts.reassemble([parts], tmp_path / "whole")
+    assert f"missing {names[0]}" in str(info.value)
+    assert f"corrupt {names[1]}" in str(info.value)
+
+
+def test_carry_plan_fills_calls_within_capacity() -> None:
+    """Files are packed into as few calls as fit, none over the capacity; a file larger than
+    one call is refused."""
+    files = [("a.part00", 55), ("a.part01", 55), ("a.part02", 20), ("b.whl", 8), ("c.whl", 1)]
+    calls = wheelparts.carry_plan(files, capacity=64)
+    assert [c.index for c in calls] == [1, 2, 3]
+    assert all(c.size <= 64 for c in calls)
+    assert sorted(n for c in calls for n, _ in c.files) == sorted(n for n, _ in files)
+    with pytest.raises(wheelparts.WheelError, match="exceeds one call"):
+        wheelparts.carry_plan([("huge", 65)], capacity=64)
+
+
+def test_pip_accepts_the_wheels_for_the_box_python(tmp_path: Path, wheels: list[Path]) -> None:
+    """The dry-run install command for CPython 3.12 on manylinux x86_64 accepts real wheels
+    and installs nothing."""
+    cmd = wheelparts.pip_install_command(sys.executable, wheels, check_into=tmp_path / "target")
+    assert cmd[:3] == [sys.executable, "-m", "pip"] and "--dry-run" in cmd
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Would install bigpkg-1.0 smallpkg-1.0" in done.stdout
+    assert not (tmp_path / "target").exists()
+    real = wheelparts.pip_install_command("python3", wheels)
+    assert "--dry-run" not in real and "--no-index" in real and "--no-deps" in real
