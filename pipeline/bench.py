@@ -26,11 +26,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.addresses import Addresses
+from pipeline.runtime.addresses import Addresses
 from pipeline.config import load_config
 from pipeline.frontend.wire import CompositeRequestView, parse_composite_request
 from pipeline.gpu_worker.avatar import find_frame, load_crop_rects
-from pipeline.gpu_worker.visual import visual_input
+from pipeline.synctalk import visual_input
 from pipeline.launcher import ServerProcess, channel
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc

@@ -48,17 +48,15 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from pipeline.addresses import Addresses
+from pipeline.runtime.addresses import Addresses
 from pipeline.bench import ops_stats, percentile, speech_like_audio
 from pipeline.config import load_config
 from pipeline.frontend.websocket import parse_frame_message
-from pipeline.gpu_worker.audio import stream_samples
+from pipeline.synctalk import FRAME_SAMPLES, FRAME_US, stream_samples
 from pipeline.launcher import websocket_options
 
 SAMPLE_RATE = 16000
 FPS = 25
-FRAME_SAMPLES = SAMPLE_RATE // FPS
-FRAME_US = 1_000_000 // FPS
 HOLD_FPS = 24.5               # holds_25fps threshold (see the module docstring)
 CONNECT_RETRY_S = 10.0        # a server just started may answer Health before /audio listens
 

@@ -22,7 +22,8 @@ import numpy as np
 from pipeline.config import DEFAULT_CONFIG_PATH, load_config
 from pipeline.gpu_worker.device import Resolved, resolve_provider
 from pipeline.gpu_worker.precision import max_abs_diff, psnr_db
-from pipeline.gpu_worker.sessions import AUDIO_SHAPE, PREDICTION_SHAPE, VISUAL_SHAPE, UNet
+from pipeline.gpu_worker.sessions import UNet
+from pipeline.synctalk import AUDIO_SHAPE, PREDICTION_SHAPE, VISUAL_SHAPE
 
 # name -> (gpus.unet_precision, gpus.cuda_graphs)
 VARIANTS: dict[str, tuple[str, bool]] = {

@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline import ops_client, prepare_avatar, render, roles
 from pipeline.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from pipeline.launcher import add_security_arguments, apply_security_arguments
-from pipeline.process import setup_logging
+from pipeline.runtime.logs import setup_logging
 
 log = logging.getLogger("lipsync")
 
@@ -65,9 +65,9 @@ def ensure_demo_assets(cfg: Config, force: bool = False, bench_model: bool = Fal
 def cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.supervisor import Supervisor
 
-    from pipeline.addresses import Addresses
+    from pipeline.runtime.addresses import Addresses
     from pipeline.frontend.ports import check_free
-    from pipeline.process import RoleError, check_role_free
+    from pipeline.runtime.process import RoleError, check_role_free
 
     cfg = _load(args)
     try:

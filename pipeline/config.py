@@ -1,16 +1,19 @@
-"""The one typed configuration of every role, loaded from config.yaml and validated once.
+"""The one typed configuration of every role, loaded from config.yaml and validated once,
+and the one place where the environment is read.
 
 Key names and meanings follow the original Go server's config where they exist
 (server.port, capacity.max_models, models.<id>.model_path, ...); keys the new design
-needs sit beside them. A bad or unknown key fails at start with a message naming it.
-Relative paths resolve against `models_root`, which resolves against the config file's
-directory (the original joined models_root twice; we join once).
+needs sit beside them. Each field declares its own constraint (`setting(default, test,
+message)`); a bad or unknown key fails at start with a message naming it. Relative paths
+resolve against `models_root`, which resolves against the config file's directory (the
+original joined models_root twice; we join once).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,14 +31,31 @@ class ConfigError(ValueError):
     """A config file that cannot be served; the message names the bad key."""
 
 
-PATH = {"kind": "path"}  # field metadata: an optional path, relative to the config's directory
+def setting(default: Any, test: Callable[[Any], bool] | None = None, message: str = "",
+            *, path: bool = False, choices: tuple[str, ...] = ()) -> Any:
+    """A config field with its constraint: `test(value)` must hold, else `message`; or one
+    of `choices`; `path`: an optional file, relative to the config's directory."""
+    if choices:
+        test, message = (lambda v: v in choices), "must be " + _or(choices)
+    return field(default=default, metadata={"test": test, "message": message, "path": path})
+
+
+def _or(words: tuple[str, ...]) -> str:
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
+
+
+def _port_ok(p: int) -> bool:
+    return 1 <= p <= 65535
+
+
+PORT = "must be a port number 1-65535"
 
 
 @dataclass(frozen=True)
 class TlsConfig:
-    cert_file: Path | None = field(default=None, metadata=PATH)       # PEM certificate chain
-    key_file: Path | None = field(default=None, metadata=PATH)        # its PEM private key
-    client_ca_file: Path | None = field(default=None, metadata=PATH)  # set: mutual TLS
+    cert_file: Path | None = setting(None, path=True)       # PEM certificate chain
+    key_file: Path | None = setting(None, path=True)        # its PEM private key
+    client_ca_file: Path | None = setting(None, path=True)  # set: mutual TLS
 
     @property
     def enabled(self) -> bool:
@@ -46,58 +66,66 @@ class TlsConfig:
 class AuthConfig:
     # one bearer token per line ('#' comments); every RPC but grpc.health.v1 and every
     # WebSocket then needs one. Re-read on SIGHUP.
-    tokens_file: Path | None = field(default=None, metadata=PATH)
+    tokens_file: Path | None = setting(None, path=True)
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"          # gRPC and WebSocket listen address (0.0.0.0: every interface)
-    port: int = 50053                # gRPC port; ":50053" (the Go form) is accepted
-    max_message_size_mb: int = 100   # gRPC max send/receive message size (MiB)
-    ws_port: int = 8080              # WebSocket /audio port
-    request_timeout_s: float = 60.0  # a request not answered by then fails with DEADLINE_EXCEEDED
-    max_inflight_requests: int = 64  # admission bound; beyond it RESOURCE_EXHAUSTED
-    max_inflight_mb: int = 1024      # and the requests' tensors in flight (a batch-32 is 79 MB)
-    shutdown_grace_s: float = 5.0    # SIGTERM: in-flight work gets this long to finish
+    port: int = setting(50053, _port_ok, PORT)  # gRPC; ":50053" (the Go form) is accepted
+    max_message_size_mb: int = setting(100, lambda v: 1 <= v <= 2047, "must be 1-2047")
+    ws_port: int = setting(8080, _port_ok, PORT)  # WebSocket /audio port
+    # a request not answered by then fails with DEADLINE_EXCEEDED
+    request_timeout_s: float = setting(60.0, lambda v: v > 0, "must be > 0")
+    max_inflight_requests: int = setting(64, lambda v: v >= 1, "must be >= 1")
+    # the requests' tensors in flight (a batch-32 with client-built visual is 79 MB)
+    max_inflight_mb: int = setting(1024, lambda v: v >= 1, "must be >= 1")
+    shutdown_grace_s: float = setting(5.0, lambda v: 0 <= v <= 60, "must be 0-60")
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
 
 @dataclass(frozen=True)
 class GpusConfig:
-    count: int = 1                   # gpu_worker processes, one per device
-    provider: Provider = "auto"      # auto: CUDA when a device is present, else CPU workers
-    intra_op_threads: int = 0        # ONNX Runtime CPU threads per session (0 = ORT default)
+    count: int = setting(1, lambda v: 1 <= v <= 64, "must be 1-64")  # one gpu_worker per device
+    # auto: CUDA when a device is present, else CPU workers
+    provider: Provider = setting("auto", choices=("auto", "cuda", "cpu"))
+    # ONNX Runtime CPU threads per session (0 = ORT default)
+    intra_op_threads: int = setting(0, lambda v: v >= 0, "must be >= 0")
     # fp32: exact float32 (TF32 off on CUDA); tf32: CUDA's TF32 matrix units for float32;
     # fp16: the UNet converted to float16 at load, its inputs and output kept float32
-    unet_precision: UnetPrecision = "fp32"
+    unet_precision: UnetPrecision = setting("fp32", choices=("fp32", "tf32", "fp16"))
     cuda_graphs: bool = False        # CUDA graphs for the UNet (CUDA only; ignored on the CPU)
 
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    max_batch_frames: int = 0        # frames of concurrent requests coalesced into one UNet run
-                                     # (0: 32 on CUDA; 1, no coalescing, on CPU, where a larger
-                                     # batch is no faster per frame and gathering costs copies)
-    max_queue_delay_ms: float = 0.0  # how long a run waits for more requests (0: only those queued)
+    # frames of concurrent requests coalesced into one UNet run (0: 32 on CUDA; 1, no
+    # coalescing, on CPU, where a larger batch is no faster per frame and gathering copies)
+    max_batch_frames: int = setting(0, lambda v: 0 <= v <= 1024, "must be 0 (auto) or 1-1024")
+    # how long a run waits for more requests (0: only those queued)
+    max_queue_delay_ms: float = setting(0.0, lambda v: 0 <= v <= 1000, "must be 0-1000")
 
 
 @dataclass(frozen=True)
 class CapacityConfig:
-    max_models: int = 40             # models loaded on the whole server
-    max_memory_gb: float = 20.0      # per-device memory budget for models
-    idle_timeout_minutes: float = 60.0  # unload a model unused this long (0 = never)
-    eviction_policy: Literal["lru"] = "lru"  # the original's "lfu" never counted usage: LRU only
+    max_models: int = setting(40, lambda v: v >= 1, "must be >= 1")  # on the whole server
+    max_memory_gb: float = setting(20.0, lambda v: v > 0, "must be > 0")  # per device
+    # unload a model unused this long (0 = never)
+    idle_timeout_minutes: float = setting(60.0, lambda v: v >= 0, "must be >= 0")
+    # the original's "lfu" never counted usage: LRU only
+    eviction_policy: Literal["lru"] = setting(
+        "lru", lambda v: v == "lru", "must be lru (the only policy that uses real usage)")
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    jpeg_quality: int = 75           # 0 means 75, as in the original
+    jpeg_quality: int = setting(75, lambda v: 0 <= v <= 100, "must be 0-100")  # 0 means 75
 
 
 @dataclass(frozen=True)
 class CompositorConfig:
-    pool_size: int = 2               # compositor processes (paste + JPEG)
+    pool_size: int = setting(2, lambda v: 1 <= v <= 256, "must be 1-256")  # paste + JPEG
 
 
 LOCAL_ORIGINS = tuple(f"{scheme}://{host}{port}" for scheme in ("http", "https")
@@ -122,34 +150,51 @@ def parse_origin(text: str) -> tuple[str, str, str] | None:
 class StreamingConfig:
     default_model: str = ""           # model of a session that names none ("" = first configured)
     # a browser Origin must match one of these exactly (scheme://host[:port], port * for
-    # any); no Origin header (a non-browser client) is accepted
-    allowed_origins: tuple[str, ...] = LOCAL_ORIGINS
-    max_clients: int = 100            # MAX_CLIENTS overrides; beyond it the handshake is refused
-    batch_size: int = 10              # BATCH_SIZE overrides: audio messages per logged batch
-    flush_timeout_s: float = 2.0      # FLUSH_TIMEOUT overrides ("2s", "500ms"): silence -> flush
-    max_message_bytes: int = 1 << 20  # one audio message
-    rate_limit_messages_per_s: float = 200.0  # per client, with a burst of 2 s worth
-    send_timeout_s: float = 5.0       # a client that does not take a frame by then is closed
-    idle_timeout_s: float = 120.0     # no message from the client this long: close 1000 "idle"
-    max_sessions_per_address: int = 16  # sessions of one client address (0: no limit)
+    # any, host *.example.com for any subdomain); no Origin header is accepted
+    allowed_origins: tuple[str, ...] = setting(
+        LOCAL_ORIGINS, lambda v: all(parse_origin(o) for o in v),
+        "each must be scheme://host[:port] (port a number or *)")
+    # MAX_CLIENTS overrides; beyond it the handshake is refused
+    max_clients: int = setting(100, lambda v: v >= 1, "must be >= 1")
+    # FLUSH_TIMEOUT overrides ("2s", "500ms"): silence -> flush
+    flush_timeout_s: float = setting(2.0, lambda v: v > 0, "must be > 0")
+    max_message_bytes: int = setting(1 << 20, lambda v: v >= 1024, "must be >= 1024")
+    # per client, with a burst of 2 s worth
+    rate_limit_messages_per_s: float = setting(200.0, lambda v: v > 0, "must be > 0")
+    # a client that does not take a frame by then is closed
+    send_timeout_s: float = setting(5.0, lambda v: v > 0, "must be > 0")
+    # no message from the client this long: close 1000 "idle"
+    idle_timeout_s: float = setting(120.0, lambda v: v > 0, "must be > 0")
+    # sessions of one client address (0: no limit)
+    max_sessions_per_address: int = setting(16, lambda v: v >= 0, "must be >= 0 (0: no limit)")
 
 
 @dataclass(frozen=True)
 class OpsConfig:
-    endpoint: str = ""                # ZeroMQ ops socket; "" = ipc://<runtime.dir>/<instance>-ops.ipc
+    # ZeroMQ ops socket; "" = ipc://<runtime.dir>/<instance>-ops.ipc
+    endpoint: str = setting("", lambda v: not v or v.startswith(("ipc://", "tcp://127.",
+                                                                 "tcp://localhost:")),
+                            "must be ipc://PATH or tcp on loopback (tcp://127.0.0.1:PORT)")
     metrics_host: str = "127.0.0.1"   # Prometheus /metrics listen address
-    metrics_port: int = 9464          # 0 disables /metrics
+    metrics_port: int = setting(9464, lambda v: 0 <= v <= 65535, "must be 0 (off) or a port")
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     dir: Path = Path("/tmp/lipsync")  # ipc:// sockets live here
-    instance: str = "default"         # names the ipc endpoints and shared-memory arenas
-    arena_mb: int = 1024              # request arena in /dev/shm (visual + audio + UNet output)
-    heartbeat_s: float = 0.5          # roles report liveness to the frontend this often
-    start_timeout_s: float = 120.0    # every role must be ready by then
-    restart_backoff_max_s: float = 30.0  # `lipsync serve` restarts a dead role after 0.5 s,
-                                         # doubling up to this while it keeps dying
+    # names the ipc endpoints and shared-memory arenas
+    instance: str = setting("default", lambda v: v.replace("_", "").isalnum(),
+                            "must be letters, digits or _ (it is part of segment and socket names)")
+    # request arena in /dev/shm (visual + audio + UNet output)
+    arena_mb: int = setting(1024, lambda v: v >= 64, "must be >= 64")
+    # roles report liveness to the frontend this often
+    heartbeat_s: float = setting(0.5, lambda v: 0 < v <= 10, "must be in (0, 10]")
+    start_timeout_s: float = setting(120.0, lambda v: v > 0, "must be > 0")
+    # `lipsync serve` restarts a dead role after 0.5 s, doubling up to this
+    restart_backoff_max_s: float = setting(30.0, lambda v: v >= 0.5, "must be >= 0.5")
+
+
+_REQUIRED = dataclasses.MISSING
 
 
 @dataclass(frozen=True)
@@ -158,12 +203,12 @@ class ModelConfig:
     model_path: Path                  # the avatar's UNet ONNX
     background_dir: Path              # frame_0000.jpg ... (png/jpg/jpeg)
     crop_rects_path: Path             # JSON list of [x1, y1, x2, y2]
-    num_frames: int                   # backgrounds loaded (frame 0 .. num_frames-1)
+    num_frames: int = setting(_REQUIRED, lambda v: v >= 1, "must be >= 1")
     source_video: Path | None = None  # frames are extracted from it when background_dir is empty
     preload_model: bool = False
     preload_backgrounds: bool = False
     preferred_gpu: int = -1           # -1: least-loaded device
-    composite_mode: CompositeMode = "synctalk"
+    composite_mode: CompositeMode = setting("synctalk", choices=("synctalk", "stretch"))
 
 
 @dataclass(frozen=True)
@@ -205,6 +250,52 @@ class Config:
         return dataclasses.replace(self, server=server, ops=ops)
 
 
+# ---- the environment: every variable the server and its clients read ----------------------
+
+def parse_duration(text: str) -> float:
+    """Go-style durations as the seed takes them: "2s", "500ms", "1.5s", "1m"; bare seconds."""
+    text = text.strip()
+    for suffix, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale
+    return float(text)
+
+
+# the seed's variables that override a config key (checked by the key's own constraint)
+ENV_OVERRIDES: dict[str, tuple[str, str, Callable[[str], Any]]] = {
+    "MAX_CLIENTS": ("streaming", "max_clients", int),
+    "FLUSH_TIMEOUT": ("streaming", "flush_timeout_s", parse_duration),
+}
+# the seed's variables that no longer mean anything, and why
+ENV_RETIRED = {
+    "BATCH_SIZE": "frames are rendered as soon as the audio they need has arrived; the seed "
+                  "gathered BATCH_SIZE messages first, which only added latency",
+}
+
+
+def env_flag(name: str) -> bool:
+    """A yes/no variable (LIPSYNC_LOG_JSON=1: JSON log lines)."""
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def grpc_server_address(default: str = "localhost:50053") -> str:
+    """The server a client of ours talks to: GRPC_SERVER (as the seed's tools take it)."""
+    return os.environ.get("GRPC_SERVER") or default
+
+
+def client_credentials() -> tuple[str | None, str | None]:
+    """(token, CA file) of our clients: LIPSYNC_TOKEN, LIPSYNC_TLS_CA."""
+    return os.environ.get("LIPSYNC_TOKEN") or None, os.environ.get("LIPSYNC_TLS_CA") or None
+
+
+def retired_environment() -> list[str]:
+    """A line for each retired variable that is set (logged at start)."""
+    return [f"{name} is set but no longer used: {why}" for name, why in ENV_RETIRED.items()
+            if name in os.environ]
+
+
+# ---- loading ------------------------------------------------------------------------------
+
 def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
     """Read and validate a config file; raise ConfigError naming the bad key."""
     path = Path(path).resolve()
@@ -217,155 +308,111 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
     return parse_config(raw, base_dir=path.parent, path=path)
 
 
+_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)  # type: ignore[misc]
+             if f.default_factory is not dataclasses.MISSING and f.name != "models"}
+
+
 def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
-    """Validate a parsed YAML mapping into a Config."""
+    """Validate a parsed YAML mapping into a Config (the environment overrides applied)."""
     raw = _mapping("(top level)", raw)
-    _known("(top level)", raw, {"server", "gpus", "batching", "capacity", "output", "compositor",
-                                "runtime", "streaming", "ops", "models_root",
-                                "audio_encoder_path", "models"})
+    _known("(top level)", raw, {*_SECTIONS, "models_root", "audio_encoder_path", "models"})
     models_root = (base_dir / _str("models_root", raw.get("models_root", "models"))).resolve()
-    server = _section(ServerConfig, "server", raw.get("server"), base_dir)
-    gpus = _section(GpusConfig, "gpus", raw.get("gpus"), base_dir)
-    batching = _section(BatchingConfig, "batching", raw.get("batching"), base_dir)
-    capacity = _section(CapacityConfig, "capacity", raw.get("capacity"), base_dir)
-    output = _section(OutputConfig, "output", raw.get("output"), base_dir)
-    compositor = _section(CompositorConfig, "compositor", raw.get("compositor"), base_dir)
-    runtime = _section(RuntimeConfig, "runtime", raw.get("runtime"), base_dir)
-    streaming = _section(StreamingConfig, "streaming", raw.get("streaming"), base_dir)
-    ops = _section(OpsConfig, "ops", raw.get("ops"), base_dir)
-    _check("ops.endpoint", not ops.endpoint or ops.endpoint.startswith(("ipc://", "tcp://127.",
-                                                                          "tcp://localhost:")),
-           "must be ipc://PATH or tcp on loopback (tcp://127.0.0.1:PORT)")
-    _check("ops.metrics_port", 0 <= ops.metrics_port <= 65535, "must be 0 (off) or a port")
-
-    _check("server.port", 1 <= server.port <= 65535, "must be a port number 1-65535")
-    _check("server.ws_port", 1 <= server.ws_port <= 65535, "must be a port number 1-65535")
-    _check("server.max_message_size_mb", 1 <= server.max_message_size_mb <= 2047, "must be 1-2047")
-    _check("server.request_timeout_s", server.request_timeout_s > 0, "must be > 0")
-    _check("server.max_inflight_requests", server.max_inflight_requests >= 1, "must be >= 1")
-    _check("server.max_inflight_mb", server.max_inflight_mb >= 1, "must be >= 1")
-    _check("server.shutdown_grace_s", 0 <= server.shutdown_grace_s <= 60, "must be 0-60")
-    tls = server.tls
-    _check("server.tls", (tls.cert_file is None) == (tls.key_file is None),
+    sections = {name: _section(type(make()), name, raw.get(name), base_dir)  # type: ignore[misc]
+                for name, make in _SECTIONS.items()}
+    for variable, (section, key, convert) in ENV_OVERRIDES.items():
+        if variable in os.environ:
+            try:
+                value = convert(os.environ[variable])
+            except ValueError as exc:
+                raise ConfigError(f"{variable}: cannot read {os.environ[variable]!r}: {exc}") from None
+            _validate(variable, fields_of(type(sections[section]))[key], value)
+            sections[section] = dataclasses.replace(sections[section], **{key: value})
+    server, streaming = sections["server"], sections["streaming"]
+    _check("server.tls", (server.tls.cert_file is None) == (server.tls.key_file is None),
            "cert_file and key_file go together")
-    _check("server.tls.client_ca_file", tls.client_ca_file is None or tls.enabled,
+    _check("server.tls.client_ca_file", server.tls.client_ca_file is None or server.tls.enabled,
            "needs cert_file and key_file (mutual TLS is TLS first)")
-    _check("gpus.count", 1 <= gpus.count <= 64, "must be 1-64")
-    _check("gpus.provider", gpus.provider in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu")
-    _check("gpus.intra_op_threads", gpus.intra_op_threads >= 0, "must be >= 0")
-    _check("gpus.unet_precision", gpus.unet_precision in ("fp32", "tf32", "fp16"),
-           "must be fp32, tf32 or fp16")
-    _check("batching.max_batch_frames", 0 <= batching.max_batch_frames <= 1024,
-           "must be 0 (auto) or 1-1024")
-    _check("batching.max_queue_delay_ms", 0 <= batching.max_queue_delay_ms <= 1000,
-           "must be 0-1000")
-    _check("capacity.max_models", capacity.max_models >= 1, "must be >= 1")
-    _check("capacity.max_memory_gb", capacity.max_memory_gb > 0, "must be > 0")
-    _check("capacity.idle_timeout_minutes", capacity.idle_timeout_minutes >= 0, "must be >= 0")
-    _check("capacity.eviction_policy", capacity.eviction_policy == "lru",
-           "must be lru (the only policy that uses real usage)")
-    _check("output.jpeg_quality", 0 <= output.jpeg_quality <= 100, "must be 0-100")
-    _check("compositor.pool_size", 1 <= compositor.pool_size <= 256, "must be 1-256")
-    _check("runtime.instance", runtime.instance.replace("_", "").isalnum(),
-           "must be letters, digits or _ (it is part of segment and socket names)")
-    _check("runtime.arena_mb", runtime.arena_mb >= 64, "must be >= 64")
-    _check("runtime.heartbeat_s", 0 < runtime.heartbeat_s <= 10, "must be in (0, 10]")
-    _check("runtime.start_timeout_s", runtime.start_timeout_s > 0, "must be > 0")
-    _check("runtime.restart_backoff_max_s", runtime.restart_backoff_max_s >= 0.5, "must be >= 0.5")
-
-    _check("streaming.max_clients", streaming.max_clients >= 1, "must be >= 1")
-    bad = [o for o in streaming.allowed_origins if parse_origin(o) is None]
-    _check("streaming.allowed_origins", not bad,
-           f"{bad[0] if bad else ''!r} is not scheme://host[:port] (port a number or *)")
-    _check("streaming.batch_size", streaming.batch_size >= 1, "must be >= 1")
-    _check("streaming.flush_timeout_s", streaming.flush_timeout_s > 0, "must be > 0")
-    _check("streaming.max_message_bytes", streaming.max_message_bytes >= 1024, "must be >= 1024")
-    _check("streaming.rate_limit_messages_per_s", streaming.rate_limit_messages_per_s > 0,
-           "must be > 0")
-    _check("streaming.send_timeout_s", streaming.send_timeout_s > 0, "must be > 0")
-    _check("streaming.idle_timeout_s", streaming.idle_timeout_s > 0, "must be > 0")
-    _check("streaming.max_sessions_per_address", streaming.max_sessions_per_address >= 0,
-           "must be >= 0 (0: no limit)")
-
     models_raw = _mapping("models", raw.get("models") or {})
     models = {str(mid): _model(str(mid), spec, models_root) for mid, spec in models_raw.items()}
+    gpus = sections["gpus"].count
     for mid, model in models.items():
-        _check(f"models.{mid}.preferred_gpu", -1 <= model.preferred_gpu < gpus.count,
-               f"must be -1 or a GPU index below gpus.count ({gpus.count})")
-    encoder = _path("audio_encoder_path", raw.get("audio_encoder_path", "audio_encoder.onnx"),
-                    models_root)
+        _check(f"models.{mid}.preferred_gpu", -1 <= model.preferred_gpu < gpus,
+               f"must be -1 or a GPU index below gpus.count ({gpus})")
     _check("streaming.default_model", not streaming.default_model
            or streaming.default_model in models, "must be one of the configured models")
-    return Config(path=path, models_root=models_root, audio_encoder_path=encoder, server=server,
-                  gpus=gpus, batching=batching, capacity=capacity, output=output,
-                  compositor=compositor, runtime=runtime, streaming=streaming, ops=ops,
-                  models=models)
+    encoder = _path("audio_encoder_path", raw.get("audio_encoder_path", "audio_encoder.onnx"),
+                    models_root)
+    return Config(path=path, models_root=models_root, audio_encoder_path=encoder,
+                  models=models, **sections)
 
 
-_MODEL_KEYS = {"model_path", "background_dir", "crop_rects_path", "num_frames", "source_video",
-               "preload_model", "preload_backgrounds", "preferred_gpu", "composite_mode"}
+def fields_of(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls)}
 
 
 def _model(model_id: str, spec: Any, models_root: Path) -> ModelConfig:
     where = f"models.{model_id}"
     _check(where, bool(model_id.strip()), "model id must not be empty")
     spec = _mapping(where, spec)
-    _known(where, spec, _MODEL_KEYS)
+    _known(where, spec, set(fields_of(ModelConfig)) - {"model_id"})
     for key in ("model_path", "background_dir", "crop_rects_path", "num_frames"):
         _check(f"{where}.{key}", key in spec, "is required")
-    num_frames = _int(f"{where}.num_frames", spec["num_frames"])
-    _check(f"{where}.num_frames", num_frames >= 1, "must be >= 1")
-    mode = _str(f"{where}.composite_mode", spec.get("composite_mode", "synctalk"))
-    _check(f"{where}.composite_mode", mode in ("synctalk", "stretch"), "must be synctalk or stretch")
-    source = spec.get("source_video")
-    return ModelConfig(
-        model_id=model_id,
-        model_path=_path(f"{where}.model_path", spec["model_path"], models_root),
-        background_dir=_path(f"{where}.background_dir", spec["background_dir"], models_root),
-        crop_rects_path=_path(f"{where}.crop_rects_path", spec["crop_rects_path"], models_root),
-        num_frames=num_frames,
-        source_video=_path(f"{where}.source_video", source, models_root) if source else None,
-        preload_model=_bool(f"{where}.preload_model", spec.get("preload_model", False)),
-        preload_backgrounds=_bool(f"{where}.preload_backgrounds",
-                                  spec.get("preload_backgrounds", False)),
-        preferred_gpu=_int(f"{where}.preferred_gpu", spec.get("preferred_gpu", -1)),
-        composite_mode=mode,  # type: ignore[arg-type]
-    )
+    return _section(ModelConfig, where, {"model_id": model_id, **spec}, models_root,
+                    paths_under=models_root)
 
 
-def _section(cls: type, name: str, raw: Any, base_dir: Path) -> Any:
-    """Build one flat section dataclass, coercing each key to its field's type."""
+def _section(cls: type, name: str, raw: Any, base_dir: Path,
+             paths_under: Path | None = None) -> Any:
+    """Build one section dataclass, coercing each key to its field's type and checking its
+    constraint (defaults included). Paths resolve against `paths_under` (models) or the
+    config's directory."""
     raw = _mapping(name, raw if raw is not None else {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = fields_of(cls)
     _known(name, raw, set(fields))
     values: dict[str, Any] = {}
-    for key, value in raw.items():
+    for key, spec in fields.items():
         where = f"{name}.{key}"
-        spec = fields[key]
-        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()  # type: ignore[misc]
-        if dataclasses.is_dataclass(default):
-            values[key] = _section(type(default), where, value, base_dir)
-        elif spec.metadata.get("kind") == "path":
-            values[key] = (base_dir / _str(where, value)).resolve() if value else None
-        elif key == "port":
-            values[key] = _port(where, value)
-        elif isinstance(default, bool):
-            values[key] = _bool(where, value)
-        elif isinstance(default, int):
-            values[key] = _int(where, value)
-        elif isinstance(default, float):
-            values[key] = _float(where, value)
-        elif isinstance(default, tuple):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
-            values[key] = tuple(value)
-        elif isinstance(default, Path):
-            values[key] = (base_dir / _str(where, value)).resolve()
-        elif default == "" and value == "":  # an optional string left empty
-            values[key] = ""
+        has_default = spec.default is not dataclasses.MISSING \
+            or spec.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+        default = spec.default if spec.default is not dataclasses.MISSING else (
+            spec.default_factory() if has_default else None)  # type: ignore[misc]
+        if key not in raw:
+            values[key] = default
         else:
-            values[key] = _str(where, value)
+            values[key] = _coerce(where, raw[key], default, spec, paths_under or base_dir)
+        _validate(where, spec, values[key])
     return cls(**values)
+
+
+def _coerce(where: str, value: Any, default: Any, spec: dataclasses.Field[Any],
+            root: Path) -> Any:
+    if dataclasses.is_dataclass(default):
+        return _section(type(default), where, value, root)
+    if spec.metadata.get("path") or "Path" in str(spec.type):
+        if value is None or value == "":
+            return None if default is None else _str(where, value)
+        return (root / _str(where, value)).resolve()
+    if where.endswith("port"):
+        return _port(where, value)
+    if isinstance(default, bool) or spec.type == "bool":
+        return _bool(where, value)
+    if isinstance(default, int) or spec.type == "int":
+        return _int(where, value)
+    if isinstance(default, float):
+        return _float(where, value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if default == "" and value == "":  # an optional string left empty
+        return ""
+    return _str(where, value)
+
+
+def _validate(where: str, spec: dataclasses.Field[Any], value: Any) -> None:
+    test = spec.metadata.get("test")
+    if test is not None and value is not None and not test(value):
+        raise ConfigError(f"{where}: {spec.metadata['message']}")
 
 
 def _port(where: str, value: Any) -> int:
@@ -376,7 +423,7 @@ def _port(where: str, value: Any) -> int:
             raise ConfigError(f"{where}: expected a port like 50053 or \":50053\"")
         value = int(value)
     port = _int(where, value)
-    _check(where, 1 <= port <= 65535, "must be a port number 1-65535")
+    _check(where, where.endswith("metrics_port") or _port_ok(port), PORT)
     return port
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import grpc
 
+from pipeline.config import client_credentials
+
 
 MAX_MESSAGE = 256 * 2**20
 
@@ -69,9 +71,10 @@ def websocket_options() -> dict[str, object]:
     """What a WebSocket client of ours passes to connect(): the token as an Authorization
     header and, for wss://, the CA ($LIPSYNC_TOKEN, $LIPSYNC_TLS_CA)."""
     options: dict[str, object] = {}
-    if token := os.environ.get("LIPSYNC_TOKEN"):
+    token, ca = client_credentials()
+    if token:
         options["additional_headers"] = {"Authorization": f"Bearer {token}"}
-    if ca := os.environ.get("LIPSYNC_TLS_CA"):
+    if ca:
         options["ssl"] = ssl.create_default_context(cafile=ca)
     return options
 
@@ -82,8 +85,9 @@ def channel(address: str, token: str | None = None, tls_ca: str | os.PathLike[st
     every call as `authorization: Bearer`; `tls_ca` (default $LIPSYNC_TLS_CA), a PEM file
     of the CA that signed the server's certificate, makes it a TLS channel, presenting
     `client_cert` (certificate, key) to a server that asks for one (mutual TLS)."""
-    token = token if token is not None else os.environ.get("LIPSYNC_TOKEN") or None
-    tls_ca = tls_ca if tls_ca is not None else os.environ.get("LIPSYNC_TLS_CA") or None
+    env_token, env_ca = client_credentials()
+    token = token if token is not None else env_token
+    tls_ca = tls_ca if tls_ca is not None else env_ca
     options = [("grpc.max_receive_message_length", MAX_MESSAGE),
                ("grpc.max_send_message_length", MAX_MESSAGE)]
     if tls_ca:

@@ -10,7 +10,7 @@ from typing import Any
 
 import zmq
 
-from pipeline.addresses import Addresses
+from pipeline.runtime.addresses import Addresses
 from pipeline.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 
 PROG = "lipsync stats"

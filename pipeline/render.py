@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from pipeline.config import grpc_server_address
 from pipeline.launcher import add_security_arguments, apply_security_arguments
 
 PROG = "lipsync render"
@@ -49,7 +50,7 @@ class RenderResult:
 
 def default_address() -> str:
     """GRPC_SERVER (as the seed's tools take it) or localhost:50053."""
-    return os.environ.get("GRPC_SERVER") or DEFAULT_ADDRESS
+    return grpc_server_address(DEFAULT_ADDRESS)
 
 
 def expected_frames(frames: int, sample_rate: int) -> int:

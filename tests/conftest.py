@@ -60,7 +60,7 @@ def small_models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def ops_stats(config: Path, command: str = "stats") -> dict:
     """The ops socket's answer of the server started from `config`."""
-    from pipeline.addresses import Addresses
+    from pipeline.runtime.addresses import Addresses
     from pipeline.config import load_config
     from pipeline.ops_client import fetch
 

@@ -338,3 +338,24 @@ def test_unet_precision_and_cuda_graphs() -> None:
         "gpus.unet_precision: expected a non-empty string")
     assert _error(_raw(gpus={"cuda_graphs": "yes"})).startswith(
         "gpus.cuda_graphs: expected true or false")
+
+
+def test_the_seeds_environment_variables_override_their_keys(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAX_CLIENTS and FLUSH_TIMEOUT (Go durations) override their keys, checked by the
+    keys' own constraints and named in the error; a retired BATCH_SIZE is reported."""
+    from pipeline.config import retired_environment
+
+    monkeypatch.setenv("MAX_CLIENTS", "7")
+    monkeypatch.setenv("FLUSH_TIMEOUT", "500ms")
+    cfg = parse_config({}, base_dir=tmp_path)
+    assert (cfg.streaming.max_clients, cfg.streaming.flush_timeout_s) == (7, 0.5)
+    monkeypatch.setenv("MAX_CLIENTS", "0")
+    with pytest.raises(ConfigError, match=r"^MAX_CLIENTS: must be >= 1"):
+        parse_config({}, base_dir=tmp_path)
+    monkeypatch.setenv("MAX_CLIENTS", "many")
+    with pytest.raises(ConfigError, match=r"^MAX_CLIENTS: cannot read 'many'"):
+        parse_config({}, base_dir=tmp_path)
+    assert retired_environment() == []
+    monkeypatch.setenv("BATCH_SIZE", "10")
+    assert [line.split(" ", 1)[0] for line in retired_environment()] == ["BATCH_SIZE"]

@@ -7,7 +7,7 @@ import sys
 
 CODE = """
 import logging
-from pipeline.process import request_id, setup_logging
+from pipeline.runtime.logs import request_id, setup_logging
 setup_logging("gpu_worker 3")
 logging.getLogger("x").info("before")
 token = request_id.set("1a2b")

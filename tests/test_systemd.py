@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.cli import build_parser
 from pipeline.config import load_config
-from pipeline.process import Readiness, sd_notify
+from pipeline.runtime.process import Readiness, sd_notify
 from pipeline.roles import EX_CONFIG, cmd_role
 
 UNITS = Path(__file__).resolve().parents[1] / "systemd"
@@ -203,7 +203,7 @@ def test_without_notify_socket_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) 
 
 WATCHDOG_CHILD = textwrap.dedent("""
     import os, sys, time
-    from pipeline.process import Readiness
+    from pipeline.runtime.process import Readiness
     if sys.argv[1] == "other":
         os.environ["WATCHDOG_PID"] = "1"   # the watchdog is meant for another process
     elif sys.argv[1] == "self":
@@ -253,7 +253,7 @@ def test_no_watchdog_pings_for_another_pid(tmp_path: Path) -> None:
 
 STANDALONE_CHILD = textwrap.dedent("""
     import os, sys
-    from pipeline import process
+    from pipeline.runtime import process
     os.getppid = lambda: 1     # what a systemd service sees: its parent is pid 1
     def body(readiness, stop):
         print("serving", flush=True)

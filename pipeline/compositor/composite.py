@@ -13,8 +13,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-CROP = 328
-INNER = slice(4, 324)
+from pipeline.synctalk import CROP, INNER
+
 
 
 def prediction_to_bgr(prediction: np.ndarray) -> np.ndarray:

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from pipeline.process import pid_alive
+from pipeline.shm.segment import pid_alive
 
 if TYPE_CHECKING:
     import onnx

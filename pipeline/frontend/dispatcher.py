@@ -19,18 +19,17 @@ import zmq
 import zmq.asyncio
 
 from pipeline import messages as msg
-from pipeline.addresses import Addresses
+from pipeline.runtime.addresses import Addresses
 from pipeline.config import Config
 from pipeline.frontend.validation import ValidRequest, copy_finite_visual
-from pipeline.process import request_id as log_request
+from pipeline.runtime.logs import request_id as log_request
 from pipeline.shm.arena import Arena, Block
-from pipeline.sockets import make_socket
+from pipeline.synctalk import PREDICTION_BYTES, PREDICTION_SHAPE, VISUAL_BYTES, VISUAL_SHAPE
+from pipeline.runtime.sockets import make_socket
 
 log = logging.getLogger(__name__)
 
 FLOAT = 4
-VISUAL_BYTES = 6 * 320 * 320 * FLOAT
-PREDICTION_BYTES = 3 * 320 * 320 * FLOAT
 LIVENESS_BEATS = 3  # a role silent this many heartbeats is dead: its requests fail in < 2 s
 
 
@@ -256,8 +255,8 @@ class Dispatcher:
     def _layout(self, block: Block, b: int, audio_len: int, feature_len: int) -> dict[str, msg.TensorRef]:
         offset = block.offset
         refs = {}
-        for name, shape, nbytes in (("visual", (b, 6, 320, 320), b * VISUAL_BYTES),
-                                    ("output", (b, 3, 320, 320), b * PREDICTION_BYTES),
+        for name, shape, nbytes in (("visual", (b, *VISUAL_SHAPE), b * VISUAL_BYTES),
+                                    ("output", (b, *PREDICTION_SHAPE), b * PREDICTION_BYTES),
                                     ("audio", (audio_len // FLOAT,), audio_len),
                                     ("features", (feature_len // FLOAT,), feature_len)):
             if nbytes or name in ("visual", "output"):

@@ -23,7 +23,7 @@ from pipeline.config import Config
 from pipeline.frontend.dispatcher import Dispatcher, Failed, InferResult, Overloaded, Unavailable
 from pipeline.frontend.telemetry import Telemetry
 from pipeline.frontend.validation import ValidRequest
-from pipeline.process import release_free_heap
+from pipeline.runtime.process import release_free_heap
 
 log = logging.getLogger(__name__)
 

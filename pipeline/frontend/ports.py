@@ -11,7 +11,7 @@ import socket
 from dataclasses import dataclass
 
 from pipeline.config import Config
-from pipeline.process import RoleError
+from pipeline.runtime.process import RoleError
 
 
 class PortTaken(RoleError):

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from pipeline.config import ServerConfig, TlsConfig
-from pipeline.process import RoleError
+from pipeline.runtime.process import RoleError
 
 log = logging.getLogger(__name__)
 

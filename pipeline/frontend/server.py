@@ -13,20 +13,20 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from pipeline.addresses import Addresses
-from pipeline.config import Config
+from pipeline.runtime.addresses import Addresses
+from pipeline.config import Config, retired_environment
 from pipeline.frontend.dispatcher import Dispatcher
 from pipeline.frontend.grpc_service import MonolithicService
 from pipeline.frontend.models import ModelManager
 from pipeline.frontend.ports import bind, listeners
 from pipeline.frontend.security import (TokenInterceptor, TokenStore, grpc_credentials,
                                         ssl_context, warn_if_exposed)
-from pipeline.frontend.stream_rpc import InferenceService, StreamRpc, streaming_settings
+from pipeline.frontend.stream_rpc import InferenceService, StreamRpc
 from pipeline.frontend.telemetry import Telemetry
 from pipeline.frontend.websocket import AudioSocketServer
 from pipeline.frontend.wire import (COMPOSITE_MAX_FIELDS, MethodLimits, add_servicer,
                                     parse_composite_request)
-from pipeline.process import Readiness, run_role
+from pipeline.runtime.process import Readiness, run_role
 from pipeline.rpc import inference_pb2 as ipb
 from pipeline.rpc import monolithic_pb2 as pb
 
@@ -46,7 +46,7 @@ def add_services(server: grpc.aio.Server, cfg: Config,
     """Every service, each request read behind its method's limits: control messages are
     small; a stream's audio message and ProcessAudio's utterance are bounded by what a
     session accepts; InferBatchComposite is read by the zero-copy wire reader."""
-    streaming = streaming_settings(cfg)
+    streaming = cfg.streaming
     limits = {
         "InferBatchComposite": MethodLimits(cfg.server.max_message_size_mb * 2**20,
                                             COMPOSITE_MAX_FIELDS),
@@ -83,6 +83,8 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
     tls = cfg.server.tls
     tokens = TokenStore(cfg.server.auth.tokens_file)
     warn_if_exposed(cfg.server)
+    for line in retired_environment():
+        log.warning("%s", line)
     server: grpc.aio.Server | None = grpc.aio.server(
         options=grpc_options(cfg), interceptors=[TokenInterceptor(tokens)] if tokens.enabled else [])
     address = f"{cfg.server.host}:{cfg.server.port}"

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 
-from pipeline.config import Config, StreamingConfig
+from pipeline.config import Config
 from pipeline.frontend.models import ModelManager
 from pipeline.frontend.streaming import AudioFormat, StreamError, StreamSession, cancel_and_wait
 from pipeline.frontend.wire import MalformedMessage
@@ -49,40 +48,11 @@ class _ActiveStream:
             self.outbox.put_nowait(_Ending())
 
 
-def streaming_settings(cfg: Config) -> StreamingConfig:
-    """The config's streaming section with the seed's environment variables applied."""
-    import dataclasses
-
-    s = cfg.streaming
-    env = os.environ
-    try:
-        if "BATCH_SIZE" in env:
-            s = dataclasses.replace(s, batch_size=int(env["BATCH_SIZE"]))
-        if "MAX_CLIENTS" in env:
-            s = dataclasses.replace(s, max_clients=int(env["MAX_CLIENTS"]))
-        if "FLUSH_TIMEOUT" in env:
-            s = dataclasses.replace(s, flush_timeout_s=parse_duration(env["FLUSH_TIMEOUT"]))
-    except ValueError as exc:
-        raise ValueError(f"bad streaming environment variable: {exc}") from exc
-    if s.batch_size < 1 or s.max_clients < 1 or s.flush_timeout_s <= 0:
-        raise ValueError("BATCH_SIZE and MAX_CLIENTS must be >= 1, FLUSH_TIMEOUT > 0")
-    return s
-
-
-def parse_duration(text: str) -> float:
-    """Go-style durations as the seed takes them: "2s", "500ms", "1.5s", "1m"; bare seconds."""
-    text = text.strip()
-    for suffix, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
-        if text.endswith(suffix):
-            return float(text[: -len(suffix)]) * scale
-    return float(text)
-
-
 class StreamRpc:
     def __init__(self, cfg: Config, models: ModelManager) -> None:
         self.cfg = cfg
         self.models = models
-        self.settings = streaming_settings(cfg)
+        self.settings = cfg.streaming
         self.active: set[_ActiveStream] = set()
 
     async def drain(self, grace: float) -> None:
@@ -111,7 +81,7 @@ class StreamRpc:
             await put(pb.StreamAudioResponse(status_json=json.dumps(status)))
 
         return StreamSession(self.cfg, self.models, client_id, model_id, fmt, send_frame,
-                             send_status, self.settings.batch_size, self.settings.flush_timeout_s)
+                             send_status, self.settings.flush_timeout_s)
 
     async def stream_audio(self, requests: AsyncIterator[pb.StreamAudioRequest],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamAudioResponse]:

@@ -24,14 +24,13 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.frontend.dispatcher import Failed, Overloaded, Unavailable
 from pipeline.frontend.models import ModelManager
-from pipeline.frontend.validation import MAX_BATCH, ValidRequest
-from pipeline.gpu_worker.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE, stream_samples
-from pipeline.process import request_id as log_request
+from pipeline.frontend.validation import ValidRequest
+from pipeline.synctalk import (FRAME_SAMPLES, FRAME_US, MAX_BATCH, MAX_SAMPLE_RATE,
+                               MIN_SAMPLE_RATE, SAMPLE_RATE, stream_samples)
+from pipeline.runtime.logs import request_id as log_request
 
 log = logging.getLogger(__name__)
 
-FRAME_SAMPLES = 640          # 40 ms: one video frame at 25 fps
-FRAME_US = 40_000
 TAIL_FRAMES = 15             # silence after a flush: every frame's look-ahead lies inside
 MAX_BACKLOG_S = 60.0         # audio received but not yet rendered, per session
 
@@ -117,7 +116,7 @@ class StreamSession:
 
     def __init__(self, cfg: Config, models: ModelManager, client_id: str, model_id: str,
                  fmt: AudioFormat, send_frame: SendFrame, send_status: SendStatus,
-                 batch_chunks: int = 10, flush_timeout_s: float = 2.0) -> None:
+                 flush_timeout_s: float = 2.0) -> None:
         if model_id not in cfg.models:
             raise StreamError(f"Model '{model_id}' not found in configuration")
         self.cfg = cfg
@@ -127,7 +126,6 @@ class StreamSession:
         self.decoder = AudioDecoder(fmt)
         self.send_frame = send_frame
         self.send_status = send_status
-        self.batch_chunks = batch_chunks
         self.flush_timeout_s = flush_timeout_s
         self.audio = np.zeros(0, np.float32)  # the stream's samples from `offset` on
         self.offset = 0                       # stream sample index of audio[0]

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from pipeline.config import Config
 from pipeline.frontend.ports import Listener
-from pipeline.sockets import make_socket
+from pipeline.runtime.sockets import make_socket
 
 if TYPE_CHECKING:
     from pipeline.frontend.dispatcher import Dispatcher, InferResult

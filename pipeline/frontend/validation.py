@@ -10,11 +10,10 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.frontend.wire import CompositeRequestView
-from pipeline.gpu_worker.audio import FEATURE_BYTES, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE
+from pipeline.synctalk import (FEATURE_BYTES, MAX_BATCH, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE,
+                               SAMPLE_RATE, VISUAL_BYTES, VISUAL_SHAPE)
 from pipeline.rpc import monolithic_pb2 as pb
 
-MAX_BATCH = 32
-VISUAL_FRAME_FLOATS = 6 * 320 * 320
 MAX_AUDIO_SECONDS = 60.0
 
 
@@ -54,13 +53,13 @@ def validate(req: pb.CompositeBatchRequest | CompositeRequestView, cfg: Config) 
     b = req.batch_size
     if b <= 0 or b > MAX_BATCH:
         raise InvalidRequest(f"batch_size must be 1-{MAX_BATCH}, got {b}")
-    expected = b * VISUAL_FRAME_FLOATS * 4
+    expected = b * VISUAL_BYTES
     visual = None  # empty: the gpu_worker builds the input from the avatar's own frames
     if req.visual_frames:
         if len(req.visual_frames) != expected:
             raise InvalidRequest(f"Invalid visual frames size: got {len(req.visual_frames)} "
                                  f"bytes, expected {expected} bytes")
-        visual = np.frombuffer(req.visual_frames, dtype="<f4").reshape(b, 6, 320, 320)
+        visual = np.frombuffer(req.visual_frames, dtype="<f4").reshape(b, *VISUAL_SHAPE)
 
     audio = features = None
     sample_rate = req.sample_rate or SAMPLE_RATE

@@ -24,7 +24,6 @@ from websockets.protocol import State
 
 from pipeline.config import Config, parse_origin
 from pipeline.frontend.models import ModelManager
-from pipeline.frontend.stream_rpc import streaming_settings
 from pipeline.frontend.security import TokenStore, bearer
 from pipeline.frontend.streaming import AudioFormat, StreamError, StreamSession, escape
 
@@ -96,7 +95,7 @@ class AudioSocketServer:
         self.cfg = cfg
         self.models = models
         self.tokens = tokens
-        self.settings = streaming_settings(cfg)
+        self.settings = cfg.streaming
         self.sessions: dict[str, tuple[StreamSession, ServerConnection]] = {}
         self.server: Server | None = None
 
@@ -190,7 +189,7 @@ class AudioSocketServer:
             await send(json.dumps(status))
 
         session = StreamSession(self.cfg, self.models, request.headers.get("X-Client-ID", ""),
-                                model, fmt, send_frame, send_status, self.settings.batch_size,
+                                model, fmt, send_frame, send_status,
                                 self.settings.flush_timeout_s)
         client_id = session.client_id  # sanitised: printable, at most 128 characters
         key = f"{client_id}#{id(ws)}"

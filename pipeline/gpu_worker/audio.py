@@ -40,20 +40,14 @@ import numpy as np
 import soxr
 from numpy.lib.stride_tricks import sliding_window_view
 
-SAMPLE_RATE = 16000
-N_FFT, HOP, N_MELS = 800, 200, 80
-MEL_STEP = 16  # mel rows per window
-FEATURE_DIM = 512  # audio-encoder output per window
-FRAME_FEATURE_SHAPE = (32, 16, 16)
-FEATURE_BYTES = 32768  # one frame's [32,16,16] float32 (deprecated audio_features field)
+from pipeline.synctalk import (CONTEXT, ENCODED_DIM, FEATURE_BYTES, FRAME_FEATURE_SHAPE, HOP,
+                               MAX_SAMPLE_RATE, MEL_FPS, MEL_STEP, MIN_SAMPLE_RATE,
+                               N_FFT, N_MELS, SAMPLE_RATE, VIDEO_FPS, stream_samples,
+                               stream_windows)
 
-MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 MEL_FMIN, MEL_FMAX = 55.0, 7600.0
 PREEMPHASIS = 0.97
 SILENCE = -4.0  # the normalised value of a mel bin at the 1e-5 amplitude floor
-CONTEXT = 8  # feature rows taken on each side of a frame (16 in all)
-MEL_FPS = 80  # mel frames per second (16000 / 200)
-VIDEO_FPS = 25
 
 _MIN_LEVEL = 1e-5  # reference: exp(-5 * ln 10), i.e. -100 dB
 _REF_LEVEL_DB = 20.0
@@ -284,9 +278,9 @@ def frame_features(
         raise ValueError(f"first_frame must be >= 0, got {first_frame}")
     enc = np.asarray(encoded, dtype=np.float32)
     if enc.size == 0:
-        enc = enc.reshape(0, FEATURE_DIM)
-    if enc.ndim != 2 or enc.shape[1] != FEATURE_DIM:
-        raise ValueError(f"encoded must be [N, {FEATURE_DIM}], got shape {enc.shape}")
+        enc = enc.reshape(0, ENCODED_DIM)
+    if enc.ndim != 2 or enc.shape[1] != ENCODED_DIM:
+        raise ValueError(f"encoded must be [N, {ENCODED_DIM}], got shape {enc.shape}")
 
     shape = (batch_size, *FRAME_FEATURE_SHAPE)
     if out is None:
@@ -299,7 +293,7 @@ def frame_features(
     if batch_size == 0:
         return out
     n = enc.shape[0]
-    rows = out.reshape(batch_size, 2 * CONTEXT, FEATURE_DIM)  # a view: [B, 16, 512]
+    rows = out.reshape(batch_size, 2 * CONTEXT, ENCODED_DIM)  # a view: [B, 16, 512]
     if n == 0:
         rows[...] = 0.0
         return out
@@ -337,30 +331,6 @@ def replicated_features(feature_bytes: bytes | memoryview, batch_size: int) -> n
 
 
 # ---------------------------------------------------------------- streaming
-
-# A stream's frames are those of the whole audio computed at once: frame i takes the
-# feature rows P[i-8 .. i+7] with P[p] = f[max(p - 1, 0)] (the reference's duplicated first
-# window), p < 0 giving zeros; window j starts at mel row int(80 j / 25). Frames are only
-# computed once every window they use lies before the end of the audio (a flushed stream
-# is padded with silence far enough for that), so the end clamp and the duplicated last
-# window never apply and a slice of the audio gives exactly the whole audio's values.
-
-_MEL_EXACT_FROM = 3  # rows 0..2 of a slice's mel see its start (pre-emphasis, padding)
-
-
-def stream_windows(first_frame: int, batch: int) -> tuple[int, int]:
-    """The encoder windows [lo, hi) that frames first_frame .. first_frame+batch-1 use."""
-    return max(0, first_frame - CONTEXT - 1), first_frame + batch + CONTEXT - 2
-
-
-def stream_samples(first_frame: int, batch: int) -> tuple[int, int]:
-    """The audio samples [lo, hi) those frames depend on; lo is a multiple of the hop."""
-    lo, hi = stream_windows(first_frame, batch)
-    first_row = int(MEL_FPS * lo / VIDEO_FPS)
-    last_row = int(MEL_FPS * (hi - 1) / VIDEO_FPS) + MEL_STEP - 1
-    slice_row = max(0, first_row - _MEL_EXACT_FROM)
-    return slice_row * HOP, last_row * HOP + N_FFT // 2
-
 
 def stream_frame_features(
     encode: Callable[[np.ndarray], np.ndarray],

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from pipeline.config import ModelConfig
-from pipeline.gpu_worker.visual import visual_input
+from pipeline.synctalk import visual_input
 from pipeline.messages import TensorRef
 from pipeline.shm.segment import SharedSegment
 

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from pipeline.gpu_worker.sessions import AUDIO_SHAPE, PREDICTION_SHAPE, VISUAL_SHAPE, UNet
+from pipeline.gpu_worker.sessions import UNet
+from pipeline.synctalk import AUDIO_SHAPE, PREDICTION_SHAPE, VISUAL_SHAPE
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32)  # padding costs at most 60 % (5 -> 8), 33 % above 8
 WARMUP_RUNS = 2                          # uncaptured runs of a new shape before its capture

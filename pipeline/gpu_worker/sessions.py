@@ -13,15 +13,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from pipeline.synctalk import AUDIO_SHAPE, ENCODED_DIM, PREDICTION_SHAPE, VISUAL_SHAPE
+
 from pipeline.gpu_worker.device import Resolved
 
 log = logging.getLogger(__name__)
 
-VISUAL_SHAPE = (6, 320, 320)
-AUDIO_SHAPE = (32, 16, 16)
-PREDICTION_SHAPE = (3, 320, 320)
-MEL_WINDOW_SHAPE = (1, 80, 16)
-ENCODED_DIM = 512
 
 
 def _session(model: Path | bytes, provider: Resolved, intra_op_threads: int,

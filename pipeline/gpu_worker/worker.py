@@ -14,7 +14,6 @@ into one staging batch and scatters the predictions back into each request's out
 """
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
 import os
@@ -33,12 +32,13 @@ import numpy as np
 import zmq
 
 from pipeline import messages as msg
-from pipeline.addresses import Addresses
+from pipeline.runtime.addresses import Addresses
 from pipeline.config import Config, ModelConfig
 from pipeline.gpu_worker.device import DeviceMemory, Resolved, pin_to_device
-from pipeline.process import Readiness, logging_request, release_free_heap, run_role
+from pipeline.runtime.logs import logging_request
+from pipeline.runtime.process import Readiness, release_free_heap, run_role
 from pipeline.shm.segment import SegmentCache
-from pipeline.sockets import make_socket
+from pipeline.runtime.sockets import make_socket
 
 if TYPE_CHECKING:  # onnxruntime is imported only after the device is pinned
     from pipeline.gpu_worker.avatar import Avatar

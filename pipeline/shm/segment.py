@@ -19,12 +19,22 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.process import pid_alive
 
 log = logging.getLogger(__name__)
 
 PREFIX = "lipsync"
 SHM_DIR = Path("/dev/shm")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a pid we may not signal still exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def segment_name(instance: str, tag: str, pid: int | None = None) -> str:

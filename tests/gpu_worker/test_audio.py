@@ -268,7 +268,7 @@ def test_short_mel_is_padded_with_silence(m: int) -> None:
 
 def _constant_rows(n: int) -> np.ndarray:
     """Encoder outputs f_k whose 512 values all equal k + 1 (so a zero row is recognisable)."""
-    return np.repeat(np.arange(1, n + 1, dtype=np.float32)[:, None], audio.FEATURE_DIM, axis=1)
+    return np.repeat(np.arange(1, n + 1, dtype=np.float32)[:, None], audio.ENCODED_DIM, axis=1)
 
 
 def _reference_frame(encoded: np.ndarray, i: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.gpu_worker.visual import visual_input
+from pipeline.synctalk import visual_input
 from tests.conftest import reference_file
 
 RECT = (532, 210, 714, 392)  # a real rect of the reference avatar (182 px)

@@ -17,7 +17,6 @@ from websockets.asyncio.client import connect
 
 from pipeline.bench import speech_like_audio
 from pipeline.launcher import ServerProcess, channel
-from pipeline.rpc import inference_pb2 as ipb
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from tests.conftest import ops_stats, write_config
@@ -283,7 +282,7 @@ def test_a_bad_ops_request_gets_an_error_and_the_socket_keeps_serving(server) ->
     stats are answered right after."""
     import zmq
 
-    from pipeline.addresses import Addresses
+    from pipeline.runtime.addresses import Addresses
     from pipeline.config import load_config
 
     endpoint = Addresses.of(load_config(server.config_path)).ops

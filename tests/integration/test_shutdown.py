@@ -4,7 +4,6 @@ stops within the grace period without being killed, nothing is logged as a crash
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import subprocess
 import sys

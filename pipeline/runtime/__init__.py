@@ -1,0 +1,1 @@
+"""What every process of the server shares: addresses, sockets, the role prologue, logs."""
