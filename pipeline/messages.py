@@ -145,9 +145,20 @@ class Heartbeat(Message):
     queue_depth: int = 0
 
 
+class RoleDown(Message):
+    """Sent by a role about to exit because of an error (death announced, not inferred):
+    the frontend fails its work at once instead of after heartbeats go silent."""
+
+    role: Literal["gpu_worker", "compositor"]
+    index: int
+    pid: int
+    reason: str
+
+
 ToWorker = Union[InferRequest, LoadModel, UnloadModel]
 ToCompositor = Union[CompositeJob, ReleaseSegment]
-ToFrontend = Union[InferDone, InferFailed, FrameDone, FrameFailed, ControlReply, Heartbeat]
+ToFrontend = Union[InferDone, InferFailed, FrameDone, FrameFailed, ControlReply, Heartbeat,
+                   RoleDown]
 
 encode = msgspec.msgpack.Encoder().encode
 worker_decoder = msgspec.msgpack.Decoder(ToWorker)
