@@ -62,7 +62,7 @@ def ops_stats(config: Path, command: str = "stats") -> dict:
     """The ops socket's answer of the server started from `config`."""
     from pipeline.runtime.addresses import Addresses
     from pipeline.config import load_config
-    from pipeline.ops_client import fetch
+    from pipeline.cli.stats import fetch
 
     return fetch(Addresses.of(load_config(config)).ops, command=command)
 

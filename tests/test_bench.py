@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.launcher import ServerProcess
+from pipeline.bench.local_server import ServerProcess
 from tests.conftest import write_config
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from pipeline.bench_stream import (
+from pipeline.bench.stream_load import (
     _table,
     FRAME_SAMPLES,
     SessionLog,
@@ -19,7 +19,7 @@ from pipeline.bench_stream import (
     run_stream_bench,
     summarize,
 )
-from pipeline.launcher import ServerProcess
+from pipeline.bench.local_server import ServerProcess
 from tests.conftest import write_config
 
 CHUNK = 640  # 40 ms

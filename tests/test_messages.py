@@ -39,6 +39,7 @@ TO_FRONTEND = [
     msg.Heartbeat(role="gpu_worker", index=0, pid=4242, gpu_id=0,
                   device_memory_used_bytes=10**9, loaded_models={"demo": 5 * 2**20, "other": 7}, queue_depth=3),
     msg.Heartbeat(role="compositor", index=2, pid=4343),
+    msg.RoleDown(role="gpu_worker", index=1, pid=4444, reason="RuntimeError: boom"),
 ]
 DECODERS = [(m, msg.worker_decoder) for m in TO_WORKER] + \
            [(m, msg.compositor_decoder) for m in TO_COMPOSITOR] + \

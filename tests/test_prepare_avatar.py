@@ -16,7 +16,7 @@ import yaml
 
 from pipeline.config import parse_config
 from pipeline.gpu_worker.avatar import load_avatar
-from pipeline.prepare_avatar import PrepareError, prepare_avatar, register
+from pipeline.cli.prepare_avatar import PrepareError, prepare_avatar, register
 from pipeline.shm.segment import segment_name
 
 W, H = 64, 48
@@ -334,7 +334,7 @@ def test_cli_unreadable_video_in_subprocess(tmp_path: Path, rects: Path) -> None
     """In a fresh process, a text file named .mp4 gives exit 2 and exactly one stderr line."""
     fake = tmp_path / "fake.mp4"
     fake.write_text("hello\n")
-    code = ("import argparse, sys; from pipeline.prepare_avatar import register; "
+    code = ("import argparse, sys; from pipeline.cli.prepare_avatar import register; "
             "p = argparse.ArgumentParser(prog='lipsync'); register(p.add_subparsers()); "
             "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
     env = {k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_LOGLEVEL"}

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline.bench import speech_like_audio
-from pipeline.launcher import ServerProcess, free_port
-from pipeline.render import register, render
+from pipeline.client import speech_like_audio
+from pipeline.bench.local_server import ServerProcess, free_port
+from pipeline.cli.render import register, render
 from tests.conftest import write_config
 
 SECONDS = 1.3
@@ -158,7 +158,7 @@ def test_address_defaults_to_grpc_server_env(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_ffmpeg_failure_reports_its_last_line(tmp_path: Path) -> None:
     """ffmpeg refusing its input is a RenderError carrying ffmpeg's own last stderr line."""
-    from pipeline.render import RenderError, _Encoder
+    from pipeline.cli.render import RenderError, _Encoder
 
     wav = write_wav(tmp_path / "speech.wav", 16000)
     encoder = _Encoder(wav, tmp_path / "x.mp4", channels=1)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import build_parser
+from pipeline.cli.main import build_parser
 from pipeline.config import load_config
 from pipeline.runtime.process import Readiness, sd_notify
-from pipeline.roles import EX_CONFIG, cmd_role
+from pipeline.launch.standalone import EX_CONFIG, cmd_role
 
 UNITS = Path(__file__).resolve().parents[1] / "systemd"
 SERVICES = ("lipsync-frontend.service", "lipsync-gpu-worker@.service",

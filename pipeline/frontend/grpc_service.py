@@ -11,9 +11,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from pipeline.frontend.dispatcher import Dispatcher, Failed, Overloaded, Unavailable
-from pipeline.frontend.models import ModelManager
-from pipeline.frontend.stream_rpc import StreamRpc
+from pipeline.config import Config
+from pipeline.frontend.errors import Failed, Overloaded, Unavailable
+from pipeline.frontend.liveness import Liveness
+from pipeline.frontend.metrics import Metrics
+from pipeline.frontend.models import ModelRegistry
+from pipeline.frontend.router import Router
+from pipeline.frontend.streaming.grpc_stream import StreamRpc
 from pipeline.frontend.validation import InvalidRequest, validate
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
@@ -27,11 +31,14 @@ STATES = {"unloaded": pb.MODEL_STATE_UNLOADED, "loading": pb.MODEL_STATE_LOADING
 
 
 class MonolithicService(pb_grpc.MonolithicServiceServicer):
-    def __init__(self, dispatcher: Dispatcher, models: ModelManager, streams: StreamRpc) -> None:
-        self.dispatcher = dispatcher
-        self.models = models
+    def __init__(self, cfg: Config, router: Router, registry: ModelRegistry, liveness: Liveness,
+                 metrics: Metrics, streams: StreamRpc) -> None:
+        self.cfg = cfg
+        self.router = router
+        self.models = registry
+        self.liveness = liveness
+        self.metrics = metrics
         self.streams = streams
-        self.cfg = dispatcher.cfg
 
     async def StreamAudio(self, request_iterator: AsyncIterator[pb.StreamAudioRequest],
                           context: grpc.aio.ServicerContext
@@ -45,9 +52,9 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
         t0 = time.perf_counter_ns()
         try:
             valid = validate(request, self.cfg)
-            result, lease = await self.models.infer(valid, self.cfg.server.request_timeout_s)
+            result, lease = await self.router.infer(valid, self.cfg.server.request_timeout_s)
         except InvalidRequest as exc:
-            self.models.telemetry.request_failed("invalid")
+            self.metrics.request_failed("invalid")
             return pb.CompositeBatchResponse(success=False, error=str(exc), gpu_id=-1)
         except Failed as exc:
             return pb.CompositeBatchResponse(success=False, error=str(exc), gpu_id=-1)
@@ -80,13 +87,13 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
 
     async def Health(self, request: pb.HealthRequest,
                      context: grpc.aio.ServicerContext) -> pb.HealthResponse:
-        d = self.dispatcher
+        workers = self.liveness.snapshot()["gpu_workers"]
         return pb.HealthResponse(
-            healthy=d.healthy(),
+            healthy=self.liveness.healthy(),
             loaded_models=self.models.loaded_count(),
             max_models=self.cfg.capacity.max_models,
-            gpu_ids=list(range(len(d.workers))),
-            gpu_memory_used_gb=[w.device_memory_used_bytes / 2**30 for w in d.workers],
+            gpu_ids=[w["index"] for w in workers],
+            gpu_memory_used_gb=[w["device_memory_used_bytes"] / 2**30 for w in workers],
         )
 
     async def ListModels(self, request: pb.ListModelsRequest,
@@ -96,7 +103,7 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
                          memory_mb=m.memory_bytes // 2**20, request_count=m.request_count,
                          avg_inference_ms=_avg_ms(m.total_inference_ns, m.request_count),
                          state=STATES[m.state], error=m.error)
-            for m in sorted(self.models.models.values(), key=lambda m: m.model_id)])
+            for m in self.models.views()])
 
     async def GetModelStats(self, request: pb.GetModelStatsRequest,
                             context: grpc.aio.ServicerContext) -> pb.GetModelStatsResponse:
@@ -107,7 +114,7 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
                           avg_inference_ms=_avg_ms(m.total_inference_ns, m.request_count),
                           last_used_timestamp=int(m.last_used),
                           state=STATES[m.state], error=m.error)
-            for m in sorted(self.models.models.values(), key=lambda m: m.model_id)])
+            for m in self.models.views()])
 
     async def LoadModel(self, request: pb.LoadModelRequest,
                         context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
@@ -118,11 +125,11 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
                 success=False, gpu_id=-1,
                 error=f"Failed to load model: model '{request.model_id}' not configured")
         preferred = request.preferred_gpu if request.HasField("preferred_gpu") else None
-        if preferred is not None and not -1 <= preferred < len(self.dispatcher.workers):
+        if preferred is not None and not -1 <= preferred < self.cfg.gpus.count:
             return pb.LoadModelResponse(
                 success=False, gpu_id=-1,
                 error=f"Failed to load model: preferred_gpu {preferred} is not -1 or a GPU "
-                      f"index below {len(self.dispatcher.workers)}")
+                      f"index below {self.cfg.gpus.count}")
         t0 = time.perf_counter_ns()
         try:
             gpu = await self.models.load(request.model_id, preferred)

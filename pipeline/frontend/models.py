@@ -15,23 +15,24 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from pipeline import messages as msg
 from pipeline.config import Config
-from pipeline.frontend.dispatcher import Dispatcher, Failed, InferResult, Overloaded, Unavailable
-from pipeline.frontend.telemetry import Telemetry
+from pipeline.frontend.errors import Failed, Overloaded, Unavailable
+from pipeline.frontend.inflight import InFlight
+from pipeline.frontend.liveness import Liveness
+from pipeline.frontend.metrics import Metrics
 from pipeline.frontend.validation import ValidRequest
-from pipeline.runtime.process import release_free_heap
+from pipeline.frontend.worker_client import WorkerClient
+from pipeline.synctalk import FRAME_SAMPLES, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 UNLOADED, LOADING, READY, UNLOADING, FAILED = "unloaded", "loading", "ready", "unloading", "failed"
-WARMUP_AUDIO = np.zeros(16 * 640, np.float32)  # 640 ms of silence: one full feature context
-TRIM_AFTER_IDLE_S = 2.0
-FAILURE_REASONS = {Failed: "failed", Overloaded: "overloaded", Unavailable: "unavailable",
-                   TimeoutError: "timeout"}  # the `reason` label of lipsync_request_failures
+WARMUP_AUDIO = np.zeros(16 * FRAME_SAMPLES, np.float32)  # 640 ms of silence: a full context
 
 
 @dataclass(eq=False)
@@ -81,19 +82,17 @@ class Lease:
     load_ns: int
 
 
-class ModelManager:
-    def __init__(self, cfg: Config, dispatcher: Dispatcher, telemetry: Telemetry) -> None:
+class ModelRegistry:
+    def __init__(self, cfg: Config, client: WorkerClient, inflight: InFlight,
+                 liveness: Liveness, metrics: Metrics) -> None:
         self.cfg = cfg
-        self.dispatcher = dispatcher
-        self.telemetry = telemetry
+        self.client = client
+        self.inflight = inflight
+        self.liveness = liveness
+        self.metrics = metrics
         self.models = {mid: ModelView(mid) for mid in cfg.models}
-        self._admitted = 0
-        self._admitted_bytes = 0
-        self._trim: asyncio.TimerHandle | None = None
         self._changed = asyncio.Event()  # some model changed state: capacity may have freed
         self._idle_task: asyncio.Task[None] | None = None
-        dispatcher.on_worker_restart = self._worker_restarted
-        dispatcher.on_worker_report = self._reconcile
 
     def start(self) -> None:
         if self.cfg.capacity.idle_timeout_minutes > 0:
@@ -104,43 +103,14 @@ class ModelManager:
             self._idle_task.cancel()
             await asyncio.gather(self._idle_task, return_exceptions=True)
 
-    # ---- requests ----------------------------------------------------------------------
-
-    async def infer(self, req: ValidRequest, timeout: float) -> tuple[InferResult, Lease]:
-        """Run one request on the worker holding its model (loading it first if needed)."""
-        if self._admitted >= self.cfg.server.max_inflight_requests:
-            raise Overloaded(f"server busy: {self._admitted} requests in flight")
-        size = req.nbytes
-        budget = self.cfg.server.max_inflight_mb * 2**20
-        if self._admitted and self._admitted_bytes + size > budget:
-            raise Overloaded(f"server busy: {self._admitted_bytes / 2**20:.0f} MB of requests in "
-                             f"flight (server.max_inflight_mb {self.cfg.server.max_inflight_mb})")
-        self._admitted += 1
-        self._admitted_bytes += size
-        if self._trim is not None:
-            self._trim.cancel()
-            self._trim = None
-        try:
-            deadline = time.monotonic() + timeout
-            async with self._lease(req.model_id, deadline) as lease:
-                result = await self.dispatcher.run(lease.worker, req, deadline)
-            model = self.models[req.model_id]
-            model.request_count += 1
-            model.total_inference_ns += result.done.inference_ns
-            self.telemetry.request_done(req.model_id, result)
-            return result, lease
-        except (Failed, Overloaded, Unavailable, TimeoutError) as exc:
-            self.telemetry.request_failed(FAILURE_REASONS[type(exc)])
-            raise
-        finally:
-            self._admitted -= 1
-            self._admitted_bytes -= size
-            if self._admitted == 0:
-                self._trim = asyncio.get_running_loop().call_later(TRIM_AFTER_IDLE_S,
-                                                                   self._release_heap)
+    def count(self, model_id: str, inference_ns: int) -> None:
+        """One more request served by the model (ListModels' and GetModelStats' figures)."""
+        model = self.models[model_id]
+        model.request_count += 1
+        model.total_inference_ns += inference_ns
 
     @asynccontextmanager
-    async def _lease(self, model_id: str, deadline: float) -> AsyncIterator[Lease]:
+    async def lease(self, model_id: str, deadline: float) -> AsyncIterator[Lease]:
         """The model, ready on its worker and marked in use for the duration.
 
         A request that waits for the model is granted its use the moment the model becomes
@@ -188,12 +158,6 @@ class ModelManager:
             model.changed.set()
             model.changed = asyncio.Event()
 
-    def _release_heap(self) -> None:
-        """After a burst, once nothing has been in flight for a moment: give the freed
-        request buffers back (kept warm for reuse while requests keep coming)."""
-        self._trim = None
-        asyncio.get_running_loop().run_in_executor(None, release_free_heap)
-
     # ---- load --------------------------------------------------------------------------
 
     def _load(self, model: ModelView, preferred: int | None) -> asyncio.Task[int]:
@@ -223,13 +187,13 @@ class ModelManager:
         self._transition(model, LOADING)
         try:
             await self._make_room(worker, model, model.last_memory_bytes, deadline)
-            reply = await self.dispatcher.control(worker, msg.LoadModel, model.model_id)
+            reply = await self._control(worker, msg.LoadModel, model.model_id)
             if not reply.ok:
                 raise Failed(reply.error)
             model.memory_bytes = model.last_memory_bytes = reply.memory_bytes
             # ready only once a batch has gone through encoder, UNet and a compositor
-            await self.dispatcher.run(worker, self._warmup_request(model.model_id),
-                                      time.monotonic() + self.cfg.runtime.start_timeout_s)
+            await self.inflight.run(worker, self._warmup_request(model.model_id),
+                                    time.monotonic() + self.cfg.runtime.start_timeout_s)
             # the measured size may exceed the estimate
             await self._make_room(worker, model, 0, deadline)
         except Exception as exc:
@@ -243,7 +207,7 @@ class ModelManager:
             raise Failed(f"Failed to load model '{model.model_id}': {error}") from exc
         model.last_used, model.last_used_mono = time.time(), time.monotonic()
         self._transition(model, READY)
-        self.telemetry.model_loaded(time.monotonic() - started)
+        self.metrics.model_loaded(time.monotonic() - started)
         log.info("%s ready on gpu_worker %d (%.1f MB)", model.model_id, worker,
                  model.memory_bytes / 2**20)
         return worker
@@ -251,18 +215,25 @@ class ModelManager:
     async def _discard(self, model: ModelView, worker: int) -> None:
         """After a failed load, make sure the worker holds nothing of the model."""
         try:
-            await self.dispatcher.control(worker, msg.UnloadModel, model.model_id)
+            await self._control(worker, msg.UnloadModel, model.model_id)
         except Exception:
             pass  # a dead worker holds nothing; an unknown model is the normal case
 
+    async def _control(self, worker: int, kind: type, model_id: str) -> msg.ControlReply:
+        view = self.liveness.worker(worker)
+        if view is None:
+            raise Unavailable(f"gpu_worker {worker} is unavailable (restarting or not answering)")
+        return await self.client.control(worker, view.pid, kind, model_id,
+                                         self.cfg.runtime.start_timeout_s)
+
     def _warmup_request(self, model_id: str) -> ValidRequest:
         return ValidRequest(model_id=model_id, batch_size=1, start_frame_idx=0, visual=None,
-                            audio=WARMUP_AUDIO, sample_rate=16000, features=None)
+                            audio=WARMUP_AUDIO, sample_rate=SAMPLE_RATE, features=None)
 
     def _choose_worker(self, preferred: int) -> int:
         """The requested device, else the one whose models hold the least measured memory
         (then fewer models, then less device memory in use)."""
-        workers = self.dispatcher.workers
+        workers = self.liveness.workers
         if 0 <= preferred < len(workers):
             return preferred
         held, counts = [0] * len(workers), [0] * len(workers)
@@ -326,13 +297,13 @@ class ModelManager:
             await model.changed.wait()
         started = time.monotonic()
         try:
-            reply = await self.dispatcher.control(model.worker, msg.UnloadModel, model.model_id)
+            reply = await self._control(model.worker, msg.UnloadModel, model.model_id)
             if not reply.ok:
                 log.warning("unloading %s: %s", model.model_id, reply.error)
         finally:
             model.worker, model.memory_bytes = -1, 0
             self._transition(model, UNLOADED)
-            self.telemetry.model_unloaded(time.monotonic() - started, evicted)
+            self.metrics.model_unloaded(time.monotonic() - started, evicted)
 
     async def _unload_idle(self) -> None:
         timeout = self.cfg.capacity.idle_timeout_minutes * 60
@@ -360,7 +331,7 @@ class ModelManager:
         model.set_state(state)
         self._changed.set()
 
-    def _worker_restarted(self, worker: int) -> None:
+    def worker_restarted(self, worker: int) -> None:
         """A restarted worker holds nothing: its models are unloaded (reloaded on demand)."""
         for model in self.models.values():
             if model.worker == worker and model.state in (READY, UNLOADING):
@@ -368,7 +339,7 @@ class ModelManager:
                 self._transition(model, UNLOADED)
         # a load under way there fails by itself (its control or warm-up is failed)
 
-    def _reconcile(self, worker: int, held: dict[str, int]) -> None:
+    def reconcile(self, worker: int, held: dict[str, int]) -> None:
         """Adopt the models a worker reports holding that this frontend has never loaded
         or unloaded: a frontend that restarted would otherwise show them UNLOADED, be
         unable to unload them, and undercount capacity. (Models this frontend has touched
@@ -385,6 +356,16 @@ class ModelManager:
                      memory / 2**20)
 
     # ---- views -------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Every model as the ops socket reports it."""
+        return {m.model_id: {"state": m.state, "gpu_id": m.worker, "memory_bytes": m.memory_bytes,
+                             "requests": m.request_count, "inflight": m.inflight,
+                             "error": m.error} for m in self.models.values()}
+
+    def views(self) -> list[ModelView]:
+        """Every configured model, by id (what ListModels and GetModelStats answer from)."""
+        return sorted(self.models.values(), key=lambda m: m.model_id)
 
     def loaded_count(self) -> int:
         return sum(m.state == READY for m in self.models.values())

@@ -1,9 +1,9 @@
-"""What an operator sees: per-model stage statistics, per-process figures, the ZeroMQ ops
-socket (JSON) and the Prometheus `/metrics` endpoint.
+"""What an operator sees: the ZeroMQ ops socket (JSON) and the Prometheus `/metrics`
+endpoint, with per-process figures (pid, CPU, RSS, uptime).
 
-Stage times are Triton-style `{count, ns}` pairs per model: queue (frontend send -> worker
-start), audio (mel and assembly), encoder, visual (server-built input), unet, composite
-(paste) and jpeg (summed over frames).
+Everything comes from the parts' own snapshots (liveness, in-flight table, model
+registry, sessions) and the shared `Metrics`; nothing here reads another object's
+internals.
 """
 from __future__ import annotations
 
@@ -12,29 +12,26 @@ import json
 import logging
 import os
 import time
-from collections import defaultdict, deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import psutil
 import zmq
 import zmq.asyncio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import start_http_server
 
 from pipeline.config import Config
+from pipeline.frontend.inflight import InFlight
+from pipeline.frontend.liveness import Liveness
+from pipeline.frontend.metrics import Metrics
+from pipeline.frontend.models import ModelRegistry
 from pipeline.frontend.ports import Listener
 from pipeline.runtime.sockets import make_socket
 
-if TYPE_CHECKING:
-    from pipeline.frontend.dispatcher import Dispatcher, InferResult
-    from pipeline.frontend.models import ModelManager
-
 log = logging.getLogger(__name__)
 
-STAGES = ("queue", "audio", "encoder", "visual", "unet", "composite", "jpeg")
-_STAGE_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 LAG_PROBE_S = 0.02
 OPS_MAX_REQUEST_BYTES = 1 << 20
-_LOAD_BUCKETS = (.05, .1, .25, .5, 1, 2, 5, 10, 20, 60)
 
 
 def _private_bytes(pid: int) -> int:
@@ -51,82 +48,16 @@ def _private_bytes(pid: int) -> int:
 
 
 class Telemetry:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, metrics: Metrics, liveness: Liveness, inflight: InFlight,
+                 registry: ModelRegistry, sessions: Callable[[], int]) -> None:
         self.cfg = cfg
-        self.started = time.time()
-        self.stages: dict[str, dict[str, list[int]]] = defaultdict(
-            lambda: {stage: [0, 0] for stage in STAGES})
-        self.failures: dict[str, int] = defaultdict(int)
-        self.frames = 0
-        self.evictions = 0
-        self._eviction_times: deque[float] = deque(maxlen=10_000)
+        self.metrics = metrics
+        self.liveness = liveness
+        self.inflight = inflight
+        self.registry = registry
+        self.sessions = sessions
         self._processes: dict[int, psutil.Process] = {}
-        self.dispatcher: Dispatcher | None = None
-        self.models: ModelManager | None = None
-        self.websocket_sessions = lambda: 0
-        r = self.registry = CollectorRegistry()
-        self.m_requests = Counter("lipsync_requests", "Requests answered", ["model"], registry=r)
-        self.m_failures = Counter("lipsync_request_failures", "Requests failed, by reason",
-                                  ["reason"], registry=r)
-        self.m_stage = Histogram("lipsync_stage_duration_seconds", "Time per request stage",
-                                 ["stage"], buckets=_STAGE_BUCKETS, registry=r)
-        self.m_frames = Counter("lipsync_frames", "Frames produced", ["model"], registry=r)
-        self.m_load = Histogram("lipsync_model_load_seconds", "Model load latency",
-                                buckets=_LOAD_BUCKETS, registry=r)
-        self.m_unload = Histogram("lipsync_model_unload_seconds", "Model unload latency",
-                                  buckets=_LOAD_BUCKETS, registry=r)
-        self.m_evictions = Counter("lipsync_model_evictions", "Models evicted", registry=r)
-        self.m_loaded = Gauge("lipsync_loaded_models", "Models loaded", registry=r)
-        self.m_queue = Gauge("lipsync_queue_depth", "Requests queued in a gpu_worker",
-                             ["gpu"], registry=r)
-        self.m_inflight = Gauge("lipsync_inflight_requests", "Requests admitted, not answered",
-                                registry=r)
-        self.m_memory = Gauge("lipsync_device_memory_used_bytes",
-                              "Measured device memory (NVML, or worker RSS on CPU)", ["gpu"],
-                              registry=r)
-        self.m_sessions = Gauge("lipsync_websocket_sessions", "Open WebSocket sessions",
-                                registry=r)
-        self.m_arena = Gauge("lipsync_shm_arena_used_bytes", "Request arena in use", registry=r)
-        self.m_loop_lag = Histogram("lipsync_event_loop_lag_seconds",
-                                    "How late the frontend's event loop ran a 20 ms timer",
-                                    buckets=_STAGE_BUCKETS, registry=r)
-        self.loop_lag_max_s = 0.0
-
-    def attach(self, dispatcher: Dispatcher, models: ModelManager) -> None:
-        self.dispatcher, self.models = dispatcher, models
-
-    # ---- events ------------------------------------------------------------------------
-
-    def request_done(self, model_id: str, result: InferResult) -> None:
-        done = result.done
-        values = {"queue": done.queue_ns, "audio": done.audio_ns - done.encoder_ns,
-                  "encoder": done.encoder_ns, "visual": done.visual_ns,
-                  "unet": done.inference_ns, "composite": result.paste_ns,
-                  "jpeg": result.jpeg_ns}
-        stages = self.stages[model_id]
-        for stage, ns in values.items():
-            if stage == "visual" and not ns:
-                continue
-            stages[stage][0] += 1
-            stages[stage][1] += ns
-            self.m_stage.labels(stage).observe(ns / 1e9)
-        self.frames += len(result.frames)
-        self.m_requests.labels(model_id).inc()
-        self.m_frames.labels(model_id).inc(len(result.frames))
-
-    def request_failed(self, reason: str) -> None:
-        self.failures[reason] += 1
-        self.m_failures.labels(reason).inc()
-
-    def model_loaded(self, seconds: float) -> None:
-        self.m_load.observe(seconds)
-
-    def model_unloaded(self, seconds: float, evicted: bool) -> None:
-        self.m_unload.observe(seconds)
-        if evicted:
-            self.evictions += 1
-            self.m_evictions.inc()
-            self._eviction_times.append(time.monotonic())
+        self._tasks: list[asyncio.Task[None]] = []
 
     # ---- views -------------------------------------------------------------------------
 
@@ -151,67 +82,53 @@ class Telemetry:
 
     def snapshot(self) -> dict[str, Any]:
         """Everything the ops socket answers, as JSON-able data."""
-        d, m = self.dispatcher, self.models
-        assert d is not None and m is not None
-        workers = []
-        for i, w in enumerate(d.workers):
-            workers.append({
-                "index": i, **self._process(w.pid), "restarts": w.restarts,
-                "alive": w.alive(time.monotonic(), self.cfg.runtime.heartbeat_s),
-                "queue_depth": w.queue_depth,
-                "inflight": sum(p.worker == i for p in d.pending.values()),
-                "device_memory_used_bytes": w.device_memory_used_bytes,
-                "models": sorted(v.model_id for v in m.models.values()
-                                 if v.worker == i and v.state == "ready")})
-        compositors = [{"index": i, **self._process(c.pid), "restarts": c.restarts,
-                        "alive": c.alive(time.monotonic(), self.cfg.runtime.heartbeat_s)}
-                       for i, c in sorted(d.compositors.items())]
-        models = {}
-        for v in m.models.values():
-            models[v.model_id] = {
-                "state": v.state, "gpu_id": v.worker, "memory_bytes": v.memory_bytes,
-                "requests": v.request_count, "inflight": v.inflight, "error": v.error,
-                "stages": {s: {"count": c, "ns": ns}
-                           for s, (c, ns) in self.stages[v.model_id].items()}}
+        roles = self.liveness.snapshot()
+        inflight = self.inflight.snapshot()
+        models = self.registry.snapshot()
+        per_worker = inflight["per_worker"]
+        workers = [{**view, **self._process(view["pid"]),
+                    "inflight": per_worker.get(view["index"], 0),
+                    "models": sorted(mid for mid, m in models.items()
+                                     if m["gpu_id"] == view["index"] and m["state"] == "ready")}
+                   for view in roles["gpu_workers"]]
+        compositors = [{**view, **self._process(view["pid"])}
+                       for view in roles["compositors"]]
+        m = self.metrics
+        for model_id, model in models.items():
+            model["stages"] = {s: {"count": c, "ns": ns}
+                               for s, (c, ns) in m.stages[model_id].items()}
         return {
             "time": time.time(), "instance": self.cfg.runtime.instance,
             "frontend": {**self._process(os.getpid()), "restarts": 0,
-                         "inflight_requests": len(d.pending),
-                         "websocket_sessions": self.websocket_sessions(),
-                         "loop_lag_max_ms": round(self.loop_lag_max_s * 1e3, 1),
+                         "inflight_requests": inflight["inflight_requests"],
+                         "websocket_sessions": self.sessions(),
+                         "loop_lag_max_ms": round(m.loop_lag_max_s * 1e3, 1),
                          "tasks": len(asyncio.all_tasks())},
             "gpu_workers": workers, "compositors": compositors, "models": models,
-            "arena": {"name": d.arena.name, "capacity_bytes": d.arena.capacity,
-                      "used_bytes": d.arena.used_bytes, "blocks": d.arena.blocks_in_use},
-            "frames": self.frames, "evictions": self.evictions,
-            "evictions_last_minute": self.evictions_since(time.monotonic() - 60),
-            "failures": dict(self.failures),
+            "arena": inflight["arena"], "frames": m.frames, "evictions": m.evictions,
+            "evictions_last_minute": m.evictions_since(time.monotonic() - 60),
+            "failures": dict(m.failures),
         }
 
-    def evictions_since(self, since: float) -> int:
-        """Evictions after `since` (monotonic): a high rate means more hot models than
-        capacity.max_models / max_memory_gb hold, and every request pays a load."""
-        return sum(t > since for t in self._eviction_times)
-
     def refresh_gauges(self) -> None:
-        d, m = self.dispatcher, self.models
-        assert d is not None and m is not None
-        self.m_loaded.set(m.loaded_count())
-        self.m_inflight.set(len(d.pending))
-        self.m_sessions.set(self.websocket_sessions())
-        self.m_arena.set(d.arena.used_bytes)
-        for i, w in enumerate(d.workers):
-            self.m_queue.labels(str(i)).set(w.queue_depth)
-            self.m_memory.labels(str(i)).set(w.device_memory_used_bytes)
+        m = self.metrics
+        m.loaded.set(self.registry.loaded_count())
+        inflight = self.inflight.snapshot()
+        m.inflight.set(inflight["inflight_requests"])
+        m.sessions.set(self.sessions())
+        m.arena.set(inflight["arena"]["used_bytes"])
+        for view in self.liveness.snapshot()["gpu_workers"]:
+            m.queue.labels(str(view["index"])).set(view["queue_depth"])
+            m.memory.labels(str(view["index"])).set(view["device_memory_used_bytes"])
 
     # ---- endpoints ---------------------------------------------------------------------
 
-    def start(self, endpoint: str, metrics_host: str, metrics_port: int) -> asyncio.Task[None]:
+    def start(self, endpoint: str, metrics_host: str, metrics_port: int) -> None:
         """Bind the ops socket (ZMQ REP, JSON) and Prometheus (its own thread); a bind that
-        fails stops the start with its reason. Returns the task that answers."""
+        fails stops the start with its reason."""
         if metrics_port:
             try:
-                start_http_server(metrics_port, metrics_host, registry=self.registry)
+                start_http_server(metrics_port, metrics_host, registry=self.metrics.registry)
             except OSError as exc:
                 raise Listener("metrics", metrics_host, metrics_port,
                                "ops.metrics_port (0 turns it off)",
@@ -220,11 +137,17 @@ class Telemetry:
         sock = make_socket(zmq.asyncio.Context.instance(), zmq.REP, bind=endpoint)
         sock.setsockopt(zmq.MAXMSGSIZE, OPS_MAX_REQUEST_BYTES)  # larger: the peer is dropped
         log.info("ops socket on %s", endpoint)
-        return asyncio.create_task(self._serve(sock))
+        self._tasks = [asyncio.create_task(self._serve(sock)),
+                       asyncio.create_task(self._refresh_forever()),
+                       asyncio.create_task(self._watch_loop_lag())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
 
     async def _serve(self, sock: zmq.asyncio.Socket) -> None:
-        refresh = asyncio.create_task(self._refresh_forever())
-        lag = asyncio.create_task(self._watch_loop_lag())
         try:
             while True:
                 raw = await sock.recv()
@@ -237,8 +160,6 @@ class Telemetry:
                     reply = {"error": f"bad request: {type(exc).__name__}: {str(exc)[:200]}"}
                 await sock.send(json.dumps(reply).encode())
         finally:
-            refresh.cancel()
-            lag.cancel()
             sock.close(0)
 
     def _answer(self, raw: bytes) -> dict[str, Any]:
@@ -256,9 +177,7 @@ class Telemetry:
         while True:
             start = loop.time()
             await asyncio.sleep(LAG_PROBE_S)
-            lag = max(0.0, loop.time() - start - LAG_PROBE_S)
-            self.loop_lag_max_s = max(self.loop_lag_max_s, lag)
-            self.m_loop_lag.observe(lag)
+            self.metrics.loop_lagged(max(0.0, loop.time() - start - LAG_PROBE_S))
 
     async def _refresh_forever(self) -> None:
         while True:

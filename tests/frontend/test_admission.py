@@ -10,22 +10,24 @@ import pytest
 
 from pipeline import messages as msg
 from pipeline.config import parse_config
-from pipeline.frontend.dispatcher import InferResult, Overloaded, RoleView
-from pipeline.frontend.models import ModelManager
-from pipeline.frontend.telemetry import Telemetry
+from pipeline.frontend.errors import Overloaded
+from pipeline.frontend.inflight import InferResult
+from pipeline.frontend.liveness import Liveness
+from pipeline.frontend.metrics import Metrics
+from pipeline.frontend.models import ModelRegistry
+from pipeline.frontend.router import Router
 from pipeline.frontend.validation import ValidRequest
 
 
 class HeldWorkers:
-    """Answers every control at once; holds every request until `release` is set (the
-    warm-up of a load goes through)."""
+    """The worker tier's client and in-flight table in one: answers every control at once;
+    holds every request until `release` is set (the warm-up of a load goes through)."""
 
     def __init__(self) -> None:
-        self.workers = [RoleView(pid=1)]
         self.release = asyncio.Event()
-        self.on_worker_restart = self.on_worker_report = None
 
-    async def control(self, worker: int, kind: type, model_id: str) -> msg.ControlReply:
+    async def control(self, worker: int, pid: int, kind: type, model_id: str,
+                      timeout: float) -> msg.ControlReply:
         return msg.ControlReply(0, ok=True, gpu_id=worker, memory_bytes=1)
 
     async def run(self, worker: int, req: ValidRequest, deadline: float) -> InferResult:
@@ -57,10 +59,12 @@ def test_requests_are_admitted_by_count_and_bytes(tmp_path: Path, budget_mb: int
                        base_dir=tmp_path)
 
     async def scenario() -> tuple[int, int]:
-        workers = HeldWorkers()
-        models = ModelManager(cfg, workers, Telemetry(cfg))  # type: ignore[arg-type]
-        await models.load("demo", None)
-        tasks = [asyncio.create_task(models.infer(request(mb), 30)) for mb in sizes]
+        workers, liveness, metrics = HeldWorkers(), Liveness(cfg), Metrics()
+        liveness.heard(msg.Heartbeat(role="gpu_worker", index=0, pid=1))
+        registry = ModelRegistry(cfg, workers, workers, liveness, metrics)  # type: ignore[arg-type]
+        router = Router(cfg, registry, workers, metrics)  # type: ignore[arg-type]
+        await registry.load("demo", None)
+        tasks = [asyncio.create_task(router.infer(request(mb), 30)) for mb in sizes]
         await asyncio.sleep(0.05)
         workers.release.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import LOCAL_ORIGINS
-from pipeline.frontend.websocket import origin_allowed
+from pipeline.frontend.streaming.websocket import origin_allowed
 
 PATTERNS = ("http://localhost:*", "https://app.example.com", "https://*.example.org:8443")
 

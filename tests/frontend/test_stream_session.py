@@ -5,7 +5,7 @@ import asyncio
 from pathlib import Path
 
 from pipeline.config import parse_config
-from pipeline.frontend.streaming import AudioFormat, StreamSession
+from pipeline.frontend.streaming.session import AudioFormat, StreamSession
 
 
 def _config(tmp: Path):
@@ -23,7 +23,7 @@ def test_a_cancel_racing_the_wake_up_still_ends_the_session(tmp_path: Path) -> N
     not leave the session task running: close() returns and the task is done."""
 
     async def scenario() -> bool:
-        session = StreamSession(_config(tmp_path), models=None, client_id="c",  # type: ignore[arg-type]
+        session = StreamSession(_config(tmp_path), router=None, client_id="c",  # type: ignore[arg-type]
                                 model_id="demo", fmt=AudioFormat(), send_frame=_noop,
                                 send_status=_noop)
         session.start()

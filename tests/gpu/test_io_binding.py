@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from pipeline.bench import speech_like_audio
+from pipeline.client import speech_like_audio
 from pipeline.gpu_worker import audio
 from pipeline.gpu_worker.precision import max_abs_diff
 from pipeline.gpu_worker.sessions import ENCODED_DIM, AudioEncoder, UNet

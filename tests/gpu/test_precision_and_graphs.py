@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.bench_unet import precision_check
+from pipeline.bench.unet import precision_check
 from pipeline.gpu_worker.cuda_graphs import GraphedUNet
 from pipeline.gpu_worker.precision import max_abs_diff
 from pipeline.gpu_worker.sessions import UNet, _session

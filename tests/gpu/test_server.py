@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench import build_request, load_cycles, speech_like_audio
+from pipeline.bench.main import load_cycles
+from pipeline.client import build_request, speech_like_audio
 from pipeline.gpu_worker.precision import psnr_db
-from pipeline.launcher import ServerProcess, channel
+from pipeline.bench.local_server import ServerProcess
+from pipeline.client import channel
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from tests.gpu.support import BACKGROUNDS, SIZES, decode, reference_frames, requires_gpu

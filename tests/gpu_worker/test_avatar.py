@@ -258,7 +258,7 @@ def test_too_few_rects_for_the_frames(tmp_path: Path, instance: str) -> None:
 
 def test_server_built_visual_input_equals_the_clients(models_root: Path, instance: str) -> None:
     """Avatar.visual_inputs gives exactly the tensor a SyncTalk client sends (across the wrap)."""
-    from pipeline.bench import build_request
+    from pipeline.client import build_request
     from tests.conftest import write_config
 
     config = write_config(models_root.parent / f"{instance}.yaml", models_root)

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from pipeline.bench_unet import precision_check
+from pipeline.bench.unet import precision_check
 from pipeline.demo.bench_model import bench_model_path, build_bench_unet, write_bench_model
 from pipeline.gpu_worker.precision import convert_to_fp16, max_abs_diff, psnr_db, unet_model
 from pipeline.gpu_worker.sessions import UNet

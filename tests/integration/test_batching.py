@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench import build_request, speech_like_audio
-from pipeline.launcher import ServerProcess, channel
+from pipeline.client import build_request, speech_like_audio
+from pipeline.bench.local_server import ServerProcess
+from pipeline.client import channel
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from tests.conftest import write_config

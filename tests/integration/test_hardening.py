@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from pipeline.bench import speech_like_audio
-from pipeline.launcher import ServerProcess, channel
+from pipeline.client import speech_like_audio
+from pipeline.bench.local_server import ServerProcess
+from pipeline.client import channel
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from tests.conftest import ops_stats, write_config
@@ -216,7 +217,7 @@ def test_a_restarted_frontend_knows_what_the_workers_hold(tmp_path: Path,
         while _frontend_pid(srv.proc.pid) in (None, frontend):
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        from pipeline.launcher import wait_healthy
+        from pipeline.bench.local_server import wait_healthy
         assert wait_healthy(srv.address, 60, lambda: None)
         with channel(srv.address) as ch:
             stub = pb_grpc.MonolithicServiceStub(ch)

@@ -19,7 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from pipeline.launcher import ServerProcess, channel
+from pipeline.bench.local_server import ServerProcess
+from pipeline.client import channel
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from tests.conftest import write_config
@@ -30,7 +31,7 @@ GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, models_root: Path):
     tmp = tmp_path_factory.mktemp("ops_server")
-    from pipeline.launcher import free_port
+    from pipeline.bench.local_server import free_port
 
     config = write_config(tmp / "config.yaml", models_root, **{
         "models.sanders": {"model_path": "demo/unet.onnx", "background_dir": "demo/frames",
@@ -99,7 +100,7 @@ def test_ops_socket_stats_table_and_metrics(server) -> None:
 
     import yaml
 
-    from pipeline.bench import build_request
+    from pipeline.client import build_request
 
     with channel(server.address) as ch:
         stub = pb_grpc.MonolithicServiceStub(ch)
@@ -187,7 +188,7 @@ def test_sigkill_under_load_costs_requests_never_the_service(tmp_path: Path, mod
     import cv2
     import yaml
 
-    from pipeline.ops_client import fetch
+    from pipeline.cli.stats import fetch
     from pipeline.shm.segment import list_segments
     from tests.conftest import DEMO_FRAMES, child_pids
 

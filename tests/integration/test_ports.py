@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.launcher import free_port
+from pipeline.bench.local_server import free_port
 from tests.conftest import write_config
 
 

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.bench import build_request, speech_like_audio
+from pipeline.client import build_request, speech_like_audio
 from pipeline.demo.assets import COUNTER_BOX
-from pipeline.launcher import ServerProcess, channel
+from pipeline.bench.local_server import ServerProcess
+from pipeline.client import channel
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from pipeline.shm.segment import list_segments

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.bench import build_request
-from pipeline.launcher import channel, free_port, wait_healthy
+from pipeline.client import build_request
+from pipeline.bench.local_server import free_port, wait_healthy
+from pipeline.client import channel
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from pipeline.shm.segment import list_segments

@@ -1,13 +1,11 @@
-"""Start `lipsync serve` as a child process and wait until it answers Health.
+"""Start `lipsync serve` as a child process and wait until it answers grpc.health.v1.
 
 Used by `lipsync bench` (when no --address is given) and by the integration tests, so
 both drive exactly what a user runs.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import ssl
 import signal
 import socket
 import subprocess
@@ -18,89 +16,13 @@ from pathlib import Path
 
 import grpc
 
-from pipeline.config import client_credentials
-
-
-MAX_MESSAGE = 256 * 2**20
+from pipeline.client import channel
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds fixed metadata (the bearer token) to every call of a channel."""
-
-    def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
-        self.pairs = pairs
-
-    def _with(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return details._replace(metadata=(*(details.metadata or ()), *self.pairs))  # type: ignore[attr-defined]
-
-    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return continuation(self._with(details), request)
-
-    intercept_unary_stream = intercept_unary_unary
-
-    def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
-        return continuation(self._with(details), requests)
-
-    intercept_stream_stream = intercept_stream_unary
-
-
-def add_security_arguments(parser: argparse.ArgumentParser) -> None:
-    """--token and --tls-ca for a command that talks to a server (they set the environment
-    the clients read, so every channel and WebSocket of the command uses them)."""
-    parser.add_argument("--token", help="bearer token for a server with server.auth "
-                                        "(default: $LIPSYNC_TOKEN)")
-    parser.add_argument("--tls-ca", metavar="PEM", help="CA certificate of a TLS server "
-                                                        "(default: $LIPSYNC_TLS_CA)")
-
-
-def apply_security_arguments(args: argparse.Namespace) -> None:
-    if getattr(args, "token", None):
-        os.environ["LIPSYNC_TOKEN"] = args.token
-    if getattr(args, "tls_ca", None):
-        os.environ["LIPSYNC_TLS_CA"] = str(args.tls_ca)
-
-
-def websocket_options() -> dict[str, object]:
-    """What a WebSocket client of ours passes to connect(): the token as an Authorization
-    header and, for wss://, the CA ($LIPSYNC_TOKEN, $LIPSYNC_TLS_CA)."""
-    options: dict[str, object] = {}
-    token, ca = client_credentials()
-    if token:
-        options["additional_headers"] = {"Authorization": f"Bearer {token}"}
-    if ca:
-        options["ssl"] = ssl.create_default_context(cafile=ca)
-    return options
-
-
-def channel(address: str, token: str | None = None, tls_ca: str | os.PathLike[str] | None = None,
-            client_cert: tuple[Path, Path] | None = None) -> grpc.Channel:
-    """A channel to the server at `address`. `token` (default $LIPSYNC_TOKEN) goes with
-    every call as `authorization: Bearer`; `tls_ca` (default $LIPSYNC_TLS_CA), a PEM file
-    of the CA that signed the server's certificate, makes it a TLS channel, presenting
-    `client_cert` (certificate, key) to a server that asks for one (mutual TLS)."""
-    env_token, env_ca = client_credentials()
-    token = token if token is not None else env_token
-    tls_ca = tls_ca if tls_ca is not None else env_ca
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE),
-               ("grpc.max_send_message_length", MAX_MESSAGE)]
-    if tls_ca:
-        ca = Path(tls_ca).read_bytes()
-        cert, key = (client_cert[0].read_bytes(), client_cert[1].read_bytes()) \
-            if client_cert else (None, None)
-        credentials = grpc.ssl_channel_credentials(ca, private_key=key, certificate_chain=cert)
-        ch = grpc.secure_channel(address, credentials, options=options)
-    else:
-        ch = grpc.insecure_channel(address, options=options)
-    if token:
-        ch = grpc.intercept_channel(ch, _Metadata((("authorization", f"Bearer {token}"),)))
-    return ch
 
 
 def wait_healthy(address: str, timeout_s: float, died: Callable[[], str | None],

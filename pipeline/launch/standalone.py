@@ -10,11 +10,11 @@ endpoints that appear when their peer binds.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from pipeline.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from pipeline.launch.common import prepare_runtime
 
 ROLES = ("frontend", "gpu-worker", "compositor")
 EX_CONFIG = 78  # sysexits.h; the units name it in RestartPreventExitStatus=
@@ -61,22 +61,8 @@ def cmd_role(args: argparse.Namespace) -> int:
         index = 0
     if isinstance(index, str):
         return _fail(index)
-    # as the supervisor does for its children: parallelism comes from the processes and
-    # ONNX Runtime's pool, not BLAS threads (read when numpy is first imported, below)
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     prepare_runtime(cfg)
     return run(cfg, args.role, index)
-
-
-def prepare_runtime(cfg: Config) -> None:
-    """The supervisor's start-up duties that fall to each role on its own: the socket
-    directory exists, and segments this instance's dead processes left are gone (only
-    dead creators': the segments of roles running beside us are untouched)."""
-    from pipeline.shm.segment import sweep_stale_segments
-
-    cfg.runtime.dir.mkdir(parents=True, exist_ok=True)
-    sweep_stale_segments(cfg.runtime.instance)
 
 
 def run(cfg: Config, role: str, index: int) -> int:

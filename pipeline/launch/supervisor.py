@@ -20,6 +20,7 @@ from pipeline.config import Config
 from pipeline.frontend.server import run_frontend_process
 from pipeline.gpu_worker.device import resolve_provider
 from pipeline.gpu_worker.worker import run_gpu_worker_process
+from pipeline.launch.common import prepare_runtime
 from pipeline.shm.segment import sweep_stale_segments
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,6 @@ class Supervisor:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.ctx = mp.get_context("spawn")
-        # Parallelism comes from the processes and ONNX Runtime's own pool; BLAS threads
-        # would spin against them (inherited by every spawned role).
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
         provider = resolve_provider(cfg.gpus.provider, cfg.gpus.count)
         log.info("%d %s gpu_worker(s), %d compositor(s)", cfg.gpus.count, provider,
                  cfg.compositor.pool_size)
@@ -74,8 +71,7 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._request_stop())
         signal.signal(signal.SIGHUP, lambda *_: self._forward_reload())
-        self.cfg.runtime.dir.mkdir(parents=True, exist_ok=True)
-        sweep_stale_segments(self.cfg.runtime.instance)
+        prepare_runtime(self.cfg)  # before any role is spawned: they inherit its settings
         try:
             for role in self.roles:
                 self._start(role)

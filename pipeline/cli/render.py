@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from pipeline.config import grpc_server_address
-from pipeline.launcher import add_security_arguments, apply_security_arguments
+from pipeline.client import add_security_arguments, apply_security_arguments
 
 PROG = "lipsync render"
 DEFAULT_ADDRESS = "localhost:50053"
@@ -106,7 +106,7 @@ def render(wav: Path, out: Path, address: str, model_id: str = "",
 
 def _render_into(audio, wav: Path, tmp: Path, address: str, model_id: str, bar) -> int:
     """Stream the audio, pipe the frames into ffmpeg writing `tmp`; returns the frame count."""
-    from pipeline.launcher import channel
+    from pipeline.client import channel
     from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 
     sender = _AudioSender(audio, model_id)

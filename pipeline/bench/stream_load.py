@@ -49,11 +49,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from pipeline.runtime.addresses import Addresses
-from pipeline.bench import ops_stats, percentile, speech_like_audio
+from pipeline.bench.main import ops_stats, percentile
+from pipeline.client import speech_like_audio
 from pipeline.config import load_config
-from pipeline.frontend.websocket import parse_frame_message
+from pipeline.client import parse_frame_message
 from pipeline.synctalk import FRAME_SAMPLES, FRAME_US, stream_samples
-from pipeline.launcher import websocket_options
+from pipeline.client import websocket_options
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -359,7 +360,7 @@ def run_stream_bench(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         address = getattr(args, "address", None)
         if address is None:
-            from pipeline.bench import start_server
+            from pipeline.bench.main import start_server
 
             address = f"127.0.0.1:{start_server(stack, args.config).ws_port}"
         ops = Addresses.of(load_config(args.config)).ops
@@ -374,10 +375,10 @@ def run_stream_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.bench_stream`: the same options as `lipsync bench --stream`."""
+    """`python -m pipeline.bench.stream_load`: the same options as `lipsync bench --stream`."""
     from pipeline.config import DEFAULT_CONFIG_PATH
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench_stream", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench.stream_load", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
     p.add_argument("--address", help="a running server's WebSocket host:port; default: start one")

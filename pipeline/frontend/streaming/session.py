@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.frontend.dispatcher import Failed, Overloaded, Unavailable
-from pipeline.frontend.models import ModelManager
+from pipeline.frontend.errors import Failed, Overloaded, Unavailable
+from pipeline.frontend.router import Router
 from pipeline.frontend.validation import ValidRequest
 from pipeline.synctalk import (FRAME_SAMPLES, FRAME_US, MAX_BATCH, MAX_SAMPLE_RATE,
                                MIN_SAMPLE_RATE, SAMPLE_RATE, stream_samples)
@@ -114,13 +114,13 @@ class StreamSession:
     """One client's stream. feed()/flush()/cancel() from the transport; frames and status
     messages go out through the transport's callbacks, in order."""
 
-    def __init__(self, cfg: Config, models: ModelManager, client_id: str, model_id: str,
+    def __init__(self, cfg: Config, router: Router, client_id: str, model_id: str,
                  fmt: AudioFormat, send_frame: SendFrame, send_status: SendStatus,
                  flush_timeout_s: float = 2.0) -> None:
         if model_id not in cfg.models:
             raise StreamError(f"Model '{model_id}' not found in configuration")
         self.cfg = cfg
-        self.models = models
+        self.router = router
         self.client_id = clean_client_id(client_id)
         self.model_id = model_id
         self.decoder = AudioDecoder(fmt)
@@ -139,6 +139,8 @@ class StreamSession:
         self._generation = 0                  # bumped by cancel: results of before are dropped
         self._rendering = False
         self._draining = False                # render no new batch (server shutting down)
+        self._settled = asyncio.Event()       # a flush was rendered, or the session failed
+        self._ended = False
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self.error: str | None = None
@@ -206,9 +208,10 @@ class StreamSession:
             self._runner = None
 
     async def wait_flushed(self) -> None:
-        """Until a flush has been rendered (or the session failed)."""
-        while self.final_frames is not None and self.error is None:
-            await asyncio.sleep(0.01)
+        """Until a flush has been rendered (or the session failed or ended)."""
+        while self.final_frames is not None and self.error is None and not self._ended:
+            self._settled.clear()
+            await self._settled.wait()
         if self.error is not None:
             raise StreamError(self.error)
 
@@ -245,13 +248,12 @@ class StreamSession:
                 # cancellation that races with the event being set, and this loop would
                 # then never end (a session that outlives its connection)
                 try:
-                    async with asyncio.timeout(0.1):
+                    async with asyncio.timeout(self._until_flush_timeout()):
                         await self._wake.wait()
                 except TimeoutError:
                     pass
                 self._wake.clear()
-                if (self.final_frames is None and self.received > self.next_frame * FRAME_SAMPLES
-                        and time.monotonic() - self.last_audio > self.flush_timeout_s):
+                if self._until_flush_timeout() == 0.0:
                     log.info("flush timeout: client=%s", self.client_id)
                     await self.flush()
                 while not self._draining and (ready := self.ready_frames()) > self.next_frame:
@@ -259,6 +261,7 @@ class StreamSession:
                 if self.final_frames is not None and self.next_frame >= self.final_frames:
                     await self.send_status({"type": "flushed", "frames": self.final_frames})
                     self._flush_done()
+                    self._settled.set()
         except asyncio.CancelledError:
             raise
         except StreamError as exc:
@@ -266,12 +269,21 @@ class StreamSession:
         except Exception as exc:  # a bug costs this session, never the frontend
             log.exception("stream of client %s failed", self.client_id)
             self.error = f"internal error: {exc}"
+        finally:
+            self._ended = True
+            self._settled.set()
         if self.error is not None:
             log.error("inference request failed: client=%s: %s", self.client_id, self.error)
             try:
                 await self.send_status({"type": "error", "message": self.error})
             except Exception:
                 pass
+
+    def _until_flush_timeout(self) -> float | None:
+        """Seconds until audio left unrendered is flushed (None: there is none)."""
+        if self.final_frames is not None or self.received <= self.next_frame * FRAME_SAMPLES:
+            return None
+        return max(0.0, self.last_audio + self.flush_timeout_s - time.monotonic())
 
     async def _render(self, batch: int) -> None:
         self._rendering = True
@@ -291,7 +303,7 @@ class StreamSession:
             features=None, stream_offset=lo)
         generation = self._generation
         try:
-            result, _ = await self.models.infer(request, self.cfg.server.request_timeout_s)
+            result, _ = await self.router.infer(request, self.cfg.server.request_timeout_s)
         except (Failed, Overloaded, Unavailable, TimeoutError) as exc:
             raise StreamError(f"inference request failed: {exc or type(exc).__name__}") from exc
         log.info("batch sent to inference server: client=%s, chunks=%d", self.client_id,

@@ -6,9 +6,11 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline import ops_client, prepare_avatar, render, roles
+from pipeline.cli import prepare_avatar, render, stats
+from pipeline.demo.ensure import ensure_demo_assets
+from pipeline.launch import standalone
 from pipeline.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from pipeline.launcher import add_security_arguments, apply_security_arguments
+from pipeline.client import add_security_arguments, apply_security_arguments
 from pipeline.runtime.logs import setup_logging
 
 log = logging.getLogger("lipsync")
@@ -23,47 +25,8 @@ def _load(args: argparse.Namespace) -> Config:
         sys.exit(f"lipsync: bad config: {exc}")
 
 
-def ensure_demo_assets(cfg: Config, force: bool = False, bench_model: bool = False) -> bool:
-    """Build the demo avatar and graphs where the config points at their default places,
-    and the bench model when asked or when the config's `bench` model lacks its file.
-
-    Returns True when something was built. Models elsewhere are the user's and untouched.
-    """
-    from pipeline.demo.assets import (DEMO_MODEL_ID, NUM_FRAMES, build_demo_assets,
-                                      demo_asset_paths, demo_assets_present)
-    from pipeline.demo.bench_model import BENCH_MODEL_ID, bench_model_path, write_bench_model
-
-    demo = demo_asset_paths(cfg.models_root)
-    model = cfg.models.get(DEMO_MODEL_ID)
-    bench = cfg.models.get(BENCH_MODEL_ID)
-    uses_demo = cfg.audio_encoder_path == demo.audio_encoder_path or (
-        model is not None and model.model_path == demo.unet_path) or (
-        bench is not None and bench.background_dir == demo.background_dir)
-    built = False
-    # as many frames as the config's demo model asks for (a test avatar may use fewer)
-    frames = model.num_frames if model is not None and model.model_path == demo.unet_path \
-        else NUM_FRAMES
-    if uses_demo and (force or not demo_assets_present(cfg.models_root, frames)):
-        from tqdm import tqdm
-
-        with tqdm(desc="building demo avatar", unit="frame", disable=None) as bar:
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-            build_demo_assets(cfg.models_root, num_frames=frames, force=force, progress=progress)
-        log.info("demo assets written to %s", cfg.models_root)
-        built = True
-    target = bench_model_path(cfg.models_root)
-    configured = bench is not None and bench.model_path == target
-    if (bench_model or configured) and (force or not target.is_file()):
-        write_bench_model(target)
-        log.info("bench model (SyncTalk-2D UNet size) written to %s", target)
-        built = True
-    return built
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pipeline.supervisor import Supervisor
+    from pipeline.launch.supervisor import Supervisor
 
     from pipeline.runtime.addresses import Addresses
     from pipeline.frontend.ports import check_free
@@ -90,7 +53,7 @@ def cmd_demo_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import run_bench
+    from pipeline.bench.main import run_bench
 
     apply_security_arguments(args)
     return run_bench(args)
@@ -119,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "and size (12.2 M parameters, 9.8 GFLOPs/frame), for performance work")
     demo.set_defaults(func=cmd_demo_assets)
 
-    for register in (prepare_avatar.register, render.register, ops_client.register,
-                     roles.register):
+    for register in (prepare_avatar.register, render.register, stats.register,
+                     standalone.register):
         register(sub)
 
     bench = with_config(sub.add_parser("bench", help="measure frames/s and latency"))

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import grpc
 
 from pipeline.config import Config
-from pipeline.frontend.models import ModelManager
-from pipeline.frontend.streaming import AudioFormat, StreamError, StreamSession, cancel_and_wait
+from pipeline.frontend.router import Router
+from pipeline.frontend.streaming.session import (AudioFormat, StreamError, StreamSession,
+                                                 cancel_and_wait)
 from pipeline.frontend.wire import MalformedMessage
 from pipeline.rpc import inference_pb2 as ipb
 from pipeline.rpc import inference_pb2_grpc as ipb_grpc
@@ -49,9 +50,9 @@ class _ActiveStream:
 
 
 class StreamRpc:
-    def __init__(self, cfg: Config, models: ModelManager) -> None:
+    def __init__(self, cfg: Config, router: Router) -> None:
         self.cfg = cfg
-        self.models = models
+        self.router = router
         self.settings = cfg.streaming
         self.active: set[_ActiveStream] = set()
 
@@ -80,7 +81,7 @@ class StreamRpc:
         async def send_status(status: dict) -> None:
             await put(pb.StreamAudioResponse(status_json=json.dumps(status)))
 
-        return StreamSession(self.cfg, self.models, client_id, model_id, fmt, send_frame,
+        return StreamSession(self.cfg, self.router, client_id, model_id, fmt, send_frame,
                              send_status, self.settings.flush_timeout_s)
 
     async def stream_audio(self, requests: AsyncIterator[pb.StreamAudioRequest],

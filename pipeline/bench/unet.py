@@ -1,7 +1,7 @@
 """ONNX Runtime alone on an avatar's UNet: frames/s of each precision and CUDA-graph variant,
 and fp16 checked against fp32 on composited frames.
 
-`python -m pipeline.bench_unet --json` prints one object: `throughput` (per variant and
+`python -m pipeline.bench.unet --json` prints one object: `throughput` (per variant and
 batch: `ort_fps`, `ort_ms_per_run`; inputs and output resident on the device, nothing else
 runs) and, with `--precision-check B`, `precision` (B frames of the avatar through the real
 audio encoder and both UNets, pasted into their backgrounds: the PSNR of the fp16 frames
@@ -93,7 +93,7 @@ def precision_check(cfg_path: Path, model_id: str, provider: Resolved, batch: in
     """`batch` frames of the avatar (speech-like audio through the real encoder, the
     server-built visual input) through the fp32 and the fp16 UNet, each prediction pasted
     into its background: PSNR of the fp16 frames against the fp32 ones, prediction diffs."""
-    from pipeline.bench import speech_like_audio
+    from pipeline.client import speech_like_audio
     from pipeline.compositor.composite import paste
     from pipeline.gpu_worker import audio
     from pipeline.gpu_worker.avatar import load_avatar
@@ -132,7 +132,7 @@ def precision_check(cfg_path: Path, model_id: str, provider: Resolved, batch: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench_unet", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench.unet", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
     p.add_argument("--model", default="bench", help="a configured model (default: bench)")
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not all(1 <= b <= 32 for b in batches) or args.seconds <= 0:
         raise SystemExit(f"bench_unet: unknown variants {unknown}, or a batch outside 1-32, "
                          "or --seconds <= 0")
-    from pipeline.bench import ensure_bench_model
+    from pipeline.bench.main import ensure_bench_model
 
     ensure_bench_model(args.config, args.model)
     cfg = load_config(args.config)

@@ -29,43 +29,11 @@ import numpy as np
 from pipeline.runtime.addresses import Addresses
 from pipeline.config import load_config
 from pipeline.frontend.wire import CompositeRequestView, parse_composite_request
-from pipeline.gpu_worker.avatar import find_frame, load_crop_rects
-from pipeline.synctalk import visual_input
-from pipeline.launcher import ServerProcess, channel
+from pipeline.bench.local_server import ServerProcess
+from pipeline.client import channel
+from pipeline.client import build_request, speech_like_audio
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
-
-
-def speech_like_audio(seconds: float, sample_rate: int = 16000, seed: int = 0) -> np.ndarray:
-    """Voiced bursts with pauses: a pitch harmonic series under a 3 Hz syllable envelope."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    voice = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 12))
-    envelope = np.clip(np.sin(2 * np.pi * 3 * t), 0, None) ** 2
-    return (0.3 * envelope * voice + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
-
-
-def build_request(cfg_path: Path, model_id: str, batch: int, start: int,
-                  client_visual: bool = True) -> pb.CompositeBatchRequest:
-    """A request as a SyncTalk-2D client sends it; with client_visual False, audio only
-    (empty visual_frames: the server builds the visual input from the avatar's frames)."""
-    audio = speech_like_audio((batch + 15) * 0.04)
-    request = pb.CompositeBatchRequest(model_id=model_id, raw_audio=audio.tobytes(),
-                                       batch_size=batch, start_frame_idx=start,
-                                       sample_rate=16000)
-    if not client_visual:
-        return request
-    cfg = load_config(cfg_path)
-    model = cfg.models[model_id]
-    rects = load_crop_rects(model.crop_rects_path)
-    names = {p.name for p in model.background_dir.iterdir()}
-    visual = np.empty((batch, 6, 320, 320), np.float32)
-    for i in range(batch):
-        idx = (start + i) % model.num_frames
-        frame = cv2.imread(str(find_frame(model.background_dir, idx, names)))
-        visual_input(frame, tuple(int(v) for v in rects[idx]), out=visual[i])
-    request.visual_frames = visual.tobytes()
-    return request
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -134,7 +102,7 @@ class Measured:
 def ops_stats(ops_endpoint: str | None) -> dict | None:
     """The server's ops-socket stats; None when the socket does not answer (a server run
     with another config than the bench's)."""
-    from pipeline.ops_client import fetch
+    from pipeline.cli.stats import fetch
 
     if ops_endpoint is None:
         return None
@@ -346,7 +314,7 @@ def ort_only(cfg_path: Path, model_id: str, batch: int, seconds: float) -> dict[
     """frames/s of the UNet session alone at `batch` (the config's precision and CUDA
     graphs): inputs and output resident on the device, nothing else; the ceiling the
     pipeline is held to."""
-    from pipeline.bench_unet import unet_throughput
+    from pipeline.bench.unet import unet_throughput
     from pipeline.gpu_worker.device import resolve_provider
     from pipeline.gpu_worker.sessions import UNet
 
@@ -467,7 +435,7 @@ def grpc_address(stack: ExitStack, args: argparse.Namespace) -> str:
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.stream:
-        from pipeline.bench_stream import run_stream_bench
+        from pipeline.bench.stream_load import run_stream_bench
 
         return run_stream_bench(args)
     if args.stages:
@@ -548,7 +516,7 @@ def print_result(result: dict[str, object]) -> None:
 
 def ensure_bench_model(cfg_path: Path, model_id: str) -> None:
     """`--model bench` builds the bench UNet (and the demo frames it uses) when missing."""
-    from pipeline.cli import ensure_demo_assets
+    from pipeline.demo.ensure import ensure_demo_assets
     from pipeline.demo.bench_model import BENCH_MODEL_ID
 
     cfg = load_config(cfg_path)

@@ -13,7 +13,6 @@ import json
 import logging
 import socket
 import ssl
-import struct
 import time
 from urllib.parse import parse_qs, urlsplit
 
@@ -22,29 +21,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from pipeline.client import frame_message
 from pipeline.config import Config, parse_origin
-from pipeline.frontend.models import ModelManager
+from pipeline.frontend.router import Router
 from pipeline.frontend.security import TokenStore, bearer
-from pipeline.frontend.streaming import AudioFormat, StreamError, StreamSession, escape
+from pipeline.frontend.streaming.session import AudioFormat, StreamError, StreamSession, escape
 
 log = logging.getLogger(__name__)
-
-# A frame message: magic, frame index, media timestamp (us on the audio clock), then JPEG.
-FRAME_HEADER = struct.Struct("<4sIQ")
-FRAME_MAGIC = b"LSF0"
-
-
-def frame_message(index: int, pts_us: int, jpeg: bytes) -> bytes:
-    return FRAME_HEADER.pack(FRAME_MAGIC, index, pts_us) + jpeg
-
-
-def parse_frame_message(message: bytes) -> tuple[int, int, bytes]:
-    """(frame index, pts in us, JPEG) of a frame message (for clients and tests)."""
-    magic, index, pts_us = FRAME_HEADER.unpack_from(message)
-    if magic != FRAME_MAGIC:
-        raise ValueError("not a frame message")
-    return index, pts_us, message[FRAME_HEADER.size:]
-
 
 def _address(connection: ServerConnection) -> str:
     """The client's IP address (the balancer's, behind one)."""
@@ -91,13 +74,16 @@ class RateLimit:
 
 
 class AudioSocketServer:
-    def __init__(self, cfg: Config, models: ModelManager, tokens: TokenStore) -> None:
+    def __init__(self, cfg: Config, router: Router, tokens: TokenStore) -> None:
         self.cfg = cfg
-        self.models = models
+        self.router = router
         self.tokens = tokens
         self.settings = cfg.streaming
         self.sessions: dict[str, tuple[StreamSession, ServerConnection]] = {}
         self.server: Server | None = None
+
+    def session_count(self) -> int:
+        return len(self.sessions)
 
     async def start(self, sock: socket.socket, tls: ssl.SSLContext | None) -> None:
         """Serve on `sock`, bound by the frontend before anything else started."""
@@ -188,7 +174,7 @@ class AudioSocketServer:
         async def send_status(status: dict) -> None:
             await send(json.dumps(status))
 
-        session = StreamSession(self.cfg, self.models, request.headers.get("X-Client-ID", ""),
+        session = StreamSession(self.cfg, self.router, request.headers.get("X-Client-ID", ""),
                                 model, fmt, send_frame, send_status,
                                 self.settings.flush_timeout_s)
         client_id = session.client_id  # sanitised: printable, at most 128 characters

@@ -1,0 +1,1 @@
+"""The `lipsync` command: one module per subcommand family, registered by cli/main.py."""

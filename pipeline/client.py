@@ -1,0 +1,149 @@
+"""What a client of the server needs, in one module: a gRPC channel (TLS, token, limits),
+the request builders (a SyncTalk-2D visual input from an avatar's own frames, speech-like
+audio), the WebSocket options, and the frame message format of the streaming endpoints.
+
+The README's example, `lipsync render`, `lipsync bench` and the tests all use these.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import ssl
+import struct
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+
+from pipeline.config import client_credentials, load_config
+from pipeline.rpc import monolithic_pb2 as pb
+from pipeline.synctalk import FRAME_SAMPLES, SAMPLE_RATE, VISUAL_SHAPE, visual_input
+
+MAX_MESSAGE = 256 * 2**20
+
+
+class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds fixed metadata (the bearer token) to every call of a channel."""
+
+    def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
+        self.pairs = pairs
+
+    def _with(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return details._replace(metadata=(*(details.metadata or ()), *self.pairs))  # type: ignore[attr-defined]
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._with(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+
+    def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._with(details), requests)
+
+    intercept_stream_stream = intercept_stream_unary
+
+
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """--token and --tls-ca for a command that talks to a server (they set the environment
+    the clients read, so every channel and WebSocket of the command uses them)."""
+    parser.add_argument("--token", help="bearer token for a server with server.auth "
+                                        "(default: $LIPSYNC_TOKEN)")
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA certificate of a TLS server "
+                                                        "(default: $LIPSYNC_TLS_CA)")
+
+
+def apply_security_arguments(args: argparse.Namespace) -> None:
+    if getattr(args, "token", None):
+        os.environ["LIPSYNC_TOKEN"] = args.token
+    if getattr(args, "tls_ca", None):
+        os.environ["LIPSYNC_TLS_CA"] = str(args.tls_ca)
+
+
+def websocket_options() -> dict[str, object]:
+    """What a WebSocket client of ours passes to connect(): the token as an Authorization
+    header and, for wss://, the CA ($LIPSYNC_TOKEN, $LIPSYNC_TLS_CA)."""
+    options: dict[str, object] = {}
+    token, ca = client_credentials()
+    if token:
+        options["additional_headers"] = {"Authorization": f"Bearer {token}"}
+    if ca:
+        options["ssl"] = ssl.create_default_context(cafile=ca)
+    return options
+
+
+def channel(address: str, token: str | None = None, tls_ca: str | os.PathLike[str] | None = None,
+            client_cert: tuple[Path, Path] | None = None) -> grpc.Channel:
+    """A channel to the server at `address`. `token` (default $LIPSYNC_TOKEN) goes with
+    every call as `authorization: Bearer`; `tls_ca` (default $LIPSYNC_TLS_CA), a PEM file
+    of the CA that signed the server's certificate, makes it a TLS channel, presenting
+    `client_cert` (certificate, key) to a server that asks for one (mutual TLS)."""
+    env_token, env_ca = client_credentials()
+    token = token if token is not None else env_token
+    tls_ca = tls_ca if tls_ca is not None else env_ca
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE),
+               ("grpc.max_send_message_length", MAX_MESSAGE)]
+    if tls_ca:
+        ca = Path(tls_ca).read_bytes()
+        cert, key = (client_cert[0].read_bytes(), client_cert[1].read_bytes()) \
+            if client_cert else (None, None)
+        credentials = grpc.ssl_channel_credentials(ca, private_key=key, certificate_chain=cert)
+        ch = grpc.secure_channel(address, credentials, options=options)
+    else:
+        ch = grpc.insecure_channel(address, options=options)
+    if token:
+        ch = grpc.intercept_channel(ch, _Metadata((("authorization", f"Bearer {token}"),)))
+    return ch
+
+
+def speech_like_audio(seconds: float, sample_rate: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
+    """Voiced bursts with pauses: a pitch harmonic series under a 3 Hz syllable envelope."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    voice = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 12))
+    envelope = np.clip(np.sin(2 * np.pi * 3 * t), 0, None) ** 2
+    return (0.3 * envelope * voice + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def build_request(cfg_path: Path, model_id: str, batch: int, start: int,
+                  client_visual: bool = True) -> pb.CompositeBatchRequest:
+    """A request as a SyncTalk-2D client sends it; with client_visual False, audio only
+    (empty visual_frames: the server builds the visual input from the avatar's frames)."""
+    audio = speech_like_audio((batch + 15) * FRAME_SAMPLES / SAMPLE_RATE)
+    request = pb.CompositeBatchRequest(model_id=model_id, raw_audio=audio.tobytes(),
+                                       batch_size=batch, start_frame_idx=start,
+                                       sample_rate=SAMPLE_RATE)
+    if not client_visual:
+        return request
+    from pipeline.gpu_worker.avatar import find_frame, load_crop_rects  # the avatar's files
+
+    cfg = load_config(cfg_path)
+    model = cfg.models[model_id]
+    rects = load_crop_rects(model.crop_rects_path)
+    names = {p.name for p in model.background_dir.iterdir()}
+    visual = np.empty((batch, *VISUAL_SHAPE), np.float32)
+    for i in range(batch):
+        idx = (start + i) % model.num_frames
+        frame = cv2.imread(str(find_frame(model.background_dir, idx, names)))
+        visual_input(frame, tuple(int(v) for v in rects[idx]), out=visual[i])
+    request.visual_frames = visual.tobytes()
+    return request
+
+
+# A frame message: magic, frame index, media timestamp (us on the audio clock), then JPEG.
+FRAME_HEADER = struct.Struct("<4sIQ")
+FRAME_MAGIC = b"LSF0"
+
+
+def frame_message(index: int, pts_us: int, jpeg: bytes) -> bytes:
+    return FRAME_HEADER.pack(FRAME_MAGIC, index, pts_us) + jpeg
+
+
+def parse_frame_message(message: bytes) -> tuple[int, int, bytes]:
+    """(frame index, pts in us, JPEG) of a frame message (for clients and tests)."""
+    magic, index, pts_us = FRAME_HEADER.unpack_from(message)
+    if magic != FRAME_MAGIC:
+        raise ValueError("not a frame message")
+    return index, pts_us, message[FRAME_HEADER.size:]
+
+

@@ -1,0 +1,263 @@
+"""Requests in flight between the frontend and the worker tier, and the arena blocks
+they own.
+
+Each request owns one block of the frontend's shared-memory arena from admission until it
+is answered — or, when its client gave up (timeout, cancel), until its worker has let go
+of the block (reported the request finished, or restarted). Everything here runs on the
+frontend's event loop: no locks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import messages as msg
+from pipeline.config import Config
+from pipeline.frontend.errors import Failed, Overloaded, Unavailable
+from pipeline.frontend.liveness import Liveness
+from pipeline.frontend.validation import ValidRequest, copy_finite_visual
+from pipeline.frontend.worker_client import WorkerClient
+from pipeline.runtime.logs import request_id as log_request
+from pipeline.shm.arena import Arena, Block
+from pipeline.synctalk import PREDICTION_BYTES, PREDICTION_SHAPE, VISUAL_BYTES, VISUAL_SHAPE
+
+log = logging.getLogger(__name__)
+
+FLOAT = 4
+ARENA_SPACE_WAIT_S = 10.0
+
+
+@dataclass
+class InferResult:
+    frames: list[bytes]
+    done: msg.InferDone
+    composite_ns: int          # wall time from the jobs' dispatch to the last JPEG here
+    paste_ns: int              # summed over the frames, in the compositors
+    jpeg_ns: int
+    critical_ns: int           # paste + JPEG of the busiest compositor
+    input_copy_ns: int         # the request's tensors into shared memory
+
+
+@dataclass
+class Pending:
+    """One request on its way through the pipeline."""
+
+    request_id: int
+    worker: int
+    block: Block
+    frames: list[bytes | None]
+    future: asyncio.Future[InferResult]
+    input_copy_ns: int = 0
+    done: msg.InferDone | None = None
+    received: int = 0
+    paste_ns: int = 0
+    jpeg_ns: int = 0
+    abandoned: bool = False  # the client gave up; the block waits for the worker
+    per_compositor_ns: dict[int, int] = field(default_factory=dict)
+
+    def frame_done(self, m: msg.FrameDone, jpeg: bytes) -> None:
+        self.frames[m.frame_index] = jpeg
+        self.received += 1
+        self.paste_ns += m.paste_ns
+        self.jpeg_ns += m.jpeg_ns
+        busy = self.per_compositor_ns.get(m.compositor, 0)
+        self.per_compositor_ns[m.compositor] = busy + m.paste_ns + m.jpeg_ns
+
+    def complete_if_ready(self) -> bool:
+        if self.done is None or self.received < len(self.frames):
+            return False
+        if not self.future.done():
+            ns = max(0, time.monotonic_ns() - self.done.composite_start_ns)
+            self.future.set_result(InferResult(
+                list(self.frames), self.done, ns, self.paste_ns, self.jpeg_ns,  # type: ignore[arg-type]
+                max(self.per_compositor_ns.values(), default=0), self.input_copy_ns))
+        return True
+
+
+def create_arena(name: str, size: int) -> Arena:
+    """The request arena. /dev/shm may be short for a moment after a frontend died: its
+    arena is unlinked but mapped by the other roles until they notice (within a heartbeat),
+    so the space is waited for briefly before giving up."""
+    deadline = time.monotonic() + ARENA_SPACE_WAIT_S
+    waiting = False
+    while True:
+        try:
+            return Arena.create(name, size)
+        except MemoryError as exc:
+            if time.monotonic() > deadline:
+                raise
+            if not waiting:
+                log.warning("%s; waiting up to %.0f s for the other roles to let go of a dead "
+                            "frontend's arena", exc, ARENA_SPACE_WAIT_S)
+                waiting = True
+            time.sleep(0.25)
+
+
+class InFlight:
+    def __init__(self, cfg: Config, client: WorkerClient, liveness: Liveness) -> None:
+        self.client = client
+        self.liveness = liveness
+        self.arena = create_arena(client.addresses.request_arena(), cfg.runtime.arena_mb * 2**20)
+        self.pending: dict[int, Pending] = {}
+        self._space_freed = asyncio.Event()
+
+    # ---- one request ---------------------------------------------------------------------
+
+    async def run(self, worker: int, req: ValidRequest, deadline: float) -> InferResult:
+        """Run one request on `worker`: its tensors into the arena, frames back in order."""
+        b = req.batch_size
+        audio_len = 0 if req.audio is None else req.audio.nbytes
+        feature_len = 0 if req.features is None else req.features.nbytes
+        size = b * (VISUAL_BYTES + PREDICTION_BYTES) + audio_len + feature_len
+        if size > self.arena.capacity:
+            raise Overloaded(f"request needs {size} bytes of shared memory; the arena has "
+                             f"{self.arena.capacity} (runtime.arena_mb)")
+        block = await self._allocate(size, deadline)
+        pending: Pending | None = None
+        refs = self._layout(block, b, audio_len, feature_len)
+        if req.visual is None:  # audio alone: a copy of microseconds, done right here
+            write = asyncio.get_running_loop().create_future()
+            write.set_result(self._write_inputs(req, refs))
+        else:  # megabytes: in a thread (numpy lets go of the GIL), the loop serves others
+            write = asyncio.ensure_future(asyncio.to_thread(self._write_inputs, req, refs))
+        try:
+            copy_ns = await asyncio.shield(write)
+            view = self.liveness.worker(worker)
+            if view is None:
+                raise Unavailable(f"gpu_worker {worker} is unavailable (restarting or not answering)")
+            request_id = self.client.next_id()
+            log_request.set(f"{request_id:x}")
+            pending = Pending(request_id, worker, block, [None] * b,
+                              asyncio.get_running_loop().create_future(), input_copy_ns=copy_ns)
+            self.pending[request_id] = pending
+            await self.client.send(worker, msg.encode(msg.InferRequest(
+                request_id=request_id, worker_pid=view.pid, model_id=req.model_id,
+                batch_size=b, start_frame_idx=req.start_frame_idx, output=refs["output"],
+                visual=refs["visual"], build_visual=req.visual is None, audio=refs.get("audio"),
+                sample_rate=req.sample_rate, features=refs.get("features"),
+                stream_offset=req.stream_offset, sent_ns=time.monotonic_ns())))
+            async with asyncio.timeout(deadline - time.monotonic()):
+                return await asyncio.shield(pending.future)
+        except (TimeoutError, asyncio.CancelledError):
+            if pending is not None and pending.done is None:
+                # the worker may still write into the block: it is released when the
+                # worker reports this request finished, or is found dead
+                pending.abandoned = True
+            raise
+        finally:
+            if pending is None and not write.done():
+                # cancelled mid-copy: the copying thread still writes into the block
+                write.add_done_callback(lambda _: self._release(block))
+            elif pending is None:
+                self._release(block)
+            elif not pending.abandoned:
+                self._finish(pending)
+
+    async def _allocate(self, size: int, deadline: float) -> Block:
+        """A block of the arena; waits (bounded by the deadline) while others hold it."""
+        while (block := self.arena.allocate(size)) is None:
+            self._space_freed.clear()
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    await self._space_freed.wait()
+            except TimeoutError:
+                raise Overloaded("server busy: no shared memory freed before the deadline") from None
+        return block
+
+    def _release(self, block: Block) -> None:
+        self.arena.release(block)
+        self._space_freed.set()
+
+    def _finish(self, pending: Pending) -> None:
+        if self.pending.pop(pending.request_id, None) is not None:
+            self._release(pending.block)
+
+    def _layout(self, block: Block, b: int, audio_len: int,
+                feature_len: int) -> dict[str, msg.TensorRef]:
+        offset = block.offset
+        refs = {}
+        for name, shape, nbytes in (("visual", (b, *VISUAL_SHAPE), b * VISUAL_BYTES),
+                                    ("output", (b, *PREDICTION_SHAPE), b * PREDICTION_BYTES),
+                                    ("audio", (audio_len // FLOAT,), audio_len),
+                                    ("features", (feature_len // FLOAT,), feature_len)):
+            if nbytes or name in ("visual", "output"):
+                refs[name] = msg.TensorRef(block.segment, offset, shape, "float32")
+            offset += nbytes
+        return refs
+
+    def _write_inputs(self, req: ValidRequest, refs: dict[str, msg.TensorRef]) -> int:
+        """The one copy of the request's tensors: received message -> shared memory (ns)."""
+        t0 = time.perf_counter_ns()
+        for name, source in (("visual", req.visual), ("audio", req.audio),
+                             ("features", req.features)):
+            if source is not None:
+                ref = refs[name]
+                target = self.arena.ndarray(ref.offset, ref.shape, "float32")
+                if name == "visual":
+                    copy_finite_visual(source, target)
+                else:
+                    target[...] = source.reshape(ref.shape)
+        return time.perf_counter_ns() - t0
+
+    # ---- what the worker tier reports ------------------------------------------------------
+
+    def on_frame_done(self, m: msg.Message, rest: list[bytes]) -> None:
+        assert isinstance(m, msg.FrameDone)
+        p = self.pending.get(m.request_id)
+        if p is not None and 0 <= m.frame_index < len(p.frames) and p.frames[m.frame_index] is None:
+            p.frame_done(m, rest[0])
+            p.complete_if_ready()
+
+    def on_infer_done(self, m: msg.Message, _: list[bytes]) -> None:
+        assert isinstance(m, msg.InferDone)
+        p = self.pending.get(m.request_id)
+        if p is not None:
+            p.done = m
+            if p.abandoned:
+                self._finish(p)
+            else:
+                p.complete_if_ready()
+
+    def on_failed(self, m: msg.Message, _: list[bytes]) -> None:
+        assert isinstance(m, (msg.InferFailed, msg.FrameFailed))
+        p = self.pending.get(m.request_id)
+        if p is not None:
+            if not p.future.done():
+                p.future.set_exception(Failed(m.error))
+            if p.abandoned and isinstance(m, msg.InferFailed):
+                self._finish(p)
+
+    def fail_worker(self, index: int, reason: str, restarted: bool) -> None:
+        """Fail everything the worker held. Its blocks come back only once it provably
+        cannot write into them any more (it restarted or exited); a worker that is merely
+        silent may still be computing, and gives them back by reporting them finished."""
+        for p in [p for p in self.pending.values() if p.worker == index]:
+            if restarted:
+                self._finish(p)
+            else:
+                p.abandoned = p.done is None
+            if not p.future.done():
+                p.future.set_exception(Unavailable(f"{reason}; request failed"))
+
+    def fail_compositing(self, reason: str) -> None:
+        """Frames handed to a lost compositor never come: fail every request still waiting
+        for frames (their worker is done writing, so their blocks come back now)."""
+        for p in [p for p in self.pending.values() if p.done is not None]:
+            if not p.future.done():
+                p.future.set_exception(Unavailable(f"{reason}; request failed"))
+            self._finish(p)
+
+    def snapshot(self) -> dict[str, Any]:
+        per_worker: dict[int, int] = {}
+        for p in self.pending.values():
+            per_worker[p.worker] = per_worker.get(p.worker, 0) + 1
+        return {"inflight_requests": len(self.pending), "per_worker": per_worker,
+                "arena": {"name": self.arena.name, "capacity_bytes": self.arena.capacity,
+                          "used_bytes": self.arena.used_bytes,
+                          "blocks": self.arena.blocks_in_use}}
+
+    def close(self) -> None:
+        self.arena.close()

@@ -1,0 +1,161 @@
+"""Which gpu_workers and compositors are alive, from their heartbeats and announcements.
+
+Pure state: each observation (a heartbeat, a RoleDown, a periodic check) returns the events
+it implies — a worker restarted or went silent, a compositor was lost, what a worker holds —
+and the frontend applies them to the in-flight table and the model registry.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import messages as msg
+from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+LIVENESS_BEATS = 3  # a role silent this many heartbeats is dead: its requests fail in < 2 s
+
+
+@dataclass
+class RoleView:
+    """One gpu_worker or compositor as its heartbeats describe it."""
+
+    pid: int = 0
+    last_seen: float = 0.0
+    silent: bool = False      # missed its heartbeats (or announced its death)
+    restarts: int = 0         # pid changes seen
+    device_memory_used_bytes: int = 0
+    queue_depth: int = 0
+    models: dict[str, int] = field(default_factory=dict)  # what a worker reports holding
+    exited_pid: int = 0       # announced its exit: its last heartbeats are not believed
+
+    def alive(self, now: float, heartbeat_s: float) -> bool:
+        return (self.pid != 0 and not self.silent
+                and now - self.last_seen < LIVENESS_BEATS * heartbeat_s)
+
+
+@dataclass(frozen=True)
+class WorkerLost:
+    """A gpu_worker's requests fail. `restarted`: it can no longer write into their blocks
+    (a new process, or it announced its exit); else it is only silent and may still."""
+
+    index: int
+    reason: str
+    restarted: bool
+
+
+@dataclass(frozen=True)
+class CompositorLost:
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class WorkerHolds:
+    index: int
+    models: dict[str, int]
+
+
+Event = WorkerLost | CompositorLost | WorkerHolds
+
+
+class Liveness:
+    def __init__(self, cfg: Config) -> None:
+        self.heartbeat_s = cfg.runtime.heartbeat_s
+        self.pool_size = cfg.compositor.pool_size
+        self.workers = [RoleView() for _ in range(cfg.gpus.count)]
+        self.compositors: dict[int, RoleView] = {}
+        self.all_reported = asyncio.Event()  # every role has been heard from
+
+    def heard(self, m: msg.Heartbeat) -> list[Event]:
+        events: list[Event] = []
+        if m.role == "compositor":
+            view = self.compositors.setdefault(m.index, RoleView())
+            if m.pid == view.exited_pid:
+                return events
+            if view.pid and view.pid != m.pid:
+                view.restarts += 1
+                log.warning("compositor %d restarted (pid %d -> %d)", m.index, view.pid, m.pid)
+                if not view.silent:
+                    events.append(CompositorLost(m.index, f"compositor {m.index} restarted"))
+        elif 0 <= m.index < len(self.workers):
+            view = self.workers[m.index]
+            if m.pid == view.exited_pid:
+                return events
+            if view.pid and view.pid != m.pid:
+                view.restarts += 1
+                log.warning("gpu_worker %d restarted (pid %d -> %d)", m.index, view.pid, m.pid)
+                events.append(WorkerLost(m.index, f"gpu_worker {m.index} restarted", True))
+            view.models = m.loaded_models
+            events.append(WorkerHolds(m.index, m.loaded_models))
+        else:
+            return events
+        view.pid, view.last_seen, view.silent = m.pid, time.monotonic(), False
+        view.device_memory_used_bytes = m.device_memory_used_bytes
+        view.queue_depth = m.queue_depth
+        if not self.all_reported.is_set() and self.all_alive():
+            self.all_reported.set()
+        return events
+
+    def announced(self, m: msg.RoleDown) -> list[Event]:
+        """A role said it is exiting: it is dead now, not after its heartbeats stop."""
+        log.error("%s %d (pid %d) is exiting: %s", m.role, m.index, m.pid, m.reason)
+        if m.role == "compositor":
+            view = self.compositors.get(m.index)
+            if view is not None and view.pid == m.pid:
+                view.silent, view.exited_pid = True, m.pid
+                return [CompositorLost(m.index, f"compositor {m.index} failed: {m.reason}")]
+            return []
+        if 0 <= m.index < len(self.workers) and self.workers[m.index].pid == m.pid:
+            view = self.workers[m.index]
+            view.silent, view.exited_pid = True, m.pid
+            return [WorkerLost(m.index, f"gpu_worker {m.index} failed: {m.reason}", True)]
+        return []
+
+    def check(self) -> list[Event]:
+        """Roles that went silent since the last check."""
+        now, events = time.monotonic(), []
+        for i, w in enumerate(self.workers):
+            if w.pid and not w.silent and not w.alive(now, self.heartbeat_s):
+                log.error("gpu_worker %d (pid %d) stopped answering", i, w.pid)
+                w.silent = True
+                events.append(WorkerLost(i, f"gpu_worker {i} is unavailable (no heartbeat)",
+                                         False))
+        for i, c in self.compositors.items():
+            if c.pid and not c.silent and not c.alive(now, self.heartbeat_s):
+                log.error("compositor %d (pid %d) stopped answering", i, c.pid)
+                c.silent = True
+                events.append(CompositorLost(i, f"compositor {i} is unavailable (no heartbeat)"))
+        return events
+
+    def worker(self, index: int) -> RoleView | None:
+        """The worker's view when it is alive to take work, else None."""
+        view = self.workers[index]
+        return view if view.alive(time.monotonic(), self.heartbeat_s) else None
+
+    def all_alive(self) -> bool:
+        now = time.monotonic()
+        compositors = sum(c.alive(now, self.heartbeat_s) for c in self.compositors.values())
+        return all(w.alive(now, self.heartbeat_s) for w in self.workers) \
+            and compositors >= self.pool_size
+
+    def healthy(self) -> bool:
+        """Every worker and at least one compositor alive (what SERVING means)."""
+        now = time.monotonic()
+        return (all(w.alive(now, self.heartbeat_s) for w in self.workers)
+                and any(c.alive(now, self.heartbeat_s) for c in self.compositors.values()))
+
+    def snapshot(self) -> dict[str, list[dict[str, Any]]]:
+        now = time.monotonic()
+
+        def view(index: int, v: RoleView) -> dict[str, Any]:
+            return {"index": index, "pid": v.pid, "restarts": v.restarts,
+                    "alive": v.alive(now, self.heartbeat_s), "queue_depth": v.queue_depth,
+                    "device_memory_used_bytes": v.device_memory_used_bytes}
+
+        return {"gpu_workers": [view(i, w) for i, w in enumerate(self.workers)],
+                "compositors": [view(i, c) for i, c in sorted(self.compositors.items())]}

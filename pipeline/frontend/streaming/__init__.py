@@ -1,0 +1,2 @@
+"""One stream session behind three transports: the WebSocket /audio, StreamAudio and
+the seed's ProcessAudio."""
