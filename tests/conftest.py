@@ -1,8 +1,11 @@
 """Shared fixtures: the demo assets (built once per session) and a config around them."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import os
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,3 +122,33 @@ def child_pids(pid: int) -> set[int]:
         frontier = {c for c, p in parents.items() if p in frontier} - found
         found |= frontier
     return found
+
+
+def _wheel(folder: Path, name: str, payload: bytes) -> Path:
+    """A valid pure-Python wheel (pip installs it) carrying `payload` in one module."""
+    dist = f"{name}-1.0"
+    files = {f"{name}/__init__.py": b"DATA = " + repr(payload).encode() + b"\n",
+             f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\n"
+                                           "Version: 1.0\n".encode(),
+             f"{dist}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\n"
+                                        b"Root-Is-Purelib: true\nTag: py3-none-any\n"}
+
+    def record(data: bytes) -> str:
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        return f"sha256={digest},{len(data)}"
+
+    lines = [f"{path},{record(data)}" for path, data in files.items()]
+    files[f"{dist}.dist-info/RECORD"] = ("\n".join(lines) + f"\n{dist}.dist-info/RECORD,,\n").encode()
+    path = folder / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name_in_zip, data in files.items():
+            z.writestr(name_in_zip, data)
+    return path
+
+
+@pytest.fixture
+def wheels(tmp_path: Path) -> list[Path]:
+    folder = tmp_path / "download"
+    folder.mkdir()
+    return [_wheel(folder, "bigpkg", bytes(range(256)) * 40),   # ~10 kB: split
+            _wheel(folder, "smallpkg", b"x")]                     # whole

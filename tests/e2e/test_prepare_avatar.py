@@ -22,7 +22,7 @@ from pipeline.shm.segment import segment_name
 W, H = 64, 48
 FRAMES = 12
 RECT = [8, 4, 40, 36]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _colour(i: int) -> tuple[int, int, int]:

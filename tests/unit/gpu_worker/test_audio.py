@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import librosa
 import numpy as np
@@ -16,7 +13,6 @@ from pipeline.gpu_worker import audio
 from tests.conftest import reference_file
 
 TOL = 1e-4
-
 
 
 def _librosa_reference_mel(wav: np.ndarray) -> np.ndarray:
@@ -44,9 +40,6 @@ def speech_reference(speech: np.ndarray) -> np.ndarray:
 def _sine(sample_rate: int, seconds: float = 1.0, hz: float = 1000.0) -> np.ndarray:
     t = np.arange(int(round(sample_rate * seconds))) / sample_rate
     return (0.5 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
-
-
-# ---------------------------------------------------------------- mel spectrogram
 
 
 def test_tone_matches_python_reference_fixture() -> None:
@@ -125,17 +118,6 @@ def test_warm_up_builds_the_filterbank_once() -> None:
     assert audio._mel_projection.cache_info().misses == 1
 
 
-def test_import_does_not_build_the_filterbank() -> None:
-    """Importing the module leaves the filterbank unbuilt (and librosa unimported) until used."""
-    code = (
-        "import sys; from pipeline.gpu_worker import audio; "
-        "assert audio._mel_basis.cache_info().currsize == 0; "
-        "assert 'librosa' not in sys.modules; "
-        "audio.warm_up(); assert audio._mel_basis.cache_info().currsize == 1"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
-
-
 def test_reused_buffers_leave_no_stale_audio(speech: np.ndarray) -> None:
     """A short mel after a long loud one is unaffected by the reused per-thread buffers."""
     audio.melspectrogram(100.0 * speech)
@@ -160,9 +142,6 @@ def test_concurrent_threads_get_their_own_results(speech: np.ndarray) -> None:
         for _ in range(5):
             results = list(pool.map(audio.melspectrogram, inputs))
             assert all(np.array_equal(r, e) for r, e in zip(results, expected))
-
-
-# ---------------------------------------------------------------- resampling
 
 
 @pytest.mark.parametrize("rate", [48000, 22050])
@@ -203,9 +182,6 @@ def test_invalid_sample_rate_raises(rate: int) -> None:
 def test_boundary_sample_rates_are_accepted(rate: int) -> None:
     """The limits 8000 and 192000 Hz themselves are valid rates."""
     assert audio.melspectrogram(_sine(rate, 0.1), sample_rate=rate).shape[1] == 80
-
-
-# ---------------------------------------------------------------- windows
 
 
 def test_window_starts_follow_the_spec_table() -> None:
@@ -261,9 +237,6 @@ def test_short_mel_is_padded_with_silence(m: int) -> None:
     assert np.array_equal(windows[0, 0, :, :m], mel.T)
     assert np.all(windows[0, 0, :, m:] == -4.0)
     assert np.array_equal(windows[1], windows[0])
-
-
-# ---------------------------------------------------------------- per-frame features
 
 
 def _constant_rows(n: int) -> np.ndarray:
@@ -352,9 +325,6 @@ def test_frame_features_rejects_bad_shapes() -> None:
         audio.frame_features(_constant_rows(4), 2, first_frame=-1)
 
 
-# ---------------------------------------------------------------- deprecated audio_features
-
-
 @pytest.mark.parametrize("b", [1, 3, 32])
 def test_replicated_features_copies_one_frame_to_all(b: int) -> None:
     """32768 bytes of float32 LE become [B,32,16,16] with the same tensor in every frame."""
@@ -377,9 +347,6 @@ def test_replicated_features_size_check(size: int) -> None:
     assert str(err.value) == expected
 
 
-# ---------------------------------------------------------------- the whole chain
-
-
 _SWEEP_LENGTHS = sorted(
     {0, 1, 2, 3, 4, 7, 100, 199, 200, 201, 399, 400, 1000, 2999, 3000, 3200, 3201, 3399,
      3400, 5000, 6399, 6400, 9600, 10239, 10240, 10241, 12800, 14720, 16000, 25600, 30080,
@@ -400,9 +367,6 @@ def test_any_length_and_batch_size_gives_finite_features(n: int) -> None:
         assert frames.shape == (b, 32, 16, 16) and frames.dtype == np.float32
         assert np.isfinite(frames).all()
         assert np.array_equal(frames[0, 16:18].ravel(), encoded[0])  # row 8 of frame 0 is f0
-
-
-# ---------------------------------------------------------------- streaming
 
 
 def _fake_encoder(windows: np.ndarray) -> np.ndarray:

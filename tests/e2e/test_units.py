@@ -272,7 +272,7 @@ def test_a_loaded_standalone_frontend_stops_within_its_grace_period(tmp_path: Pa
     """SIGTERM to a frontend run as a unit, while four WebSocket sessions and a StreamAudio
     call stream: it exits 0 within server.shutdown_grace_s + 2 s (a session task that
     swallowed its cancellation used to keep it running for tens of seconds)."""
-    from tests.integration.test_shutdown import GrpcStreamer, WebSocketStreamer
+    from tests.e2e.test_shutdown import GrpcStreamer, WebSocketStreamer
 
     grace = 2.0
     units = Units(tmp_path, small_models_root, **{"server.shutdown_grace_s": grace})

@@ -22,7 +22,7 @@ from pipeline.config import load_config
 from pipeline.runtime.process import Readiness, sd_notify
 from pipeline.launch.standalone import EX_CONFIG, cmd_role
 
-UNITS = Path(__file__).resolve().parents[1] / "systemd"
+UNITS = Path(__file__).resolve().parents[2] / "systemd"
 SERVICES = ("lipsync-frontend.service", "lipsync-gpu-worker@.service",
             "lipsync-compositor@.service")
 INSTALLED_BINARY = "/opt/lipsync/.venv/bin/lipsync"

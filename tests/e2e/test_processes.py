@@ -1,0 +1,75 @@
+"""Checks that need a real process or server of their own: a fresh interpreter's imports,
+a gRPC server built from the stubs, pip installing the wheels the GPU suite carries."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pipeline.rpc import monolithic_pb2, monolithic_pb2_grpc
+from tests.unit.rpc.test_stubs import SEED_RPCS
+from tests.unit.test_wheelparts import wheelparts
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_import_does_not_build_the_filterbank() -> None:
+    """Importing the module leaves the filterbank unbuilt (and librosa unimported) until used."""
+    code = (
+        "import sys; from pipeline.gpu_worker import audio; "
+        "assert audio._mel_basis.cache_info().currsize == 0; "
+        "assert 'librosa' not in sys.modules; "
+        "audio.warm_up(); assert audio._mel_basis.cache_info().currsize == 1"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+class _HealthOnly(monolithic_pb2_grpc.MonolithicServiceServicer):
+    def Health(self, request, context):  # type: ignore[no-untyped-def]
+        return monolithic_pb2.HealthResponse(healthy=True, max_models=7, gpu_ids=[0, 1])
+
+
+def test_seed_method_paths_are_served() -> None:
+    """A server built from the stubs serves /monolithic.MonolithicService/<RPC> for each seed RPC."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    monolithic_pb2_grpc.add_MonolithicServiceServicer_to_server(_HealthOnly(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for rpc, (request, response) in SEED_RPCS.items():
+                call = channel.unary_unary(
+                    f"/monolithic.MonolithicService/{rpc}",
+                    request_serializer=lambda m: m.SerializeToString(),
+                    response_deserializer=getattr(monolithic_pb2, response).FromString)
+                req = getattr(monolithic_pb2, request)()
+                if rpc == "Health":
+                    assert call(req, timeout=10).max_models == 7
+                    continue
+                with pytest.raises(grpc.RpcError) as info:
+                    call(req, timeout=10)
+                # the servicer's own default, not "Method not found!": the path is registered
+                assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+                assert info.value.details() == "Method not implemented!", rpc
+            stub = monolithic_pb2_grpc.MonolithicServiceStub(channel)
+            reply = stub.Health(monolithic_pb2.HealthRequest(), timeout=10)
+            assert (reply.healthy, list(reply.gpu_ids)) == (True, [0, 1])
+    finally:
+        server.stop(None)
+
+
+def test_pip_accepts_the_wheels_for_the_box_python(tmp_path: Path, wheels: list[Path]) -> None:
+    """The dry-run install command for CPython 3.12 on manylinux x86_64 accepts real wheels
+    and installs nothing."""
+    cmd = wheelparts.pip_install_command(sys.executable, wheels, check_into=tmp_path / "target")
+    assert cmd[:3] == [sys.executable, "-m", "pip"] and "--dry-run" in cmd
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Would install bigpkg-1.0 smallpkg-1.0" in done.stdout
+    assert not (tmp_path / "target").exists()
+    real = wheelparts.pip_install_command("python3", wheels)
+    assert "--dry-run" not in real and "--no-index" in real and "--no-deps" in real
