@@ -4,7 +4,6 @@ same request gets when it runs alone."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -13,21 +12,15 @@ from pipeline.bench.local_server import ServerProcess
 from pipeline.client import channel
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
-from tests.conftest import write_config
 
 MAX_BATCH_FRAMES = 16
 DELAY_MS = 400  # long enough that requests sent together always meet in the worker
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, models_root: Path):
-    tmp = tmp_path_factory.mktemp("batching")
-    config = write_config(tmp / "config.yaml", models_root,
-                          **{"batching.max_batch_frames": MAX_BATCH_FRAMES,
-                             "batching.max_queue_delay_ms": DELAY_MS})
-    with ServerProcess(config, log_path=tmp / "server.log") as srv:
-        srv.config_path = config  # type: ignore[attr-defined]
-        yield srv
+def server(start_server):
+    return start_server(**{"batching.max_batch_frames": MAX_BATCH_FRAMES,
+                           "batching.max_queue_delay_ms": DELAY_MS})
 
 
 def _requests(server: ServerProcess) -> list[pb.CompositeBatchRequest]:

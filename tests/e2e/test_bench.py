@@ -21,12 +21,8 @@ def bench(*args: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, models_root: Path):
-    tmp = tmp_path_factory.mktemp("bench")
-    config = write_config(tmp / "config.yaml", models_root)
-    with ServerProcess(config, log_path=tmp / "server.log") as srv:
-        srv.config_path = config  # type: ignore[attr-defined]
-        yield srv
+def server(start_server):
+    return start_server()
 
 
 def test_compare_inprocess_and_ort(server: ServerProcess) -> None:
@@ -75,17 +71,17 @@ def test_duration_mode_with_client_built_visual(server: ServerProcess) -> None:
     assert "single_request" not in result and "ratio" not in result
 
 
-def test_the_bench_model_is_built_and_served(tmp_path: Path, models_root: Path) -> None:
+def test_the_bench_model_is_built_and_served(tmp_path: Path, small_models_root: Path) -> None:
     """--model bench builds the SyncTalk-2D-sized UNet where the config expects it (when
     missing) and the pipeline serves it."""
-    config = write_config(tmp_path / "config.yaml", models_root, **{"models.bench": {
+    config = write_config(tmp_path / "config.yaml", small_models_root, **{"models.bench": {
         "model_path": "bench/unet.onnx", "background_dir": "demo/frames",
         "crop_rects_path": "demo/crop_rects.json", "num_frames": 10}})
-    (models_root / "bench" / "unet.onnx").unlink(missing_ok=True)
+    (small_models_root / "bench" / "unet.onnx").unlink(missing_ok=True)
     with ServerProcess(config, log_path=tmp_path / "server.log") as srv:
         result = bench("--config", str(config), "--address", srv.address, "--model", "bench",
                        "--batch", "1", "--concurrency", "1", "--requests", "2", "--warmup", "1",
                        "--probe", "0", "--visual", "server")
-    assert (models_root / "bench" / "unet.onnx").is_file()
+    assert (small_models_root / "bench" / "unet.onnx").is_file()
     assert result["errors"] == 0 and result["model"] == "bench"
     assert result["stage_ms"]["unet"] > 5 * result["stage_ms"]["audio"]  # a real network's cost

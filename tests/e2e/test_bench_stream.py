@@ -101,10 +101,10 @@ def test_summary_of_a_server_that_falls_behind_or_drops_frames():
     assert "every session holds 25 fps: NO" in table and f"{slow['fps']:.2f}" in table
 
 
-def test_one_real_session_of_3_s(tmp_path, models_root, capsys):
+def test_one_real_session_of_3_s(tmp_path, small_models_root, capsys):
     """One 3 s real-time session against a real server: 75 frames near 25 fps, positive
     latencies, no errors; a session the server refuses exits 1."""
-    config = write_config(tmp_path / "config.yaml", models_root)
+    config = write_config(tmp_path / "config.yaml", small_models_root)
     with ServerProcess(config, log_path=tmp_path / "server.log") as server:
         args = argparse.Namespace(config=config, address=f"127.0.0.1:{server.ws_port}",
                                   model="demo", sessions=1, seconds=3.0, chunk_ms=40.0,

@@ -29,17 +29,13 @@ GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, models_root: Path):
-    tmp = tmp_path_factory.mktemp("ops_server")
+def server(start_server):
     from pipeline.bench.local_server import free_port
 
-    config = write_config(tmp / "config.yaml", models_root, **{
+    return start_server(**{
         "models.sanders": {"model_path": "demo/unet.onnx", "background_dir": "demo/frames",
-                           "crop_rects_path": "demo/crop_rects.json", "num_frames": 250},
+                           "crop_rects_path": "demo/crop_rects.json", "num_frames": 32},
         "ops.metrics_port": free_port()})
-    with ServerProcess(config, log_path=tmp / "server.log") as srv:
-        srv.config_path = config  # type: ignore[attr-defined]
-        yield srv
 
 
 def grpcurl(server: ServerProcess, *args: str) -> dict:
@@ -133,9 +129,10 @@ def test_ops_socket_stats_table_and_metrics(server) -> None:
         assert name in metrics, name
 
 
-def test_sigterm_drains_in_flight_work_then_exits_0(tmp_path: Path, models_root: Path) -> None:
+def test_sigterm_drains_in_flight_work_then_exits_0(tmp_path: Path,
+                                                   small_models_root: Path) -> None:
     """SIGTERM: in-flight requests finish, new ones get UNAVAILABLE, WebSockets close 1001."""
-    config = write_config(tmp_path / "config.yaml", models_root)
+    config = write_config(tmp_path / "config.yaml", small_models_root)
     srv = ServerProcess(config, log_path=tmp_path / "server.log")
     srv.start()
     results: list[pb.CompositeBatchResponse] = []
@@ -181,7 +178,8 @@ def test_sigterm_drains_in_flight_work_then_exits_0(tmp_path: Path, models_root:
     assert codes == [1001]
 
 
-def test_sigkill_under_load_costs_requests_never_the_service(tmp_path: Path, models_root: Path) -> None:
+def test_sigkill_under_load_costs_requests_never_the_service(tmp_path: Path,
+                                                            small_models_root: Path) -> None:
     """SIGKILL a gpu_worker and a compositor under load, again and again: in-flight requests
     fail fast and clearly, no wrong frame, no stuck arena block, no leaked segment, and the
     frontend's memory does not grow."""
@@ -190,16 +188,17 @@ def test_sigkill_under_load_costs_requests_never_the_service(tmp_path: Path, mod
 
     from pipeline.cli.stats import fetch
     from pipeline.shm.segment import list_segments
-    from tests.conftest import DEMO_FRAMES, child_pids
+    from tests.conftest import SMALL_FRAMES as DEMO_FRAMES
+    from tests.conftest import child_pids
 
     kills = int(os.environ.get("LIPSYNC_KILL_ROUNDS", "20"))
-    config = write_config(tmp_path / "config.yaml", models_root, **{
+    config = write_config(tmp_path / "config.yaml", small_models_root, **{
         "runtime.restart_backoff_max_s": 0.5, "server.request_timeout_s": 20})
     raw = yaml.safe_load(config.read_text())
     instance = raw["runtime"]["instance"]
     ops = f"ipc://{raw['runtime']['dir']}/{instance}-ops.ipc"
     x1, y1, x2, y2 = (20, 20, 340, 135)  # the frame counter
-    counters = np.stack([cv2.imread(str(models_root / "demo" / "frames" / f"frame_{i:04d}.jpg"))
+    counters = np.stack([cv2.imread(str(small_models_root / "demo" / "frames" / f"frame_{i:04d}.jpg"))
                          [y1:y2, x1:x2] for i in range(DEMO_FRAMES)]).astype(np.float32)
     stop = threading.Event()
     outcomes: list[str] = []

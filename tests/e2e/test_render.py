@@ -5,7 +5,6 @@ import argparse
 import math
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -16,7 +15,6 @@ import soundfile as sf
 from pipeline.client import speech_like_audio
 from pipeline.bench.local_server import ServerProcess, free_port
 from pipeline.cli.render import register, render
-from tests.conftest import write_config
 
 SECONDS = 1.3
 FRAMES = math.ceil(25 * SECONDS)  # 33
@@ -25,12 +23,9 @@ FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> Iterator[ServerProcess]:
+def server(start_server) -> ServerProcess:
     """One `lipsync serve` (CPU) for the module."""
-    root = tmp_path_factory.mktemp("render")
-    config = write_config(root / "config.yaml", models_root)
-    with ServerProcess(config, log_path=root / "server.log") as proc:
-        yield proc
+    return start_server()
 
 
 def parser() -> argparse.ArgumentParser:

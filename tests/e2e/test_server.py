@@ -20,44 +20,24 @@ from pipeline.client import channel
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from pipeline.shm.segment import list_segments
-from tests.conftest import DEMO_FRAMES, child_pids, write_config
+from tests.conftest import SMALL_FRAMES as FRAMES
+from tests.conftest import child_pids, write_config
 
 VISUAL_FRAME_BYTES = 6 * 320 * 320 * 4
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, models_root: Path):
-    tmp = tmp_path_factory.mktemp("server")
-    config = write_config(tmp / "config.yaml", models_root,
-                          **{"models.other": {"model_path": "demo/unet.onnx",
-                                              "background_dir": "demo/frames",
-                                              "crop_rects_path": "demo/crop_rects.json",
-                                              "num_frames": DEMO_FRAMES}})
-    with ServerProcess(config, log_path=tmp / "server.log") as srv:
-        srv.config_path = config  # type: ignore[attr-defined]
-        yield srv
+def server(start_server):
+    return start_server(**{"models.other": {"model_path": "demo/unet.onnx",
+                                            "background_dir": "demo/frames",
+                                            "crop_rects_path": "demo/crop_rects.json",
+                                            "num_frames": FRAMES}})
 
 
 @pytest.fixture(scope="module")
 def stub(server: ServerProcess):
     with channel(server.address) as ch:
         yield pb_grpc.MonolithicServiceStub(ch)
-
-
-@pytest.fixture(scope="module")
-def backgrounds(models_root: Path) -> np.ndarray:
-    """The counter corner of every demo background, decoded as the server decodes them."""
-    x1, y1, x2, y2 = COUNTER_BOX
-    frames = [cv2.imread(str(models_root / "demo" / "frames" / f"frame_{i:04d}.jpg"))
-              for i in range(DEMO_FRAMES)]
-    return np.stack([f[y1:y2, x1:x2] for f in frames]).astype(np.float32)
-
-
-def which_background(jpeg: bytes, backgrounds: np.ndarray) -> int:
-    x1, y1, x2, y2 = COUNTER_BOX
-    frame = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    corner = frame[y1:y2, x1:x2].astype(np.float32)
-    return int(np.argmin(np.abs(backgrounds - corner).mean(axis=(1, 2, 3))))
 
 
 def request(server: ServerProcess, batch: int, start: int, **fields: object) -> pb.CompositeBatchRequest:
@@ -68,29 +48,29 @@ def request(server: ServerProcess, batch: int, start: int, **fields: object) -> 
 
 
 @pytest.mark.parametrize("batch", [1, 8, 32])
-def test_batch_returns_the_right_background_frames(stub, server, backgrounds, batch: int) -> None:
+def test_batch_returns_the_right_background_frames(stub, server, oracle, batch: int) -> None:
     """Batch 1, 8 and 32: B JPEGs of the background's size, each the right background frame."""
-    start = 240  # crosses the wrap at 250 for the larger batches
+    start = FRAMES - 10  # crosses the wrap for the larger batches
     resp = stub.InferBatchComposite(request(server, batch, start), timeout=120)
     assert resp.success, resp.error
     assert len(resp.composited_frames) == batch
     for i, jpeg in enumerate(resp.composited_frames):
         frame = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
         assert frame.shape == (720, 1280, 3)
-        assert which_background(jpeg, backgrounds) == (start + i) % DEMO_FRAMES
+        assert oracle.frame(jpeg) == (start + i) % FRAMES
     assert resp.gpu_id == 0
     assert resp.inference_time_ms > 0 and resp.audio_processing_ms > 0
     assert resp.composite_time_ms > 0
     assert resp.total_time_ms >= resp.inference_time_ms + resp.audio_processing_ms
 
 
-def test_huge_start_index_wraps(stub, server, backgrounds) -> None:
+def test_huge_start_index_wraps(stub, server, oracle) -> None:
     """A start index far past the frame count wraps modulo the background count."""
     start = 2**31 - 1 - 4
     resp = stub.InferBatchComposite(request(server, 4, start), timeout=60)
     assert resp.success, resp.error
-    assert [which_background(j, backgrounds) for j in resp.composited_frames] == \
-        [(start + i) % DEMO_FRAMES for i in range(4)]
+    assert [oracle.frame(j) for j in resp.composited_frames] == \
+        [(start + i) % FRAMES for i in range(4)]
 
 
 def test_speech_opens_the_mouth_and_silence_closes_it(stub, server) -> None:
@@ -152,14 +132,14 @@ def test_nan_visual_frames_are_rejected(stub, server) -> None:
     assert (resp.success, resp.error) == (False, "visual_frames contains NaN or Inf values")
 
 
-def test_deprecated_audio_features_path(stub, server, backgrounds) -> None:
+def test_deprecated_audio_features_path(stub, server, oracle) -> None:
     """32768 bytes of features, replicated to every frame, give frames with audio time 0."""
     resp = stub.InferBatchComposite(
         request(server, 3, 7, raw_audio=b"",
                 audio_features=np.full(8192, 0.3, np.float32).tobytes()), timeout=60)
     assert resp.success, resp.error
     assert resp.audio_processing_ms < 5
-    assert [which_background(j, backgrounds) for j in resp.composited_frames] == [7, 8, 9]
+    assert [oracle.frame(j) for j in resp.composited_frames] == [7, 8, 9]
 
 
 def test_other_sample_rates_are_resampled(stub, server) -> None:
@@ -179,7 +159,7 @@ def test_the_server_survives_every_bad_request(stub) -> None:
     assert health.max_models == 40
 
 
-def test_concurrent_clients_each_get_their_own_frames(server, backgrounds) -> None:
+def test_concurrent_clients_each_get_their_own_frames(server, oracle) -> None:
     """8 concurrent clients x 5 requests with different start indices: no mixed-up frames."""
     base = request(server, 4, 0)
 
@@ -194,14 +174,14 @@ def test_concurrent_clients_each_get_their_own_frames(server, backgrounds) -> No
                 req.start_frame_idx = start
                 resp = s.InferBatchComposite(req, timeout=120)
                 assert resp.success, resp.error
-                out.append((start, [which_background(j, backgrounds) for j in resp.composited_frames]))
+                out.append((start, [oracle.frame(j) for j in resp.composited_frames]))
         return out
 
     with ThreadPoolExecutor(8) as pool:
         results = [x for r in pool.map(client, range(8)) for x in r]
     assert len(results) == 40
     for start, frames in results:
-        assert frames == [(start + i) % DEMO_FRAMES for i in range(4)]
+        assert frames == [(start + i) % FRAMES for i in range(4)]
 
 
 def test_model_management_rpcs(stub, server) -> None:
@@ -243,9 +223,9 @@ def test_on_demand_load_sets_model_loaded(stub, server) -> None:
     assert second.success and not second.model_loaded and second.model_load_time_ms == 0
 
 
-def test_sigterm_stops_everything_and_leaks_nothing(tmp_path: Path, models_root: Path) -> None:
+def test_sigterm_stops_everything_and_leaks_nothing(tmp_path: Path, small_models_root: Path) -> None:
     """SIGTERM: exit 0 within 10 s, no child process and no /dev/shm segment left."""
-    config = write_config(tmp_path / "config.yaml", models_root)
+    config = write_config(tmp_path / "config.yaml", small_models_root)
     instance = yaml.safe_load(config.read_text())["runtime"]["instance"]
     srv = ServerProcess(config, log_path=tmp_path / "server.log")
     srv.start()
@@ -268,9 +248,9 @@ def test_sigterm_stops_everything_and_leaks_nothing(tmp_path: Path, models_root:
     assert list_segments(instance) == []
 
 
-def test_sigint_stops_everything(tmp_path: Path, models_root: Path) -> None:
+def test_sigint_stops_everything(tmp_path: Path, small_models_root: Path) -> None:
     """SIGINT (Ctrl-C) stops the server the same way."""
-    config = write_config(tmp_path / "config.yaml", models_root)
+    config = write_config(tmp_path / "config.yaml", small_models_root)
     instance = yaml.safe_load(config.read_text())["runtime"]["instance"]
     srv = ServerProcess(config, log_path=tmp_path / "server.log")
     srv.start()
@@ -282,9 +262,10 @@ def test_sigint_stops_everything(tmp_path: Path, models_root: Path) -> None:
     assert list_segments(instance) == []
 
 
-def test_a_killed_gpu_worker_is_restarted_and_serves_again(tmp_path: Path, models_root: Path) -> None:
+def test_a_killed_gpu_worker_is_restarted_and_serves_again(tmp_path: Path,
+                                                          small_models_root: Path) -> None:
     """SIGKILL of the gpu_worker: the supervisor restarts it and requests succeed again."""
-    config = write_config(tmp_path / "config.yaml", models_root)
+    config = write_config(tmp_path / "config.yaml", small_models_root)
     with ServerProcess(config, log_path=tmp_path / "server.log") as srv, channel(srv.address) as ch:
         stub = pb_grpc.MonolithicServiceStub(ch)
         req = build_request(config, "demo", 2, 0)

@@ -29,14 +29,11 @@ MAX_CLIENTS = 3
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, models_root: Path):
-    tmp = tmp_path_factory.mktemp("stream_server")
-    config = write_config(tmp / "config.yaml", models_root, **{
-        "streaming.rate_limit_messages_per_s": 25, "streaming.max_message_bytes": 65536})
+def server(start_server):
     os.environ["MAX_CLIENTS"] = str(MAX_CLIENTS)  # the seed's variable, read at start
     try:
-        with ServerProcess(config, log_path=tmp / "server.log") as srv:
-            yield srv
+        return start_server(**{"streaming.rate_limit_messages_per_s": 25,
+                               "streaming.max_message_bytes": 65536})
     finally:
         del os.environ["MAX_CLIENTS"]
 
@@ -268,11 +265,11 @@ def test_seed_log_lines(server) -> None:
         time.sleep(0.05)
 
 
-def test_a_slow_consumer_is_closed_not_buffered(tmp_path: Path, models_root: Path) -> None:
+def test_a_slow_consumer_is_closed_not_buffered(tmp_path: Path, small_models_root: Path) -> None:
     """A client that stops reading is disconnected after send_timeout_s; the server goes on."""
     import socket
 
-    config = write_config(tmp_path / "config.yaml", models_root,
+    config = write_config(tmp_path / "config.yaml", small_models_root,
                           **{"streaming.send_timeout_s": 1})
     with ServerProcess(config, log_path=tmp_path / "server.log") as srv:
         async def run() -> int:

@@ -159,8 +159,8 @@ class Units:
 
 
 @pytest.fixture
-def units(tmp_path: Path, models_root: Path) -> Iterator[Units]:
-    u = Units(tmp_path, models_root)
+def units(tmp_path: Path, small_models_root: Path) -> Iterator[Units]:
+    u = Units(tmp_path, small_models_root)
     try:
         yield u
     finally:
