@@ -31,14 +31,14 @@ class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
         self.pairs = pairs
 
     def _with(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return details._replace(metadata=(*(details.metadata or ()), *self.pairs))  # type: ignore[attr-defined]
+        return details._replace(metadata=(*(details.metadata or ()), *self.pairs))
 
-    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+    def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._with(details), request)
 
     intercept_unary_stream = intercept_unary_unary
 
-    def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+    def intercept_stream_unary(self, continuation, details, requests):
         return continuation(self._with(details), requests)
 
     intercept_stream_stream = intercept_stream_unary
@@ -125,7 +125,10 @@ def build_request(cfg_path: Path, model_id: str, batch: int, start: int,
     for i in range(batch):
         idx = (start + i) % model.num_frames
         frame = cv2.imread(str(find_frame(model.background_dir, idx, names)))
-        visual_input(frame, tuple(int(v) for v in rects[idx]), out=visual[i])
+        if frame is None:
+            raise ValueError(f"cannot read background frame {idx} of {model_id}")
+        x1, y1, x2, y2 = (int(v) for v in rects[idx])
+        visual_input(frame, (x1, y1, x2, y2), out=visual[i])
     request.visual_frames = visual.tobytes()
     return request
 

@@ -308,8 +308,9 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
     return parse_config(raw, base_dir=path.parent, path=path)
 
 
-_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)  # type: ignore[misc]
-             if f.default_factory is not dataclasses.MISSING and f.name != "models"}
+_SECTIONS: dict[str, type] = {
+    f.name: type(f.default_factory()) for f in dataclasses.fields(Config)
+    if not isinstance(f.default_factory, dataclasses._MISSING_TYPE) and f.name != "models"}
 
 
 def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
@@ -317,8 +318,8 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     raw = _mapping("(top level)", raw)
     _known("(top level)", raw, {*_SECTIONS, "models_root", "audio_encoder_path", "models"})
     models_root = (base_dir / _str("models_root", raw.get("models_root", "models"))).resolve()
-    sections = {name: _section(type(make()), name, raw.get(name), base_dir)  # type: ignore[misc]
-                for name, make in _SECTIONS.items()}
+    sections = {name: _section(cls, name, raw.get(name), base_dir)
+                for name, cls in _SECTIONS.items()}
     for variable, (section, key, convert) in ENV_OVERRIDES.items():
         if variable in os.environ:
             try:
@@ -372,10 +373,11 @@ def _section(cls: type, name: str, raw: Any, base_dir: Path,
     values: dict[str, Any] = {}
     for key, spec in fields.items():
         where = f"{name}.{key}"
-        has_default = spec.default is not dataclasses.MISSING \
-            or spec.default_factory is not dataclasses.MISSING  # type: ignore[misc]
-        default = spec.default if spec.default is not dataclasses.MISSING else (
-            spec.default_factory() if has_default else None)  # type: ignore[misc]
+        default: Any = None
+        if spec.default is not dataclasses.MISSING:
+            default = spec.default
+        elif not isinstance(spec.default_factory, dataclasses._MISSING_TYPE):
+            default = spec.default_factory()
         if key not in raw:
             values[key] = default
         else:

@@ -41,7 +41,7 @@ _DTYPE_SIZES = {"float32": 4, "float16": 2, "int16": 2, "uint8": 1}
 
 # ---- frontend -> gpu_worker -------------------------------------------------------------
 
-class InferRequest(Message):
+class InferRequest(Message, frozen=True):
     request_id: int
     worker_pid: int                     # the process it is meant for (see GpuWorker._receive)
     model_id: str
@@ -58,13 +58,13 @@ class InferRequest(Message):
     sent_ns: int = 0                    # time.monotonic_ns() at the frontend's send
 
 
-class LoadModel(Message):
+class LoadModel(Message, frozen=True):
     request_id: int
     worker_pid: int
     model_id: str
 
 
-class UnloadModel(Message):
+class UnloadModel(Message, frozen=True):
     request_id: int
     worker_pid: int
     model_id: str
@@ -72,7 +72,7 @@ class UnloadModel(Message):
 
 # ---- gpu_worker -> compositor -----------------------------------------------------------
 
-class CompositeJob(Message):
+class CompositeJob(Message, frozen=True):
     request_id: int
     frame_index: int                    # position in the batch
     prediction: TensorRef               # [3,320,320] float32 BGR in [0,1]
@@ -82,7 +82,7 @@ class CompositeJob(Message):
     jpeg_quality: int
 
 
-class ReleaseSegment(Message):
+class ReleaseSegment(Message, frozen=True):
     """Broadcast by a gpu_worker: unmap this segment (a model's backgrounds were unloaded)."""
 
     segment: str
@@ -90,7 +90,7 @@ class ReleaseSegment(Message):
 
 # ---- gpu_worker / compositor -> frontend ------------------------------------------------
 
-class InferDone(Message):
+class InferDone(Message, frozen=True):
     request_id: int
     gpu_id: int
     queue_ns: int                       # from the frontend's send to the worker starting it
@@ -105,12 +105,12 @@ class InferDone(Message):
     run_requests: int = 1               # requests coalesced into that run
 
 
-class InferFailed(Message):
+class InferFailed(Message, frozen=True):
     request_id: int
     error: str
 
 
-class FrameDone(Message):
+class FrameDone(Message, frozen=True):
     """Header of a JPEG; the JPEG bytes follow as the next ZMQ frame."""
 
     request_id: int
@@ -120,13 +120,13 @@ class FrameDone(Message):
     jpeg_ns: int
 
 
-class FrameFailed(Message):
+class FrameFailed(Message, frozen=True):
     request_id: int
     frame_index: int
     error: str
 
 
-class ControlReply(Message):
+class ControlReply(Message, frozen=True):
     request_id: int
     ok: bool
     error: str = ""
@@ -135,7 +135,7 @@ class ControlReply(Message):
     memory_bytes: int = 0               # LoadModel: the model's measured memory
 
 
-class Heartbeat(Message):
+class Heartbeat(Message, frozen=True):
     role: Literal["gpu_worker", "compositor"]
     index: int
     pid: int
@@ -145,7 +145,7 @@ class Heartbeat(Message):
     queue_depth: int = 0
 
 
-class RoleDown(Message):
+class RoleDown(Message, frozen=True):
     """Sent by a role about to exit because of an error (death announced, not inferred):
     the frontend fails its work at once instead of after heartbeats go silent."""
 

@@ -26,14 +26,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.runtime.addresses import Addresses
+from pipeline.bench.local_server import ServerProcess
+from pipeline.client import build_request, channel, speech_like_audio
 from pipeline.config import load_config
 from pipeline.frontend.wire import CompositeRequestView, parse_composite_request
-from pipeline.bench.local_server import ServerProcess
-from pipeline.client import channel
-from pipeline.client import build_request, speech_like_audio
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
+from pipeline.runtime.addresses import Addresses
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -516,8 +515,8 @@ def print_result(result: dict[str, object]) -> None:
 
 def ensure_bench_model(cfg_path: Path, model_id: str) -> None:
     """`--model bench` builds the bench UNet (and the demo frames it uses) when missing."""
-    from pipeline.demo.ensure import ensure_demo_assets
     from pipeline.demo.bench_model import BENCH_MODEL_ID
+    from pipeline.demo.ensure import ensure_demo_assets
 
     cfg = load_config(cfg_path)
     if model_id not in cfg.models:

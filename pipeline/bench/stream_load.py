@@ -48,13 +48,11 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from pipeline.runtime.addresses import Addresses
 from pipeline.bench.main import ops_stats, percentile
-from pipeline.client import speech_like_audio
+from pipeline.client import parse_frame_message, speech_like_audio, websocket_options
 from pipeline.config import load_config
-from pipeline.client import parse_frame_message
+from pipeline.runtime.addresses import Addresses
 from pipeline.synctalk import FRAME_SAMPLES, FRAME_US, stream_samples
-from pipeline.client import websocket_options
 
 SAMPLE_RATE = 16000
 FPS = 25

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 from pipeline.cli import prepare_avatar, render, stats
+from pipeline.client import add_security_arguments, apply_security_arguments
+from pipeline.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from pipeline.demo.ensure import ensure_demo_assets
 from pipeline.launch import standalone
-from pipeline.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from pipeline.client import add_security_arguments, apply_security_arguments
 from pipeline.runtime.logs import setup_logging
 
 log = logging.getLogger("lipsync")
@@ -26,10 +26,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pipeline.launch.supervisor import Supervisor
-
-    from pipeline.runtime.addresses import Addresses
     from pipeline.frontend.ports import check_free
+    from pipeline.launch.supervisor import Supervisor
+    from pipeline.runtime.addresses import Addresses
     from pipeline.runtime.process import RoleError, check_role_free
 
     cfg = _load(args)

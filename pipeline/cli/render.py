@@ -23,8 +23,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from pipeline.config import grpc_server_address
 from pipeline.client import add_security_arguments, apply_security_arguments
+from pipeline.config import grpc_server_address
 
 PROG = "lipsync render"
 DEFAULT_ADDRESS = "localhost:50053"
@@ -235,6 +235,7 @@ class _Encoder:
             raise RenderError(f"cannot start ffmpeg: {exc.strerror or exc}") from None
 
     def write(self, jpeg: bytes) -> None:
+        assert self.proc.stdin is not None  # opened with stdin=PIPE
         try:
             self.proc.stdin.write(jpeg)
         except (BrokenPipeError, OSError):
@@ -242,6 +243,7 @@ class _Encoder:
             raise RenderError(f"ffmpeg failed: {self._last_line()}") from None
 
     def finish(self) -> None:
+        assert self.proc.stdin is not None
         try:
             self.proc.stdin.close()
         except (BrokenPipeError, OSError):

@@ -10,15 +10,15 @@ from typing import Any
 
 import zmq
 
-from pipeline.runtime.addresses import Addresses
 from pipeline.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from pipeline.runtime.addresses import Addresses
 
 PROG = "lipsync stats"
 
 
 def fetch(endpoint: str, timeout_s: float = 3.0, command: str = "stats") -> dict[str, Any]:
     """One request to the ops socket; TimeoutError when nothing answers."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     try:

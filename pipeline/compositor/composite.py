@@ -16,7 +16,6 @@ import numpy as np
 from pipeline.synctalk import CROP, INNER
 
 
-
 def prediction_to_bgr(prediction: np.ndarray) -> np.ndarray:
     """[3,320,320] float BGR in [0,1] -> [320,320,3] uint8 (x255, clamp, truncate; NaN -> 0)."""
     scaled = np.multiply(prediction, np.float32(255.0), dtype=np.float32)

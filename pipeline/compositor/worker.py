@@ -14,13 +14,13 @@ import cv2
 import zmq
 
 from pipeline import messages as msg
-from pipeline.runtime.addresses import Addresses
 from pipeline.compositor.composite import encode_jpeg, paste
 from pipeline.config import Config
+from pipeline.runtime.addresses import Addresses
 from pipeline.runtime.logs import logging_request
 from pipeline.runtime.process import Readiness, run_role
-from pipeline.shm.segment import SegmentCache
 from pipeline.runtime.sockets import make_socket
+from pipeline.shm.segment import SegmentCache
 
 log = logging.getLogger(__name__)
 

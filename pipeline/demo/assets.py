@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -381,7 +381,7 @@ def build_unet_model() -> onnx.ModelProto:
         _f32("teeth_bgr", np.reshape(_TEETH_BGR, (1, 3, 1, 1))),
     ]  # fmt: skip
 
-    def node(op: str, inputs: list[str], output: str, **attrs: object) -> onnx.NodeProto:
+    def node(op: str, inputs: list[str], output: str, **attrs: Any) -> onnx.NodeProto:
         return helper.make_node(op, inputs, [output], name=output, **attrs)
 
     nodes = [

@@ -15,8 +15,13 @@ def ensure_demo_assets(cfg: Config, force: bool = False, bench_model: bool = Fal
 
     Returns True when something was built. Models elsewhere are the user's and untouched.
     """
-    from pipeline.demo.assets import (DEMO_MODEL_ID, NUM_FRAMES, build_demo_assets,
-                                      demo_asset_paths, demo_assets_present)
+    from pipeline.demo.assets import (
+        DEMO_MODEL_ID,
+        NUM_FRAMES,
+        build_demo_assets,
+        demo_asset_paths,
+        demo_assets_present,
+    )
     from pipeline.demo.bench_model import BENCH_MODEL_ID, bench_model_path, write_bench_model
 
     demo = demo_asset_paths(cfg.models_root)

@@ -118,7 +118,7 @@ class Liveness:
 
     def check(self) -> list[Event]:
         """Roles that went silent since the last check."""
-        now, events = time.monotonic(), []
+        now, events = time.monotonic(), list[Event]()
         for i, w in enumerate(self.workers):
             if w.pid and not w.silent and not w.alive(now, self.heartbeat_s):
                 log.error("gpu_worker %d (pid %d) stopped answering", i, w.pid)

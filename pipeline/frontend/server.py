@@ -12,9 +12,11 @@ import asyncio
 import enum
 import logging
 import signal
+import socket
 import threading
 from multiprocessing.connection import Connection
 
+import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_reflection.v1alpha import reflection
 
@@ -29,9 +31,18 @@ from pipeline.frontend.models import ModelRegistry
 from pipeline.frontend.ports import bind, listeners
 from pipeline.frontend.router import Router
 from pipeline.frontend.security import TokenStore, ssl_context, warn_if_exposed
-from pipeline.frontend.services import (HEALTH, INFERENCE, MONOLITHIC, NOT_SERVING, REFLECTION,
-                                        SERVICE_NAMES, SERVING, add_services, bound_server,
-                                        set_health)
+from pipeline.frontend.services import (
+    HEALTH,
+    INFERENCE,
+    MONOLITHIC,
+    NOT_SERVING,
+    REFLECTION,
+    SERVICE_NAMES,
+    SERVING,
+    add_services,
+    bound_server,
+    set_health,
+)
 from pipeline.frontend.streaming.grpc_stream import InferenceService, StreamRpc
 from pipeline.frontend.streaming.websocket import AudioSocketServer
 from pipeline.frontend.telemetry import Telemetry
@@ -69,45 +80,51 @@ async def _main(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
 
 
 class Frontend:
-    def __init__(self, cfg: Config) -> None:
-        """Use create()."""
-        self.cfg = cfg
+    """Every part of the frontend; built and wired by create()."""
+
+    def __init__(self, cfg: Config, tokens: TokenStore, grpc_server: grpc.aio.Server,
+                 ws_socket: socket.socket, client: WorkerClient, liveness: Liveness,
+                 inflight: InFlight, metrics: Metrics, registry: ModelRegistry, router: Router,
+                 streams: StreamRpc, sockets: AudioSocketServer, telemetry: Telemetry,
+                 health: grpc_health.aio.HealthServicer) -> None:
+        self.cfg, self.tokens, self.grpc, self.ws_socket = cfg, tokens, grpc_server, ws_socket
+        self.client, self.liveness, self.inflight = client, liveness, inflight
+        self.metrics, self.registry, self.router = metrics, registry, router
+        self.streams, self.sockets, self.telemetry, self.health = streams, sockets, telemetry, health
         self.state = State.STARTING
+        self._serving = NOT_SERVING
+        self._health_lock = asyncio.Lock()
+        self._watch: asyncio.Task[None] | None = None
 
     @classmethod
     def create(cls, cfg: Config) -> Frontend:
-        self = cls(cfg)
+        """Build the parts in data order, each handed what it uses."""
         grpc_listener, ws_listener, *_ = listeners(cfg)
-        self.tokens = TokenStore(cfg.server.auth.tokens_file)
+        tokens = TokenStore(cfg.server.auth.tokens_file)
         warn_if_exposed(cfg.server)
         for line in retired_environment():
             log.warning("%s", line)
         # every port first: a taken one stops the start at once, naming the port
-        self.grpc = bound_server(cfg, grpc_listener, self.tokens)
-        self.ws_socket = bind(ws_listener)
-        self.client = WorkerClient(cfg)
-        self.liveness = Liveness(cfg)
-        self.inflight = InFlight(cfg, self.client, self.liveness)
-        self.metrics = Metrics()
-        self.registry = ModelRegistry(cfg, self.client, self.inflight, self.liveness,
-                                      self.metrics)
-        self.router = Router(cfg, self.registry, self.inflight, self.metrics)
-        self.streams = StreamRpc(cfg, self.router)
-        self.sockets = AudioSocketServer(cfg, self.router, self.tokens)
-        self.telemetry = Telemetry(cfg, self.metrics, self.liveness, self.inflight,
-                                   self.registry, self.sockets.session_count)
-        self.telemetry.start(self.client.addresses.ops, cfg.ops.metrics_host, cfg.ops.metrics_port)
-        self.health = grpc_health.aio.HealthServicer()
-        add_services(self.grpc, cfg, {
-            MONOLITHIC: MonolithicService(cfg, self.router, self.registry, self.liveness,
-                                          self.metrics, self.streams),
-            INFERENCE: InferenceService(self.streams),
-            HEALTH: self.health,
+        grpc_server = bound_server(cfg, grpc_listener, tokens)
+        ws_socket = bind(ws_listener)
+        client = WorkerClient(cfg)
+        liveness = Liveness(cfg)
+        inflight = InFlight(cfg, client, liveness)
+        metrics = Metrics()
+        registry = ModelRegistry(cfg, client, inflight, liveness, metrics)
+        router = Router(cfg, registry, inflight, metrics)
+        streams = StreamRpc(cfg, router)
+        sockets = AudioSocketServer(cfg, router, tokens)
+        telemetry = Telemetry(cfg, metrics, liveness, inflight, registry, sockets.session_count)
+        telemetry.start(client.addresses.ops, cfg.ops.metrics_host, cfg.ops.metrics_port)
+        health = grpc_health.aio.HealthServicer()
+        add_services(grpc_server, cfg, {
+            MONOLITHIC: MonolithicService(cfg, router, registry, liveness, metrics, streams),
+            INFERENCE: InferenceService(streams),
+            HEALTH: health,
             REFLECTION: reflection.aio.ReflectionServicer(SERVICE_NAMES)})
-        self._serving = NOT_SERVING
-        self._health_lock = asyncio.Lock()
-        self._watch: asyncio.Task[None] | None = None
-        return self
+        return cls(cfg, tokens, grpc_server, ws_socket, client, liveness, inflight, metrics,
+                   registry, router, streams, sockets, telemetry, health)
 
     async def start(self) -> None:
         """Wait for every role, preload, then serve gRPC and the WebSocket."""

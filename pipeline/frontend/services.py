@@ -11,8 +11,12 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from pipeline.config import Config
 from pipeline.frontend.ports import Listener
 from pipeline.frontend.security import TokenInterceptor, TokenStore, grpc_credentials
-from pipeline.frontend.wire import (COMPOSITE_MAX_FIELDS, MethodLimits, add_servicer,
-                                    parse_composite_request)
+from pipeline.frontend.wire import (
+    COMPOSITE_MAX_FIELDS,
+    MethodLimits,
+    add_servicer,
+    parse_composite_request,
+)
 from pipeline.rpc import inference_pb2 as ipb
 from pipeline.rpc import monolithic_pb2 as pb
 

@@ -10,9 +10,16 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.frontend.wire import CompositeRequestView
-from pipeline.synctalk import (FEATURE_BYTES, MAX_BATCH, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE,
-                               SAMPLE_RATE, VISUAL_BYTES, VISUAL_SHAPE)
 from pipeline.rpc import monolithic_pb2 as pb
+from pipeline.synctalk import (
+    FEATURE_BYTES,
+    MAX_BATCH,
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+    SAMPLE_RATE,
+    VISUAL_BYTES,
+    VISUAL_SHAPE,
+)
 
 MAX_AUDIO_SECONDS = 60.0
 

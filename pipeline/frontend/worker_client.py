@@ -41,7 +41,8 @@ class WorkerClient:
         self._to_workers = [make_socket(self._ctx, zmq.PUSH,
                                         connect=[self.addresses.worker_inbox(i)])
                             for i in range(cfg.gpus.count)]
-        self._nonblocking = [zmq.Socket.shadow(s.underlying) for s in self._to_workers]
+        self._nonblocking: list[zmq.Socket[bytes]] = [zmq.Socket.shadow(s.underlying)
+                                                      for s in self._to_workers]
         self._ids = itertools.count((os.getpid() & 0xFFFFFF) << 32)
         self._controls: dict[int, _Control] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -90,9 +91,9 @@ class WorkerClient:
     async def _read_inbox(self, table: dict[type, Handler]) -> None:
         # one wake-up of the loop takes every message that is there (frames of a batch
         # arrive together): per message, a non-blocking read instead of a future
-        inbox = zmq.Socket.shadow(self._inbox.underlying)
+        inbox: zmq.Socket[bytes] = zmq.Socket.shadow(self._inbox.underlying)
         while True:
-            await self._inbox.poll(flags=zmq.POLLIN)
+            await self._inbox.poll()  # readable (POLLIN), no timeout
             while True:
                 try:
                     frames = inbox.recv_multipart(zmq.NOBLOCK)

@@ -40,10 +40,23 @@ import numpy as np
 import soxr
 from numpy.lib.stride_tricks import sliding_window_view
 
-from pipeline.synctalk import (CONTEXT, ENCODED_DIM, FEATURE_BYTES, FRAME_FEATURE_SHAPE, HOP,
-                               MAX_SAMPLE_RATE, MEL_FPS, MEL_STEP, MIN_SAMPLE_RATE,
-                               N_FFT, N_MELS, SAMPLE_RATE, VIDEO_FPS, stream_samples,
-                               stream_windows)
+from pipeline.synctalk import (
+    CONTEXT,
+    ENCODED_DIM,
+    FEATURE_BYTES,
+    FRAME_FEATURE_SHAPE,
+    HOP,
+    MAX_SAMPLE_RATE,
+    MEL_FPS,
+    MEL_STEP,
+    MIN_SAMPLE_RATE,
+    N_FFT,
+    N_MELS,
+    SAMPLE_RATE,
+    VIDEO_FPS,
+    stream_samples,
+    stream_windows,
+)
 
 MEL_FMIN, MEL_FMAX = 55.0, 7600.0
 PREEMPHASIS = 0.97

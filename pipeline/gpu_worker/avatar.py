@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 
 from pipeline.config import ModelConfig
-from pipeline.synctalk import visual_input
 from pipeline.messages import TensorRef
 from pipeline.shm.segment import SharedSegment
+from pipeline.synctalk import visual_input
 
 # The original loader's search order (extension first, then zero-padded then plain index),
 # then the other formats OpenCV decodes.

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from pipeline.synctalk import AUDIO_SHAPE, ENCODED_DIM, PREDICTION_SHAPE, VISUAL_SHAPE
-
 from pipeline.gpu_worker.device import Resolved
+from pipeline.synctalk import AUDIO_SHAPE, ENCODED_DIM, PREDICTION_SHAPE, VISUAL_SHAPE
 
 log = logging.getLogger(__name__)
 

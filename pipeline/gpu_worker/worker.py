@@ -32,13 +32,13 @@ import numpy as np
 import zmq
 
 from pipeline import messages as msg
-from pipeline.runtime.addresses import Addresses
 from pipeline.config import Config, ModelConfig
 from pipeline.gpu_worker.device import DeviceMemory, Resolved, pin_to_device
+from pipeline.runtime.addresses import Addresses
 from pipeline.runtime.logs import logging_request
 from pipeline.runtime.process import Readiness, release_free_heap, run_role
-from pipeline.shm.segment import SegmentCache
 from pipeline.runtime.sockets import make_socket
+from pipeline.shm.segment import SegmentCache
 
 if TYPE_CHECKING:  # onnxruntime is imported only after the device is pinned
     from pipeline.gpu_worker.avatar import Avatar
@@ -53,8 +53,8 @@ STOP_FLUSH_S = 0.5
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    unet: "UNet"
-    avatar: "Avatar"
+    unet: UNet
+    avatar: Avatar
     memory_bytes: int
     load_ns: int
 

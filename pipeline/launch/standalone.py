@@ -20,7 +20,7 @@ ROLES = ("frontend", "gpu-worker", "compositor")
 EX_CONFIG = 78  # sysexits.h; the units name it in RestartPreventExitStatus=
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("role", help="run one role in the foreground (a systemd unit)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("role", choices=ROLES)

@@ -94,16 +94,17 @@ class Supervisor:
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.cfg.runtime.start_timeout_s
-        waiting = {r.ready_conn: r for r in self.roles}
+        waiting: dict[object, Role] = {r.ready_conn: r for r in self.roles if r.ready_conn}
         while waiting and not self._stopping:
             if time.monotonic() > deadline:
                 log.error("not ready after %.0f s: %s", self.cfg.runtime.start_timeout_s,
                           ", ".join(r.name for r in waiting.values()))
                 return False
-            for conn in wait(list(waiting), timeout=0.2):
-                role = waiting.pop(conn)  # type: ignore[arg-type]
+            for conn in wait([r.ready_conn for r in waiting.values() if r.ready_conn], timeout=0.2):
+                role = waiting.pop(conn)
+                assert role.ready_conn is not None
                 try:
-                    status, detail = conn.recv()  # type: ignore[union-attr]
+                    status, detail = role.ready_conn.recv()
                 except EOFError:
                     status, detail = "failed", f"exited with code {role.process.exitcode}"
                 if status != "ready":
@@ -115,7 +116,7 @@ class Supervisor:
         while not self._stopping:
             sentinels = {r.process.sentinel: r for r in self.roles}
             for sentinel in wait(list(sentinels), timeout=0.2):
-                role = sentinels[sentinel]  # type: ignore[index]
+                role = sentinels[sentinel]
                 if self._stopping:
                     break
                 role.process.join()

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 log = logging.getLogger(__name__)
 
 PREFIX = "lipsync"

@@ -13,8 +13,12 @@ import grpc
 
 from pipeline.config import Config
 from pipeline.frontend.router import Router
-from pipeline.frontend.streaming.session import (AudioFormat, StreamError, StreamSession,
-                                                 cancel_and_wait)
+from pipeline.frontend.streaming.session import (
+    AudioFormat,
+    StreamError,
+    StreamSession,
+    cancel_and_wait,
+)
 from pipeline.frontend.wire import MalformedMessage
 from pipeline.rpc import inference_pb2 as ipb
 from pipeline.rpc import inference_pb2_grpc as ipb_grpc

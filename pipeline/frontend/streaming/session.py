@@ -25,9 +25,16 @@ from pipeline.config import Config
 from pipeline.frontend.errors import Failed, Overloaded, Unavailable
 from pipeline.frontend.router import Router
 from pipeline.frontend.validation import ValidRequest
-from pipeline.synctalk import (FRAME_SAMPLES, FRAME_US, MAX_BATCH, MAX_SAMPLE_RATE,
-                               MIN_SAMPLE_RATE, SAMPLE_RATE, stream_samples)
 from pipeline.runtime.logs import request_id as log_request
+from pipeline.synctalk import (
+    FRAME_SAMPLES,
+    FRAME_US,
+    MAX_BATCH,
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+    SAMPLE_RATE,
+    stream_samples,
+)
 
 log = logging.getLogger(__name__)
 
