@@ -41,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         supervisor = Supervisor(cfg)
     except (ValueError, RoleError) as exc:
         sys.exit(f"lipsync: {exc}")
-    return supervisor.run()
+    return supervisor.serve()
 
 
 def cmd_demo_assets(args: argparse.Namespace) -> int:

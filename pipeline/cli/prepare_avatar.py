@@ -204,7 +204,7 @@ def config_block(model_id: str, frames_dir: Path, crop_rects: Path, video: Path,
     ]) + "\n"
 
 
-def run(args: argparse.Namespace) -> int:
+def cmd_prepare_avatar(args: argparse.Namespace) -> int:
     """The command: prepare, then print the config block; exit 2 with one line on errors."""
     # FFmpeg logs its own line ("moov atom not found") for a file it cannot read; our error
     # says it. OpenCV reads this once, when its FFmpeg backend first opens a file.
@@ -238,4 +238,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"JPEG quality of the frames (default {DEFAULT_JPEG_QUALITY})")
     p.add_argument("--num-frames", type=int, help="extract only the first N frames")
     p.add_argument("--force", action="store_true", help="replace frames already in OUT/frames")
-    p.set_defaults(func=run)
+    p.set_defaults(func=cmd_prepare_avatar)

@@ -59,7 +59,7 @@ def expected_frames(frames: int, sample_rate: int) -> int:
     return -(-samples_16k // FRAME_SAMPLES)
 
 
-def render(wav: Path, out: Path, address: str, model_id: str = "",
+def render_wav(wav: Path, out: Path, address: str, model_id: str = "",
            progress: bool = True) -> RenderResult:
     """Render `wav` through the server at `address` into the MP4 `out`.
 
@@ -302,10 +302,10 @@ def _soundfile_reason(exc: BaseException) -> str:
     return text.split(": ", 1)[-1] if text.startswith("Error opening") else text
 
 
-def run(args: argparse.Namespace) -> int:
+def cmd_render(args: argparse.Namespace) -> int:
     apply_security_arguments(args)
     try:
-        result = render(args.wav, args.out, args.address, args.model, progress=not args.quiet)
+        result = render_wav(args.wav, args.out, args.address, args.model, progress=not args.quiet)
     except RenderError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
@@ -331,4 +331,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"the server (default: $GRPC_SERVER or {DEFAULT_ADDRESS}; now {default_address()})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_security_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=cmd_render)

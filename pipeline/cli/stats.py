@@ -43,7 +43,7 @@ def _process_row(role: str, p: dict[str, Any]) -> str:
             f"{p.get('uptime_s', 0):>9.0f}s {p.get('restarts', 0):>8}")
 
 
-def render(stats: dict[str, Any]) -> str:
+def format_stats(stats: dict[str, Any]) -> str:
     """The stats as tables for a terminal."""
     lines = [f"lipsync instance {stats['instance']}  frames {stats['frames']}  "
              f"evictions {stats['evictions']} ({stats['evictions_last_minute']} in the last "
@@ -74,7 +74,7 @@ def render(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def cmd_stats(args: argparse.Namespace) -> int:
     try:
         endpoint = args.endpoint or Addresses.of(load_config(args.config)).ops
     except ConfigError as exc:
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 if args.watch:
                     print("\033[2J\033[H", end="")
-                print(render(stats), flush=True)
+                print(format_stats(stats), flush=True)
             if not args.watch:
                 return 0
             time.sleep(args.interval)
@@ -106,4 +106,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="raw JSON")
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     p.add_argument("--interval", type=float, default=1.0, help="--watch refresh seconds")
-    p.set_defaults(func=run)
+    p.set_defaults(func=cmd_stats)

@@ -106,7 +106,7 @@ class InFlight:
 
     # ---- one request ---------------------------------------------------------------------
 
-    async def run(self, worker: int, req: ValidRequest, deadline: float) -> InferResult:
+    async def submit(self, worker: int, req: ValidRequest, deadline: float) -> InferResult:
         """Run one request on `worker`: its tensors into the arena, frames back in order."""
         b = req.batch_size
         audio_len = 0 if req.audio is None else req.audio.nbytes

@@ -192,7 +192,7 @@ class ModelRegistry:
                 raise Failed(reply.error)
             model.memory_bytes = model.last_memory_bytes = reply.memory_bytes
             # ready only once a batch has gone through encoder, UNet and a compositor
-            await self.inflight.run(worker, self._warmup_request(model.model_id),
+            await self.inflight.submit(worker, self._warmup_request(model.model_id),
                                     time.monotonic() + self.cfg.runtime.start_timeout_s)
             # the measured size may exceed the estimate
             await self._make_room(worker, model, 0, deadline)

@@ -35,7 +35,7 @@ class Router:
         try:
             deadline = time.monotonic() + timeout
             async with self.registry.lease(req.model_id, deadline) as lease:
-                result = await self.inflight.run(lease.worker, req, deadline)
+                result = await self.inflight.submit(lease.worker, req, deadline)
             self.registry.count(req.model_id, result.done.inference_ns)
             self.metrics.request_done(req.model_id, result)
             return result, lease

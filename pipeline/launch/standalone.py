@@ -62,10 +62,10 @@ def cmd_role(args: argparse.Namespace) -> int:
     if isinstance(index, str):
         return _fail(index)
     prepare_runtime(cfg)
-    return run(cfg, args.role, index)
+    return serve_role(cfg, args.role, index)
 
 
-def run(cfg: Config, role: str, index: int) -> int:
+def serve_role(cfg: Config, role: str, index: int) -> int:
     """Run the role's entry function (the one `lipsync serve` spawns) until SIGTERM."""
     if role == "frontend":
         from pipeline.frontend.server import run_frontend_process

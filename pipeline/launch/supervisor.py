@@ -66,7 +66,7 @@ class Supervisor:
         role.started_at = time.monotonic()
         role.pids.append(role.process.pid)
 
-    def run(self) -> int:
+    def serve(self) -> int:
         """Serve until SIGINT/SIGTERM; returns the process exit code."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._request_stop())

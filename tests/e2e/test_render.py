@@ -14,7 +14,7 @@ import soundfile as sf
 
 from pipeline.client import speech_like_audio
 from pipeline.bench.local_server import ServerProcess, free_port
-from pipeline.cli.render import register, render
+from pipeline.cli.render import register, render_wav
 
 SECONDS = 1.3
 FRAMES = math.ceil(25 * SECONDS)  # 33
@@ -82,7 +82,7 @@ def test_render_16k_mono_writes_h264_aac_mp4(server: ServerProcess, tmp_path: Pa
     """A 1.3 s 16 kHz WAV becomes an MP4 of 33 H.264 1280x720 frames at 25 fps plus 1.3 s of AAC."""
     wav = write_wav(tmp_path / "speech.wav", 16000)
     out = tmp_path / "speech.mp4"
-    result = render(wav, out, server.address, "demo", progress=False)
+    result = render_wav(wav, out, server.address, "demo", progress=False)
     assert result.frames == FRAMES and result.path == out
     check_mp4(out)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temp file renamed

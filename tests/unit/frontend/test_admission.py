@@ -30,7 +30,7 @@ class HeldWorkers:
                       timeout: float) -> msg.ControlReply:
         return msg.ControlReply(0, ok=True, gpu_id=worker, memory_bytes=1)
 
-    async def run(self, worker: int, req: ValidRequest, deadline: float) -> InferResult:
+    async def submit(self, worker: int, req: ValidRequest, deadline: float) -> InferResult:
         if req.visual is not None:  # the warm-up has no visual tensor
             await self.release.wait()
         done = msg.InferDone(0, 0, 0, 0, 0, 0, 0, False, 0, 0)
