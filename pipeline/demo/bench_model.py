@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.demo.assets import OPSET, _set_metadata
+from pipeline.demo.graphs import OPSET, _set_metadata
+from pipeline.synctalk import AUDIO_SHAPE, PREDICTION_SHAPE, VISUAL_SHAPE
 
 if TYPE_CHECKING:
     import onnx
@@ -135,10 +136,10 @@ def build_bench_unet() -> onnx.ModelProto:
 
     graph = helper.make_graph(
         g.nodes, "synctalk2d_unet_328_bench",
-        inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 6, 320, 320]),
-                helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", 32, 16, 16])],
+        inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *VISUAL_SHAPE]),
+                helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", *AUDIO_SHAPE])],
         outputs=[helper.make_tensor_value_info("output", TensorProto.FLOAT,
-                                               ["batch", 3, 320, 320])],
+                                               ["batch", *PREDICTION_SHAPE])],
         initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.doc_string = ("Bench model: SyncTalk-2D unet_328 architecture (ave), deterministic "

@@ -14,19 +14,15 @@ import onnxruntime as ort
 import pytest
 import scipy.signal
 
-from pipeline.demo import assets
+from pipeline.demo import assets, graphs
 from pipeline.demo.assets import (
-    FRAME_H,
-    FRAME_W,
     NUM_FRAMES,
-    build_audio_encoder_model,
     build_demo_assets,
-    build_unet_model,
     demo_asset_paths,
     demo_assets_present,
-    demo_crop_rect,
-    draw_background_frame,
 )
+from pipeline.demo.frames import FRAME_H, FRAME_W, demo_crop_rect, draw_background_frame
+from pipeline.demo.graphs import build_audio_encoder_model, build_unet_model
 from tests.conftest import reference_file
 
 SMALL = 12  # frames per test build: enough to cover the motion, fast to write
@@ -320,8 +316,8 @@ def test_unet_with_zero_audio_returns_the_reference_face(unet, face) -> None:
 def test_unet_with_loud_audio_opens_a_dark_mouth(unet, face) -> None:
     """Strong features draw a dark open mouth at the face's mouth; far pixels stay the reference."""
     (out,) = unet.run(None, {"input": face, "audio": _features(1.0)})
-    mx, my0 = assets.mouth_centre_320()
-    cy = int(round(my0 + 0.35 * assets.MOUTH_RY_MAX + 5))  # inside the cavity, below the teeth
+    mx, my0 = graphs.mouth_centre_320()
+    cy = int(round(my0 + 0.35 * graphs.MOUTH_RY_MAX + 5))  # inside the cavity, below the teeth
     cx = int(round(mx))
     cavity = out[0, :, cy - 3 : cy + 4, cx - 10 : cx + 11].reshape(3, -1)
     assert cavity.max() < 0.35 and cavity[2].mean() > cavity[1].mean()  # dark red/brown
@@ -333,14 +329,14 @@ def test_unet_with_loud_audio_opens_a_dark_mouth(unet, face) -> None:
 
 def test_unet_mouth_covers_the_drawn_mouth_line(unet, face) -> None:
     """The open mouth is drawn where the avatar's closed mouth line is, and hides it."""
-    mx, my0 = assets.mouth_centre_320()
+    mx, my0 = graphs.mouth_centre_320()
     win = (slice(int(my0) - 30, int(my0) + 30), slice(int(mx) - 70, int(mx) + 70))
     ref_green = face[0, 1][win]
     line = ref_green < 150 / 255  # the lip line is far less green than skin
     ys, xs = np.nonzero(line)
     assert line.sum() > 50
     assert abs(xs.mean() + win[1].start - mx) < 4 and abs(ys.mean() + win[0].start - my0) < 6
-    (out,) = unet.run(None, {"input": face, "audio": _features(0.5 / assets.UNET_GAIN)})
+    (out,) = unet.run(None, {"input": face, "audio": _features(0.5 / graphs.UNET_GAIN)})
     changed = np.abs(out[0] - face[0, :3]).max(axis=0)[win]
     assert (changed[line] > 0.1).mean() > 0.95
 
@@ -348,10 +344,10 @@ def test_unet_mouth_covers_the_drawn_mouth_line(unet, face) -> None:
 def test_unet_mouth_opens_monotonically_with_the_features(unet, face) -> None:
     """Louder features give a taller opening; the batch is computed per frame."""
     openness = np.array([0.0, 0.12, 0.3, 0.6, 1.0], np.float32)
-    levels = openness / np.float32(assets.UNET_GAIN)
+    levels = openness / np.float32(graphs.UNET_GAIN)
     audio = np.broadcast_to(levels[:, None, None, None], (5, 32, 16, 16)).copy()
     (out,) = unet.run(None, {"input": np.repeat(face, 5, axis=0), "audio": audio})
-    mx = int(round(assets.mouth_centre_320()[0]))
+    mx = int(round(graphs.mouth_centre_320()[0]))
     heights = [(np.abs(o[:, :, mx] - face[0, :3, :, mx]).max(axis=0) > 0.1).sum() for o in out]
     assert heights[0] == 0
     assert all(a < b for a, b in zip(heights, heights[1:-1])), heights
@@ -392,7 +388,7 @@ def test_speech_opens_and_closes_the_mouth(encoder, unet, speech_windows) -> Non
     (feats,) = encoder.run(None, {"mel_spectrogram": speech_windows})
     audio = _frame_audio(feats)[:200]
     grey = np.full((1, 6, 320, 320), 0.8, np.float32)
-    mx, my0 = assets.mouth_centre_320()
+    mx, my0 = graphs.mouth_centre_320()
     col = int(round(mx))
     heights = []
     for start in range(0, len(audio), 25):
@@ -401,6 +397,6 @@ def test_speech_opens_and_closes_the_mouth(encoder, unet, speech_windows) -> Non
         dark = (out[:, :, :, col] < 0.4).all(axis=1)  # the cavity, not lips or teeth
         heights.extend(dark.sum(axis=1).tolist())
     heights_arr = np.array(heights)
-    full = 2 * assets.MOUTH_RY_MAX
+    full = 2 * graphs.MOUTH_RY_MAX
     assert (heights_arr > 0.5 * full).sum() >= 20  # words
     assert (heights_arr == 0).sum() >= 10  # pauses between words

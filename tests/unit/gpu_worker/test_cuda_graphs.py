@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.demo.assets import build_unet_model
+from pipeline.demo.graphs import build_unet_model
 from pipeline.gpu_worker.cuda_graphs import (
     BUCKETS,
     CAPTURE_LOCK,

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from pipeline.demo.assets import build_audio_encoder_model, build_unet_model
+from pipeline.demo.graphs import build_audio_encoder_model, build_unet_model
 from pipeline.gpu_worker.sessions import AudioEncoder, UNet
 from pipeline.shm.segment import SHM_DIR, SharedSegment, segment_name
 

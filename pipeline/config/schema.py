@@ -1,4 +1,4 @@
-"""The one typed configuration of every role, loaded from config.yaml and validated once,
+"""The config's schema: the one typed configuration of every role, loaded from config.yaml and validated once,
 and the one place where the environment is read.
 
 Key names and meanings follow the original Go server's config where they exist
@@ -11,16 +11,13 @@ original joined models_root twice; we join once).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "config.yaml"
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "config.yaml"
 
 Provider = Literal["auto", "cuda", "cpu"]
 UnetPrecision = Literal["fp32", "tf32", "fp16"]
@@ -250,173 +247,6 @@ class Config:
         return dataclasses.replace(self, server=server, ops=ops)
 
 
-# ---- the environment: every variable the server and its clients read ----------------------
-
-def parse_duration(text: str) -> float:
-    """Go-style durations as the seed takes them: "2s", "500ms", "1.5s", "1m"; bare seconds."""
-    text = text.strip()
-    for suffix, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
-        if text.endswith(suffix):
-            return float(text[: -len(suffix)]) * scale
-    return float(text)
-
-
-# the seed's variables that override a config key (checked by the key's own constraint)
-ENV_OVERRIDES: dict[str, tuple[str, str, Callable[[str], Any]]] = {
-    "MAX_CLIENTS": ("streaming", "max_clients", int),
-    "FLUSH_TIMEOUT": ("streaming", "flush_timeout_s", parse_duration),
-}
-# the seed's variables that no longer mean anything, and why
-ENV_RETIRED = {
-    "BATCH_SIZE": "frames are rendered as soon as the audio they need has arrived; the seed "
-                  "gathered BATCH_SIZE messages first, which only added latency",
-}
-
-
-def env_flag(name: str) -> bool:
-    """A yes/no variable (LIPSYNC_LOG_JSON=1: JSON log lines)."""
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
-
-
-def grpc_server_address(default: str = "localhost:50053") -> str:
-    """The server a client of ours talks to: GRPC_SERVER (as the seed's tools take it)."""
-    return os.environ.get("GRPC_SERVER") or default
-
-
-def client_credentials() -> tuple[str | None, str | None]:
-    """(token, CA file) of our clients: LIPSYNC_TOKEN, LIPSYNC_TLS_CA."""
-    return os.environ.get("LIPSYNC_TOKEN") or None, os.environ.get("LIPSYNC_TLS_CA") or None
-
-
-def retired_environment() -> list[str]:
-    """A line for each retired variable that is set (logged at start)."""
-    return [f"{name} is set but no longer used: {why}" for name, why in ENV_RETIRED.items()
-            if name in os.environ]
-
-
-# ---- loading ------------------------------------------------------------------------------
-
-def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
-    """Read and validate a config file; raise ConfigError naming the bad key."""
-    path = Path(path).resolve()
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
-    return parse_config(raw, base_dir=path.parent, path=path)
-
-
-_SECTIONS: dict[str, type] = {
-    f.name: type(f.default_factory()) for f in dataclasses.fields(Config)
-    if not isinstance(f.default_factory, dataclasses._MISSING_TYPE) and f.name != "models"}
-
-
-def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
-    """Validate a parsed YAML mapping into a Config (the environment overrides applied)."""
-    raw = _mapping("(top level)", raw)
-    _known("(top level)", raw, {*_SECTIONS, "models_root", "audio_encoder_path", "models"})
-    models_root = (base_dir / _str("models_root", raw.get("models_root", "models"))).resolve()
-    sections = {name: _section(cls, name, raw.get(name), base_dir)
-                for name, cls in _SECTIONS.items()}
-    for variable, (section, key, convert) in ENV_OVERRIDES.items():
-        if variable in os.environ:
-            try:
-                value = convert(os.environ[variable])
-            except ValueError as exc:
-                raise ConfigError(f"{variable}: cannot read {os.environ[variable]!r}: {exc}") from None
-            _validate(variable, fields_of(type(sections[section]))[key], value)
-            sections[section] = dataclasses.replace(sections[section], **{key: value})
-    server, streaming = sections["server"], sections["streaming"]
-    _check("server.tls", (server.tls.cert_file is None) == (server.tls.key_file is None),
-           "cert_file and key_file go together")
-    _check("server.tls.client_ca_file", server.tls.client_ca_file is None or server.tls.enabled,
-           "needs cert_file and key_file (mutual TLS is TLS first)")
-    models_raw = _mapping("models", raw.get("models") or {})
-    models = {str(mid): _model(str(mid), spec, models_root) for mid, spec in models_raw.items()}
-    gpus = sections["gpus"].count
-    for mid, model in models.items():
-        _check(f"models.{mid}.preferred_gpu", -1 <= model.preferred_gpu < gpus,
-               f"must be -1 or a GPU index below gpus.count ({gpus})")
-    _check("streaming.default_model", not streaming.default_model
-           or streaming.default_model in models, "must be one of the configured models")
-    encoder = _path("audio_encoder_path", raw.get("audio_encoder_path", "audio_encoder.onnx"),
-                    models_root)
-    return Config(path=path, models_root=models_root, audio_encoder_path=encoder,
-                  models=models, **sections)
-
-
-def fields_of(cls: type) -> dict[str, dataclasses.Field[Any]]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def _model(model_id: str, spec: Any, models_root: Path) -> ModelConfig:
-    where = f"models.{model_id}"
-    _check(where, bool(model_id.strip()), "model id must not be empty")
-    spec = _mapping(where, spec)
-    _known(where, spec, set(fields_of(ModelConfig)) - {"model_id"})
-    for key in ("model_path", "background_dir", "crop_rects_path", "num_frames"):
-        _check(f"{where}.{key}", key in spec, "is required")
-    return _section(ModelConfig, where, {"model_id": model_id, **spec}, models_root,
-                    paths_under=models_root)
-
-
-def _section(cls: type, name: str, raw: Any, base_dir: Path,
-             paths_under: Path | None = None) -> Any:
-    """Build one section dataclass, coercing each key to its field's type and checking its
-    constraint (defaults included). Paths resolve against `paths_under` (models) or the
-    config's directory."""
-    raw = _mapping(name, raw if raw is not None else {})
-    fields = fields_of(cls)
-    _known(name, raw, set(fields))
-    values: dict[str, Any] = {}
-    for key, spec in fields.items():
-        where = f"{name}.{key}"
-        default: Any = None
-        if spec.default is not dataclasses.MISSING:
-            default = spec.default
-        elif not isinstance(spec.default_factory, dataclasses._MISSING_TYPE):
-            default = spec.default_factory()
-        if key not in raw:
-            values[key] = default
-        else:
-            values[key] = _coerce(where, raw[key], default, spec, paths_under or base_dir)
-        _validate(where, spec, values[key])
-    return cls(**values)
-
-
-def _coerce(where: str, value: Any, default: Any, spec: dataclasses.Field[Any],
-            root: Path) -> Any:
-    if dataclasses.is_dataclass(default):
-        return _section(type(default), where, value, root)
-    if spec.metadata.get("path") or "Path" in str(spec.type):
-        if value is None or value == "":
-            return None if default is None else _str(where, value)
-        return (root / _str(where, value)).resolve()
-    if where.endswith("port"):
-        return _port(where, value)
-    if isinstance(default, bool) or spec.type == "bool":
-        return _bool(where, value)
-    if isinstance(default, int) or spec.type == "int":
-        return _int(where, value)
-    if isinstance(default, float):
-        return _float(where, value)
-    if isinstance(default, tuple):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
-        return tuple(value)
-    if default == "" and value == "":  # an optional string left empty
-        return ""
-    return _str(where, value)
-
-
-def _validate(where: str, spec: dataclasses.Field[Any], value: Any) -> None:
-    test = spec.metadata.get("test")
-    if test is not None and value is not None and not test(value):
-        raise ConfigError(f"{where}: {spec.metadata['message']}")
-
-
 def _port(where: str, value: Any) -> int:
     """Accept 50053, "50053" and the Go listen form ":50053"."""
     if isinstance(value, str):
@@ -428,47 +258,11 @@ def _port(where: str, value: Any) -> int:
     _check(where, where.endswith("metrics_port") or _port_ok(port), PORT)
     return port
 
-
 def _check(where: str, ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(f"{where}: {message}")
 
-
-def _known(where: str, raw: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(map(str, raw)) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
-
-
-def _mapping(where: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-    return value
-
-
-def _str(where: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _path(where: str, value: Any, root: Path) -> Path:
-    return (root / _str(where, value)).resolve()
-
-
 def _int(where: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    return value
-
-
-def _float(where: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    return float(value)
-
-
-def _bool(where: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
     return value
