@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -126,6 +127,7 @@ class RoleView:
     device_memory_used_bytes: int = 0
     queue_depth: int = 0
     models: dict[str, int] = field(default_factory=dict)  # what it reports holding
+    jobs: dict[str, object] = field(default_factory=dict)  # a gpu_worker's compositor jobs
 
     def alive(self, now: float, heartbeat_s: float) -> bool:
         return self.pid != 0 and now - self.last_seen < LIVENESS_BEATS * heartbeat_s
@@ -340,6 +342,9 @@ class Dispatcher:
                     p.complete_if_ready()
         elif isinstance(m, (msg.InferFailed, msg.FrameFailed)):
             p = self.pending.get(m.request_id)
+            if isinstance(m, msg.FrameFailed) and p is not None and \
+                    0 <= m.frame_index < len(p.frames) and p.frames[m.frame_index] is not None:
+                return  # a late copy of a frame another compositor made (re-dispatched)
             if p is not None:
                 if not p.future.done():
                     p.future.set_exception(Failed(m.error))
@@ -351,6 +356,8 @@ class Dispatcher:
                 c.future.set_result(m)
         elif isinstance(m, msg.Heartbeat):
             self._on_heartbeat(m)
+        elif isinstance(m, msg.RoleDown):
+            self._on_role_down(m)
 
     def _on_heartbeat(self, m: msg.Heartbeat) -> None:
         if m.role == "compositor":
@@ -372,7 +379,25 @@ class Dispatcher:
         view.queue_depth = m.queue_depth
         if m.role == "gpu_worker":
             view.models = m.loaded_models
+            view.jobs = {"waiting": m.jobs_waiting, "redispatched": m.jobs_redispatched,
+                         "compositors": [msgspec.structs.asdict(c) for c in m.compositors]}
             self.on_worker_report(m.index, m.loaded_models)
+
+    def _on_role_down(self, m: msg.RoleDown) -> None:
+        """A role announced its death. A gpu_worker's requests fail now, as on a restart
+        (it sends this once its engine has stopped: it writes into no block any more); a
+        compositor only stops counting for health (its workers hand its jobs to others)."""
+        if m.role == "gpu_worker":
+            view = self.workers[m.index] if 0 <= m.index < len(self.workers) else None
+        else:
+            view = self.compositors.get(m.index)
+        if view is None or view.pid != m.pid:
+            return  # a predecessor's last words
+        log.error("%s %d (pid %d) is down: %s", m.role, m.index, m.pid, m.reason)
+        view.silent, view.last_seen = True, 0.0  # not alive until a successor reports in
+        if m.role == "gpu_worker":
+            self._worker_lost(m.index, f"gpu_worker {m.index} is down ({m.reason})",
+                              restarted=True)
 
     async def _watch_liveness(self) -> None:
         hb = self.cfg.runtime.heartbeat_s
@@ -412,12 +437,10 @@ class Dispatcher:
             self.on_worker_restart(index)
 
     def _compositor_lost(self, index: int, reason: str) -> None:
-        """Frames handed to a dead compositor never come: fail every request still waiting
-        for frames (their worker is done writing, so their blocks come back now)."""
-        for p in [p for p in self.pending.values() if p.done is not None]:
-            if not p.future.done():
-                p.future.set_exception(Unavailable(f"{reason}; request failed"))
-            self._finish(p)
+        """Nothing fails: the gpu_workers hand the jobs a lost compositor held to the
+        others (they pull work with credits), and a late frame from it is a duplicate that
+        the FrameDone handling drops. Health counts only live compositors."""
+        log.warning("%s; the gpu_workers hand its frames to the other compositors", reason)
 
     # ---- shutdown --------------------------------------------------------------------
 

@@ -161,6 +161,7 @@ class Telemetry:
                 "queue_depth": w.queue_depth,
                 "inflight": sum(p.worker == i for p in d.pending.values()),
                 "device_memory_used_bytes": w.device_memory_used_bytes,
+                "compositor_jobs": w.jobs,
                 "models": sorted(v.model_id for v in m.models.values()
                                  if v.worker == i and v.state == "ready")})
         compositors = [{"index": i, **self._process(c.pid), "restarts": c.restarts,
