@@ -8,7 +8,11 @@ and background they point to stay valid in shared memory while the frontend wait
 frames), so when a compositor is lost its jobs go to the others and nothing fails:
 
 - it announced its death (msg.RoleDown), its process is gone, or a send to it found no
-  peer: forgotten at once, its jobs handed again;
+  peer: forgotten at once, its jobs handed again, and with them the jobs it finished in
+  its last RECENT_S: a compositor sends a frame before the credit, but ZMQ writes each
+  socket from an IO thread, so a frame may still sit in a process that dies after its
+  credit left. Those few are duplicates the frontend drops when the frame did arrive,
+  against a request waiting for its deadline when it did not;
 - it went silent (frozen, e.g. SIGSTOP): its jobs are handed again, but its record stays
   with those jobs still counted against its credits. If it comes back it finishes them
   (late duplicates, which the frontend drops) and gets new work only as they complete, so
@@ -30,6 +34,7 @@ from pipeline.shm.segment import pid_alive
 log = logging.getLogger(__name__)
 
 JobKey = tuple[int, int]  # (request_id, frame_index)
+RECENT_S = 0.25  # a finished job's frame has surely left its compositor after this long
 
 
 def process_running(pid: int) -> bool:
@@ -56,6 +61,8 @@ class Member:
     # the jobs it holds; None: handed to another compositor while this one was silent (a
     # stale job it may still finish, counted against its credits until it does)
     held: dict[JobKey, bytes | None] = field(default_factory=dict)
+    # (when its credit came, key, job) of the jobs it finished lately, oldest first
+    recent: deque[tuple[float, JobKey, bytes]] = field(default_factory=deque)
     handed: int = 0
     alive: bool = True
 
@@ -95,7 +102,12 @@ class CreditDispatcher:
         member.last_seen = now
         member.credits = credit.credits
         if credit.request_id >= 0:
-            member.held.pop((credit.request_id, credit.frame_index), None)
+            key = (credit.request_id, credit.frame_index)
+            job = member.held.pop(key, None)
+            if job is not None:
+                member.recent.append((now, key, job))
+        while member.recent and member.recent[0][0] < now - RECENT_S:
+            member.recent.popleft()
 
     def on_down(self, identity: bytes, down: msg.RoleDown) -> None:
         """The compositor announced its death."""
@@ -119,6 +131,9 @@ class CreditDispatcher:
 
     def _lose(self, member: Member, why: str, forget: bool) -> None:
         jobs = [(key, job) for key, job in member.held.items() if job is not None]
+        if forget:  # gone: what it finished last may not have left it (a frozen one keeps it)
+            jobs[:0] = [(key, job) for t, key, job in member.recent
+                        if t >= member.last_seen - RECENT_S]
         self.waiting.extendleft(reversed(jobs))  # they are the oldest: first again
         self.redispatched += len(jobs)
         if forget:

@@ -179,3 +179,36 @@ def test_process_running_sees_live_and_missing_processes() -> None:
     """This process runs; a pid beyond the kernel's range does not."""
     assert process_running(os.getpid())
     assert not process_running(2**22 + 12345)
+
+
+def test_the_last_jobs_of_a_dead_compositor_are_handed_again() -> None:
+    """A compositor that dies may not have sent the frames of the jobs it just finished:
+    those of its last RECENT_S go to the others too (duplicates at worst); older ones, and
+    a frozen one's, do not."""
+    d, pids = _dispatcher()
+    d.on_credit(A, _credit(0), 0.0)
+    _submit(d, 1, 2)
+    _hand_out(d)
+    d.on_credit(A, _credit(0, done=(1, 0)), 0.5)   # long before its end
+    d.on_credit(A, _credit(0, done=(1, 1)), 1.9)   # just before
+    d.on_credit(A, _credit(0), 2.0)
+    d.check(2.0)
+    assert [key for key, _ in d.waiting] == []  # alive: nothing handed again
+    pids.dead.add(1000)
+    d.check(2.1)
+    assert [key for key, _ in d.waiting] == [(1, 1)] and d.redispatched == 1
+
+
+def test_a_frozen_compositor_keeps_its_last_jobs_until_it_dies() -> None:
+    """Silent, its finished jobs stay with it (it sends their frames when thawed); killed
+    while frozen, those it finished just before freezing are handed again."""
+    d, pids = _dispatcher()
+    d.on_credit(A, _credit(0), 0.0)
+    _submit(d, 1, 2)
+    _hand_out(d)
+    d.on_credit(A, _credit(0, done=(1, 0)), 1.0)   # then frozen, holding (1, 1)
+    d.check(3.0)
+    assert [key for key, _ in d.waiting] == [(1, 1)]
+    pids.dead.add(1000)
+    d.check(4.0)
+    assert [key for key, _ in d.waiting] == [(1, 0), (1, 1)] and d.redispatched == 2
