@@ -393,10 +393,10 @@ class Dispatcher:
             view = self.compositors.get(m.index)
         if view is None or view.pid != m.pid:
             return  # a predecessor's last words
-        log.error("%s %d (pid %d) is down: %s", m.role, m.index, m.pid, m.reason)
+        log.error("%s %d (pid %d) is exiting: %s", m.role, m.index, m.pid, m.reason)
         view.silent, view.last_seen = True, 0.0  # not alive until a successor reports in
         if m.role == "gpu_worker":
-            self._worker_lost(m.index, f"gpu_worker {m.index} is down ({m.reason})",
+            self._worker_lost(m.index, f"gpu_worker {m.index} failed: {m.reason}",
                               restarted=True)
 
     async def _watch_liveness(self) -> None:

@@ -54,6 +54,14 @@ def _all_alive(server: ServerProcess, timeout: float = 30.0) -> dict[str, Any]:
         time.sleep(0.1)
 
 
+def _busy(server: ServerProcess, load: Load) -> None:
+    """Until the load runs: requests done, and requests in flight on the worker now."""
+    deadline = time.monotonic() + 30
+    while len(load.outcomes) < 4 or _stats(server)["gpu_workers"][0]["inflight"] < 2:
+        assert time.monotonic() < deadline, "the load never got going"
+        time.sleep(0.02)
+
+
 def _link(stats: dict[str, Any], pid: int) -> dict[str, Any] | None:
     """gpu_worker 0's view of the compositor with this pid."""
     links = stats["gpu_workers"][0]["compositor_jobs"]["compositors"]
@@ -72,7 +80,7 @@ def test_a_killed_compositor_fails_no_request(server: ServerProcess, corners: An
     stats = _all_alive(server)
     victim = stats["compositors"][1]["pid"]
     with Load(server.address, corners) as load:
-        time.sleep(1.5)
+        _busy(server, load)
         before = _redispatched(_stats(server))
         os.kill(victim, signal.SIGSTOP)
         frozen_at = time.monotonic()
@@ -106,7 +114,7 @@ def test_a_frozen_compositor_holds_at_most_its_credits(server: ServerProcess,
     frozen = stats["compositors"][2]["pid"]
     samples = []
     with Load(server.address, corners) as load:
-        time.sleep(1.0)
+        _busy(server, load)
         before = _redispatched(_stats(server))
         os.kill(frozen, signal.SIGSTOP)
         stopped_at = time.monotonic()
