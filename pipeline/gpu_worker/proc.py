@@ -38,7 +38,7 @@ from pipeline.gpu_worker.device import Resolved, pin_to_device
 from pipeline.gpu_worker.engine import EVENTS, FRONTEND, JOBS, Engine
 from pipeline.gpu_worker.model_cache import ModelCache, load_finished
 from pipeline.runtime.addresses import Addresses
-from pipeline.runtime.process import Readiness, run_role
+from pipeline.runtime.process import Readiness, RoleError, run_role
 from pipeline.runtime.sockets import make_socket
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,9 @@ class GpuWorkerProc:
         jobs_in = make_socket(ctx, zmq.PULL, connect=[JOBS_INPROC])
         router = make_socket(ctx, zmq.ROUTER, bind=a.worker_jobs(i))
         beat = make_socket(ctx, zmq.PUSH, connect=[a.frontend_inbox])
-        threads = [self._thread("receiver", self._receive, inbox, stop),
-                   self._thread("sender", self._send, out, stop),
-                   self._thread("link", self._link, router, jobs_in, stop)]
+        threads = [self._thread("receiver", stop, self._receive, inbox),
+                   self._thread("sender", stop, self._send, out),
+                   self._thread("link", stop, self._link, router, jobs_in)]
         heartbeat = threading.Thread(target=self._beat, args=(beat, stop), name="heartbeat")
         for t in [*threads, heartbeat]:
             t.start()
@@ -134,13 +134,14 @@ class GpuWorkerProc:
         if failure is not None:
             raise failure
 
-    def _thread(self, name: str, target: Callable[..., None], *args: object) -> threading.Thread:
-        """An IO thread whose failure stops the process (announced), never a silent hang."""
-        stop: threading.Event = args[-1]  # type: ignore[assignment]
+    def _thread(self, name: str, stop: threading.Event, target: Callable[..., None],
+                *args: object) -> threading.Thread:
+        """An IO thread running target(*args, stop) whose failure stops the process (and is
+        announced), never a silent hang."""
 
         def guarded() -> None:
             try:
-                target(*args)
+                target(*args, stop)
             except Exception as exc:
                 log.exception("the %s thread failed", name)
                 self.failure = self.failure or (name, exc)
@@ -151,7 +152,8 @@ class GpuWorkerProc:
     def _announce(self, beat: zmq.Socket[Any], failure: Exception) -> None:
         """RoleDown to the frontend, after the last heartbeat on the same socket (so no
         heartbeat can follow it and make the dying worker look alive again)."""
-        reason = str(failure) or type(failure).__name__
+        reason = (str(failure) if isinstance(failure, RoleError)
+                  else f"{type(failure).__name__}: {failure}")
         try:
             beat.send(msg.encode(msg.RoleDown(role="gpu_worker", index=self.index,
                                               pid=os.getpid(), reason=reason)), zmq.NOBLOCK)
