@@ -8,10 +8,16 @@ Flow of one InferBatchComposite request:
     frontend --InferRequest--> gpu_worker --CompositeJob x B--> compositors
     gpu_worker --InferDone | InferFailed--> frontend
     compositor --FrameDone + JPEG | FrameFailed--> frontend
+    compositor --Credit--> gpu_worker (a job finished: room for the next one)
+
+Compositors pull work: each grants every gpu_worker a few credits (jobs it may hold at
+once), and a worker hands a CompositeJob only to a compositor with a free credit; the jobs a
+dead or frozen compositor held go to the others. A role that raises sends RoleDown before it
+exits (to the frontend; a compositor also to its gpu_workers).
 """
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -43,7 +49,7 @@ _DTYPE_SIZES = {"float32": 4, "float16": 2, "int16": 2, "uint8": 1}
 
 class InferRequest(Message, frozen=True):
     request_id: int
-    worker_pid: int                     # the process it is meant for (see GpuWorker._receive)
+    worker_pid: int                     # the process it is meant for (see gpu_worker/proc.py)
     model_id: str
     batch_size: int
     start_frame_idx: int
@@ -88,6 +94,32 @@ class ReleaseSegment(Message, frozen=True):
     segment: str
 
 
+# ---- compositor -> gpu_worker -----------------------------------------------------------
+
+class Credit(Message):
+    """Sent by a compositor on its DEALER to one gpu_worker: the jobs it may hold at once
+    (`credits`), and the job it just finished, which frees one (request_id -1: none). Sent
+    at start, after every job and every heartbeat period: it is also the compositor's
+    heartbeat to the worker."""
+
+    index: int
+    pid: int
+    credits: Annotated[int, msgspec.Meta(ge=0)]
+    request_id: int = -1
+    frame_index: int = -1
+
+
+class CompositorLink(msgspec.Struct, array_like=True, frozen=True):
+    """A gpu_worker's view of one compositor it hands jobs to (in its heartbeats)."""
+
+    index: int
+    pid: int
+    credits: int                        # jobs it asked to hold at most
+    held: int                           # jobs it holds now
+    handed: int                         # jobs handed to it so far
+    alive: bool                         # false: silent, its jobs handed to the others
+
+
 # ---- gpu_worker / compositor -> frontend ------------------------------------------------
 
 class InferDone(Message, frozen=True):
@@ -98,8 +130,6 @@ class InferDone(Message, frozen=True):
     encoder_ns: int                     # the audio encoder's share of audio_ns
     visual_ns: int                      # building the visual input (0 when the client sent it)
     inference_ns: int                   # the UNet
-    model_loaded: bool
-    load_ns: int
     composite_start_ns: int             # time.monotonic_ns() when the jobs were dispatched
     run_frames: int = 0                 # frames of the UNet run this request shared (batching)
     run_requests: int = 1               # requests coalesced into that run
@@ -143,6 +173,9 @@ class Heartbeat(Message, frozen=True):
     device_memory_used_bytes: int = 0   # measured (NVML on a GPU, process RSS on CPU)
     loaded_models: dict[str, int] = {}  # model id -> its measured memory (bytes)
     queue_depth: int = 0
+    jobs_waiting: int = 0               # gpu_worker: CompositeJobs waiting for a credit
+    jobs_redispatched: int = 0          # gpu_worker: jobs of lost compositors handed again
+    compositors: list[CompositorLink] = []  # gpu_worker: the compositors it hands jobs to
 
 
 class RoleDown(Message, frozen=True):
@@ -155,12 +188,14 @@ class RoleDown(Message, frozen=True):
     reason: str
 
 
-ToWorker = Union[InferRequest, LoadModel, UnloadModel]
-ToCompositor = Union[CompositeJob, ReleaseSegment]
-ToFrontend = Union[InferDone, InferFailed, FrameDone, FrameFailed, ControlReply, Heartbeat,
-                   RoleDown]
+ToWorker = InferRequest | LoadModel | UnloadModel
+ToWorkerJobs = Credit | RoleDown  # what a gpu_worker's jobs socket receives
+ToCompositor = CompositeJob | ReleaseSegment
+ToFrontend = (InferDone | InferFailed | FrameDone | FrameFailed | ControlReply | Heartbeat
+              | RoleDown)
 
 encode = msgspec.msgpack.Encoder().encode
 worker_decoder = msgspec.msgpack.Decoder(ToWorker)
+worker_jobs_decoder = msgspec.msgpack.Decoder(ToWorkerJobs)
 compositor_decoder = msgspec.msgpack.Decoder(ToCompositor)
 frontend_decoder = msgspec.msgpack.Decoder(ToFrontend)

@@ -23,13 +23,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from pipeline.bench.local_server import ServerProcess
 from pipeline.client import build_request, channel, speech_like_audio
 from pipeline.config import load_config
-from pipeline.frontend.wire import CompositeRequestView, parse_composite_request
+from pipeline.frontend.wire import parse_composite_request
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from pipeline.runtime.addresses import Addresses
@@ -212,80 +211,15 @@ def single_requests(address: str, request: pb.CompositeBatchRequest, count: int)
             "overhead_ms_p50": result["overhead_ms_p50"]}
 
 
-class InProcessPipeline:
-    """The server's stages in this one process, one request after another: audio features
-    (mel + encoder), UNet, paste and JPEG of every frame. The baseline of `--compare`."""
-
-    def __init__(self, cfg_path: Path, model_id: str, provider: str | None = None,
-                 threads: int = 0) -> None:
-        """`provider` None: the one the server resolves; `threads` 0: ONNX Runtime's default
-        (every core), the fastest one-at-a-time baseline."""
-        from pipeline.gpu_worker import audio
-        from pipeline.gpu_worker.avatar import load_avatar
-        from pipeline.gpu_worker.device import resolve_provider
-        from pipeline.gpu_worker.sessions import AudioEncoder, UNet
-        from pipeline.shm.segment import segment_name
-
-        self.cfg = cfg = load_config(cfg_path)
-        self.model = cfg.models[model_id]
-        provider = provider or resolve_provider(cfg.gpus.provider, 1)
-        self.encoder = AudioEncoder.create(cfg.audio_encoder_path, provider, threads)
-        self.unet = UNet.create(self.model.model_path, provider, threads,
-                                cfg.gpus.unet_precision, cfg.gpus.cuda_graphs)
-        self.avatar = load_avatar(self.model, segment_name(f"bench{os.getpid()}", "bg"))
-        audio.warm_up()
-        cv2.setNumThreads(1)  # as in the compositors (faster on 1280x720 frames, measured)
-
-    def close(self) -> None:
-        self.avatar.close()
-
-    def run(self, request: CompositeRequestView) -> dict[str, int]:
-        """One request (read as the server reads it: tensors are views of its wire bytes,
-        no protobuf copies) through every stage; ns per stage."""
-        from pipeline.compositor.composite import encode_jpeg, paste
-        from pipeline.gpu_worker import audio
-
-        b, start = request.batch_size, request.start_frame_idx
-        ns = dict.fromkeys(("audio", "encoder", "visual", "unet", "paste", "jpeg"), 0)
-
-        def encode(windows: np.ndarray) -> np.ndarray:
-            t = time.perf_counter_ns()
-            out = self.encoder.encode(windows)
-            ns["encoder"] += time.perf_counter_ns() - t
-            return out
-
-        t0 = time.perf_counter_ns()
-        samples = np.frombuffer(request.raw_audio, "<f4")
-        features = audio.request_features(encode, samples, request.sample_rate or 16000, b)
-        t1 = time.perf_counter_ns()
-        if request.visual_frames:
-            visual = np.frombuffer(request.visual_frames, "<f4").reshape(b, 6, 320, 320)
-        else:  # audio only: built from the avatar's frames, as the gpu_worker does
-            visual = self.avatar.visual_inputs(start, np.empty((b, 6, 320, 320), np.float32))
-        t2 = time.perf_counter_ns()
-        prediction = np.empty((b, 3, 320, 320), np.float32)
-        self.unet.run(visual, features, prediction)
-        t3 = time.perf_counter_ns()
-        ns["audio"], ns["visual"], ns["unet"] = t1 - t0, t2 - t1, t3 - t2
-        frames = self.avatar.frames()
-        for i in range(b):
-            t_paste = time.perf_counter_ns()
-            frame = paste(frames[(start + i) % self.avatar.num_frames], prediction[i],
-                          self.avatar.rect(start + i), self.model.composite_mode)
-            t_jpeg = time.perf_counter_ns()
-            encode_jpeg(frame, self.cfg.jpeg_quality)
-            ns["paste"] += t_jpeg - t_paste
-            ns["jpeg"] += time.perf_counter_ns() - t_jpeg
-        return ns
-
-
 def compare_inprocess(address: str, request: pb.CompositeBatchRequest, concurrency: int,
                       requests: int, warmup: int, rounds: int, cfg_path: Path,
                       ops_endpoint: str | None = None) -> tuple[Measured, dict[str, object]]:
     """The pipeline and the in-process baseline over the same requests, in `rounds`
     alternating stretches (so a slow spell of a shared machine hits both alike)."""
+    from pipeline.bench.inprocess import InProcessEngine
+
     clients = Clients(address, request, concurrency, warmup, ops_endpoint)
-    baseline = InProcessPipeline(cfg_path, request.model_id)
+    baseline = InProcessEngine(cfg_path, request.model_id)
     view = parse_composite_request(clients.wire)
     measured, runs, baseline_wall, baseline_cpu = Measured(), [], 0.0, 0.0
     try:
@@ -337,11 +271,12 @@ def _median_ms(fn, repeats: int) -> float:
 
 def stage_timings(cfg_path: Path, model_id: str, batch: int, repeats: int = 20) -> dict[str, float]:
     """Each stage of the pipeline run in this process on the real components (median ms)."""
+    from pipeline.bench.inprocess import InProcessEngine
     from pipeline.compositor.composite import encode_jpeg, paste
     from pipeline.gpu_worker import audio
 
     cfg = load_config(cfg_path)
-    stages = InProcessPipeline(cfg_path, model_id, "cpu", cfg.gpus.intra_op_threads)
+    stages = InProcessEngine(cfg_path, model_id, "cpu", cfg.gpus.intra_op_threads)
     encoder, unet, avatar = stages.encoder, stages.unet, stages.avatar
     mode = stages.model.composite_mode
     try:

@@ -7,14 +7,46 @@ Modes (spec/reference-pipeline.md §3; DESIGN "Compositing"):
 - stretch (the Go server): the prediction is stretched over the whole rect with the Go
   server's own bilinear formula (no half-pixel offset).
 Pixel conversion as the reference: x255, clamp to [0, 255], truncate.
+
+`composite_job` is the whole of a compositor's work on one CompositeJob, pure (tensors are
+read through the `view` it is given): the compositor process and the in-process bench run
+the same function.
 """
 from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
 
 import cv2
 import numpy as np
 
+from pipeline import messages as msg
+from pipeline.runtime.logs import logging_request
 from pipeline.synctalk import CROP, INNER
 
+log = logging.getLogger(__name__)
+
+View = Callable[[msg.TensorRef], np.ndarray]  # a tensor in shared memory, read in place
+
+
+def composite_job(job: msg.CompositeJob, view: View, compositor: int) -> list[bytes]:
+    """The frames to send the frontend for one job: [FrameDone, JPEG] or [FrameFailed]."""
+    with logging_request(job.request_id):
+        t0 = time.perf_counter_ns()
+        try:
+            frame = paste(view(job.background), view(job.prediction), job.rect, job.mode)
+            t1 = time.perf_counter_ns()
+            jpeg = encode_jpeg(frame, job.jpeg_quality)
+        except Exception as exc:
+            log.exception("compositing frame %d of request %d failed", job.frame_index,
+                          job.request_id)
+            return [msg.encode(msg.FrameFailed(
+                job.request_id, job.frame_index,
+                f"failed to composite frame {job.frame_index}: {exc}"))]
+        header = msg.FrameDone(job.request_id, job.frame_index, compositor, paste_ns=t1 - t0,
+                               jpeg_ns=time.perf_counter_ns() - t1)
+        return [msg.encode(header), jpeg]
 
 def prediction_to_bgr(prediction: np.ndarray) -> np.ndarray:
     """[3,320,320] float BGR in [0,1] -> [320,320,3] uint8 (x255, clamp, truncate; NaN -> 0)."""

@@ -72,8 +72,8 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
             composite_time_ms=result.composite_ns / 1e6,
             total_time_ms=(time.perf_counter_ns() - t0) / 1e6,
             audio_processing_ms=done.audio_ns / 1e6,
-            model_loaded=lease.loaded_now or done.model_loaded,
-            model_load_time_ms=(lease.load_ns or done.load_ns) / 1e6,
+            model_loaded=lease.loaded_now,
+            model_load_time_ms=lease.load_ns / 1e6,
             success=True,
             gpu_id=done.gpu_id,
             stages=pb.StageTimings(

@@ -224,6 +224,9 @@ class InFlight:
     def on_failed(self, m: msg.Message, _: list[bytes]) -> None:
         assert isinstance(m, (msg.InferFailed, msg.FrameFailed))
         p = self.pending.get(m.request_id)
+        if isinstance(m, msg.FrameFailed) and p is not None and \
+                0 <= m.frame_index < len(p.frames) and p.frames[m.frame_index] is not None:
+            return  # a late duplicate (a revived compositor's) of a frame already received
         if p is not None:
             if not p.future.done():
                 p.future.set_exception(Failed(m.error))
@@ -241,14 +244,6 @@ class InFlight:
                 p.abandoned = p.done is None
             if not p.future.done():
                 p.future.set_exception(Unavailable(f"{reason}; request failed"))
-
-    def fail_compositing(self, reason: str) -> None:
-        """Frames handed to a lost compositor never come: fail every request still waiting
-        for frames (their worker is done writing, so their blocks come back now)."""
-        for p in [p for p in self.pending.values() if p.done is not None]:
-            if not p.future.done():
-                p.future.set_exception(Unavailable(f"{reason}; request failed"))
-            self._finish(p)
 
     def snapshot(self) -> dict[str, Any]:
         per_worker: dict[int, int] = {}

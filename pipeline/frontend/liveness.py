@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from pipeline import messages as msg
 from pipeline.config import Config
 
@@ -32,6 +34,7 @@ class RoleView:
     queue_depth: int = 0
     models: dict[str, int] = field(default_factory=dict)  # what a worker reports holding
     exited_pid: int = 0       # announced its exit: its last heartbeats are not believed
+    jobs: dict[str, Any] = field(default_factory=dict)  # a gpu_worker's compositor jobs
 
     def alive(self, now: float, heartbeat_s: float) -> bool:
         return (self.pid != 0 and not self.silent
@@ -91,6 +94,8 @@ class Liveness:
                 log.warning("gpu_worker %d restarted (pid %d -> %d)", m.index, view.pid, m.pid)
                 events.append(WorkerLost(m.index, f"gpu_worker {m.index} restarted", True))
             view.models = m.loaded_models
+            view.jobs = {"waiting": m.jobs_waiting, "redispatched": m.jobs_redispatched,
+                         "compositors": [msgspec.structs.asdict(c) for c in m.compositors]}
             events.append(WorkerHolds(m.index, m.loaded_models))
         else:
             return events
@@ -157,5 +162,6 @@ class Liveness:
                     "alive": v.alive(now, self.heartbeat_s), "queue_depth": v.queue_depth,
                     "device_memory_used_bytes": v.device_memory_used_bytes}
 
-        return {"gpu_workers": [view(i, w) for i, w in enumerate(self.workers)],
+        return {"gpu_workers": [{**view(i, w), "compositor_jobs": w.jobs}
+                                for i, w in enumerate(self.workers)],
                 "compositors": [view(i, c) for i, c in sorted(self.compositors.items())]}

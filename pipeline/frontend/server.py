@@ -204,7 +204,8 @@ class Frontend:
                 if event.restarted:  # a new process holds nothing
                     self.registry.worker_restarted(event.index)
             elif isinstance(event, CompositorLost):
-                self.inflight.fail_compositing(event.reason)
+                # nothing fails: its workers hand the jobs it held to the other compositors
+                log.warning("%s; its jobs go to the other compositors", event.reason)
             elif isinstance(event, WorkerHolds):
                 self.registry.reconcile(event.index, event.models)
         status = SERVING if self.state is State.RUNNING and self.liveness.healthy() else NOT_SERVING

@@ -73,7 +73,7 @@ def serve_role(cfg: Config, role: str, index: int) -> int:
         run_frontend_process(cfg, None)
     elif role == "gpu-worker":
         from pipeline.gpu_worker.device import resolve_provider
-        from pipeline.gpu_worker.worker import run_gpu_worker_process
+        from pipeline.gpu_worker.proc import run_gpu_worker_process
 
         try:
             # ONNX Runtime is imported here but creates no CUDA context: the worker still
@@ -84,7 +84,7 @@ def serve_role(cfg: Config, role: str, index: int) -> int:
             return 1
         run_gpu_worker_process(cfg, index, provider, None)
     else:
-        from pipeline.compositor.worker import run_compositor_process
+        from pipeline.compositor.proc import run_compositor_process
 
         run_compositor_process(cfg, index, None)
     return 0  # a failing role exits 1 from inside run_role

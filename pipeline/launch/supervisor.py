@@ -15,11 +15,11 @@ from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from pipeline.compositor.worker import run_compositor_process
+from pipeline.compositor.proc import run_compositor_process
 from pipeline.config import Config
 from pipeline.frontend.server import run_frontend_process
 from pipeline.gpu_worker.device import resolve_provider
-from pipeline.gpu_worker.worker import run_gpu_worker_process
+from pipeline.gpu_worker.proc import run_gpu_worker_process
 from pipeline.launch.common import prepare_runtime
 from pipeline.shm.segment import sweep_stale_segments
 

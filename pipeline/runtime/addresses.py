@@ -35,7 +35,8 @@ class Addresses:
         return self._ipc(f"gpu{gpu_index}")
 
     def worker_jobs(self, gpu_index: int) -> str:
-        """PUSH, bound by gpu_worker i: compositing jobs, pulled by every compositor."""
+        """ROUTER, bound by gpu_worker i: compositing jobs, handed to the compositors that
+        have room (each connects a DEALER and grants credits on it)."""
         return self._ipc(f"gpu{gpu_index}-jobs")
 
     def worker_events(self, gpu_index: int) -> str:

@@ -24,6 +24,10 @@ def make_socket(ctx: zmq.Context[S], kind: int, *, bind: str | None = None,
     sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, subscribe or b"")
+    if kind == zmq.ROUTER:
+        # a message for a peer that is gone fails (EHOSTUNREACH) instead of vanishing, so
+        # its sender can give the work to another peer
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     if bind is not None:
         if bind.startswith("ipc://"):
             Path(bind[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,7 @@ TO_COMPOSITOR = [
 ]
 TO_FRONTEND = [
     msg.InferDone(request_id=7, gpu_id=0, queue_ns=5, audio_ns=1, encoder_ns=1, visual_ns=3,
-                  inference_ns=2, model_loaded=True,
-                  load_ns=3, composite_start_ns=4),
+                  inference_ns=2, composite_start_ns=4),
     msg.InferFailed(request_id=8, error="Inference failed: boom"),
     msg.FrameDone(request_id=9, frame_index=31, compositor=1, paste_ns=12345, jpeg_ns=6789),
     msg.FrameFailed(request_id=10, frame_index=2, error="failed to composite frame 2: x"),
@@ -39,9 +38,18 @@ TO_FRONTEND = [
     msg.Heartbeat(role="gpu_worker", index=0, pid=4242, gpu_id=0,
                   device_memory_used_bytes=10**9, loaded_models={"demo": 5 * 2**20, "other": 7}, queue_depth=3),
     msg.Heartbeat(role="compositor", index=2, pid=4343),
-    msg.RoleDown(role="gpu_worker", index=1, pid=4444, reason="RuntimeError: boom"),
+    msg.Heartbeat(role="gpu_worker", index=1, pid=4242, jobs_waiting=3, jobs_redispatched=2,
+                  compositors=[msg.CompositorLink(0, 77, 2, 1, 40, True),
+                               msg.CompositorLink(1, 78, 2, 2, 9, False)]),
+    msg.RoleDown(role="gpu_worker", index=0, pid=4242, reason="ConfigMismatch: no"),
+]
+TO_WORKER_JOBS = [
+    msg.Credit(index=1, pid=4343, credits=2),
+    msg.Credit(index=1, pid=4343, credits=2, request_id=7, frame_index=3),
+    msg.RoleDown(role="compositor", index=1, pid=4343, reason="DecodeError: garbage"),
 ]
 DECODERS = [(m, msg.worker_decoder) for m in TO_WORKER] + \
+           [(m, msg.worker_jobs_decoder) for m in TO_WORKER_JOBS] + \
            [(m, msg.compositor_decoder) for m in TO_COMPOSITOR] + \
            [(m, msg.frontend_decoder) for m in TO_FRONTEND]
 
@@ -57,7 +65,7 @@ def test_round_trip(message: msg.Message, decoder: msgspec.msgpack.Decoder) -> N
 
 def test_every_message_type_is_covered() -> None:
     """Each member of the three unions has a round-trip case above."""
-    unions = [msg.ToWorker, msg.ToCompositor, msg.ToFrontend]
+    unions = [msg.ToWorker, msg.ToWorkerJobs, msg.ToCompositor, msg.ToFrontend]
     members = {t for u in unions for t in u.__args__}
     assert members == {type(m) for m, _ in DECODERS}
 
@@ -70,6 +78,12 @@ def test_wrong_role_decoder_rejects() -> None:
         msg.frontend_decoder.decode(msg.encode(TO_COMPOSITOR[0]))
     with pytest.raises(msgspec.ValidationError):
         msg.compositor_decoder.decode(msg.encode(TO_WORKER[0]))
+
+
+def test_a_negative_credit_does_not_decode() -> None:
+    """A compositor cannot grant fewer than zero credits: such a Credit fails to decode."""
+    with pytest.raises(msgspec.ValidationError):
+        msg.worker_jobs_decoder.decode(msg.encode(msg.Credit(index=0, pid=1, credits=-1)))
 
 
 def test_literal_fields_are_validated() -> None:

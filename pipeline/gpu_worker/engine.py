@@ -1,0 +1,303 @@
+"""The gpu_worker's engine: inbox -> coalesce -> prepare -> UNet -> one CompositeJob per frame.
+
+Pure compute: no sockets and no threads of its own. The process shell (proc.py) fills the
+inbox from its receiver and loader threads and carries what the engine emits (through the
+injected `emit`) to the frontend, the compositors and the segment-release channel. Unit
+tests and `lipsync bench --compare inprocess` run this very class in one process.
+
+Per request it computes the audio features, builds the visual input when the client sent
+none, runs the UNet on the shared-memory tensors (the prediction written in place) and
+emits one CompositeJob per frame and the request's InferDone (or InferFailed). A request
+for a model this worker does not hold fails at once: the frontend only sends work for
+models it has seen loaded here, so that is a restart's leftover, not a reason to load.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+from pipeline import messages as msg
+from pipeline.config import Config, ModelConfig
+from pipeline.gpu_worker.batching import Inbox, StagingBatch, coalesce
+from pipeline.gpu_worker.device import Resolved
+from pipeline.gpu_worker.model_cache import LoadedModel, LoadFinished, ModelCache
+from pipeline.runtime.logs import logging_request
+from pipeline.runtime.process import RoleError
+from pipeline.shm.segment import SegmentCache
+from pipeline.synctalk import PREDICTION_BYTES, PREDICTION_SHAPE
+
+if TYPE_CHECKING:  # onnxruntime is imported only after the device is pinned
+    from pipeline.gpu_worker.sessions import AudioEncoder
+
+log = logging.getLogger(__name__)
+
+# where an emitted message goes
+FRONTEND, JOBS, EVENTS = "frontend", "jobs", "events"
+Emit = Callable[[str, msg.Message], None]
+StartLoad = Callable[[ModelConfig], None]  # runs a load elsewhere; LoadFinished comes back
+
+
+@dataclass
+class Loading:
+    """A load in progress; the LoadModel requests waiting on it (coalesced)."""
+
+    waiting: list[msg.LoadModel] = field(default_factory=list)
+    discard: bool = False  # unloaded while loading: dropped when it finishes
+
+
+@dataclass
+class Prepared:
+    """A request ready for the UNet: its features, and what preparing it took."""
+
+    req: msg.InferRequest
+    features: np.ndarray          # [B,32,16,16] float32
+    started_ns: int
+    audio_ns: int
+    encoder_ns: int
+    visual_ns: int
+
+
+class RequestError(Exception):
+    """A request failed; the message is the client-facing error string."""
+
+
+class ConfigMismatch(RoleError):
+    """The frontend named a model this worker's config lacks: the two run different
+    configs (a unit restarted after an edit). The worker exits, and its supervisor starts
+    it again with the config on disk."""
+
+
+class Engine:
+    def __init__(self, cfg: Config, gpu_index: int, provider: Resolved, inbox: Inbox,
+                 cache: ModelCache, encoder: AudioEncoder, emit: Emit,
+                 start_load: StartLoad) -> None:
+        self.cfg = cfg
+        self.index = gpu_index
+        self.inbox = inbox
+        self.cache = cache
+        self.encoder = encoder
+        self.emit = emit
+        self.start_load = start_load
+        self.max_batch_frames = cfg.batching.max_batch_frames or (32 if provider == "cuda" else 1)
+        self.queue_delay_s = cfg.batching.max_queue_delay_ms / 1e3
+        self.staging: StagingBatch | None = None
+        self.segments = SegmentCache()          # the frontend's request arena, attached lazily
+        self.loading: dict[str, Loading] = {}
+        self.handlers: dict[type, Callable[[object], None]] = {
+            msg.InferRequest: self._on_infer,  # type: ignore[dict-item]
+            msg.LoadModel: self._on_load,  # type: ignore[dict-item]
+            msg.UnloadModel: self._on_unload,  # type: ignore[dict-item]
+            LoadFinished: self._on_load_finished,  # type: ignore[dict-item]
+        }
+
+    @classmethod
+    def create(cls, cfg: Config, gpu_index: int, provider: Resolved, inbox: Inbox,
+               cache: ModelCache, emit: Emit, start_load: StartLoad) -> Engine:
+        """An engine with its audio encoder built and warm (the first run allocates)."""
+        from pipeline.gpu_worker import audio
+        from pipeline.gpu_worker.sessions import AudioEncoder
+
+        audio.warm_up()
+        cv2.setNumThreads(1)  # building visual inputs: OpenCV's threads only cost on 320 px
+        encoder = AudioEncoder.create(cfg.audio_encoder_path, provider, cfg.gpus.intra_op_threads)
+        encoder.encode(np.full((1, 1, 80, 16), -4.0, np.float32))
+        return cls(cfg, gpu_index, provider, inbox, cache, encoder, emit, start_load)
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Handle inbox items until `stop` is set. An exception out of a handler is a bug
+        or a fatal condition: it ends the loop (the shell announces the death)."""
+        next_sweep = 0.0
+        while not stop.is_set():
+            self.step(0.1)
+            if time.monotonic() >= next_sweep:  # a dead frontend's arena goes at once
+                self.segments.forget_dead()
+                next_sweep = time.monotonic() + self.cfg.runtime.heartbeat_s
+
+    def step(self, timeout_s: float) -> bool:
+        """Handle the next inbox item, waiting `timeout_s` at most; False if none came."""
+        item = self.inbox.next(time.monotonic() + timeout_s)
+        if item is None:
+            return False
+        self.handlers[type(item)](item)
+        return True
+
+    def close(self) -> None:
+        self.cache.close()
+        self.segments.close()
+
+    # ---- control -----------------------------------------------------------------------
+
+    def _reply(self, req: msg.LoadModel | msg.UnloadModel, ok: bool, **fields: object) -> None:
+        self.emit(FRONTEND, msg.ControlReply(req.request_id, ok=ok, **fields))  # type: ignore[arg-type]
+
+    def _on_load(self, req: msg.LoadModel) -> None:
+        model = self.cache.get(req.model_id)
+        if model is not None:
+            self._reply(req, True, gpu_id=self.index, memory_bytes=model.memory_bytes)
+            return
+        loading = self.loading.get(req.model_id)
+        if loading is None:
+            config = self.cfg.models.get(req.model_id)
+            if config is None:
+                raise ConfigMismatch(
+                    f"the frontend asked to load '{req.model_id}', which this gpu_worker's "
+                    "config does not have: they run different configs; exiting, to be "
+                    "started again with the current one")
+            loading = self.loading[req.model_id] = Loading()
+            self.start_load(config)
+        loading.waiting.append(req)
+
+    def _on_load_finished(self, done: LoadFinished) -> None:
+        loading = self.loading.pop(done.model_id)
+        model, error = done.model, done.error
+        if model is not None and loading.discard:
+            model.close()
+            model, error = None, "the load was cancelled"
+        if model is None:
+            log.error("loading %s failed: %s", done.model_id, error)
+            for req in loading.waiting:
+                self._reply(req, False, error=f"Failed to load model '{done.model_id}': {error}")
+            return
+        self.cache.add(model)
+        log.info("loaded %s in %.0f ms (%d frames, %.1f MB)", done.model_id, model.load_ns / 1e6,
+                 model.avatar.num_frames, model.memory_bytes / 2**20)
+        for req in loading.waiting:
+            self._reply(req, True, gpu_id=self.index, elapsed_ns=model.load_ns,
+                        memory_bytes=model.memory_bytes)
+
+    def _on_unload(self, req: msg.UnloadModel) -> None:
+        t0 = time.monotonic_ns()
+        segment = self.cache.unload(req.model_id)
+        if segment is None:
+            loading = self.loading.get(req.model_id)
+            if loading is not None:
+                loading.discard = True  # the frontend gave up on this load: drop it when done
+            self._reply(req, False,
+                        error=f"Failed to unload model: model '{req.model_id}' not loaded")
+            return
+        self.emit(EVENTS, msg.ReleaseSegment(segment))
+        self._reply(req, True, gpu_id=self.index, elapsed_ns=time.monotonic_ns() - t0)
+        log.info("unloaded %s", req.model_id)
+
+    # ---- inference ---------------------------------------------------------------------
+
+    def _on_infer(self, req: msg.InferRequest) -> None:
+        model = self.cache.get(req.model_id)
+        if model is None:
+            self.emit(FRONTEND, msg.InferFailed(
+                req.request_id, f"model '{req.model_id}' is not loaded on gpu_worker {self.index}"))
+            return
+        self._infer(model, coalesce(req, self.inbox, self.max_batch_frames, self.queue_delay_s))
+
+    def _infer(self, model: LoadedModel, run: list[msg.InferRequest]) -> None:
+        """One UNet run for the requests of `run` (one model); each is answered on its own."""
+        prepared = []
+        for req in run:
+            with logging_request(req.request_id):
+                try:
+                    prepared.append(self._prepare(model, req))
+                except Exception as exc:  # noqa: BLE001 (one request's; logged if a bug)
+                    self.emit(FRONTEND, msg.InferFailed(req.request_id, _client_error(exc, req)))
+        if not prepared:
+            return
+        t0 = time.monotonic_ns()
+        try:
+            self._run_unet(model, prepared)
+        except Exception as exc:  # noqa: BLE001 (a failed run fails its requests only)
+            for p in prepared:
+                self.emit(FRONTEND, msg.InferFailed(p.req.request_id, f"Inference failed: {exc}"))
+            return
+        t1 = time.monotonic_ns()
+        frames = sum(p.req.batch_size for p in prepared)
+        for p in prepared:
+            with logging_request(p.req.request_id):
+                try:
+                    self._emit_jobs(model, p.req)
+                except Exception as exc:  # noqa: BLE001 (one request's; logged if a bug)
+                    self.emit(FRONTEND, msg.InferFailed(p.req.request_id,
+                                                        _client_error(exc, p.req)))
+                    continue
+            self.emit(FRONTEND, msg.InferDone(
+                p.req.request_id, gpu_id=self.index,
+                queue_ns=max(0, p.started_ns - p.req.sent_ns) if p.req.sent_ns else 0,
+                audio_ns=p.audio_ns, encoder_ns=p.encoder_ns, visual_ns=p.visual_ns,
+                inference_ns=t1 - t0, composite_start_ns=t1,
+                run_frames=frames, run_requests=len(prepared)))
+
+    def _prepare(self, model: LoadedModel, req: msg.InferRequest) -> Prepared:
+        """The request's audio features, and its visual input when the server builds it."""
+        from pipeline.gpu_worker import audio
+
+        b = req.batch_size
+        t0 = time.monotonic_ns()
+        encoder_ns = 0
+
+        def encode(windows: np.ndarray) -> np.ndarray:
+            nonlocal encoder_ns
+            start = time.monotonic_ns()
+            encoded = self.encoder.encode(windows)
+            encoder_ns += time.monotonic_ns() - start
+            return encoded
+
+        try:
+            if req.stream_offset >= 0 and req.audio is not None:
+                features = audio.stream_frame_features(
+                    encode, self._view(req.audio), req.stream_offset, req.start_frame_idx, b)
+            elif req.audio is not None:
+                features = audio.request_features(encode, self._view(req.audio),
+                                                  req.sample_rate, b)
+            elif req.features is not None:
+                features = audio.replicated_features(self._view(req.features).tobytes(), b)
+            else:
+                raise RequestError("Either raw_audio or audio_features must be provided")
+        except RequestError:
+            raise
+        except Exception as exc:
+            raise RequestError(f"Failed to encode audio features: {exc}") from exc
+        t1 = time.monotonic_ns()
+        if req.build_visual:
+            model.avatar.visual_inputs(req.start_frame_idx, out=self._view(req.visual))
+        return Prepared(req, features, started_ns=t0, audio_ns=t1 - t0, encoder_ns=encoder_ns,
+                        visual_ns=time.monotonic_ns() - t1 if req.build_visual else 0)
+
+    def _run_unet(self, model: LoadedModel, prepared: list[Prepared]) -> None:
+        """One ORT run over every prepared request, predictions into their output blocks."""
+        if len(prepared) == 1:  # bound in place: ORT reads and writes shared memory
+            p = prepared[0]
+            model.unet.run(self._view(p.req.visual), p.features, self._view(p.req.output))
+            return
+        if self.staging is None:
+            self.staging = StagingBatch(self.max_batch_frames)
+        self.staging.run(model.unet.run, [(self._view(p.req.visual), p.features,
+                                           self._view(p.req.output)) for p in prepared])
+
+    def _emit_jobs(self, model: LoadedModel, req: msg.InferRequest) -> None:
+        """One CompositeJob per frame: the compositors read prediction and background in place."""
+        for i in range(req.batch_size):
+            frame = req.start_frame_idx + i
+            self.emit(JOBS, msg.CompositeJob(
+                request_id=req.request_id, frame_index=i,
+                prediction=msg.TensorRef(req.output.segment,
+                                         req.output.offset + i * PREDICTION_BYTES,
+                                         PREDICTION_SHAPE, "float32"),
+                background=model.avatar.background_ref(frame), rect=model.avatar.rect(frame),
+                mode=model.config.composite_mode, jpeg_quality=self.cfg.jpeg_quality))
+
+    def _view(self, ref: msg.TensorRef) -> np.ndarray:
+        return self.segments.ndarray(ref.segment, ref.offset, ref.shape, ref.dtype)
+
+
+def _client_error(exc: Exception, req: msg.InferRequest) -> str:
+    if isinstance(exc, RequestError):
+        return str(exc)
+    log.exception("request %d failed", req.request_id)  # a bug costs one request, not the worker
+    return f"internal error: {exc}"

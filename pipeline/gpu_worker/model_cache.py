@@ -1,0 +1,125 @@
+"""The models a gpu_worker holds: each avatar's UNet session and decoded backgrounds.
+
+Loads run on the shell's loader thread (`load_finished`), never on the engine's; the
+engine adopts the result when the `LoadFinished` comes back through its inbox, so a load
+never blocks requests for other models. `loaded` is what heartbeats report: model id ->
+measured bytes, replaced whole on every change, so the heartbeat thread reads it without
+meeting a change mid-way.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pipeline.config import Config, ModelConfig
+from pipeline.gpu_worker.device import DeviceMemory, Resolved
+from pipeline.runtime.addresses import Addresses
+from pipeline.runtime.process import release_free_heap
+
+if TYPE_CHECKING:  # onnxruntime is imported only after the device is pinned
+    from pipeline.gpu_worker.avatar import Avatar
+    from pipeline.gpu_worker.sessions import UNet
+
+log = logging.getLogger(__name__)
+
+# each load's backgrounds get a segment name of their own (process-wide: two caches of one
+# process, as in tests, must not meet either)
+_background_serial = itertools.count()
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    unet: UNet
+    avatar: Avatar
+    memory_bytes: int                   # measured: device (or private) memory + backgrounds
+    load_ns: int
+
+    def close(self) -> None:
+        self.avatar.close()
+
+
+@dataclass(frozen=True)
+class LoadFinished:
+    """A load's outcome, put into the engine's inbox by whoever ran it."""
+
+    model_id: str
+    model: LoadedModel | None
+    error: str = ""                     # the client-facing reason when `model` is None
+
+
+class LoadError(Exception):
+    """A model failed to load; the message is the client-facing reason."""
+
+
+class ModelCache:
+    def __init__(self, cfg: Config, gpu_index: int, provider: Resolved) -> None:
+        self.cfg = cfg
+        self.index = gpu_index
+        self.provider = provider
+        self.memory = DeviceMemory(provider, gpu_index)
+        self.models: dict[str, LoadedModel] = {}
+        self.loaded: dict[str, int] = {}
+
+    def get(self, model_id: str) -> LoadedModel | None:
+        return self.models.get(model_id)
+
+    def load(self, config: ModelConfig) -> LoadedModel:
+        """Sessions, backgrounds, one warm-up batch. Runs on the loader thread."""
+        from pipeline.gpu_worker.avatar import load_avatar
+        from pipeline.gpu_worker.cuda_graphs import CAPTURE_LOCK
+        from pipeline.gpu_worker.sessions import UNet
+
+        t0 = time.monotonic_ns()
+        before = self.memory.used_bytes()
+        gpus = self.cfg.gpus
+        with CAPTURE_LOCK:  # a CUDA graph capture on the compute loop must not meet these
+            try:            # allocations (cuda_graphs.py)
+                unet = UNet.create(config.model_path, self.provider, gpus.intra_op_threads,
+                                   gpus.unet_precision, gpus.cuda_graphs)
+            except Exception as exc:
+                raise LoadError(f"failed to create inferencer: failed to create session: {exc}") from exc
+            unet.warm_up()
+        name = Addresses.of(self.cfg).background_arena(self.index, next(_background_serial))
+        try:
+            avatar = load_avatar(config, name)
+        except Exception as exc:
+            raise LoadError(f"Failed to get model data: {exc}") from exc
+        # measured: the device's (or, on CPU, this process's private) memory growth over
+        # the load, plus the backgrounds' shared-memory segment
+        memory = max(0, self.memory.used_bytes() - before) + avatar.nbytes
+        return LoadedModel(config, unet, avatar, memory, time.monotonic_ns() - t0)
+
+    def add(self, model: LoadedModel) -> None:
+        self.models[model.config.model_id] = model
+        self.loaded = {m: v.memory_bytes for m, v in self.models.items()}
+
+    def unload(self, model_id: str) -> str | None:
+        """Drop the model and give its memory back; the name of its backgrounds' segment
+        (for the compositors to unmap), or None when it was not loaded."""
+        model = self.models.pop(model_id, None)
+        self.loaded = {m: v.memory_bytes for m, v in self.models.items()}
+        if model is None:
+            return None
+        segment = model.avatar.segment.name
+        model.close()
+        del model
+        release_free_heap()  # glibc keeps freed heap otherwise: load/unload would only grow
+        return segment
+
+    def close(self) -> None:
+        for model in self.models.values():
+            model.close()
+        self.models, self.loaded = {}, {}
+
+
+def load_finished(cache: ModelCache, config: ModelConfig) -> LoadFinished:
+    """Load `config`'s model; the outcome, errors included, as the engine's inbox item."""
+    try:
+        return LoadFinished(config.model_id, cache.load(config))
+    except Exception as exc:  # noqa: BLE001 (the reason goes back to whoever asked)
+        error = str(exc) if isinstance(exc, LoadError) else f"{type(exc).__name__}: {exc}"
+        return LoadFinished(config.model_id, None, error)

@@ -1,0 +1,133 @@
+"""Death is announced: a role whose body raises says so (msg.RoleDown) before it exits, so
+its work fails, or moves, at once instead of after its heartbeats go silent. The failure is
+injected from outside with a message the role cannot serve, not with a debug switch."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from pipeline import messages as msg
+from pipeline.config import load_config
+from pipeline.bench.local_server import ServerProcess
+from pipeline.runtime.addresses import Addresses
+from tests.conftest import SMALL_FRAMES, ops_stats, write_config
+from tests.e2e.load import Load
+from tests.helpers import FrameOracle
+
+HEARTBEAT_S = 2.0  # silence would take 3 beats (6 s): an answer within 1.5 s was announced
+
+
+@pytest.fixture
+def server(tmp_path: Path, small_models_root: Path) -> Iterator[ServerProcess]:
+    config = write_config(tmp_path / "config.yaml", small_models_root, **{
+        "runtime.heartbeat_s": HEARTBEAT_S, "runtime.restart_backoff_max_s": 0.5,
+        "server.request_timeout_s": 30})
+    with ServerProcess(config, log_path=tmp_path / "server.log") as srv:
+        srv.config_path = config  # type: ignore[attr-defined]
+        yield srv
+
+
+def _inject(config: Path, message: msg.Message) -> None:
+    """Send `message` straight into gpu_worker 0's inbox, as the frontend would."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(Addresses.of(load_config(config)).worker_inbox(0))
+    sock.send(msg.encode(message))
+    sock.close()
+
+
+def test_a_raising_gpu_worker_fails_its_requests_at_once(server: ServerProcess,
+                                                        small_models_root: Path) -> None:
+    """gpu_worker 0 is made to raise (a LoadModel for a model its config lacks: config
+    skew, which it may not serve) under load: every request in flight fails with a clear
+    UNAVAILABLE naming the cause well before heartbeat silence could have told, no frame is
+    wrong, and the restarted worker serves again."""
+    config: Path = server.config_path  # type: ignore[attr-defined]
+    worker: dict[str, Any] = ops_stats(config)["gpu_workers"][0]
+    with Load(server.address, FrameOracle.of(small_models_root, SMALL_FRAMES),
+              clients=4, batch=8) as load:
+        deadline = time.monotonic() + 30
+        while ops_stats(config)["gpu_workers"][0]["inflight"] < 2:  # requests on the worker
+            assert time.monotonic() < deadline, "no load on the worker"
+            time.sleep(0.02)
+        injected_at = time.monotonic()
+        _inject(config, msg.LoadModel(request_id=1, worker_pid=worker["pid"],
+                                      model_id="not-in-this-config"))
+        deadline = injected_at + 60
+        while not any(o.kind == "ok" and o.started > injected_at + 0.5 for o in load.outcomes):
+            assert time.monotonic() < deadline, load.outcomes[-5:]  # serving again
+            time.sleep(0.2)
+    in_flight = [o for o in load.outcomes if o.started < injected_at < o.ended]
+    announced = [o for o in load.outcomes if "gpu_worker 0 failed" in o.detail]
+    assert announced, [o for o in load.outcomes if o.ended > injected_at - 0.5][:12]
+    assert all(o.kind == "UNAVAILABLE" and "not-in-this-config" in o.detail
+               for o in announced), announced
+    assert all(o.ended - injected_at < 1.5 for o in in_flight), in_flight
+    # the rest failed fast and clearly while it was down (a load it would have served
+    # included); no wrong frame, no timeout
+    unclear = [o for o in load.problems() if o.kind not in ("UNAVAILABLE", "failed")
+               or "gpu_worker 0 " not in o.detail]
+    assert unclear == []
+    stats = ops_stats(config)["gpu_workers"][0]
+    assert stats["pid"] != worker["pid"] and stats["restarts"] == 1 and stats["alive"]
+    assert f"gpu_worker 0 (pid {worker['pid']}) is exiting" in server.log_path.read_text()  # type: ignore[union-attr]
+
+
+def test_a_raising_compositor_tells_the_frontend_and_its_workers(tmp_path: Path,
+                                                                 small_models_root: Path) -> None:
+    """A compositor run on its own (`lipsync role compositor`) against a stand-in worker and
+    frontend: it grants its credits, and when a worker sends it a message it cannot decode
+    (a worker of another version), it sends RoleDown to the frontend and to the worker,
+    then exits 1."""
+    config = write_config(tmp_path / "config.yaml", small_models_root)
+    addresses = Addresses.of(load_config(config))
+    addresses.runtime_dir.mkdir(parents=True, exist_ok=True)
+    ctx = zmq.Context.instance()
+    frontend = ctx.socket(zmq.PULL)
+    jobs = ctx.socket(zmq.ROUTER)
+    for sock in (frontend, jobs):
+        sock.setsockopt(zmq.LINGER, 0)
+    frontend.bind(addresses.frontend_inbox)
+    jobs.bind(addresses.worker_jobs(0))
+    role = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "role", "compositor",
+                             "--index", "0", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert jobs.poll(60_000), "the compositor never granted credits"
+        identity, payload = jobs.recv_multipart()
+        credit = msg.worker_jobs_decoder.decode(payload)
+        assert isinstance(credit, msg.Credit) and (credit.index, credit.credits) == (0, 2)
+        assert credit.pid == role.pid and credit.request_id == -1
+        jobs.send_multipart([identity, b"\xc1 not msgpack"])
+        to_worker = _role_down(jobs, lambda frames: frames[-1])
+        to_frontend = _role_down(frontend, lambda frames: frames[0])
+        for down in (to_worker, to_frontend):
+            assert (down.role, down.index, down.pid) == ("compositor", 0, role.pid)
+            assert down.reason.startswith("DecodeError")
+        assert role.wait(15) == 1
+    finally:
+        if role.poll() is None:
+            role.kill()
+        stderr = role.communicate()[1].decode(errors="replace")
+        frontend.close()
+        jobs.close()
+    assert "compositor 0 failed" in stderr
+
+
+def _role_down(sock: zmq.Socket[Any], payload: Any) -> msg.RoleDown:
+    """The first RoleDown `sock` receives within 10 s (heartbeats and credits skipped)."""
+    deadline = time.monotonic() + 10
+    while sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+        message = msg.frontend_decoder.decode(payload(sock.recv_multipart())) \
+            if sock.type == zmq.PULL else msg.worker_jobs_decoder.decode(payload(sock.recv_multipart()))
+        if isinstance(message, msg.RoleDown):
+            return message
+    raise AssertionError("no RoleDown within 10 s")

@@ -1,0 +1,259 @@
+"""The gpu_worker's Engine in this process: real ONNX Runtime sessions on the demo graphs
+(32-frame avatar), a request arena of this process, a list as its outbox and a loader that
+runs at once; no sockets, no threads, no other process."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import messages as msg
+from pipeline.client import speech_like_audio
+from pipeline.config import Config, ModelConfig, load_config
+from pipeline.gpu_worker.batching import Inbox
+from pipeline.gpu_worker.engine import EVENTS, FRONTEND, JOBS, ConfigMismatch, Engine
+from pipeline.gpu_worker.model_cache import ModelCache, load_finished
+from pipeline.shm.arena import Arena
+from pipeline.shm.segment import SHM_DIR, segment_name
+from pipeline.synctalk import PREDICTION_BYTES, VISUAL_BYTES, VISUAL_SHAPE
+from tests.conftest import SMALL_FRAMES, write_config
+
+_arenas = itertools.count()
+BAD_MODEL = {"model_path": "demo/missing.onnx", "background_dir": "demo/frames",
+             "crop_rects_path": "demo/crop_rects.json", "num_frames": SMALL_FRAMES}
+
+
+class Harness:
+    """An Engine, what it emitted, the loads it asked for, and a request arena."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.emitted: list[tuple[str, msg.Message]] = []
+        self.loads: list[str] = []
+        self.deferred: list[ModelConfig] | None = None  # a list: loads wait for finish_loads()
+        self.inbox = Inbox()
+        self.cache = ModelCache(cfg, 0, "cpu")
+        self.engine = Engine.create(cfg, 0, "cpu", self.inbox, self.cache,
+                                    lambda target, m: self.emitted.append((target, m)),
+                                    self._start_load)
+        self.arena = Arena.create(segment_name(cfg.runtime.instance, f"requests{next(_arenas)}"),
+                                  256 * 2**20)
+        self.next_id = 1
+
+    def _start_load(self, config: ModelConfig) -> None:
+        self.loads.append(config.model_id)
+        if self.deferred is not None:
+            self.deferred.append(config)
+        else:
+            self.inbox.put(load_finished(self.cache, config))
+
+    def finish_loads(self) -> None:
+        for config in self.deferred or ():
+            self.inbox.put(load_finished(self.cache, config))
+        self.deferred = None
+
+    def close(self) -> None:
+        self.engine.close()
+        self.arena.close()
+
+    def handle(self, *items: object) -> list[tuple[str, msg.Message]]:
+        """Feed `items`, step until the inbox is empty; what was emitted meanwhile."""
+        self.emitted.clear()
+        for item in items:
+            self.inbox.put(item)
+        while self.engine.step(0.0):
+            pass
+        return list(self.emitted)
+
+    def control(self, kind: type, model_id: str) -> msg.ControlReply:
+        out = self.handle(kind(self._id(), 0, model_id))
+        replies = [m for _, m in out if isinstance(m, msg.ControlReply)]
+        assert len(replies) == 1, out
+        return replies[0]
+
+    def _id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    def request(self, batch: int, start: int, seed: int = 1, model_id: str = "demo",
+                audio: bool = True) -> msg.InferRequest:
+        """An audio-only request laid out in the arena as the frontend lays one out."""
+        samples = speech_like_audio((batch + 15) * 0.04, seed=seed)
+        block = self.arena.allocate(batch * (VISUAL_BYTES + PREDICTION_BYTES) + samples.nbytes)
+        assert block is not None
+        visual = msg.TensorRef(block.segment, block.offset, (batch, *VISUAL_SHAPE), "float32")
+        output = msg.TensorRef(block.segment, block.offset + batch * VISUAL_BYTES,
+                               (batch, 3, 320, 320), "float32")
+        audio_ref = msg.TensorRef(block.segment, output.offset + batch * PREDICTION_BYTES,
+                                  (samples.size,), "float32")
+        self.arena.ndarray(audio_ref.offset, audio_ref.shape, "float32")[...] = samples
+        return msg.InferRequest(request_id=self._id(), worker_pid=0, model_id=model_id,
+                                batch_size=batch, start_frame_idx=start, output=output,
+                                visual=visual, build_visual=True,
+                                audio=audio_ref if audio else None)
+
+    def prediction(self, req: msg.InferRequest) -> np.ndarray:
+        return self.arena.ndarray(req.output.offset, req.output.shape, "float32").copy()
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory: pytest.TempPathFactory, small_models_root: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("engine")
+    return write_config(tmp / "config.yaml", small_models_root,
+                        **{"gpus.intra_op_threads": 1, "models.broken": BAD_MODEL})
+
+
+@pytest.fixture(scope="module")
+def loaded(config_path: Path) -> Iterator[Harness]:
+    """One engine with the demo model loaded, shared by the tests that only infer."""
+    harness = Harness(load_config(config_path))
+    assert harness.control(msg.LoadModel, "demo").ok
+    yield harness
+    harness.close()
+
+
+@pytest.fixture
+def fresh(config_path: Path) -> Iterator[Harness]:
+    """An engine holding no model (for load and unload tests)."""
+    harness = Harness(load_config(config_path))
+    yield harness
+    harness.close()
+
+
+def test_a_load_runs_elsewhere_and_comes_back_through_the_inbox(fresh: Harness) -> None:
+    """LoadModel starts a load (not run by the engine); its LoadFinished, taken from the
+    inbox, answers with the measured memory, and heartbeats see the model."""
+    fresh.inbox.put(msg.LoadModel(1, 0, "demo"))
+    assert fresh.engine.step(0.0)  # the LoadModel: the load is started, nothing answered
+    assert fresh.loads == ["demo"] and fresh.emitted == []
+    assert fresh.engine.step(0.0)  # the LoadFinished
+    ((target, reply),) = fresh.emitted
+    assert target == FRONTEND and isinstance(reply, msg.ControlReply)
+    assert reply.ok and reply.gpu_id == 0 and reply.memory_bytes > 0 and reply.elapsed_ns > 0
+    assert fresh.cache.loaded == {"demo": reply.memory_bytes}
+    again = fresh.control(msg.LoadModel, "demo")  # loaded: answered at once, no new load
+    assert again.ok and fresh.loads == ["demo"]
+
+
+def test_concurrent_loads_of_a_model_are_one_load(fresh: Harness) -> None:
+    """Two LoadModels before the load finished: one load, both answered."""
+    out = fresh.handle(msg.LoadModel(1, 0, "demo"), msg.LoadModel(2, 0, "demo"))
+    assert fresh.loads == ["demo"]
+    assert sorted(m.request_id for _, m in out if isinstance(m, msg.ControlReply) and m.ok) == [1, 2]
+
+
+def test_a_failed_load_answers_with_the_reason(fresh: Harness) -> None:
+    """A model whose UNet is missing: the LoadModel fails with the loader's reason."""
+    reply = fresh.control(msg.LoadModel, "broken")
+    assert not reply.ok
+    assert reply.error.startswith("Failed to load model 'broken': failed to create inferencer")
+    assert fresh.cache.loaded == {}
+
+
+def test_an_unload_during_the_load_drops_the_model(fresh: Harness) -> None:
+    """Unloaded while loading: the finished load is dropped, its waiters told so."""
+    fresh.deferred = []
+    assert fresh.handle(msg.LoadModel(1, 0, "demo")) == []  # the load is under way
+    (unload,) = [m for _, m in fresh.handle(msg.UnloadModel(2, 0, "demo"))]
+    assert isinstance(unload, msg.ControlReply) and not unload.ok
+    assert "not loaded" in unload.error
+    fresh.finish_loads()
+    (reply,) = [m for _, m in fresh.handle()]
+    assert isinstance(reply, msg.ControlReply) and reply.request_id == 1 and not reply.ok
+    assert reply.error == "Failed to load model 'demo': the load was cancelled"
+    assert fresh.cache.loaded == {} and fresh.cache.get("demo") is None
+
+
+def test_unload_releases_the_backgrounds(fresh: Harness) -> None:
+    """UnloadModel frees the model, tells the compositors to unmap its backgrounds and
+    answers; a second unload says it is not loaded."""
+    assert fresh.control(msg.LoadModel, "demo").ok
+    segment = fresh.cache.models["demo"].avatar.segment.name
+    out = fresh.handle(msg.UnloadModel(7, 0, "demo"))
+    assert [(t, type(m)) for t, m in out] == [(EVENTS, msg.ReleaseSegment),
+                                              (FRONTEND, msg.ControlReply)]
+    assert out[0][1] == msg.ReleaseSegment(segment) and out[1][1].ok  # type: ignore[union-attr]
+    assert not (SHM_DIR / segment).exists() and fresh.cache.loaded == {}
+    again = fresh.control(msg.UnloadModel, "demo")
+    assert (again.ok, again.error) == (False, "Failed to unload model: model 'demo' not loaded")
+
+
+def test_a_model_outside_the_config_is_fatal(fresh: Harness) -> None:
+    """A LoadModel for a model this worker's config lacks ends the engine (the frontend
+    runs another config): the shell announces the death, the supervisor restarts it."""
+    fresh.inbox.put(msg.LoadModel(1, 0, "nobody"))
+    with pytest.raises(ConfigMismatch, match="'nobody'"):
+        fresh.engine.run(threading.Event())
+    assert fresh.loads == []
+
+
+def test_a_request_for_a_model_not_loaded_fails_at_once(fresh: Harness) -> None:
+    """No load on request: it fails with a clear error, and no load is started."""
+    req = fresh.request(2, 0)
+    out = fresh.handle(req)
+    assert out == [(FRONTEND, msg.InferFailed(req.request_id,
+                                              "model 'demo' is not loaded on gpu_worker 0"))]
+    assert fresh.loads == []
+
+
+def test_a_request_gives_one_job_per_frame_then_its_done(loaded: Harness) -> None:
+    """B CompositeJobs (the prediction rows of the output block, the wrapped background
+    frames and rects), then InferDone with the stage timings; the prediction is written."""
+    req = loaded.request(4, SMALL_FRAMES - 2)
+    out = loaded.handle(req)
+    jobs = [m for t, m in out if t == JOBS]
+    assert [type(m) for _, m in out] == [msg.CompositeJob] * 4 + [msg.InferDone]
+    avatar = loaded.cache.models["demo"].avatar
+    for i, job in enumerate(jobs):
+        assert isinstance(job, msg.CompositeJob)
+        frame = (SMALL_FRAMES - 2 + i) % SMALL_FRAMES
+        assert (job.request_id, job.frame_index) == (req.request_id, i)
+        assert job.prediction.offset == req.output.offset + i * PREDICTION_BYTES
+        assert job.background == avatar.background_ref(frame) and job.rect == avatar.rect(frame)
+        assert job.mode == "synctalk" and job.jpeg_quality == loaded.cfg.jpeg_quality
+    done = out[-1][1]
+    assert isinstance(done, msg.InferDone) and done.request_id == req.request_id
+    assert (done.run_frames, done.run_requests, done.gpu_id) == (4, 1, 0)
+    assert done.inference_ns > 0 and done.audio_ns >= done.encoder_ns > 0 and done.visual_ns > 0
+    prediction = loaded.prediction(req)
+    assert prediction.shape == (4, 3, 320, 320) and prediction.max() > 0
+
+
+def test_a_bad_request_fails_alone(loaded: Harness) -> None:
+    """A request with neither audio nor features fails with the API's error; the request
+    beside it in the inbox is served."""
+    bad, good = loaded.request(1, 0, audio=False), loaded.request(1, 1)
+    out = loaded.handle(bad, good)
+    assert (FRONTEND, msg.InferFailed(bad.request_id,
+                                      "Either raw_audio or audio_features must be provided")) in out
+    assert any(isinstance(m, msg.InferDone) and m.request_id == good.request_id for _, m in out)
+
+
+def test_coalesced_requests_share_a_run_and_get_their_own_frames(config_path: Path) -> None:
+    """With a frame limit of 16, queued requests of one model share one UNet run, and each
+    gets the same prediction it gets alone, in its own output block."""
+    cfg = load_config(config_path)
+    harness = Harness(dataclasses.replace(
+        cfg, batching=dataclasses.replace(cfg.batching, max_batch_frames=16)))
+    try:
+        assert harness.control(msg.LoadModel, "demo").ok
+        reqs = [harness.request(b, s, seed=i) for i, (b, s) in enumerate([(3, 0), (2, 9), (4, 30)])]
+        alone = []
+        for req in reqs:
+            out = harness.handle(req)
+            assert [m.run_requests for _, m in out if isinstance(m, msg.InferDone)] == [1]
+            alone.append(harness.prediction(req))
+            harness.arena.ndarray(req.output.offset, req.output.shape, "float32")[...] = 0
+        out = harness.handle(*reqs)
+        done = [m for _, m in out if isinstance(m, msg.InferDone)]
+        assert [(d.run_requests, d.run_frames) for d in done] == [(3, 9)] * 3
+        assert sum(isinstance(m, msg.CompositeJob) for _, m in out) == 9
+        for req, single in zip(reqs, alone):
+            np.testing.assert_allclose(harness.prediction(req), single, atol=1e-5)
+    finally:
+        harness.close()
