@@ -63,9 +63,9 @@ def small_models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def ops_stats(config: Path, command: str = "stats") -> dict:
     """The ops socket's answer of the server started from `config`."""
-    from pipeline.runtime.addresses import Addresses
-    from pipeline.config import load_config
     from pipeline.cli.stats import fetch
+    from pipeline.config import load_config
+    from pipeline.runtime.addresses import Addresses
 
     return fetch(Addresses.of(load_config(config)).ops, command=command)
 

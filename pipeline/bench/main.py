@@ -249,12 +249,12 @@ def ort_only(cfg_path: Path, model_id: str, batch: int, seconds: float) -> dict[
     pipeline is held to."""
     from pipeline.bench.unet import unet_throughput
     from pipeline.gpu_worker.device import resolve_provider
-    from pipeline.gpu_worker.sessions import UNet
+    from pipeline.gpu_worker.unet import load_unet
 
     cfg = load_config(cfg_path)
     provider = resolve_provider(cfg.gpus.provider, 1)
     gpus = cfg.gpus
-    unet = UNet.create(cfg.models[model_id].model_path, provider, gpus.intra_op_threads,
+    unet = load_unet(cfg.models[model_id].model_path, provider, gpus.intra_op_threads,
                        gpus.unet_precision, gpus.cuda_graphs)
     return unet_throughput(unet, provider, batch, seconds)
 

@@ -23,6 +23,7 @@ from pipeline.config import DEFAULT_CONFIG_PATH, load_config
 from pipeline.gpu_worker.device import Resolved, resolve_provider
 from pipeline.gpu_worker.precision import max_abs_diff, psnr_db
 from pipeline.gpu_worker.sessions import UNet
+from pipeline.gpu_worker.unet import load_unet
 from pipeline.synctalk import AUDIO_SHAPE, PREDICTION_SHAPE, VISUAL_SHAPE
 
 # name -> (gpus.unet_precision, gpus.cuda_graphs)
@@ -77,10 +78,10 @@ def variant_throughput(model_path: Path, provider: Resolved, variants: list[str]
     for name in variants:
         precision, graphs = VARIANTS[name]
         if graphs and provider != "cuda":
-            # ignored on the CPU (UNet.create says so): measuring it would repeat plain runs
+            # ignored on the CPU (load_unet says so): measuring it would repeat plain runs
             rows.append({"variant": name, "skipped": "CUDA graphs need the CUDA provider"})
             continue
-        unet = UNet.create(model_path, provider, precision=precision, cuda_graphs=graphs)
+        unet = load_unet(model_path, provider, precision=precision, cuda_graphs=graphs)
         for batch in batches:
             rows.append({"variant": name, "batch": batch,
                          **unet_throughput(unet, provider, batch, seconds)})
@@ -111,7 +112,7 @@ def precision_check(cfg_path: Path, model_id: str, provider: Resolved, batch: in
         predictions = {}
         for precision in ("fp32", "fp16"):
             out = np.empty((batch, *PREDICTION_SHAPE), np.float32)
-            UNet.create(model.model_path, provider, precision=precision).run(visual, features, out)
+            load_unet(model.model_path, provider, precision=precision).run(visual, features, out)
             predictions[precision] = out
         frames = avatar.frames()
         psnrs = []

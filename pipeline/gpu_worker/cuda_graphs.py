@@ -27,7 +27,7 @@ that asks of us:
 
 The same class runs on the CPU EP over host buffers (HostMemory), where ONNX Runtime ignores
 `gpu_graph_id`: that is how the bucketing, padding, splitting and copies are tested without a
-GPU. The worker itself never builds one on the CPU (`UNet.create` ignores the option there).
+GPU. The worker itself never builds one on the CPU (`load_unet` ignores the option there).
 """
 from __future__ import annotations
 

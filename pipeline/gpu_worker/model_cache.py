@@ -71,14 +71,14 @@ class ModelCache:
         """Sessions, backgrounds, one warm-up batch. Runs on the loader thread."""
         from pipeline.gpu_worker.avatar import load_avatar
         from pipeline.gpu_worker.cuda_graphs import CAPTURE_LOCK
-        from pipeline.gpu_worker.sessions import UNet
+        from pipeline.gpu_worker.unet import load_unet
 
         t0 = time.monotonic_ns()
         before = self.memory.used_bytes()
         gpus = self.cfg.gpus
         with CAPTURE_LOCK:  # a CUDA graph capture on the compute loop must not meet these
             try:            # allocations (cuda_graphs.py)
-                unet = UNet.create(config.model_path, self.provider, gpus.intra_op_threads,
+                unet = load_unet(config.model_path, self.provider, gpus.intra_op_threads,
                                    gpus.unet_precision, gpus.cuda_graphs)
             except Exception as exc:
                 raise LoadError(f"failed to create inferencer: failed to create session: {exc}") from exc

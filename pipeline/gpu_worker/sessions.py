@@ -89,6 +89,20 @@ def _bind(binding: ort.IOBinding, name: str, array: np.ndarray, output: bool = F
     bind(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
 
 
+def unet_session(path: Path, provider: Resolved, intra_op_threads: int = 0,
+                 precision: str = "fp32", graphs: bool = False) -> ort.InferenceSession:
+    """An avatar's UNet session at `precision` (pipeline/gpu_worker/precision.py), set up
+    for CUDA graph capture when `graphs` (pipeline/gpu_worker/unet.py decides when)."""
+    from pipeline.gpu_worker.precision import unet_model
+
+    if precision == "tf32" and provider != "cuda":
+        log.warning("gpus.unet_precision tf32 applies to CUDA only: the CPU computes fp32")
+    options = {"use_tf32": "1" if precision == "tf32" else "0"}
+    if graphs:
+        options["enable_cuda_graph"] = "1"
+    return _session(unet_model(path, precision), provider, intra_op_threads, options)
+
+
 class UNet:
     """An avatar's lip-sync UNet: [B,6,320,320] + [B,32,16,16] -> [B,3,320,320]."""
 
@@ -102,29 +116,6 @@ class UNet:
         self.visual_name = visual[0].name
         self.audio_name = next(i.name for i in inputs if i.name != self.visual_name)
         self.output_name = session.get_outputs()[0].name
-
-    @classmethod
-    def create(cls, path: Path, provider: Resolved, intra_op_threads: int = 0,
-               precision: str = "fp32", cuda_graphs: bool = False) -> UNet:
-        """The avatar's UNet at `precision` (pipeline/gpu_worker/precision.py); with
-        `cuda_graphs` on CUDA, one that replays captured graphs (cuda_graphs.py)."""
-        from pipeline.gpu_worker.precision import unet_model
-
-        graphs = cuda_graphs and provider == "cuda"
-        if cuda_graphs and not graphs:
-            log.warning("gpus.cuda_graphs ignored: CUDA graphs need the CUDA execution "
-                        "provider and this worker runs on the CPU")
-        if precision == "tf32" and provider != "cuda":
-            log.warning("gpus.unet_precision tf32 applies to CUDA only: the CPU computes fp32")
-        options = {"use_tf32": "1" if precision == "tf32" else "0"}
-        if graphs:
-            options["enable_cuda_graph"] = "1"
-        session = _session(unet_model(path, precision), provider, intra_op_threads, options)
-        if graphs:
-            from pipeline.gpu_worker.cuda_graphs import GraphedUNet
-
-            return GraphedUNet(session)
-        return cls(session)
 
     def run(self, visual: np.ndarray, audio: np.ndarray, out: np.ndarray) -> None:
         """Write the predictions for visual/audio into `out` (all [B,...] float32)."""

@@ -7,9 +7,8 @@ import threading
 
 import pytest
 
-from pipeline.client import build_request, speech_like_audio
 from pipeline.bench.local_server import ServerProcess
-from pipeline.client import channel
+from pipeline.client import build_request, channel, speech_like_audio
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 

@@ -7,10 +7,11 @@ import math
 
 import pytest
 
+from pipeline.bench.local_server import ServerProcess
 from pipeline.bench.stream_load import (
-    _table,
     FRAME_SAMPLES,
     SessionLog,
+    _table,
     aggregate,
     completing_chunk,
     frame_latencies_ms,
@@ -19,7 +20,6 @@ from pipeline.bench.stream_load import (
     run_stream_bench,
     summarize,
 )
-from pipeline.bench.local_server import ServerProcess
 from tests.conftest import write_config
 
 CHUNK = 640  # 40 ms

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from pipeline.client import speech_like_audio
 from pipeline.bench.local_server import ServerProcess
-from pipeline.client import channel
+from pipeline.client import channel, speech_like_audio
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from tests.conftest import ops_stats, write_config
@@ -283,8 +282,8 @@ def test_a_bad_ops_request_gets_an_error_and_the_socket_keeps_serving(server) ->
     stats are answered right after."""
     import zmq
 
-    from pipeline.runtime.addresses import Addresses
     from pipeline.config import load_config
+    from pipeline.runtime.addresses import Addresses
 
     endpoint = Addresses.of(load_config(server.config_path)).ops
     ctx = zmq.Context.instance()

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline.cli.prepare_avatar import PrepareError, prepare_avatar, register
 from pipeline.config import parse_config
 from pipeline.gpu_worker.avatar import load_avatar
-from pipeline.cli.prepare_avatar import PrepareError, prepare_avatar, register
 from pipeline.shm.segment import segment_name
 
 W, H = 64, 48

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline.client import speech_like_audio
 from pipeline.bench.local_server import ServerProcess, free_port
 from pipeline.cli.render import register, render_wav
+from pipeline.client import speech_like_audio
 
 SECONDS = 1.3
 FRAMES = math.ceil(25 * SECONDS)  # 33

@@ -14,8 +14,8 @@ import pytest
 import zmq
 
 from pipeline import messages as msg
-from pipeline.config import load_config
 from pipeline.bench.local_server import ServerProcess
+from pipeline.config import load_config
 from pipeline.runtime.addresses import Addresses
 from tests.conftest import SMALL_FRAMES, ops_stats, write_config
 from tests.e2e.load import Load

@@ -21,9 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from pipeline.client import speech_like_audio
 from pipeline.bench.local_server import ServerProcess
-from pipeline.client import channel
+from pipeline.client import channel, speech_like_audio
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from tests.conftest import write_config

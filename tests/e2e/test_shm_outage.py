@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.client import speech_like_audio
 from pipeline.bench.local_server import free_port, wait_healthy
-from pipeline.client import channel
+from pipeline.client import channel, speech_like_audio
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from tests.conftest import child_pids, write_config

@@ -17,9 +17,8 @@ import soundfile as sf
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from pipeline.client import speech_like_audio
 from pipeline.bench.local_server import ServerProcess
-from pipeline.client import channel
+from pipeline.client import channel, speech_like_audio
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from tests.conftest import write_config

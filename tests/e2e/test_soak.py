@@ -20,9 +20,8 @@ import pytest
 import yaml
 from websockets.asyncio.client import connect
 
-from pipeline.client import speech_like_audio
 from pipeline.bench.local_server import ServerProcess
-from pipeline.client import channel
+from pipeline.client import channel, speech_like_audio
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from pipeline.shm.segment import list_segments

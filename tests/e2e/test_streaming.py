@@ -15,10 +15,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from pipeline.client import speech_like_audio
-from pipeline.client import parse_frame_message
 from pipeline.bench.local_server import ServerProcess
-from pipeline.client import channel
+from pipeline.client import channel, parse_frame_message, speech_like_audio
 from pipeline.rpc import inference_pb2 as ipb
 from pipeline.rpc import inference_pb2_grpc as ipb_grpc
 from pipeline.rpc import monolithic_pb2 as pb

@@ -19,8 +19,8 @@ import pytest
 
 from pipeline.cli.main import build_parser
 from pipeline.config import load_config
-from pipeline.runtime.process import Readiness, sd_notify
 from pipeline.launch.standalone import EX_CONFIG, cmd_role
+from pipeline.runtime.process import Readiness, sd_notify
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
 SERVICES = ("lipsync-frontend.service", "lipsync-gpu-worker@.service",

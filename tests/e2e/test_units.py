@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.client import build_request
 from pipeline.bench.local_server import free_port, wait_healthy
-from pipeline.client import channel
+from pipeline.client import build_request, channel
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from pipeline.shm.segment import list_segments

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.bench.local_server import ServerProcess
 from pipeline.demo.assets import build_demo_assets
 from pipeline.demo.bench_model import bench_model_path, write_bench_model
-from pipeline.bench.local_server import ServerProcess
 from tests.conftest import write_config
 from tests.gpu.support import BACKGROUNDS, ON_CPU
 

@@ -67,7 +67,8 @@ def reference_frames(config: Path, model_id: str, raw_audio: bytes, batch: int,
     from pipeline.config import load_config
     from pipeline.gpu_worker import audio
     from pipeline.gpu_worker.avatar import load_avatar
-    from pipeline.gpu_worker.sessions import AudioEncoder, UNet
+    from pipeline.gpu_worker.sessions import AudioEncoder
+    from pipeline.gpu_worker.unet import load_unet
     from pipeline.shm.segment import segment_name
 
     cfg = load_config(config)
@@ -79,7 +80,7 @@ def reference_frames(config: Path, model_id: str, raw_audio: bytes, batch: int,
     try:
         visual = avatar.visual_inputs(start, np.empty((batch, 6, 320, 320), np.float32))
         prediction = np.empty((batch, 3, 320, 320), np.float32)
-        UNet.create(model.model_path, "cpu").run(visual, features, prediction)
+        load_unet(model.model_path, "cpu").run(visual, features, prediction)
         frames = avatar.frames()
         return [decode(encode_jpeg(paste(frames[(start + i) % avatar.num_frames], prediction[i],
                                          avatar.rect(start + i), model.composite_mode),

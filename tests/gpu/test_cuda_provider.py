@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.gpu_worker.device import resolve_provider
-from pipeline.gpu_worker.sessions import AudioEncoder, UNet, nodes_by_provider
+from pipeline.gpu_worker.sessions import AudioEncoder, nodes_by_provider
+from pipeline.gpu_worker.unet import load_unet
 from tests.gpu.support import requires_gpu
 
 pytestmark = requires_gpu
@@ -22,8 +23,8 @@ def test_auto_resolves_to_the_device(provider: str) -> None:
 def test_every_node_of_unet_and_encoder_runs_on_the_provider(
         bench_model: Path, models_root: Path, provider: str) -> None:
     """The fp32 and fp16 UNet and the audio encoder run all their nodes on the provider."""
-    sessions = {"unet fp32": UNet.create(bench_model, provider).session,
-                "unet fp16": UNet.create(bench_model, provider, precision="fp16").session,
+    sessions = {"unet fp32": load_unet(bench_model, provider).session,
+                "unet fp16": load_unet(bench_model, provider, precision="fp16").session,
                 "encoder": AudioEncoder.create(models_root / "audio_encoder.onnx",
                                                provider).session}
     for name, session in sessions.items():

@@ -11,7 +11,8 @@ import pytest
 from pipeline.client import speech_like_audio
 from pipeline.gpu_worker import audio
 from pipeline.gpu_worker.precision import max_abs_diff
-from pipeline.gpu_worker.sessions import ENCODED_DIM, AudioEncoder, UNet
+from pipeline.gpu_worker.sessions import ENCODED_DIM, AudioEncoder
+from pipeline.gpu_worker.unet import load_unet
 from tests.gpu.support import SIZES, requires_gpu
 
 pytestmark = requires_gpu
@@ -40,7 +41,7 @@ def _on_device(session: ort.InferenceSession, feeds: dict[str, np.ndarray], outp
 def test_unet_on_device_memory_matches_the_cpu_provider(
         bench_model: Path, provider: str, record_property: pytest.RecordProperty) -> None:
     """fp32 UNet predictions from device memory and from host arrays equal the CPU's (<= 1e-3)."""
-    cpu, dev = UNet.create(bench_model, "cpu"), UNet.create(bench_model, provider)
+    cpu, dev = load_unet(bench_model, "cpu"), load_unet(bench_model, provider)
     for batch in SIZES.unet_batches:
         visual, features = _inputs(batch, seed=batch)
         expected = np.empty((batch, 3, 320, 320), np.float32)
@@ -70,7 +71,7 @@ def test_encoder_on_device_memory_matches_the_cpu_provider(
 
 def test_frames_do_not_depend_on_their_batch(bench_model: Path, provider: str) -> None:
     """Frames run in one batch equal the same frames run in two smaller ones (<= 1e-3)."""
-    unet = UNet.create(bench_model, provider)
+    unet = load_unet(bench_model, provider)
     first, second = SIZES.split
     visual, features = _inputs(first + second, seed=7)
     together = np.empty((first + second, 3, 320, 320), np.float32)

@@ -9,7 +9,8 @@ import pytest
 from pipeline.bench.unet import precision_check
 from pipeline.gpu_worker.cuda_graphs import GraphedUNet
 from pipeline.gpu_worker.precision import max_abs_diff
-from pipeline.gpu_worker.sessions import UNet, _session
+from pipeline.gpu_worker.sessions import _session
+from pipeline.gpu_worker.unet import load_unet
 from tests.gpu.support import SIZES, requires_gpu
 
 pytestmark = requires_gpu
@@ -28,9 +29,9 @@ def test_fp16_frames_are_within_40_db_of_fp32(
 def test_cuda_graph_replays_equal_plain_runs(bench_model: Path, provider: str) -> None:
     """Exact, padded and split batches replayed from graphs give the plain predictions, and
     a replay with new inputs gives the new predictions (no stale graph output)."""
-    plain = UNet.create(bench_model, provider)
+    plain = load_unet(bench_model, provider)
     if provider == "cuda":
-        graphed = UNet.create(bench_model, provider, cuda_graphs=True)
+        graphed = load_unet(bench_model, provider, cuda_graphs=True)
         assert isinstance(graphed, GraphedUNet)
     else:  # the dry run: the same class over host buffers (ORT ignores gpu_graph_id there)
         graphed = GraphedUNet(_session(bench_model, "cpu", 0), device="cpu")

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench.main import load_cycles
-from pipeline.client import build_request, speech_like_audio
-from pipeline.gpu_worker.precision import psnr_db
 from pipeline.bench.local_server import ServerProcess
-from pipeline.client import channel
+from pipeline.bench.main import load_cycles
+from pipeline.client import build_request, channel, speech_like_audio
+from pipeline.gpu_worker.precision import psnr_db
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from tests.gpu.support import BACKGROUNDS, SIZES, decode, reference_frames, requires_gpu

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 
 from pipeline.demo.bench_model import build_bench_unet, model_stats
-from pipeline.gpu_worker.sessions import UNet
+from pipeline.gpu_worker.unet import load_unet
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_weights_are_deterministic(model) -> None:
 def test_runs_with_the_avatar_contract_and_batches_exactly(tmp_path, model) -> None:
     path = tmp_path / "unet.onnx"
     path.write_bytes(model.SerializeToString())
-    unet = UNet.create(path, "cpu")
+    unet = load_unet(path, "cpu")
     assert (unet.visual_name, unet.audio_name, unet.output_name) == ("input", "audio", "output")
     rng = np.random.default_rng(0)
     visual = rng.random((2, 6, 320, 320), dtype=np.float32)

@@ -20,6 +20,7 @@ from pipeline.gpu_worker.cuda_graphs import (
     split_frames,
 )
 from pipeline.gpu_worker.sessions import UNet, _session
+from pipeline.gpu_worker.unet import load_unet
 
 SMALL = (1, 2, 4)  # buckets small enough for the demo UNet on a 2-core machine
 
@@ -56,7 +57,7 @@ def test_split_covers_every_frame_once() -> None:
 def test_padded_exact_and_split_batches_equal_plain_runs(unet_path: Path) -> None:
     """Through the static buffers (padded to a bucket, split past the largest) the predictions
     equal a plain run's, for fresh inputs each time (no stale rows)."""
-    plain = UNet.create(unet_path, "cpu")
+    plain = load_unet(unet_path, "cpu")
     graphed = GraphedUNet(_session(unet_path, "cpu", 0), device="cpu", buckets=SMALL)
     for frames in (1, 3, 4, 7, 3):
         visual, audio = _batch(frames, seed=frames * 10 + len(graphed.first_runs))
@@ -123,6 +124,6 @@ def test_cpu_worker_ignores_cuda_graphs_with_a_log_line(
         unet_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """On the CPU provider gpus.cuda_graphs gives a plain UNet and says why, never an error."""
     with caplog.at_level(logging.WARNING, logger="pipeline.gpu_worker.sessions"):
-        unet = UNet.create(unet_path, "cpu", cuda_graphs=True)
+        unet = load_unet(unet_path, "cpu", cuda_graphs=True)
     assert type(unet) is UNet
     assert "gpus.cuda_graphs ignored" in caplog.text and "CPU" in caplog.text

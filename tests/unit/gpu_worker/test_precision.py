@@ -13,7 +13,7 @@ from onnx import TensorProto
 from pipeline.bench.unet import precision_check
 from pipeline.demo.bench_model import bench_model_path, build_bench_unet, write_bench_model
 from pipeline.gpu_worker.precision import convert_to_fp16, max_abs_diff, psnr_db, unet_model
-from pipeline.gpu_worker.sessions import UNet
+from pipeline.gpu_worker.unet import load_unet
 from tests.conftest import write_config
 
 
@@ -42,7 +42,7 @@ def test_conversion_keeps_io_float32_and_computes_in_float16() -> None:
 
 def test_fp16_unet_runs_on_the_cpu_provider_close_to_fp32(bench_config: Path,
                                                           models_root: Path) -> None:
-    """UNet.create(precision=fp16) runs on the CPU EP; its predictions differ from fp32 by
+    """load_unet(precision=fp16) runs on the CPU EP; its predictions differ from fp32 by
     float16 rounding only (nonzero, well under 0.1)."""
     path = bench_model_path(models_root)
     rng = np.random.default_rng(5)
@@ -50,7 +50,7 @@ def test_fp16_unet_runs_on_the_cpu_provider_close_to_fp32(bench_config: Path,
     audio = rng.standard_normal((1, 32, 16, 16)).astype(np.float32)
     outs = {}
     for precision in ("fp32", "fp16"):
-        unet = UNet.create(path, "cpu", precision=precision)
+        unet = load_unet(path, "cpu", precision=precision)
         assert unet.session.get_providers() == ["CPUExecutionProvider"]
         outs[precision] = np.empty((1, 3, 320, 320), np.float32)
         unet.run(visual, audio, outs[precision])

@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from pipeline.demo.graphs import build_audio_encoder_model, build_unet_model
-from pipeline.gpu_worker.sessions import AudioEncoder, UNet
+from pipeline.gpu_worker.sessions import AudioEncoder
+from pipeline.gpu_worker.unet import load_unet
 from pipeline.shm.segment import SHM_DIR, SharedSegment, segment_name
 
 B = 2
@@ -70,10 +71,10 @@ def _shm_name(tag: str) -> str:
 
 def test_unet_reads_names_from_graph(graphs: dict[str, Path]) -> None:
     """The visual input is the 6-channel one, the audio input the other, the output the only one."""
-    unet = UNet.create(graphs["unet"], "cpu")
+    unet = load_unet(graphs["unet"], "cpu")
     assert (unet.visual_name, unet.audio_name, unet.output_name) == ("input", "audio", "output")
     assert unet.session.get_providers() == ["CPUExecutionProvider"]
-    variant = UNet.create(graphs["variant"], "cpu")
+    variant = load_unet(graphs["variant"], "cpu")
     assert [i.name for i in variant.session.get_inputs()] == ["audio_input", "visual_input"]
     assert (variant.visual_name, variant.audio_name) == ("visual_input", "audio_input")
 
@@ -84,7 +85,7 @@ def test_unet_runs_into_shared_memory(graphs: dict[str, Path],
     visual, audio = inputs
     expected = _plain_run(graphs["unet"], {"input": visual, "audio": audio})
     assert not np.allclose(expected, visual[:, :3]), "the audio should draw a mouth"
-    unet = UNet.create(graphs["unet"], "cpu")
+    unet = load_unet(graphs["unet"], "cpu")
     name = _shm_name("unet")
     sizes = [visual.nbytes, audio.nbytes, expected.nbytes]
     segment = SharedSegment.create(name, sum(sizes))
@@ -110,8 +111,8 @@ def test_renamed_reordered_inputs_give_same_output(graphs: dict[str, Path],
     visual, audio = inputs
     out_a = np.empty((B, 3, 320, 320), np.float32)
     out_b = np.full((B, 3, 320, 320), np.nan, np.float32)
-    UNet.create(graphs["unet"], "cpu").run(visual, audio, out_a)
-    UNet.create(graphs["variant"], "cpu").run(visual, audio, out_b)
+    load_unet(graphs["unet"], "cpu").run(visual, audio, out_a)
+    load_unet(graphs["variant"], "cpu").run(visual, audio, out_b)
     np.testing.assert_array_equal(out_a, out_b)
 
 
@@ -119,7 +120,7 @@ def test_unet_rejects_non_contiguous_or_wrong_dtype(graphs: dict[str, Path],
                                                     inputs: tuple[np.ndarray, np.ndarray]) -> None:
     """Binding a non-contiguous or non-float32 array raises ValueError naming the tensor."""
     visual, audio = inputs
-    unet = UNet.create(graphs["unet"], "cpu")
+    unet = load_unet(graphs["unet"], "cpu")
     out = np.empty((B, 3, 320, 320), np.float32)
     with pytest.raises(ValueError, match="input: expected a C-contiguous float32 array"):
         unet.run(visual.astype(np.float64), audio, out)
@@ -153,15 +154,15 @@ def test_unet_rejects_wrong_contract(tmp_path: Path, inputs: list[tuple[str, lis
     path = _save(_graph(inputs, outputs), tmp_path / "bad.onnx")
     with pytest.raises(ValueError, match=r"the model must have two inputs \(one \[B,6,320,320\]\) "
                                          r"and one output, got inputs \[\('") as info:
-        UNet.create(path, "cpu")
+        load_unet(path, "cpu")
     assert inputs[0][0] in str(info.value)
 
 
 def test_intra_op_threads_applied(graphs: dict[str, Path]) -> None:
     """intra_op_threads reaches the session options; 0 leaves ORT's default."""
-    unet = UNet.create(graphs["unet"], "cpu", intra_op_threads=2)
+    unet = load_unet(graphs["unet"], "cpu", intra_op_threads=2)
     assert unet.session.get_session_options().intra_op_num_threads == 2
-    default = UNet.create(graphs["unet"], "cpu")
+    default = load_unet(graphs["unet"], "cpu")
     assert default.session.get_session_options().intra_op_num_threads == 0
 
 
@@ -196,7 +197,7 @@ def test_cuda_is_used_or_refused_never_a_silent_cpu_fallback(graphs: dict[str, P
     behaviour (fall back to the CPU without a word) would pass neither branch. Without a
     GPU or its libraries (CI) this is the refusal."""
     try:
-        unet = UNet.create(graphs["unet"], "cuda")
+        unet = load_unet(graphs["unet"], "cuda")
     except RuntimeError as exc:
         assert "the CUDA execution provider did not load" in str(exc)
         assert "gpus.provider: cpu" in str(exc)
