@@ -222,10 +222,10 @@ def build_audio_encoder_model() -> onnx.ModelProto:
         helper.make_node("Add", ["mel_spectrogram", "four"], ["shifted"], name="shifted"),
         helper.make_node("Div", ["shifted", "eight"], ["level"], name="level"),  # silence → 0
         helper.make_node("Conv", ["level", "conv_w", "conv_b"], ["hidden"], name="hidden",
-                         kernel_shape=[1, 1]),  # fmt: skip
+                         kernel_shape=[1, 1]),
         helper.make_node("Relu", ["hidden"], ["speech"], name="speech"),
         helper.make_node("ReduceMean", ["speech"], ["pooled"], name="pooled", axes=[2, 3],
-                         keepdims=0),  # fmt: skip
+                         keepdims=0),
         helper.make_node("MatMul", ["pooled", "proj"], ["projected"], name="projected"),
         helper.make_node("Relu", ["projected"], ["audio_features"], name="audio_features"),
     ]

@@ -222,7 +222,7 @@ class Frontend:
         wanted = [m for m in self.cfg.models.values() if m.preload_model]
         results = await asyncio.gather(*(self.registry.load(m.model_id, None) for m in wanted),
                                        return_exceptions=True)
-        for model, result in zip(wanted, results):
+        for model, result in zip(wanted, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("preloading %s failed: %s", model.model_id, result)
             else:

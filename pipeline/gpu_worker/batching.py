@@ -97,11 +97,11 @@ class StagingBatch:
         """Gather the parts' inputs, one UNet run, scatter the predictions to their outputs."""
         frames = sum(len(visual) for visual, _, _ in parts)
         visual, audio, output = self.visual[:frames], self.audio[:frames], self.output[:frames]
-        for (v, features, _), rows in zip(parts, _rows(parts)):
+        for (v, features, _), rows in zip(parts, _rows(parts), strict=True):
             visual[rows] = v
             audio[rows] = features
         unet(visual, audio, output)
-        for (_, _, out), rows in zip(parts, _rows(parts)):
+        for (_, _, out), rows in zip(parts, _rows(parts), strict=True):
             out[...] = output[rows]
 
 

@@ -205,14 +205,14 @@ class Engine:
             with logging_request(req.request_id):
                 try:
                     prepared.append(self._prepare(model, req))
-                except Exception as exc:  # noqa: BLE001 (one request's; logged if a bug)
+                except Exception as exc:
                     self.emit(FRONTEND, msg.InferFailed(req.request_id, _client_error(exc, req)))
         if not prepared:
             return
         t0 = time.monotonic_ns()
         try:
             self._run_unet(model, prepared)
-        except Exception as exc:  # noqa: BLE001 (a failed run fails its requests only)
+        except Exception as exc:
             for p in prepared:
                 self.emit(FRONTEND, msg.InferFailed(p.req.request_id, f"Inference failed: {exc}"))
             return
@@ -222,7 +222,7 @@ class Engine:
             with logging_request(p.req.request_id):
                 try:
                     self._emit_jobs(model, p.req)
-                except Exception as exc:  # noqa: BLE001 (one request's; logged if a bug)
+                except Exception as exc:
                     self.emit(FRONTEND, msg.InferFailed(p.req.request_id,
                                                         _client_error(exc, p.req)))
                     continue

@@ -120,6 +120,6 @@ def load_finished(cache: ModelCache, config: ModelConfig) -> LoadFinished:
     """Load `config`'s model; the outcome, errors included, as the engine's inbox item."""
     try:
         return LoadFinished(config.model_id, cache.load(config))
-    except Exception as exc:  # noqa: BLE001 (the reason goes back to whoever asked)
+    except Exception as exc:
         error = str(exc) if isinstance(exc, LoadError) else f"{type(exc).__name__}: {exc}"
         return LoadFinished(config.model_id, None, error)

@@ -113,7 +113,7 @@ class GpuWorkerProc:
         failure: Exception | None = None
         try:
             self.engine.run(stop)
-        except Exception as exc:  # noqa: BLE001 (announced below, then raised again)
+        except Exception as exc:
             failure = exc
         stop.set()
         heartbeat.join()
