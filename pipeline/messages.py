@@ -62,6 +62,18 @@ class InferRequest(Message, frozen=True):
     stream_offset: int = -1             # >= 0: a stream's frames start_frame_idx.., the audio
                                         # being its 16 kHz samples from this one on
     sent_ns: int = 0                    # time.monotonic_ns() at the frontend's send
+    backgrounds: tuple[int, ...] = ()   # frame i's background frame (a live session's walk);
+                                        # empty: start_frame_idx + i
+
+
+class BackgroundFrames(Message, frozen=True):
+    """The JPEGs of some of an avatar's background frames as they are, no mouth pasted: a
+    live session's idle frames, encoded once per model by the compositors."""
+
+    request_id: int
+    worker_pid: int
+    model_id: str
+    indices: tuple[int, ...]
 
 
 class LoadModel(Message, frozen=True):
@@ -81,7 +93,7 @@ class UnloadModel(Message, frozen=True):
 class CompositeJob(Message, frozen=True):
     request_id: int
     frame_index: int                    # position in the batch
-    prediction: TensorRef               # [3,320,320] float32 BGR in [0,1]
+    prediction: TensorRef | None        # [3,320,320] float32 BGR in [0,1]; None: background only
     background: TensorRef               # [H,W,3] uint8 BGR
     rect: tuple[int, int, int, int]     # x1, y1, x2, y2 (half-open)
     mode: Literal["synctalk", "stretch"]
@@ -96,7 +108,7 @@ class ReleaseSegment(Message, frozen=True):
 
 # ---- compositor -> gpu_worker -----------------------------------------------------------
 
-class Credit(Message):
+class Credit(Message, frozen=True):
     """Sent by a compositor on its DEALER to one gpu_worker: the jobs it may hold at once
     (`credits`), and the job it just finished, which frees one (request_id -1: none). Sent
     at start, after every job and every heartbeat period: it is also the compositor's
@@ -176,6 +188,7 @@ class Heartbeat(Message, frozen=True):
     jobs_waiting: int = 0               # gpu_worker: CompositeJobs waiting for a credit
     jobs_redispatched: int = 0          # gpu_worker: jobs of lost compositors handed again
     compositors: list[CompositorLink] = []  # gpu_worker: the compositors it hands jobs to
+    cuda: bool = False                  # gpu_worker: runs the CUDA execution provider
 
 
 class RoleDown(Message, frozen=True):
@@ -188,7 +201,7 @@ class RoleDown(Message, frozen=True):
     reason: str
 
 
-ToWorker = InferRequest | LoadModel | UnloadModel
+ToWorker = InferRequest | BackgroundFrames | LoadModel | UnloadModel
 ToWorkerJobs = Credit | RoleDown  # what a gpu_worker's jobs socket receives
 ToCompositor = CompositeJob | ReleaseSegment
 ToFrontend = (InferDone | InferFailed | FrameDone | FrameFailed | ControlReply | Heartbeat

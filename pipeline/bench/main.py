@@ -286,7 +286,7 @@ def stage_timings(cfg_path: Path, model_id: str, batch: int, repeats: int = 20) 
         features = audio.frame_features(encoder.encode(windows), batch)
         visual = np.empty((batch, 6, 320, 320), np.float32)
         prediction = np.empty((batch, 3, 320, 320), np.float32)
-        avatar.visual_inputs(0, visual)
+        avatar.visual_inputs(range(len(visual)), visual)
         unet.run(visual, features, prediction)
         frame = paste(avatar.frames()[0], prediction[0], avatar.rect(0), mode)
         return {
@@ -295,7 +295,7 @@ def stage_timings(cfg_path: Path, model_id: str, batch: int, repeats: int = 20) 
                 lambda: audio.request_features(encoder.encode, samples, audio.SAMPLE_RATE, batch),
                 repeats),
             "encoder_windows": float(len(windows)),
-            "visual_input_per_frame": _median_ms(lambda: avatar.visual_inputs(0, visual[:1]), repeats),
+            "visual_input_per_frame": _median_ms(lambda: avatar.visual_inputs([0], visual[:1]), repeats),
             f"unet_batch{batch}": _median_ms(lambda: unet.run(visual, features, prediction), repeats),
             "paste_per_frame": _median_ms(lambda: paste(avatar.frames()[0], prediction[0],
                                                         avatar.rect(0), mode), repeats),

@@ -221,7 +221,8 @@ async def _receive(ws, log: SessionLog) -> None:
         async for message in ws:
             arrived = time.monotonic()
             if isinstance(message, bytes):
-                index, pts_us, _ = parse_frame_message(message)
+                frame = parse_frame_message(message)
+                index, pts_us = frame.index, frame.pts_us
                 expected = len(log.arrivals)
                 if index != expected or pts_us != index * FRAME_US:
                     log.errors.append(f"frame {index} (pts {pts_us} us) arrived where frame "

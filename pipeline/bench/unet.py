@@ -108,7 +108,8 @@ def precision_check(cfg_path: Path, model_id: str, provider: Resolved, batch: in
     features = audio.request_features(encoder.encode, samples, audio.SAMPLE_RATE, batch)
     avatar = load_avatar(model, segment_name(f"prec{os.getpid()}", "bg"))
     try:
-        visual = avatar.visual_inputs(start, np.empty((batch, *VISUAL_SHAPE), np.float32))
+        visual = avatar.visual_inputs(range(start, start + batch),
+                                      np.empty((batch, *VISUAL_SHAPE), np.float32))
         predictions = {}
         for precision in ("fp32", "fp16"):
             out = np.empty((batch, *PREDICTION_SHAPE), np.float32)

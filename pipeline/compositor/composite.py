@@ -35,7 +35,9 @@ def composite_job(job: msg.CompositeJob, view: View, compositor: int) -> list[by
     with logging_request(job.request_id):
         t0 = time.perf_counter_ns()
         try:
-            frame = paste(view(job.background), view(job.prediction), job.rect, job.mode)
+            background = view(job.background)
+            frame = background if job.prediction is None else \
+                paste(background, view(job.prediction), job.rect, job.mode)
             t1 = time.perf_counter_ns()
             jpeg = encode_jpeg(frame, job.jpeg_quality)
         except Exception as exc:

@@ -164,6 +164,16 @@ class StreamingConfig:
     idle_timeout_s: float = setting(120.0, lambda v: v > 0, "must be > 0")
     # sessions of one client address (0: no limit)
     max_sessions_per_address: int = setting(16, lambda v: v >= 0, "must be >= 0 (0: no limit)")
+    # live mode: frames whose audio window the voice-activity detector calls silence skip
+    # the UNet and show the idle frame (the avatar's own background) instead
+    skip_silent_frames: bool = False
+    # speech frames the box renders per second, for admitting live sessions; 0: measured
+    # from the stage costs of the requests served (updated as it runs)
+    capacity_fps: float = setting(0.0, lambda v: v >= 0, "must be >= 0 (0: measured)")
+    # a live session whose speech frames come late this long gets a status message ...
+    low_fps_grace_s: float = setting(3.0, lambda v: v > 0, "must be > 0")
+    # ... and is closed (1013) when this is set
+    close_below_real_time: bool = False
 
 
 @dataclass(frozen=True)

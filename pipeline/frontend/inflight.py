@@ -47,7 +47,7 @@ class Pending:
 
     request_id: int
     worker: int
-    block: Block
+    block: Block | None          # None: a request with no tensors (background frames)
     frames: list[bytes | None]
     future: asyncio.Future[InferResult]
     input_copy_ns: int = 0
@@ -138,7 +138,8 @@ class InFlight:
                 batch_size=b, start_frame_idx=req.start_frame_idx, output=refs["output"],
                 visual=refs["visual"], build_visual=req.visual is None, audio=refs.get("audio"),
                 sample_rate=req.sample_rate, features=refs.get("features"),
-                stream_offset=req.stream_offset, sent_ns=time.monotonic_ns())))
+                stream_offset=req.stream_offset, sent_ns=time.monotonic_ns(),
+                backgrounds=req.backgrounds)))
             async with asyncio.timeout(deadline - time.monotonic()):
                 return await asyncio.shield(pending.future)
         except (TimeoutError, asyncio.CancelledError):
@@ -156,6 +157,26 @@ class InFlight:
             elif not pending.abandoned:
                 self._finish(pending)
 
+    async def backgrounds(self, worker: int, model_id: str, indices: tuple[int, ...],
+                          deadline: float) -> list[bytes]:
+        """The JPEGs of these background frames of the model as they are (idle frames):
+        no tensors, no arena block; the compositors encode them."""
+        view = self.liveness.worker(worker)
+        if view is None:
+            raise Unavailable(f"gpu_worker {worker} is unavailable (restarting or not answering)")
+        request_id = self.client.next_id()
+        pending = Pending(request_id, worker, None, [None] * len(indices),
+                          asyncio.get_running_loop().create_future())
+        self.pending[request_id] = pending
+        try:
+            await self.client.send(worker, msg.encode(msg.BackgroundFrames(
+                request_id, view.pid, model_id, indices)))
+            async with asyncio.timeout(deadline - time.monotonic()):
+                result = await asyncio.shield(pending.future)
+        finally:
+            self.pending.pop(request_id, None)
+        return list(result.frames)
+
     async def _allocate(self, size: int, deadline: float) -> Block:
         """A block of the arena; waits (bounded by the deadline) while others hold it."""
         while (block := self.arena.allocate(size)) is None:
@@ -172,7 +193,7 @@ class InFlight:
         self._space_freed.set()
 
     def _finish(self, pending: Pending) -> None:
-        if self.pending.pop(pending.request_id, None) is not None:
+        if self.pending.pop(pending.request_id, None) is not None and pending.block is not None:
             self._release(pending.block)
 
     def _layout(self, block: Block, b: int, audio_len: int,

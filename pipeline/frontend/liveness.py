@@ -35,6 +35,7 @@ class RoleView:
     models: dict[str, int] = field(default_factory=dict)  # what a worker reports holding
     exited_pid: int = 0       # announced its exit: its last heartbeats are not believed
     jobs: dict[str, Any] = field(default_factory=dict)  # a gpu_worker's compositor jobs
+    cuda: bool = False
 
     def alive(self, now: float, heartbeat_s: float) -> bool:
         return (self.pid != 0 and not self.silent
@@ -93,7 +94,7 @@ class Liveness:
                 view.restarts += 1
                 log.warning("gpu_worker %d restarted (pid %d -> %d)", m.index, view.pid, m.pid)
                 events.append(WorkerLost(m.index, f"gpu_worker {m.index} restarted", True))
-            view.models = m.loaded_models
+            view.models, view.cuda = m.loaded_models, m.cuda
             view.jobs = {"waiting": m.jobs_waiting, "redispatched": m.jobs_redispatched,
                          "compositors": [msgspec.structs.asdict(c) for c in m.compositors]}
             events.append(WorkerHolds(m.index, m.loaded_models))
@@ -162,6 +163,6 @@ class Liveness:
                     "alive": v.alive(now, self.heartbeat_s), "queue_depth": v.queue_depth,
                     "device_memory_used_bytes": v.device_memory_used_bytes}
 
-        return {"gpu_workers": [{**view(i, w), "compositor_jobs": w.jobs}
+        return {"gpu_workers": [{**view(i, w), "compositor_jobs": w.jobs, "cuda": w.cuda}
                                 for i, w in enumerate(self.workers)],
                 "compositors": [view(i, c) for i, c in sorted(self.compositors.items())]}

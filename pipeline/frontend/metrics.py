@@ -50,6 +50,13 @@ class Metrics:
         self.sessions = Gauge("lipsync_websocket_sessions", "Open WebSocket sessions",
                               registry=r)
         self.arena = Gauge("lipsync_shm_arena_used_bytes", "Request arena in use", registry=r)
+        self.budget_fps = Gauge("lipsync_live_budget_fps",
+                                "Speech frames per second the box can render (0: not measured)",
+                                registry=r)
+        self.used_fps = Gauge("lipsync_live_used_fps", "Frames per second rendered lately",
+                              registry=r)
+        self.refused = Gauge("lipsync_live_sessions_refused",
+                             "Live sessions refused for want of capacity", registry=r)
         self.loop_lag = Histogram("lipsync_event_loop_lag_seconds",
                                   "How late the frontend's event loop ran a 20 ms timer",
                                   buckets=STAGE_BUCKETS, registry=r)

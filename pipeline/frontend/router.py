@@ -8,6 +8,7 @@ import asyncio
 import time
 
 from pipeline.config import Config
+from pipeline.frontend.capacity import FrameBudget
 from pipeline.frontend.errors import FAILURE_REASONS, Failed, Overloaded, Unavailable
 from pipeline.frontend.inflight import InferResult, InFlight
 from pipeline.frontend.metrics import Metrics
@@ -20,8 +21,9 @@ TRIM_AFTER_IDLE_S = 2.0
 
 class Router:
     def __init__(self, cfg: Config, registry: ModelRegistry, inflight: InFlight,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, budget: FrameBudget) -> None:
         self.cfg = cfg
+        self.budget = budget
         self.registry = registry
         self.inflight = inflight
         self.metrics = metrics
@@ -38,12 +40,21 @@ class Router:
                 result = await self.inflight.submit(lease.worker, req, deadline)
             self.registry.count(req.model_id, result.done.inference_ns)
             self.metrics.request_done(req.model_id, result)
+            self.budget.observe(result)
             return result, lease
         except (Failed, Overloaded, Unavailable, TimeoutError) as exc:
             self.metrics.request_failed(FAILURE_REASONS[type(exc)])
             raise
         finally:
             self._release(size)
+
+    async def backgrounds(self, model_id: str, indices: tuple[int, ...],
+                          timeout: float) -> list[bytes]:
+        """JPEGs of the model's background frames as they are (a live session's idle
+        frames), from the worker that holds it (loaded first if needed)."""
+        deadline = time.monotonic() + timeout
+        async with self.registry.lease(model_id, deadline) as lease:
+            return await self.inflight.backgrounds(lease.worker, model_id, indices, deadline)
 
     def _admit(self, req: ValidRequest) -> int:
         """Count the request in, or refuse it at once: by requests and by tensor bytes

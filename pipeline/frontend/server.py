@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pipeline import messages as msg
 from pipeline.config import Config, retired_environment
+from pipeline.frontend.capacity import FrameBudget
 from pipeline.frontend.errors import Unavailable
 from pipeline.frontend.grpc_service import MonolithicService
 from pipeline.frontend.inflight import InFlight
@@ -44,6 +45,7 @@ from pipeline.frontend.services import (
     set_health,
 )
 from pipeline.frontend.streaming.grpc_stream import InferenceService, StreamRpc
+from pipeline.frontend.streaming.live import IdleFrames
 from pipeline.frontend.streaming.websocket import AudioSocketServer
 from pipeline.frontend.telemetry import Telemetry
 from pipeline.frontend.worker_client import WorkerClient
@@ -111,11 +113,14 @@ class Frontend:
         liveness = Liveness(cfg)
         inflight = InFlight(cfg, client, liveness)
         metrics = Metrics()
+        budget = FrameBudget(cfg)
         registry = ModelRegistry(cfg, client, inflight, liveness, metrics)
-        router = Router(cfg, registry, inflight, metrics)
-        streams = StreamRpc(cfg, router)
-        sockets = AudioSocketServer(cfg, router, tokens)
-        telemetry = Telemetry(cfg, metrics, liveness, inflight, registry, sockets.session_count)
+        router = Router(cfg, registry, inflight, metrics, budget)
+        idle = IdleFrames(cfg, router)
+        streams = StreamRpc(cfg, router, idle, budget)
+        sockets = AudioSocketServer(cfg, router, tokens, idle, budget)
+        telemetry = Telemetry(cfg, metrics, liveness, inflight, registry, sockets.session_count,
+                              budget)
         telemetry.start(client.addresses.ops, cfg.ops.metrics_host, cfg.ops.metrics_port)
         health = grpc_health.aio.HealthServicer()
         add_services(grpc_server, cfg, {

@@ -21,6 +21,7 @@ import zmq.asyncio
 from prometheus_client import start_http_server
 
 from pipeline.config import Config
+from pipeline.frontend.capacity import FrameBudget
 from pipeline.frontend.inflight import InFlight
 from pipeline.frontend.liveness import Liveness
 from pipeline.frontend.metrics import Metrics
@@ -49,13 +50,15 @@ def _private_bytes(pid: int) -> int:
 
 class Telemetry:
     def __init__(self, cfg: Config, metrics: Metrics, liveness: Liveness, inflight: InFlight,
-                 registry: ModelRegistry, sessions: Callable[[], int]) -> None:
+                 registry: ModelRegistry, sessions: Callable[[], int],
+                 budget: FrameBudget) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.liveness = liveness
         self.inflight = inflight
         self.registry = registry
         self.sessions = sessions
+        self.budget = budget
         self._processes: dict[int, psutil.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -107,11 +110,18 @@ class Telemetry:
             "gpu_workers": workers, "compositors": compositors, "models": models,
             "arena": inflight["arena"], "frames": m.frames, "evictions": m.evictions,
             "evictions_last_minute": m.evictions_since(time.monotonic() - 60),
-            "failures": dict(m.failures),
+            "failures": dict(m.failures), "capacity": self.budget.snapshot(),
         }
 
     def refresh_gauges(self) -> None:
         m = self.metrics
+        roles = self.liveness.snapshot()
+        self.budget.cuda = any(w.get("cuda") for w in roles["gpu_workers"])
+        self.budget.sample_cpu(self._cpu_seconds(roles))
+        budget = self.budget.budget_fps()
+        m.budget_fps.set(budget if budget != float("inf") else 0)
+        m.used_fps.set(self.budget.used_fps())
+        m.refused.set(self.budget.refused)
         m.loaded.set(self.registry.loaded_count())
         inflight = self.inflight.snapshot()
         m.inflight.set(inflight["inflight_requests"])
@@ -120,6 +130,11 @@ class Telemetry:
         for view in self.liveness.snapshot()["gpu_workers"]:
             m.queue.labels(str(view["index"])).set(view["queue_depth"])
             m.memory.labels(str(view["index"])).set(view["device_memory_used_bytes"])
+
+    def _cpu_seconds(self, roles: dict[str, list[dict[str, Any]]]) -> float:
+        """CPU seconds every role has spent so far (the capacity's measure of a frame)."""
+        pids = [os.getpid()] + [v["pid"] for views in roles.values() for v in views if v["pid"]]
+        return sum(self._process(pid).get("cpu_s", 0.0) for pid in pids)
 
     # ---- endpoints ---------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ class ValidRequest:
     sample_rate: int
     features: np.ndarray | None   # deprecated: 8192 float32
     stream_offset: int = -1       # a stream's batch: audio starts at this sample of the stream
+    backgrounds: tuple[int, ...] = ()  # a live stream's background frame of each frame
 
     @property
     def nbytes(self) -> int:

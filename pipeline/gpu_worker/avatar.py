@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,12 +100,11 @@ class Avatar:
         y1, y2 = max(0, min(y1, self.height - 1)), max(1, min(y2, self.height))
         return x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)
 
-    def visual_inputs(self, start_frame: int, out: np.ndarray) -> np.ndarray:
-        """The UNet's visual input for output frames start_frame.. (len(out) of them),
+    def visual_inputs(self, indices: Sequence[int], out: np.ndarray) -> np.ndarray:
+        """The UNet's visual input for the output frames of these background indices,
         built from the avatar's own frames exactly as a SyncTalk-2D client builds it."""
         frames = self.frames()
-        for i in range(len(out)):
-            index = start_frame + i
+        for i, index in enumerate(indices):
             visual_input(frames[index % self.num_frames], self.rect(index), out=out[i])
         return out
 

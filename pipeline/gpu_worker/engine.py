@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -92,6 +92,7 @@ class Engine:
         self.loading: dict[str, Loading] = {}
         self.handlers: dict[type, Callable[[object], None]] = {
             msg.InferRequest: self._on_infer,  # type: ignore[dict-item]
+            msg.BackgroundFrames: self._on_backgrounds,  # type: ignore[dict-item]
             msg.LoadModel: self._on_load,  # type: ignore[dict-item]
             msg.UnloadModel: self._on_unload,  # type: ignore[dict-item]
             LoadFinished: self._on_load_finished,  # type: ignore[dict-item]
@@ -190,6 +191,23 @@ class Engine:
 
     # ---- inference ---------------------------------------------------------------------
 
+    def _on_backgrounds(self, req: msg.BackgroundFrames) -> None:
+        """A compositing job per frame with no prediction: the background's JPEG as it is."""
+        model = self.cache.get(req.model_id)
+        if model is None:
+            self.emit(FRONTEND, msg.InferFailed(
+                req.request_id, f"model '{req.model_id}' is not loaded on gpu_worker {self.index}"))
+            return
+        started = time.monotonic_ns()
+        for i, frame in enumerate(req.indices):
+            self.emit(JOBS, msg.CompositeJob(
+                request_id=req.request_id, frame_index=i, prediction=None,
+                background=model.avatar.background_ref(frame), rect=model.avatar.rect(frame),
+                mode=model.config.composite_mode, jpeg_quality=self.cfg.jpeg_quality))
+        self.emit(FRONTEND, msg.InferDone(
+            req.request_id, gpu_id=self.index, queue_ns=0, audio_ns=0, encoder_ns=0,
+            visual_ns=0, inference_ns=0, composite_start_ns=started))
+
     def _on_infer(self, req: msg.InferRequest) -> None:
         model = self.cache.get(req.model_id)
         if model is None:
@@ -265,7 +283,7 @@ class Engine:
             raise RequestError(f"Failed to encode audio features: {exc}") from exc
         t1 = time.monotonic_ns()
         if req.build_visual:
-            model.avatar.visual_inputs(req.start_frame_idx, out=self._view(req.visual))
+            model.avatar.visual_inputs(_backgrounds(req), out=self._view(req.visual))
         return Prepared(req, features, started_ns=t0, audio_ns=t1 - t0, encoder_ns=encoder_ns,
                         visual_ns=time.monotonic_ns() - t1 if req.build_visual else 0)
 
@@ -282,8 +300,7 @@ class Engine:
 
     def _emit_jobs(self, model: LoadedModel, req: msg.InferRequest) -> None:
         """One CompositeJob per frame: the compositors read prediction and background in place."""
-        for i in range(req.batch_size):
-            frame = req.start_frame_idx + i
+        for i, frame in enumerate(_backgrounds(req)):
             self.emit(JOBS, msg.CompositeJob(
                 request_id=req.request_id, frame_index=i,
                 prediction=msg.TensorRef(req.output.segment,
@@ -294,6 +311,11 @@ class Engine:
 
     def _view(self, ref: msg.TensorRef) -> np.ndarray:
         return self.segments.ndarray(ref.segment, ref.offset, ref.shape, ref.dtype)
+
+
+def _backgrounds(req: msg.InferRequest) -> Sequence[int]:
+    """The background frame of each of the request's frames."""
+    return req.backgrounds or range(req.start_frame_idx, req.start_frame_idx + req.batch_size)
 
 
 def _client_error(exc: Exception, req: msg.InferRequest) -> str:

@@ -223,7 +223,7 @@ class GpuWorkerProc:
                     handlers[type(message)](identity, message, time.monotonic())
             if jobs_in in ready:
                 for key, job in _drain(jobs_in):
-                    self.credits.submit(JOB_KEY.unpack(key), job)  # type: ignore[arg-type]
+                    self.credits.submit(JOB_KEY.unpack(key), job)
             if time.monotonic() >= next_check:
                 self.credits.check(time.monotonic())
                 next_check = time.monotonic() + CHECK_S
@@ -242,7 +242,8 @@ class GpuWorkerProc:
                 role="gpu_worker", index=self.index, pid=os.getpid(), gpu_id=self.index,
                 device_memory_used_bytes=self.cache.memory.used_bytes(),
                 loaded_models=self.cache.loaded, queue_depth=self.inbox.depth(),
-                jobs_waiting=waiting, jobs_redispatched=redispatched, compositors=links)
+                jobs_waiting=waiting, jobs_redispatched=redispatched, compositors=links,
+                cuda=self.provider == "cuda")
             try:
                 sock.send(msg.encode(beat), zmq.NOBLOCK)
             except zmq.Again:

@@ -59,7 +59,8 @@ async def stream(ws, audio: bytes, chunk: int = 1280) -> tuple[dict[int, bytes],
             if statuses[-1]["type"] in ("flushed", "error"):
                 return frames, statuses
         else:
-            index, pts_us, jpeg = parse_frame_message(message)
+            frame = parse_frame_message(message)
+            index, pts_us, jpeg = frame.index, frame.pts_us, frame.jpeg
             assert pts_us == index * 40_000
             frames[index] = jpeg
 

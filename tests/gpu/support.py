@@ -78,7 +78,8 @@ def reference_frames(config: Path, model_id: str, raw_audio: bytes, batch: int,
                                       audio.SAMPLE_RATE, batch)
     avatar = load_avatar(model, segment_name(f"gpuref{os.getpid()}", "bg"))
     try:
-        visual = avatar.visual_inputs(start, np.empty((batch, 6, 320, 320), np.float32))
+        visual = avatar.visual_inputs(range(start, start + batch),
+                                      np.empty((batch, 6, 320, 320), np.float32))
         prediction = np.empty((batch, 3, 320, 320), np.float32)
         load_unet(model.model_path, "cpu").run(visual, features, prediction)
         frames = avatar.frames()

@@ -15,10 +15,16 @@ TO_WORKER = [
                      visual=msg.TensorRef("s", 0, (1, 6, 320, 320), "float32"),
                      audio=msg.TensorRef("s", 4096, (10240,), "float32"), sample_rate=44100,
                      features=msg.TensorRef("s", 0, (32, 16, 16), "float32")),
+    msg.InferRequest(request_id=2, worker_pid=10, model_id="demo", batch_size=2, start_frame_idx=7,
+                     output=REF, visual=REF, build_visual=True, stream_offset=0,
+                     backgrounds=(248, 249)),
+    msg.BackgroundFrames(request_id=3, worker_pid=10, model_id="demo", indices=(0, 1, 2, 249)),
     msg.LoadModel(request_id=3, worker_pid=10, model_id="demo"),
     msg.UnloadModel(request_id=4, worker_pid=10, model_id="demo"),
 ]
 TO_COMPOSITOR = [
+    msg.CompositeJob(request_id=5, frame_index=0, prediction=None, background=REF,
+                     rect=(0, 0, 1, 1), mode="synctalk", jpeg_quality=75),
     msg.CompositeJob(request_id=5, frame_index=3, prediction=REF,
                      background=msg.TensorRef("bg", 0, (720, 1280, 3), "uint8"),
                      rect=(532, 210, 714, 392), mode="synctalk", jpeg_quality=75),

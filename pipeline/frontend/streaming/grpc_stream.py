@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import grpc
 
 from pipeline.config import Config
+from pipeline.frontend.capacity import FrameBudget
 from pipeline.frontend.router import Router
+from pipeline.frontend.streaming.live import IdleFrames, LiveSession
 from pipeline.frontend.streaming.session import (
     AudioFormat,
     StreamError,
@@ -23,6 +25,7 @@ from pipeline.frontend.wire import MalformedMessage
 from pipeline.rpc import inference_pb2 as ipb
 from pipeline.rpc import inference_pb2_grpc as ipb_grpc
 from pipeline.rpc import monolithic_pb2 as pb
+from pipeline.synctalk import FRAME_US
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class _Ending:
 
 @dataclass(eq=False)
 class _ActiveStream:
-    session: StreamSession
+    session: StreamSession | LiveSession
     outbox: asyncio.Queue
     reader: asyncio.Task[None] | None = None
     ending: bool = False
@@ -54,9 +57,12 @@ class _ActiveStream:
 
 
 class StreamRpc:
-    def __init__(self, cfg: Config, router: Router) -> None:
+    def __init__(self, cfg: Config, router: Router, idle: IdleFrames,
+                 budget: FrameBudget) -> None:
         self.cfg = cfg
         self.router = router
+        self.idle = idle
+        self.budget = budget
         self.settings = cfg.streaming
         self.active: set[_ActiveStream] = set()
 
@@ -68,7 +74,7 @@ class StreamRpc:
         await asyncio.gather(*(s.end(grace) for s in list(self.active)))
 
     def session(self, client_id: str, model_id: str, fmt: AudioFormat, outbox: asyncio.Queue,
-                ) -> StreamSession:
+                live: bool = False) -> StreamSession | LiveSession:
         timeout = self.settings.send_timeout_s
 
         async def put(item: object) -> None:
@@ -85,6 +91,22 @@ class StreamRpc:
         async def send_status(status: dict) -> None:
             await put(pb.StreamAudioResponse(status_json=json.dumps(status)))
 
+        async def send_live_frame(index: int, speech: bool, due_us: int, jpeg: bytes) -> None:
+            await put(pb.StreamAudioResponse(frame=pb.StreamFrame(
+                frame_index=index, pts_us=index * FRAME_US, jpeg=jpeg, speech=speech,
+                due_epoch_us=due_us)))
+
+        async def end(code: int, reason: str) -> None:
+            try:
+                outbox.put_nowait(pb.StreamAudioResponse(status_json=json.dumps(
+                    {"type": "error", "message": reason})))
+                outbox.put_nowait(None)
+            except asyncio.QueueFull:
+                pass  # the client stopped reading: its send timeout ends the call
+
+        if live:
+            return LiveSession(self.cfg, self.router, self.idle, client_id, model_id, fmt,
+                               send_live_frame, send_status, end)
         return StreamSession(self.cfg, self.router, client_id, model_id, fmt, send_frame,
                              send_status, self.settings.flush_timeout_s)
 
@@ -93,18 +115,31 @@ class StreamRpc:
         outbox: asyncio.Queue = asyncio.Queue(OUTBOX)
         first = await anext(aiter(requests), None)
         config = first.config if first is not None and first.HasField("config") else pb.StreamConfig()
+        live = config.mode == "live"
         try:
+            if config.mode not in ("", "audio", "live"):
+                raise StreamError(f"unknown mode {config.mode!r}: audio or live")
             fmt = AudioFormat(config.format or "s16le", config.sample_rate or 16000)
             session = self.session(config.client_id, config.model_id or self.cfg.default_model,
-                                   fmt, outbox)
+                                   fmt, outbox, live)
         except StreamError as exc:
             yield pb.StreamAudioResponse(status_json=json.dumps({"type": "error", "message": str(exc)}))
             return
+        if live and (refused := self.budget.admit_live()) is not None:
+            log.warning("refused a live stream: %s", refused)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
         log.info("client %s connected (grpc stream, model %s)", session.client_id, session.model_id)
         active = _ActiveStream(session, outbox)
         self.active.add(active)
-        session.start()
-        await outbox.put(pb.StreamAudioResponse(status_json=json.dumps(self.ready_status(session))))
+        await outbox.put(pb.StreamAudioResponse(status_json=json.dumps(
+            {**self.ready_status(session), **({"mode": "live"} if live else {})})))
+        try:
+            await session.start()
+        except StreamError as exc:
+            self.active.discard(active)
+            await session.close()
+            yield pb.StreamAudioResponse(status_json=json.dumps({"type": "error", "message": str(exc)}))
+            return
 
         async def read() -> None:
             async def all_requests() -> AsyncIterator[pb.StreamAudioRequest]:
@@ -120,7 +155,9 @@ class StreamRpc:
                     elif kind == "control" and r.control == pb.STREAM_CONTROL_FLUSH:
                         await session.flush()
                     elif kind == "control" and r.control == pb.STREAM_CONTROL_CANCEL:
-                        await session.cancel()
+                        await session.cancel()  # live: an interrupt
+                    elif kind == "control" and r.control == pb.STREAM_CONTROL_INTERRUPT:
+                        await session.interrupt()
                     elif kind == "config":
                         raise StreamError("config is only accepted as the first message")
                 await session.flush()  # the client half-closed: render what it sent
@@ -152,7 +189,7 @@ class StreamRpc:
             log.info("client %s disconnected (grpc stream, %d frames)", session.client_id,
                      session.frames_sent)
 
-    def ready_status(self, session: StreamSession) -> dict:
+    def ready_status(self, session: StreamSession | LiveSession) -> dict:
         return {"type": "ready", "client_id": session.client_id, "model": session.model_id,
                 "fps": 25, "sample_rate": session.decoder.fmt.sample_rate,
                 "format": session.decoder.fmt.encoding}
@@ -179,7 +216,8 @@ class InferenceService(ipb_grpc.InferenceServiceServicer):
         except StreamError as exc:
             return ipb.AudioResponse(client_id=client_id, status_code=400, message=str(exc),
                                      result=json.dumps({"frames": 0}))
-        session.start()
+        assert isinstance(session, StreamSession)  # ProcessAudio: never live
+        await session.start()
         try:
             for chunk in request.audio_chunks:
                 await session.feed(chunk)

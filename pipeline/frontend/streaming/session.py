@@ -45,6 +45,18 @@ SendFrame = Callable[[int, int, bytes], Awaitable[None]]
 SendStatus = Callable[[dict], Awaitable[None]]
 
 
+@dataclass
+class Hooks:
+    """How a live session takes over from the seed's behaviour (send each frame as soon as
+    it is rendered, on the audio clock): where rendered frames go, which background each
+    frame shows, and who else hears the audio (the voice-activity detector)."""
+
+    deliver: Callable[[int, list[bytes]], Awaitable[None]] | None = None
+    backgrounds: Callable[[int, int], tuple[int, ...]] | None = None
+    on_audio: Callable[[np.ndarray, int], None] | None = None
+    on_flush: Callable[[], None] | None = None  # the audio ended (asked, or it stopped coming)
+
+
 MAX_CLIENT_ID = 128
 
 
@@ -123,7 +135,7 @@ class StreamSession:
 
     def __init__(self, cfg: Config, router: Router, client_id: str, model_id: str,
                  fmt: AudioFormat, send_frame: SendFrame, send_status: SendStatus,
-                 flush_timeout_s: float = 2.0) -> None:
+                 flush_timeout_s: float = 2.0, hooks: Hooks | None = None) -> None:
         if model_id not in cfg.models:
             raise StreamError(f"Model '{model_id}' not found in configuration")
         self.cfg = cfg
@@ -134,6 +146,7 @@ class StreamSession:
         self.send_frame = send_frame
         self.send_status = send_status
         self.flush_timeout_s = flush_timeout_s
+        self.hooks = hooks or Hooks()
         self.audio = np.zeros(0, np.float32)  # the stream's samples from `offset` on
         self.offset = 0                       # stream sample index of audio[0]
         self.received = 0                     # stream samples received (after resampling)
@@ -154,7 +167,7 @@ class StreamSession:
 
     # ---- from the transport ------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._runner = asyncio.create_task(self._run())
 
     async def feed(self, data: bytes) -> None:
@@ -172,9 +185,22 @@ class StreamSession:
         self._append(samples)
 
     def _append(self, samples: np.ndarray) -> None:
+        if self.hooks.on_audio is not None:
+            self.hooks.on_audio(samples, self.received)
         self.audio = np.concatenate([self.audio, samples])
         self.received += len(samples)
         self._wake.set()
+
+    @property
+    def caught_up(self) -> bool:
+        """Every frame of the audio received is rendered and nothing is being rendered:
+        the next audio starts an utterance of its own (a live session anchors it)."""
+        return (not self._rendering and self.final_frames is None
+                and self.received <= self.next_frame * FRAME_SAMPLES)
+
+    def pending_frames(self) -> int:
+        """Frames of the audio received not rendered yet."""
+        return max(0, math.ceil(self.received / FRAME_SAMPLES) - self.next_frame)
 
     async def flush(self) -> None:
         """Pad with silence and render every remaining frame (reported by 'flushed')."""
@@ -182,6 +208,10 @@ class StreamSession:
         if self.final_frames is not None:
             return  # one flush at a time; it already covers everything received
         tail = self.decoder.decode(b"", last=True)
+        if self.hooks.on_audio is not None and len(tail):
+            self.hooks.on_audio(tail, self.received)
+        if self.hooks.on_flush is not None:
+            self.hooks.on_flush()
         self.audio = np.concatenate([self.audio, tail])
         self.received += len(tail)
         frames = math.ceil(self.received / FRAME_SAMPLES)
@@ -192,14 +222,26 @@ class StreamSession:
 
     async def cancel(self) -> None:
         """Drop queued audio and unsent frames; the next audio starts a new clock."""
-        dropped = max(0, math.ceil(self.received / FRAME_SAMPLES) - self.next_frame)
+        await self.send_status({"type": "cancelled", "dropped_frames": self.drop()})
+
+    async def interrupt(self) -> None:
+        """Barge-in: as a cancel, answered once with the frame the stream is at."""
+        frame = self.next_frame
+        await self.send_status({"type": "interrupted", "frame": frame,
+                                "dropped_frames": self.drop()})
+
+    def drop(self) -> int:
+        """Drop queued audio, and the results of renders in flight when they come; the next
+        audio starts a new clock. The frames dropped (not rendered yet)."""
+        dropped = self.pending_frames()
         self.audio = np.zeros(0, np.float32)
         self.offset = self.received = self.next_frame = self.chunks = 0
         self.final_frames = None
         self._after_flush.clear()
         self.decoder = AudioDecoder(self.decoder.fmt)
         self._generation += 1
-        await self.send_status({"type": "cancelled", "dropped_frames": dropped})
+        self._wake.set()
+        return dropped
 
     async def finish_batch(self, timeout: float) -> None:
         """Start no new batch; wait up to `timeout` for the one being rendered to be sent
@@ -292,6 +334,11 @@ class StreamSession:
             return None
         return max(0.0, self.last_audio + self.flush_timeout_s - time.monotonic())
 
+    @property
+    def rendering(self) -> bool:
+        """A batch is being rendered or sent (what a drain waits for)."""
+        return self._rendering
+
     async def _render(self, batch: int) -> None:
         self._rendering = True
         try:
@@ -304,10 +351,11 @@ class StreamSession:
         lo, hi = stream_samples(first, batch)
         hi = min(hi, self.offset + len(self.audio))
         log.info("batch ready: client=%s, chunks=%d", self.client_id, self.chunks)
+        backgrounds = self.hooks.backgrounds(first, batch) if self.hooks.backgrounds else ()
         request = ValidRequest(
             model_id=self.model_id, batch_size=batch, start_frame_idx=first, visual=None,
             audio=self.audio[lo - self.offset : hi - self.offset], sample_rate=SAMPLE_RATE,
-            features=None, stream_offset=lo)
+            features=None, stream_offset=lo, backgrounds=backgrounds)
         generation = self._generation
         try:
             result, _ = await self.router.infer(request, self.cfg.server.request_timeout_s)
@@ -318,10 +366,15 @@ class StreamSession:
         self.chunks = 0
         if generation != self._generation:  # cancelled meanwhile: these frames are dropped
             return
-        for i, jpeg in enumerate(result.frames):
-            await self.send_frame(first + i, (first + i) * FRAME_US, jpeg)
-            self.frames_sent += 1
         self.next_frame = first + batch
+        if self.hooks.deliver is not None:
+            await self.hooks.deliver(first, result.frames)
+        else:
+            for i, jpeg in enumerate(result.frames):
+                if generation != self._generation:  # cancelled while sending: no more
+                    return
+                await self.send_frame(first + i, (first + i) * FRAME_US, jpeg)
+        self.frames_sent += batch
         # keep only what the next frames can still need
         keep_from = stream_samples(self.next_frame, 1)[0]
         if keep_from > self.offset:

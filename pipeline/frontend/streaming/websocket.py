@@ -14,6 +14,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -21,10 +22,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from pipeline.client import frame_message
+from pipeline.client import frame_message, live_frame_message
 from pipeline.config import Config, parse_origin
+from pipeline.frontend.capacity import FrameBudget
 from pipeline.frontend.router import Router
 from pipeline.frontend.security import TokenStore, bearer
+from pipeline.frontend.streaming.live import IdleFrames, LiveSession
 from pipeline.frontend.streaming.session import AudioFormat, StreamError, StreamSession, escape
 
 log = logging.getLogger(__name__)
@@ -74,12 +77,15 @@ class RateLimit:
 
 
 class AudioSocketServer:
-    def __init__(self, cfg: Config, router: Router, tokens: TokenStore) -> None:
+    def __init__(self, cfg: Config, router: Router, tokens: TokenStore, idle: IdleFrames,
+                 budget: FrameBudget) -> None:
         self.cfg = cfg
         self.router = router
         self.tokens = tokens
+        self.idle = idle
+        self.budget = budget
         self.settings = cfg.streaming
-        self.sessions: dict[str, tuple[StreamSession, ServerConnection]] = {}
+        self.sessions: dict[str, tuple[StreamSession | LiveSession, ServerConnection]] = {}
         self.server: Server | None = None
 
     def session_count(self) -> int:
@@ -145,6 +151,8 @@ class AudioSocketServer:
             AudioFormat(query.get("format", "s16le"), int(query.get("rate", 16000)))
         except (StreamError, ValueError) as exc:
             return connection.respond(400, f"Bad Request: {exc}\n")
+        if query.get("mode", "audio") not in ("audio", "live"):
+            return connection.respond(400, "Bad Request: mode must be audio or live\n")
         return None
 
     # ---- a session -------------------------------------------------------------------
@@ -174,19 +182,36 @@ class AudioSocketServer:
         async def send_status(status: dict) -> None:
             await send(json.dumps(status))
 
-        session = StreamSession(self.cfg, self.router, request.headers.get("X-Client-ID", ""),
-                                model, fmt, send_frame, send_status,
-                                self.settings.flush_timeout_s)
+        async def send_live_frame(index: int, speech: bool, due_us: int, jpeg: bytes) -> None:
+            await send(live_frame_message(index, speech, due_us, jpeg))
+
+        client = request.headers.get("X-Client-ID", "")
+        live = query.get("mode") == "live"
+        session: StreamSession | LiveSession
+        if live:
+            refused = self.budget.admit_live()
+            if refused is not None:
+                log.warning("refused a live session: %s", refused)
+                await ws.close(1013, refused[:120])
+                return
+            async def end(code: int, reason: str) -> None:
+                await ws.close(code, reason[:120])
+
+            session = LiveSession(self.cfg, self.router, self.idle, client, model, fmt,
+                                  send_live_frame, send_status, end)
+        else:
+            session = StreamSession(self.cfg, self.router, client, model, fmt, send_frame,
+                                    send_status, self.settings.flush_timeout_s)
         client_id = session.client_id  # sanitised: printable, at most 128 characters
         key = f"{client_id}#{id(ws)}"
         self.sessions[key] = (session, ws)
         log.info("client %s connected", client_id)
         limit = RateLimit(self.settings.rate_limit_messages_per_s)
-        session.start()
         try:
             await send_status({"type": "ready", "client_id": client_id, "model": model,
                                "fps": 25, "sample_rate": fmt.sample_rate,
-                               "format": fmt.encoding})
+                               "format": fmt.encoding, **({"mode": "live"} if live else {})})
+            await session.start()
             while True:
                 try:
                     async with asyncio.timeout(self.settings.idle_timeout_s):
@@ -220,15 +245,20 @@ class AudioSocketServer:
             log.info("client %s disconnected", client_id)
 
     @staticmethod
-    async def _control(session: StreamSession, text: str, send_status) -> None:
+    async def _control(session: StreamSession | LiveSession, text: str,
+                       send_status: Callable[[dict], Awaitable[None]]) -> None:
         try:
             kind = json.loads(text).get("type")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             kind = None
         if kind == "flush":
             await session.flush()
         elif kind == "cancel":
-            await session.cancel()
+            await session.interrupt() if isinstance(session, LiveSession) else await session.cancel()
+        elif kind == "interrupt":
+            await session.interrupt()
+        elif kind == "ping":
+            await send_status({"type": "pong"})
         else:
-            await send_status({"type": "error", "message": "unknown message: expected "
-                                                           '{"type": "flush"} or {"type": "cancel"}'})
+            await send_status({"type": "error", "message": "unknown message: expected a type "
+                                                           "flush, cancel, interrupt or ping"})

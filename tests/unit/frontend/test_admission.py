@@ -10,6 +10,7 @@ import pytest
 
 from pipeline import messages as msg
 from pipeline.config import parse_config
+from pipeline.frontend.capacity import FrameBudget
 from pipeline.frontend.errors import Overloaded
 from pipeline.frontend.inflight import InferResult
 from pipeline.frontend.liveness import Liveness
@@ -62,7 +63,7 @@ def test_requests_are_admitted_by_count_and_bytes(tmp_path: Path, budget_mb: int
         workers, liveness, metrics = HeldWorkers(), Liveness(cfg), Metrics()
         liveness.heard(msg.Heartbeat(role="gpu_worker", index=0, pid=1))
         registry = ModelRegistry(cfg, workers, workers, liveness, metrics)  # type: ignore[arg-type]
-        router = Router(cfg, registry, workers, metrics)  # type: ignore[arg-type]
+        router = Router(cfg, registry, workers, metrics, FrameBudget(cfg))  # type: ignore[arg-type]
         await registry.load("demo", None)
         tasks = [asyncio.create_task(router.infer(request(mb), 30)) for mb in sizes]
         await asyncio.sleep(0.05)

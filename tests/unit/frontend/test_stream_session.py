@@ -26,7 +26,7 @@ def test_a_cancel_racing_the_wake_up_still_ends_the_session(tmp_path: Path) -> N
         session = StreamSession(_config(tmp_path), router=None, client_id="c",  # type: ignore[arg-type]
                                 model_id="demo", fmt=AudioFormat(), send_frame=_noop,
                                 send_status=_noop)
-        session.start()
+        await session.start()
         await asyncio.sleep(0.02)       # the task waits for its wake-up
         runner = session._runner
         assert runner is not None

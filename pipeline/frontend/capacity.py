@@ -1,0 +1,121 @@
+"""How many speech frames per second this box can render, and how many it renders now: the
+admission of live sessions (a new one needs 25 frames/s of headroom) and the figures an
+operator sees (`lipsync stats`, `/metrics`).
+
+The budget is measured while the server runs: the CPU seconds every role spends per frame
+rendered (sampled each second from the processes' own CPU counters, over intervals with
+enough frames to mean something), or before that the compute time of each request's stages
+per frame; on CUDA workers also the UNet's time per frame on the device.
+`streaming.capacity_fps` overrides the measurement.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+
+from pipeline.config import Config
+from pipeline.frontend.inflight import InferResult
+from pipeline.synctalk import VIDEO_FPS
+
+USABLE = 0.85            # of the cores (and devices): what is left for the rest of the box
+WINDOW_S = 2.0           # frames/s in use: over this window
+RESERVE_S = 5.0          # a live session admitted counts 25 frames/s this long, before it
+                         # shows in what is measured
+MIN_SAMPLE_FRAMES = 25   # a CPU sample of fewer frames says more about idling than rendering
+EWMA = 0.3
+
+
+class FrameBudget:
+    def __init__(self, cfg: Config) -> None:
+        self.fixed = cfg.streaming.capacity_fps
+        self.cores = os.cpu_count() or 1
+        self.devices = cfg.gpus.count
+        self.cuda = False                      # set from the workers' heartbeats
+        self.cpu_s_per_frame: float | None = None
+        self.stage_s_per_frame: float | None = None
+        self.unet_s_per_frame: float | None = None
+        self._rendered: deque[tuple[float, int]] = deque()
+        self._reserved: deque[float] = deque()  # live sessions admitted, not measured yet
+        self.refused = 0
+        self._last_sample: tuple[float, int] | None = None
+        self.frames = 0
+
+    # ---- what is measured ------------------------------------------------------------
+
+    def observe(self, result: InferResult) -> None:
+        """A request rendered `len(result.frames)` frames at these stage costs."""
+        frames = len(result.frames)
+        if not frames:
+            return
+        done = result.done
+        unet = done.inference_ns / max(1, done.run_frames or frames)
+        stages = (done.audio_ns + done.visual_ns + result.paste_ns + result.jpeg_ns) / frames
+        self.stage_s_per_frame = _ewma(self.stage_s_per_frame, (stages + unet) / 1e9)
+        self.unet_s_per_frame = _ewma(self.unet_s_per_frame, unet / 1e9)
+        self.frames += frames
+        self._rendered.append((time.monotonic(), frames))
+
+    def sample_cpu(self, cpu_seconds: float) -> None:
+        """The roles' CPU seconds so far (all processes), once a second."""
+        now = (cpu_seconds, self.frames)
+        if self._last_sample is not None:
+            cpu = now[0] - self._last_sample[0]
+            frames = now[1] - self._last_sample[1]
+            if frames < MIN_SAMPLE_FRAMES:
+                if frames == 0:
+                    self._last_sample = now  # idle: start the next interval afresh
+                return
+            self.cpu_s_per_frame = _ewma(self.cpu_s_per_frame, cpu / frames)
+        self._last_sample = now
+
+    # ---- what it means ---------------------------------------------------------------
+
+    def budget_fps(self) -> float:
+        """Speech frames per second the box sustains (inf until anything was measured)."""
+        if self.fixed:
+            return self.fixed
+        per_frame = self.cpu_s_per_frame or self.stage_s_per_frame
+        if per_frame is None or per_frame <= 0:
+            return float("inf")
+        budget = USABLE * self.cores / per_frame
+        if self.cuda and self.unet_s_per_frame:
+            budget = min(budget, USABLE * self.devices / self.unet_s_per_frame)
+        return budget
+
+    def used_fps(self) -> float:
+        """Frames rendered per second lately, plus 25 for each live session admitted in the
+        last RESERVE_S (not measured yet: it may start speaking any moment)."""
+        now = time.monotonic()
+        while self._rendered and self._rendered[0][0] < now - WINDOW_S:
+            self._rendered.popleft()
+        while self._reserved and self._reserved[0] < now - RESERVE_S:
+            self._reserved.popleft()
+        rendered = sum(f for _, f in self._rendered) / WINDOW_S
+        return rendered + VIDEO_FPS * len(self._reserved)
+
+    def admit_live(self) -> str | None:
+        """None when a new live session fits (it is then counted in); else why not."""
+        budget, used = self.budget_fps(), self.used_fps()
+        if used + VIDEO_FPS > budget:
+            self.refused += 1
+            return (f"server at capacity: {used:.0f} of {budget:.0f} frames/s in use, a live "
+                    f"session needs {VIDEO_FPS}")
+        self._reserved.append(time.monotonic())
+        return None
+
+    def snapshot(self) -> dict[str, float | int | None]:
+        budget = self.budget_fps()
+        return {"budget_fps": None if budget == float("inf") else round(budget, 1),
+                "used_fps": round(self.used_fps(), 1), "refused": self.refused,
+                "cpu_ms_per_frame": _ms(self.cpu_s_per_frame),
+                "stage_ms_per_frame": _ms(self.stage_s_per_frame),
+                "unet_ms_per_frame": _ms(self.unet_s_per_frame)}
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EWMA) * old + EWMA * new
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)
