@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from itertools import pairwise
 from dataclasses import dataclass, field
 
 import grpc
@@ -87,7 +88,7 @@ def test_idle_frames_walk_the_background_on_the_wall_clock(server, oracle) -> No
     assert len(frames) >= 50
     assert [f.index for f in frames] == list(range(len(frames)))
     assert not any(f.speech for f in frames)
-    assert {b.due_epoch_us - a.due_epoch_us for a, b in zip(frames, frames[1:])} == {40_000}
+    assert {b.due_epoch_us - a.due_epoch_us for a, b in pairwise(frames)} == {40_000}
     assert [f.pts_us for f in frames] == [40_000 * f.index for f in frames]
     assert [oracle.frame(f.jpeg) for f in frames] == [ping_pong(f.index, SMALL_FRAMES)
                                                        for f in frames]
@@ -172,7 +173,7 @@ def test_stream_audio_live_mode_and_interrupt(server) -> None:
                 statuses.append(json.loads(r.status_json))
     assert statuses[0]["mode"] == "live"
     assert [f.frame_index for f in frames] == list(range(len(frames)))
-    assert {b.due_epoch_us - a.due_epoch_us for a, b in zip(frames, frames[1:])} == {40_000}
+    assert {b.due_epoch_us - a.due_epoch_us for a, b in pairwise(frames)} == {40_000}
     assert any(f.speech for f in frames) and not frames[-1].speech
     assert [s["type"] for s in statuses].count("interrupted") == 1
 
