@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from itertools import pairwise
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import grpc
 import numpy as np
