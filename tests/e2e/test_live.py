@@ -5,6 +5,7 @@ admission against the frame budget."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ from tests.conftest import SMALL_FRAMES, ops_stats
 
 @pytest.fixture(scope="module")
 def server(start_server):
-    return start_server()
+    # admission has its own test below: here every live session is admitted
+    return start_server(**{"streaming.capacity_fps": 10_000})
 
 
 def pcm16(seconds: float, seed: int = 0) -> bytes:
@@ -208,3 +210,53 @@ def test_live_sessions_beyond_the_frame_budget_are_refused(start_server) -> None
     assert grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED
     capacity = ops_stats(srv.config_path)["capacity"]
     assert capacity["budget_fps"] == 40 and capacity["refused"] == 2
+
+
+async def _live_cycle(url: str, ending: str, seed: int) -> None:
+    """One live session that ends one hostile way."""
+    async with connect(url) as ws:
+        await ws.recv()
+        await ws.send(pcm16(1.0, seed))
+        if ending == "interrupt in flight":  # a render of it is under way
+            await ws.send(json.dumps({"type": "interrupt"}))
+        elif ending == "interrupt flood":
+            for _ in range(20):
+                await ws.send(json.dumps({"type": "interrupt"}))
+        else:  # "disconnect mid-speech": leave once speech is on screen (or would have been:
+            # a loaded box shows idle frames for speech rendered too late)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3.0):
+                    while True:
+                        message = await ws.recv()
+                        if isinstance(message, bytes) and parse_frame_message(message).speech:
+                            break
+        await asyncio.sleep(0.05)
+
+
+def test_live_sessions_leave_nothing_behind(server) -> None:
+    """200 live sessions that disconnect mid-speech, interrupt while a render is in flight,
+    or flood interrupts: afterwards no session, no arena block and no extra task remain."""
+    before = ops_stats(server.config_path)["frontend"]["tasks"]
+    endings = ["disconnect mid-speech", "interrupt in flight", "interrupt flood"]
+
+    async def run() -> None:
+        gate = asyncio.Semaphore(8)
+
+        async def one(i: int) -> None:
+            async with gate:
+                await _live_cycle(live_url(server), endings[i % 3], i)
+
+        await asyncio.gather(*(one(i) for i in range(200)))
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 15
+    while True:
+        stats = ops_stats(server.config_path)
+        done = (stats["frontend"]["websocket_sessions"] == 0 and stats["arena"]["blocks"] == 0
+                and stats["frontend"]["tasks"] <= before)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert stats["frontend"]["websocket_sessions"] == 0
+    assert stats["arena"]["blocks"] == 0
+    assert stats["frontend"]["tasks"] <= before, (stats["frontend"]["tasks"], before)
