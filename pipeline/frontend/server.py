@@ -16,6 +16,7 @@ from pipeline.config import Config
 from pipeline.frontend.dispatcher import Dispatcher
 from pipeline.frontend.grpc_service import MonolithicService
 from pipeline.frontend.models import ModelManager
+from pipeline.frontend.ops_http import OpsHttpServer
 from pipeline.frontend.stream_rpc import InferenceService, StreamRpc
 from pipeline.frontend.telemetry import Telemetry
 from pipeline.frontend.websocket import AudioSocketServer
@@ -59,7 +60,13 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
     sockets: AudioSocketServer | None = None
     health = grpc_health.aio.HealthServicer()
     watch: asyncio.Task[None] | None = None
+    serving = threading.Event()
+    probes: OpsHttpServer | None = None
     try:
+        if cfg.ops.metrics_port:  # up from the start: /healthz 200, /readyz 503 "starting"
+            probes = OpsHttpServer.create(cfg.ops.metrics_host, cfg.ops.metrics_port,
+                                          telemetry.registry,
+                                          lambda: not_ready_reason(stop, serving, dispatcher))
         await dispatcher.start()
         await dispatcher.wait_for_roles(cfg.runtime.start_timeout_s)
         await preload(cfg, models)
@@ -80,8 +87,8 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
         sockets = AudioSocketServer(cfg, models)
         await sockets.start()
         telemetry.websocket_sessions = lambda: len(sockets.sessions) if sockets else 0
-        ops = telemetry.start(dispatcher.addresses.ops, cfg.ops.metrics_host,
-                              cfg.ops.metrics_port)
+        ops = telemetry.start(dispatcher.addresses.ops)
+        serving.set()
         readiness.ready()
         while not stop.is_set():
             await asyncio.sleep(0.1)
@@ -104,6 +111,8 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
             await server.stop(0)
         await models.close()
         await dispatcher.close()
+        if probes is not None:
+            probes.close()
 
 
 SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["MonolithicService"].full_name,
@@ -128,6 +137,19 @@ async def follow_health(health: grpc_health.aio.HealthServicer, dispatcher: Disp
             await set_health(health, status)
             current = status
         await asyncio.sleep(0.25)
+
+
+def not_ready_reason(stop: threading.Event, serving: threading.Event,
+                     dispatcher: Dispatcher) -> str | None:
+    """Why /readyz says 503 (None: ready). Read on the probe server's thread: `stop` is
+    set by the SIGTERM handler itself, so readiness drops before the drain begins."""
+    if stop.is_set():
+        return "draining"
+    if not serving.is_set():
+        return "starting"
+    if not dispatcher.healthy():
+        return "a gpu_worker or every compositor is not alive"
+    return None
 
 
 async def preload(cfg: Config, models: ModelManager) -> None:

@@ -1,5 +1,5 @@
 """What an operator sees: per-model stage statistics, per-process figures, the ZeroMQ ops
-socket (JSON) and the Prometheus `/metrics` endpoint.
+socket (JSON) and the Prometheus registry (served by `ops_http`).
 
 Stage times are Triton-style `{count, ns}` pairs per model: queue (frontend send -> worker
 start), audio (mel and assembly), encoder, visual (server-built input), unet, composite
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import zmq
 import zmq.asyncio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pipeline.config import Config
 from pipeline.sockets import make_socket
@@ -175,12 +175,9 @@ class Telemetry:
 
     # ---- endpoints ---------------------------------------------------------------------
 
-    def start(self, endpoint: str, metrics_host: str, metrics_port: int) -> asyncio.Task[None]:
-        """Bind the ops socket (ZMQ REP, JSON) and Prometheus (its own thread); a bind that
-        fails stops the start with its reason. Returns the task that answers."""
-        if metrics_port:
-            start_http_server(metrics_port, metrics_host, registry=self.registry)
-            log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, metrics_port)
+    def start(self, endpoint: str) -> asyncio.Task[None]:
+        """Bind the ops socket (ZMQ REP, JSON); a bind that fails stops the start with its
+        reason. Returns the task that answers."""
         sock = make_socket(zmq.asyncio.Context.instance(), zmq.REP, bind=endpoint)
         log.info("ops socket on %s", endpoint)
         return asyncio.create_task(self._serve(sock))
