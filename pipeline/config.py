@@ -35,6 +35,8 @@ class ServerConfig:
     request_timeout_s: float = 60.0  # a request not answered by then fails with DEADLINE_EXCEEDED
     max_inflight_requests: int = 64  # admission bound; beyond it RESOURCE_EXHAUSTED
     shutdown_grace_s: float = 5.0    # SIGTERM: in-flight work gets this long to finish
+    drain_delay_s: float = 0.0       # SIGTERM: keep serving this long first, /readyz 503, so a
+                                     # balancer takes the box out (frontend/drain.py); 0: none
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,7 @@ def parse_config(raw: Any, base_dir: Path, path: Path | None = None) -> Config:
     _check("server.request_timeout_s", server.request_timeout_s > 0, "must be > 0")
     _check("server.max_inflight_requests", server.max_inflight_requests >= 1, "must be >= 1")
     _check("server.shutdown_grace_s", 0 <= server.shutdown_grace_s <= 60, "must be 0-60")
+    _check("server.drain_delay_s", 0 <= server.drain_delay_s <= 30, "must be 0-30")
     _check("gpus.count", 1 <= gpus.count <= 64, "must be 1-64")
     _check("gpus.provider", gpus.provider in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu")
     _check("gpus.intra_op_threads", gpus.intra_op_threads >= 0, "must be >= 0")

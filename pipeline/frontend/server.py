@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from pipeline.addresses import Addresses
 from pipeline.config import Config
 from pipeline.frontend.dispatcher import Dispatcher
+from pipeline.frontend.drain import InflightCalls, wait_out_balancer
 from pipeline.frontend.grpc_service import MonolithicService
 from pipeline.frontend.models import ModelManager
 from pipeline.frontend.ops_http import OpsHttpServer
@@ -72,7 +73,8 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
         await preload(cfg, models)
         models.start()
         streams = StreamRpc(cfg, models)
-        server = grpc.aio.server(options=grpc_options(cfg))
+        calls = InflightCalls()
+        server = grpc.aio.server(options=grpc_options(cfg), interceptors=[calls])
         add_servicer(server, MonolithicService(dispatcher, models, streams),
                      pb.DESCRIPTOR.services_by_name["MonolithicService"],
                      {"InferBatchComposite": parse_composite_request})
@@ -93,10 +95,12 @@ async def serve(cfg: Config, readiness: Readiness, stop: threading.Event) -> Non
         while not stop.is_set():
             await asyncio.sleep(0.1)
         grace = cfg.server.shutdown_grace_s
-        log.info("draining: no new work, finishing in-flight requests (grace %.0f s)", grace)
+        log.info("draining: finishing in-flight requests (grace %.0f s)", grace)
         if watch is not None:
             watch.cancel()
         await set_health(health, NOT_SERVING)
+        if cfg.server.drain_delay_s:  # behind a balancer: close no connection under a call
+            grace = await wait_out_balancer(calls, cfg.server.drain_delay_s, grace)
         # gRPC refuses new calls (UNAVAILABLE) while the calls in flight finish; the
         # WebSocket stops accepting, lets each session finish its batch, then closes (1001)
         await asyncio.gather(server.stop(grace), sockets.drain(grace))
