@@ -168,7 +168,8 @@ class Clients:
         self.ops_endpoint = ops_endpoint
         self.batch = request.batch_size
         self.wire = request.SerializeToString()
-        self.channels = [channel(address) for _ in range(concurrency)]
+        # the bytes carry no readable model_id: the channel names it (x-model-id)
+        self.channels = [channel(address, request.model_id) for _ in range(concurrency)]
         self.calls = [ch.unary_unary(INFER_METHOD,
                                      response_deserializer=pb.CompositeBatchResponse.FromString)
                       for ch in self.channels]

@@ -16,22 +16,16 @@ from pathlib import Path
 
 import grpc
 
+# every client of ours opens its channel there (affinity header, retries); re-exported
+from pipeline.client_channel import channel
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
-
-MAX_MESSAGE = 256 * 2**20
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ("grpc.max_send_message_length", MAX_MESSAGE)])
 
 
 def wait_healthy(address: str, timeout_s: float, died: Callable[[], str | None]) -> bool:

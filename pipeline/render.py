@@ -111,7 +111,7 @@ def _render_into(audio, wav: Path, tmp: Path, address: str, model_id: str, bar) 
     frames = 0
     flushed: int | None = None
     try:
-        with channel(address) as ch:
+        with channel(address, model_id) as ch:  # the model is in the first message only
             responses = pb_grpc.MonolithicServiceStub(ch).StreamAudio(sender.requests())
             try:
                 for response in responses:
