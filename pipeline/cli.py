@@ -1,4 +1,5 @@
-"""The `lipsync` command: serve, role, demo-assets, prepare-avatar, render, stats, bench."""
+"""The `lipsync` command: serve, role, demo-assets, prepare-avatar, render, stats, bench,
+lb-config."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline import ops_client, prepare_avatar, render, roles
+from pipeline import lb_config, ops_client, prepare_avatar, render, roles
 from pipeline.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from pipeline.process import setup_logging
 
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo_assets)
 
     for register in (prepare_avatar.register, render.register, ops_client.register,
-                     roles.register):
+                     roles.register, lb_config.register):
         register(sub)
 
     bench = with_config(sub.add_parser("bench", help="measure frames/s and latency"))
