@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--address", help="a running server (host:port); default: "
                        "$GRPC_SERVER, else start one")
     bench.add_argument("--model", default="demo",
-                       help="demo, or bench (SyncTalk-2D-sized UNet, built when missing)")
+                       help="demo, or bench (SyncTalk-2D-sized UNet, built when missing); "
+                            "ID,ID,...: client i sends model i mod n (spreads the load over "
+                            "a balancer's boxes)")
     bench.add_argument("--batch", type=int, default=8)
     bench.add_argument("--concurrency", type=int, default=4)
     bench.add_argument("--requests", type=int, help="measured requests (default 40)")

@@ -83,12 +83,21 @@ def test_every_call_naming_a_model_carries_it_as_x_model_id(recorder) -> None:
 
 
 def test_bench_clients_name_the_model_of_their_preserialized_requests(recorder) -> None:
-    """`lipsync bench` sends bytes, not messages: its channels carry the model instead."""
+    """`lipsync bench` sends bytes, not messages: its channels carry the model instead;
+    with several models (--model a,b) its clients take turns."""
     servicer, address = recorder
     request = pb.CompositeBatchRequest(model_id="carla", batch_size=1, raw_audio=b"\0" * 64)
     result = bench.drive(address, request, concurrency=2, requests=4, duration=None, warmup=1)
     assert result["requests"] == 4 and result["errors"] == 0
     assert servicer.headers("InferBatchComposite") == ["carla"] * 6
+    servicer.calls.clear()
+    other = pb.CompositeBatchRequest(model_id="dev", batch_size=1, raw_audio=b"\0" * 64)
+    result = bench.drive(address, [request, other], concurrency=4, requests=8, duration=None,
+                         warmup=1)
+    assert result["requests"] == 8 and result["errors"] == 0
+    headers = servicer.headers("InferBatchComposite")  # two clients each, one warm-up each
+    assert len(headers) == 12 and headers.count("carla") >= 2 and headers.count("dev") >= 2
+    assert set(headers) == {"carla", "dev"}
 
 
 def test_render_names_its_model_on_the_stream(recorder, tmp_path: Path) -> None:
