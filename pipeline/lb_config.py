@@ -116,6 +116,7 @@ def haproxy_config(boxes: list[Box], listen_grpc: tuple[str, int], listen_ws: tu
                    stats: tuple[str, int] | None, request_timeout_s: float = 60.0) -> str:
     """The whole haproxy.cfg text."""
     server_timeout = int(request_timeout_s) + 15  # the box's own DEADLINE_EXCEEDED comes first
+    limit = f"{request_timeout_s:g} s"
     lines = [
         "# HAProxy configuration written by `lipsync lb-config` (checked with HAProxy 2.6).",
         "# Boxes: " + ", ".join(f"box{i} {b.name}" for i, b in enumerate(boxes, 1)),
@@ -134,8 +135,7 @@ def haproxy_config(boxes: list[Box], listen_grpc: tuple[str, int], listen_ws: tu
         "    option dontlognull",
         "    timeout connect 2s",
         f"    timeout client {server_timeout}s",
-        f"    timeout server {server_timeout}s    # > the box's request timeout "
-        f"({request_timeout_s:g} s)",
+        f"    timeout server {server_timeout}s    # > the box's request timeout ({limit})",
         "    timeout http-request 10s",
         "    timeout queue 10s",
         "    timeout tunnel 1h       # a WebSocket session after its upgrade",

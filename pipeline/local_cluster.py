@@ -16,6 +16,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Self
 
 import yaml
 
@@ -140,7 +141,7 @@ class LocalCluster:
         self.balancer: Balancer | None = None
         self.workdir = workdir
 
-    def __enter__(self) -> LocalCluster:
+    def __enter__(self) -> Self:
         try:
             with ThreadPoolExecutor(len(self.boxes)) as pool:  # they start side by side
                 list(pool.map(lambda box: box.server.start(), self.boxes))

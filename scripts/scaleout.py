@@ -24,9 +24,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file from a checkout
 
-from pipeline.cli import ensure_demo_assets  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.local_cluster import LocalCluster, find_haproxy  # noqa: E402
+from pipeline.cli import ensure_demo_assets
+from pipeline.config import load_config
+from pipeline.local_cluster import LocalCluster, find_haproxy
 
 AVATARS = "anna,ben,carla,dev,emil,fay"
 

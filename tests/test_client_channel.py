@@ -72,11 +72,11 @@ def test_every_call_naming_a_model_carries_it_as_x_model_id(recorder) -> None:
     servicer, address = recorder
     with channel(address) as ch:
         stub = pb_grpc.MonolithicServiceStub(ch)
-        assert stub.InferBatchComposite(pb.CompositeBatchRequest(model_id="anna"), timeout=5).success
+        anna = pb.CompositeBatchRequest(model_id="anna")
+        assert stub.InferBatchComposite(anna, timeout=5).success
         assert stub.LoadModel(pb.LoadModelRequest(model_id="ben"), timeout=5).success
         assert stub.Health(pb.HealthRequest(), timeout=5).healthy
-        stub.InferBatchComposite(pb.CompositeBatchRequest(model_id="anna"), timeout=5,
-                                 metadata=((MODEL_ID_HEADER, "chosen"),))
+        stub.InferBatchComposite(anna, timeout=5, metadata=((MODEL_ID_HEADER, "chosen"),))
     assert servicer.headers("InferBatchComposite") == ["anna", "chosen"]
     assert servicer.headers("LoadModel") == ["ben"]
     assert servicer.headers("Health") == [None]

@@ -33,7 +33,7 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         """A balancer probes every 500 ms: one log line per probe would drown the log."""
 
 
@@ -65,7 +65,7 @@ class OpsHttpServer:
 
         server_class = type("OpsWSGIServer", (_ThreadingWSGIServer,),
                             {"address_family": _family(host, port)})
-        server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        server: WSGIServer = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                   name="ops-http", daemon=True)
         thread.start()

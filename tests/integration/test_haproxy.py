@@ -57,7 +57,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, small_models_root: Path):
         yield started
 
 
-def infer(stub: pb_grpc.MonolithicServiceStub, model: str, **call: object) -> pb.CompositeBatchResponse:
+def infer(stub: pb_grpc.MonolithicServiceStub, model: str,
+          **call: object) -> pb.CompositeBatchResponse:
     return stub.InferBatchComposite(pb.CompositeBatchRequest(
         model_id=model, raw_audio=AUDIO, batch_size=2), timeout=30, **call)
 
