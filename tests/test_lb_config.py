@@ -84,7 +84,8 @@ def test_the_config_hashes_the_model_and_falls_back_to_least_connections() -> No
             "option httpchk GET /readyz", "http-check expect status 200",
             "use_backend ws_by_model if { url_param(model) -m found }",
             "balance url_param model", "timeout tunnel 1h", "timeout server 75s",
-            "option redispatch 1", "bind 127.0.0.1:8404", "stats enable"):
+            "option redispatch 1", "bind 127.0.0.1:8404", "stats enable",
+            "tune.bufsize 65536", "tune.h2.initial-window-size 8388608"):
         assert expected in lines, expected
     servers = [line for line in lines if line.startswith("server ")]
     assert len(servers) == 12
