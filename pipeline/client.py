@@ -7,6 +7,7 @@ The README's example, `lipsync render`, `lipsync bench` and the tests all use th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import ssl
 import struct
@@ -22,25 +23,66 @@ from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.synctalk import FRAME_SAMPLES, FRAME_US, SAMPLE_RATE, VISUAL_SHAPE, visual_input
 
 MAX_MESSAGE = 256 * 2**20
+MODEL_ID_HEADER = "x-model-id"
+
+# UNAVAILABLE means "not processed, try again": a box that drains (SIGTERM) answers it until
+# the balancer's readiness checks took it out of rotation (about a second). Attempts spaced
+# ~0.2, 0.4, 0.8, 1.6 s (gRPC adds +-20 % jitter) outlast that, so a drain costs our clients
+# nothing. RESOURCE_EXHAUSTED (overload) is not retried: that would add load to a full box.
+# Other clients get the same by putting this in their channel's service config.
+RETRY_SERVICE_CONFIG: dict[str, object] = {
+    "methodConfig": [{
+        "name": [{"service": "monolithic.MonolithicService"},
+                 {"service": "InferenceService"},
+                 {"service": "grpc.health.v1.Health"}],
+        "retryPolicy": {
+            "maxAttempts": 5,
+            "initialBackoff": "0.2s",
+            "maxBackoff": "2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }],
+}
+
+
+def channel_options() -> list[tuple[str, int | str]]:
+    """Options of every channel of ours (grpc.aio channels take them too)."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG)),
+        # a request is retried only while gRPC still holds all of it: by default 256 KiB,
+        # less than one frame of a client-built visual tensor
+        ("grpc.per_rpc_retry_buffer_size", MAX_MESSAGE),
+    ]
 
 
 class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds fixed metadata (the bearer token) to every call of a channel."""
+    """Adds fixed metadata (the bearer token) to every call of a channel, and `x-model-id`
+    (the balancer's affinity key): the request's model_id, else the channel's model (calls
+    whose request carries none: pre-serialized bytes, streams naming it in a later message)."""
 
-    def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
-        self.pairs = pairs
+    def __init__(self, pairs: tuple[tuple[str, str], ...], model_id: str) -> None:
+        self.pairs, self.model_id = pairs, model_id
 
-    def _with(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return details._replace(metadata=(*(details.metadata or ()), *self.pairs))
+    def _with(self, details: grpc.ClientCallDetails, request: object) -> grpc.ClientCallDetails:
+        metadata = [*(details.metadata or ()), *self.pairs]
+        model = getattr(request, "model_id", None)
+        model = model if isinstance(model, str) and model else self.model_id
+        if model and all(key != MODEL_ID_HEADER for key, _ in metadata):
+            metadata.append((MODEL_ID_HEADER, model))
+        return details._replace(metadata=tuple(metadata))
 
     def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._with(details), request)
+        return continuation(self._with(details, request), request)
 
     intercept_unary_stream = intercept_unary_unary
 
     def intercept_stream_unary(self, continuation, details, requests):
-        return continuation(self._with(details), requests)
+        return continuation(self._with(details, None), requests)
 
     intercept_stream_stream = intercept_stream_unary
 
@@ -73,17 +115,19 @@ def websocket_options() -> dict[str, object]:
     return options
 
 
-def channel(address: str, token: str | None = None, tls_ca: str | os.PathLike[str] | None = None,
+def channel(address: str, model_id: str = "", *, token: str | None = None,
+            tls_ca: str | os.PathLike[str] | None = None,
             client_cert: tuple[Path, Path] | None = None) -> grpc.Channel:
-    """A channel to the server at `address`. `token` (default $LIPSYNC_TOKEN) goes with
-    every call as `authorization: Bearer`; `tls_ca` (default $LIPSYNC_TLS_CA), a PEM file
-    of the CA that signed the server's certificate, makes it a TLS channel, presenting
-    `client_cert` (certificate, key) to a server that asks for one (mutual TLS)."""
+    """A channel to the server (or the balancer) at `address`, retrying UNAVAILABLE, whose
+    calls carry `x-model-id` (the request's model_id, else `model_id`; empty: none). `token`
+    (default $LIPSYNC_TOKEN) goes with every call as `authorization: Bearer`; `tls_ca`
+    (default $LIPSYNC_TLS_CA), a PEM file of the CA that signed the server's certificate,
+    makes it a TLS channel, presenting `client_cert` (certificate, key) to a server that
+    asks for one (mutual TLS)."""
     env_token, env_ca = client_credentials()
     token = token if token is not None else env_token
     tls_ca = tls_ca if tls_ca is not None else env_ca
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE),
-               ("grpc.max_send_message_length", MAX_MESSAGE)]
+    options = channel_options()
     if tls_ca:
         ca = Path(tls_ca).read_bytes()
         cert, key = (client_cert[0].read_bytes(), client_cert[1].read_bytes()) \
@@ -92,9 +136,8 @@ def channel(address: str, token: str | None = None, tls_ca: str | os.PathLike[st
         ch = grpc.secure_channel(address, credentials, options=options)
     else:
         ch = grpc.insecure_channel(address, options=options)
-    if token:
-        ch = grpc.intercept_channel(ch, _Metadata((("authorization", f"Bearer {token}"),)))
-    return ch
+    pairs = (("authorization", f"Bearer {token}"),) if token else ()
+    return grpc.intercept_channel(ch, _Metadata(pairs, model_id))
 
 
 def speech_like_audio(seconds: float, sample_rate: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:

@@ -91,7 +91,7 @@ class Suite:
             _kill_group(proc)
             stdout, stderr = proc.communicate()
             self.log(stdout + stderr)
-            raise StepFailed(f"timed out after {timeout:.0f} s: {' '.join(cmd[:6])} ...")
+            raise StepFailed(f"timed out after {timeout:.0f} s: {' '.join(cmd[:6])} ...") from None
         self.log(stdout + stderr)
         if proc.returncode not in ok_codes:
             tail = (stderr or stdout).strip().splitlines()[-3:]

@@ -14,7 +14,8 @@ def _results(report: dict[str, Any], prefix: str) -> list[tuple[str, dict[str, A
 
 
 def table(report: dict[str, Any]) -> str:
-    out = [f"== gpu-suite {'DRY RUN on the CPU provider (no GPU figures)' if report['dry_run'] else 'on the GPU'}"
+    kind = "DRY RUN on the CPU provider (no GPU figures)" if report["dry_run"] else "on the GPU"
+    out = [f"== gpu-suite {kind}"
            f" · {report['date']} · {report['elapsed_s']} s of {report['budget_s']:.0f}"]
     probe = dict(_results(report, "probe")).get("probe", {})
     if probe:

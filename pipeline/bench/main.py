@@ -127,20 +127,27 @@ def role_cpu_seconds(ops_endpoint: str | None) -> dict[str, float]:
 
 class Clients:
     """`concurrency` gRPC clients of one server, each on its own channel, sending one
-    request (serialized once: the client's protobuf encoding is not what is measured)."""
+    request (serialized once: the client's protobuf encoding is not what is measured).
+    Given one request per model, client i sends the (i mod n)-th: behind a balancer that
+    spreads the load over the boxes the models hash to."""
 
-    def __init__(self, address: str, request: pb.CompositeBatchRequest, concurrency: int,
-                 warmup: int, ops_endpoint: str | None = None) -> None:
+    def __init__(self, address: str,
+                 request: pb.CompositeBatchRequest | Sequence[pb.CompositeBatchRequest],
+                 concurrency: int, warmup: int, ops_endpoint: str | None = None) -> None:
         self.ops_endpoint = ops_endpoint
-        self.batch = request.batch_size
-        self.wire = request.SerializeToString()
-        self.channels = [channel(address) for _ in range(concurrency)]
+        pool_of = [request] if isinstance(request, pb.CompositeBatchRequest) else list(request)
+        mine = [pool_of[i % len(pool_of)] for i in range(concurrency)]
+        self.batch = mine[0].batch_size
+        self.wire = mine[0].SerializeToString()
+        self.wires = [self.wire if r is mine[0] else r.SerializeToString() for r in mine]
+        # the bytes carry no readable model_id: the channel names it (x-model-id)
+        self.channels = [channel(address, r.model_id) for r in mine]
         self.calls = [ch.unary_unary(INFER_METHOD,
                                      response_deserializer=pb.CompositeBatchResponse.FromString)
                       for ch in self.channels]
         with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(lambda call: [call(self.wire, timeout=300) for _ in range(warmup)],
-                          self.calls))
+            list(pool.map(lambda cw: [cw[0](cw[1], timeout=300) for _ in range(warmup)],
+                          zip(self.calls, self.wires)))
 
     def close(self) -> None:
         for ch in self.channels:
@@ -159,11 +166,11 @@ class Clients:
                 n = next(counter)
             return (requests is None or n < requests) and time.perf_counter() < end[0]
 
-        def client(call) -> None:  # type: ignore[no-untyped-def]
+        def client(call, wire: bytes) -> None:  # type: ignore[no-untyped-def]
             barrier.wait()
             while more():
                 t0 = time.perf_counter()
-                resp = call(self.wire, timeout=300)
+                resp = call(wire, timeout=300)
                 dt = (time.perf_counter() - t0) * 1e3
                 with lock:
                     if resp.success:
@@ -172,7 +179,7 @@ class Clients:
                     else:
                         out.errors.append(resp.error)
 
-        threads = [threading.Thread(target=client, args=(c,)) for c in self.calls]
+        threads = [threading.Thread(target=client, args=cw) for cw in zip(self.calls, self.wires)]
         for t in threads:
             t.start()
         cpu_before = role_cpu_seconds(self.ops_endpoint)
@@ -190,14 +197,15 @@ class Clients:
         return out
 
 
-def drive(address: str, request: pb.CompositeBatchRequest, concurrency: int,
-          requests: int | None, duration: float | None, warmup: int,
+def drive(address: str,
+          request: pb.CompositeBatchRequest | Sequence[pb.CompositeBatchRequest],
+          concurrency: int, requests: int | None, duration: float | None, warmup: int,
           ops_endpoint: str | None = None) -> dict[str, object]:
-    """`concurrency` clients send `request` until `requests` were measured or `duration`
-    seconds passed; the figures of the measured ones."""
+    """`concurrency` clients send `request` (or one of the requests each) until `requests`
+    were measured or `duration` seconds passed; the figures of the measured ones."""
     clients = Clients(address, request, concurrency, warmup, ops_endpoint)
     try:
-        return clients.run(requests, duration).summary(request.batch_size, concurrency)
+        return clients.run(requests, duration).summary(clients.batch, concurrency)
     finally:
         clients.close()
 
@@ -368,6 +376,8 @@ def grpc_address(stack: ExitStack, args: argparse.Namespace) -> str:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if "," in args.model and (args.stream or args.stages or args.load_cycles):
+        raise SystemExit("lipsync bench: several --model ids are for gRPC batch runs only")
     if args.stream:
         from pipeline.bench.stream_load import run_stream_bench
 
@@ -392,9 +402,14 @@ def run_bench(args: argparse.Namespace) -> int:
     if "inprocess" in compare and requests is None:
         raise SystemExit("lipsync bench: --compare inprocess runs a number of requests "
                          "(--requests), not --duration")
-    ensure_bench_model(args.config, args.model)
-    request = build_request(args.config, args.model, args.batch, start=0,
-                            client_visual=args.visual == "client")
+    models = args.model.split(",")
+    if len(models) > 1 and compare:
+        raise SystemExit("lipsync bench: --compare measures one --model")
+    for model in models:
+        ensure_bench_model(args.config, model)
+    per_model = [build_request(args.config, model, args.batch, start=0,
+                               client_visual=args.visual == "client") for model in models]
+    request = per_model[0]
     ops = Addresses.of(load_config(args.config)).ops
     with ExitStack() as stack:
         address = grpc_address(stack, args)
@@ -406,7 +421,7 @@ def run_bench(args: argparse.Namespace) -> int:
             result.update(baseline)
             result["ratio"] = round(result["fps"] / result["baseline_fps"], 3)  # type: ignore[operator]
         else:
-            result = drive(address, request, args.concurrency, requests, args.duration,
+            result = drive(address, per_model, args.concurrency, requests, args.duration,
                            args.warmup, ops)
         if args.probe:
             result["single_request"] = single_requests(address, request, args.probe)

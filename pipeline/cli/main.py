@@ -1,4 +1,5 @@
-"""The `lipsync` command: serve, role, demo-assets, prepare-avatar, render, stats, bench."""
+"""The `lipsync` command: serve, role, demo-assets, prepare-avatar, render, stats, bench,
+lb-config."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.cli import prepare_avatar, render, stats
+from pipeline.cli import lb_config, prepare_avatar, render, stats
 from pipeline.client import add_security_arguments, apply_security_arguments
 from pipeline.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from pipeline.demo.ensure import ensure_demo_assets
@@ -82,14 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo_assets)
 
     for register in (prepare_avatar.register, render.register, stats.register,
-                     standalone.register):
+                     standalone.register, lb_config.register):
         register(sub)
 
     bench = with_config(sub.add_parser("bench", help="measure frames/s and latency"))
     bench.add_argument("--address", help="a running server (host:port); default: "
                        "$GRPC_SERVER, else start one")
     bench.add_argument("--model", default="demo",
-                       help="demo, or bench (SyncTalk-2D-sized UNet, built when missing)")
+                       help="demo, or bench (SyncTalk-2D-sized UNet, built when missing); "
+                            "ID,ID,...: client i sends model i mod n (spreads the load over "
+                            "a balancer's boxes)")
     bench.add_argument("--batch", type=int, default=8)
     bench.add_argument("--concurrency", type=int, default=4)
     bench.add_argument("--requests", type=int, help="measured requests (default 40)")

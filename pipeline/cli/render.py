@@ -60,7 +60,7 @@ def expected_frames(frames: int, sample_rate: int) -> int:
 
 
 def render_wav(wav: Path, out: Path, address: str, model_id: str = "",
-           progress: bool = True) -> RenderResult:
+               progress: bool = True) -> RenderResult:
     """Render `wav` through the server at `address` into the MP4 `out`.
 
     `model_id` empty: the server's default streaming model. Raises RenderError.
@@ -114,7 +114,7 @@ def _render_into(audio, wav: Path, tmp: Path, address: str, model_id: str, bar) 
     frames = 0
     flushed: int | None = None
     try:
-        with channel(address) as ch:
+        with channel(address, model_id) as ch:  # the model is in the first message only
             responses = pb_grpc.MonolithicServiceStub(ch).StreamAudio(sender.requests())
             try:
                 for response in responses:

@@ -78,6 +78,9 @@ class ServerConfig:
     # the requests' tensors in flight (a batch-32 with client-built visual is 79 MB)
     max_inflight_mb: int = setting(1024, lambda v: v >= 1, "must be >= 1")
     shutdown_grace_s: float = setting(5.0, lambda v: 0 <= v <= 60, "must be 0-60")
+    # SIGTERM: /readyz says 503 at once and the box serves on this long, so a balancer takes
+    # it out of rotation before the gRPC server stops (frontend/drain.py); 0: no balancer
+    drain_delay_s: float = setting(0.0, lambda v: 0 <= v <= 30, "must be 0-30")
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from pipeline import messages as msg
 from pipeline.config import Config, retired_environment
 from pipeline.frontend.capacity import FrameBudget
+from pipeline.frontend.drain import InflightCalls, wait_out_balancer
 from pipeline.frontend.errors import Unavailable
 from pipeline.frontend.grpc_service import MonolithicService
 from pipeline.frontend.inflight import InFlight
@@ -88,8 +89,9 @@ class Frontend:
                  ws_socket: socket.socket, client: WorkerClient, liveness: Liveness,
                  inflight: InFlight, metrics: Metrics, registry: ModelRegistry, router: Router,
                  streams: StreamRpc, sockets: AudioSocketServer, telemetry: Telemetry,
-                 health: grpc_health.aio.HealthServicer) -> None:
+                 health: grpc_health.aio.HealthServicer, calls: InflightCalls) -> None:
         self.cfg, self.tokens, self.grpc, self.ws_socket = cfg, tokens, grpc_server, ws_socket
+        self.calls = calls
         self.client, self.liveness, self.inflight = client, liveness, inflight
         self.metrics, self.registry, self.router = metrics, registry, router
         self.streams, self.sockets, self.telemetry, self.health = streams, sockets, telemetry, health
@@ -107,7 +109,8 @@ class Frontend:
         for line in retired_environment():
             log.warning("%s", line)
         # every port first: a taken one stops the start at once, naming the port
-        grpc_server = bound_server(cfg, grpc_listener, tokens)
+        calls = InflightCalls()
+        grpc_server = bound_server(cfg, grpc_listener, tokens, calls)
         ws_socket = bind(ws_listener)
         client = WorkerClient(cfg)
         liveness = Liveness(cfg)
@@ -121,15 +124,16 @@ class Frontend:
         sockets = AudioSocketServer(cfg, router, tokens, idle, budget)
         telemetry = Telemetry(cfg, metrics, liveness, inflight, registry, sockets.session_count,
                               budget)
-        telemetry.start(client.addresses.ops, cfg.ops.metrics_host, cfg.ops.metrics_port)
         health = grpc_health.aio.HealthServicer()
         add_services(grpc_server, cfg, {
             MONOLITHIC: MonolithicService(cfg, router, registry, liveness, metrics, streams),
             INFERENCE: InferenceService(streams),
             HEALTH: health,
             REFLECTION: reflection.aio.ReflectionServicer(SERVICE_NAMES)})
-        return cls(cfg, tokens, grpc_server, ws_socket, client, liveness, inflight, metrics,
-                   registry, router, streams, sockets, telemetry, health)
+        frontend = cls(cfg, tokens, grpc_server, ws_socket, client, liveness, inflight, metrics,
+                       registry, router, streams, sockets, telemetry, health, calls)
+        telemetry.start(client.addresses.ops, frontend.not_ready_reason)  # /readyz: 503 "starting"
+        return frontend
 
     async def start(self) -> None:
         """Wait for every role, preload, then serve gRPC and the WebSocket."""
@@ -164,8 +168,10 @@ class Frontend:
         self.state = State.DRAINING
         self._serving = NOT_SERVING
         grace = self.cfg.server.shutdown_grace_s
-        log.info("draining: no new work, finishing in-flight requests (grace %.0f s)", grace)
         await set_health(self.health, NOT_SERVING)
+        if self.cfg.server.drain_delay_s:  # behind a balancer: close no connection under a call
+            grace = await wait_out_balancer(self.calls, self.cfg.server.drain_delay_s, grace)
+        log.info("draining: no new work, finishing in-flight requests (grace %.1f s)", grace)
         await asyncio.gather(self.grpc.stop(grace), self.sockets.drain(grace),
                              self.streams.drain(grace))
 
@@ -184,6 +190,17 @@ class Frontend:
         await self.telemetry.close()
         await self.client.close()
         self.inflight.close()
+
+    def not_ready_reason(self) -> str | None:
+        """Why /readyz says 503 (None: ready). Read on the HTTP server's thread: two plain
+        attribute reads, both written on the event loop; drain() flips the state first."""
+        if self.state is State.STARTING:
+            return "starting"
+        if self.state is not State.RUNNING:
+            return "draining"
+        if self._serving != SERVING:
+            return "a gpu_worker or every compositor is not alive"
+        return None
 
     # ---- what the roles report ---------------------------------------------------------
 

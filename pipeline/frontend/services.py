@@ -9,6 +9,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from pipeline.config import Config
+from pipeline.frontend.drain import InflightCalls
 from pipeline.frontend.ports import Listener
 from pipeline.frontend.security import TokenInterceptor, TokenStore, grpc_credentials
 from pipeline.frontend.wire import (
@@ -48,10 +49,14 @@ def grpc_options(cfg: Config) -> list[tuple[str, int]]:
     ]
 
 
-def bound_server(cfg: Config, listener: Listener, tokens: TokenStore) -> grpc.aio.Server:
-    """The gRPC server, its port bound (a taken one raises PortTaken naming it)."""
-    server = grpc.aio.server(options=grpc_options(cfg),
-                             interceptors=[TokenInterceptor(tokens)] if tokens.enabled else [])
+def bound_server(cfg: Config, listener: Listener, tokens: TokenStore,
+                 calls: InflightCalls) -> grpc.aio.Server:
+    """The gRPC server, its port bound (a taken one raises PortTaken naming it); `calls`
+    counts its calls in flight (a drain behind a balancer waits them out)."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [calls]
+    if tokens.enabled:
+        interceptors.append(TokenInterceptor(tokens))
+    server = grpc.aio.server(options=grpc_options(cfg), interceptors=interceptors)
     address = f"{cfg.server.host}:{cfg.server.port}"
     try:
         if cfg.server.tls.enabled:

@@ -1,5 +1,6 @@
-"""What an operator sees: the ZeroMQ ops socket (JSON) and the Prometheus `/metrics`
-endpoint, with per-process figures (pid, CPU, RSS, uptime).
+"""What an operator sees: the ZeroMQ ops socket (JSON) and the HTTP endpoint of Prometheus
+`/metrics` and the balancers' probes `/healthz` and `/readyz` (ops_http), with per-process
+figures (pid, CPU, RSS, uptime).
 
 Everything comes from the parts' own snapshots (liveness, in-flight table, model
 registry, sessions) and the shared `Metrics`; nothing here reads another object's
@@ -18,7 +19,6 @@ from typing import Any
 import psutil
 import zmq
 import zmq.asyncio
-from prometheus_client import start_http_server
 
 from pipeline.config import Config
 from pipeline.frontend.capacity import FrameBudget
@@ -26,6 +26,7 @@ from pipeline.frontend.inflight import InFlight
 from pipeline.frontend.liveness import Liveness
 from pipeline.frontend.metrics import Metrics
 from pipeline.frontend.models import ModelRegistry
+from pipeline.frontend.ops_http import NotReadyReason, OpsHttpServer
 from pipeline.frontend.ports import Listener
 from pipeline.runtime.sockets import make_socket
 
@@ -61,6 +62,7 @@ class Telemetry:
         self.budget = budget
         self._processes: dict[int, psutil.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._http: OpsHttpServer | None = None
 
     # ---- views -------------------------------------------------------------------------
 
@@ -138,17 +140,17 @@ class Telemetry:
 
     # ---- endpoints ---------------------------------------------------------------------
 
-    def start(self, endpoint: str, metrics_host: str, metrics_port: int) -> None:
-        """Bind the ops socket (ZMQ REP, JSON) and Prometheus (its own thread); a bind that
-        fails stops the start with its reason."""
-        if metrics_port:
+    def start(self, endpoint: str, not_ready: NotReadyReason) -> None:
+        """Bind the HTTP endpoint (its own threads: probes are answered however busy the
+        event loop is) and the ops socket (ZMQ REP, JSON); a bind that fails stops the start
+        with its reason. `not_ready` says why /readyz is 503 (None: 200)."""
+        host, port = self.cfg.ops.metrics_host, self.cfg.ops.metrics_port
+        if port:
             try:
-                start_http_server(metrics_port, metrics_host, registry=self.metrics.registry)
+                self._http = OpsHttpServer.create(host, port, self.metrics.registry, not_ready)
             except OSError as exc:
-                raise Listener("metrics", metrics_host, metrics_port,
-                               "ops.metrics_port (0 turns it off)",
+                raise Listener("metrics", host, port, "ops.metrics_port (0 turns it off)",
                                "--metrics-port").taken(exc.strerror or exc) from None
-            log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, metrics_port)
         sock = make_socket(zmq.asyncio.Context.instance(), zmq.REP, bind=endpoint)
         sock.setsockopt(zmq.MAXMSGSIZE, OPS_MAX_REQUEST_BYTES)  # larger: the peer is dropped
         log.info("ops socket on %s", endpoint)
@@ -161,6 +163,8 @@ class Telemetry:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._http is not None:
+            self._http.close()
 
     async def _serve(self, sock: zmq.asyncio.Socket) -> None:
         try:

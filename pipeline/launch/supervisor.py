@@ -139,7 +139,8 @@ class Supervisor:
         roles), then the rest; SIGKILL what outlives the timeout."""
         live = [r.process for r in reversed(self.roles) if r.process is not None]
         frontend, rest = live[0], live[1:]
-        deadline = time.monotonic() + self.cfg.server.shutdown_grace_s + STOP_TIMEOUT_S
+        server = self.cfg.server
+        deadline = time.monotonic() + server.drain_delay_s + server.shutdown_grace_s + STOP_TIMEOUT_S
         if frontend.is_alive():
             os.kill(frontend.pid, signal.SIGTERM)
             frontend.join(max(0.0, deadline - STOP_TIMEOUT_S + 1 - time.monotonic()))

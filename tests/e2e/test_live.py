@@ -94,10 +94,11 @@ def test_idle_frames_walk_the_background_on_the_wall_clock(server, oracle) -> No
     assert [f.pts_us for f in frames] == [40_000 * f.index for f in frames]
     assert [oracle.frame(f.jpeg) for f in frames] == [ping_pong(f.index, SMALL_FRAMES)
                                                        for f in frames]
-    # frames leave on time: the n-th after about n x 40 ms, never bunched ahead of time
-    arrival = [t - got.frames[0][0] for t, _ in got.frames]
-    assert all(t >= 0.04 * i - 0.05 for i, t in enumerate(arrival))
-    assert arrival[-1] >= 0.04 * (len(arrival) - 1) - 0.05
+    # frames leave at their due time (server and client share this machine's clock): none
+    # ahead of it, so never bunched; a late one (a busy machine) is no failure here
+    epoch = time.time() - time.monotonic()
+    early_ms = [(f.due_epoch_us / 1e6 - (t + epoch)) * 1e3 for t, f in got.frames]
+    assert max(early_ms) < 5, early_ms
 
 
 def test_speech_continues_the_walk_and_speech_events_mark_it(server, oracle) -> None:
