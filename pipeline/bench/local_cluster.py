@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Self
@@ -113,7 +114,7 @@ class Balancer:
         return {row["svname"]: row["status"] for row in self.stats()
                 if row["pxname"] == backend and row["svname"] not in ("FRONTEND", "BACKEND")}
 
-    def wait(self, until, timeout_s: float) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    def wait(self, until: Callable[[dict[str, str]], bool], timeout_s: float) -> dict[str, str]:
         """Poll the servers' states until `until(states)` holds; the states then."""
         deadline = time.monotonic() + timeout_s
         while True:

@@ -10,9 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
+from typing import IO
 
 import grpc
 
@@ -63,7 +66,7 @@ class ServerProcess:
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log = None
+        self._log: IO[bytes] | int | None = None
 
     def __enter__(self) -> ServerProcess:
         self.start()
@@ -105,7 +108,7 @@ class ServerProcess:
                 code = None
         else:
             code = self.proc.returncode
-        if self._log not in (None, subprocess.DEVNULL):
+        if not isinstance(self._log, int | None):
             self._log.close()
         return code
 
@@ -113,3 +116,9 @@ class ServerProcess:
         if self.log_path is None or not self.log_path.exists():
             return ""
         return "\n--- server log (tail) ---\n" + self.log_path.read_text(errors="replace")[-4000:]
+
+
+def start_server(stack: ExitStack, config: Path) -> ServerProcess:
+    """A server for this bench run (its log in a temp dir), stopped when `stack` closes."""
+    log = Path(tempfile.mkdtemp(prefix="lipsync-bench-")) / "server.log"
+    return stack.enter_context(ServerProcess(config, log_path=log))

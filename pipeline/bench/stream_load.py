@@ -41,6 +41,7 @@ import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from urllib.parse import quote
 
@@ -48,7 +49,7 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from pipeline.bench.main import ops_stats, percentile
+from pipeline.bench.figures import ops_stats, percentile
 from pipeline.client import parse_frame_message, speech_like_audio, websocket_options
 from pipeline.config import load_config
 from pipeline.runtime.addresses import Addresses
@@ -121,7 +122,7 @@ def summarize(log: SessionLog) -> dict[str, object]:
     tail_arrivals = [(i, t) for i, t in log.arrivals if frame_need(i) > log.total_samples]
     live_span = live_arrivals[-1][1] - live_arrivals[0][1] if len(live_arrivals) > 1 else 0.0
     live_fps = (len(live_arrivals) - 1) / live_span if live_span > 0 else 0.0
-    gaps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+    gaps = [(b - a) * 1e3 for a, b in pairwise(times)]
 
     def lat(arrivals: list[tuple[int, float]]) -> list[float]:
         return frame_latencies_ms(arrivals, log.send_times, log.chunk_samples,
@@ -284,7 +285,7 @@ async def drive_stream(url: str, sessions: int, seconds: float,
     t0 = time.monotonic() + 0.05
     timeout_s = max(30.0, 2 * seconds)
     await asyncio.gather(*(_stream(ws, log, pcm, chunk_samples / SAMPLE_RATE, t0, timeout_s)
-                           for ws, log, pcm in zip(conns, logs, pcms) if ws is not None))
+                           for ws, log, pcm in zip(conns, logs, pcms, strict=True) if ws is not None))
     return logs
 
 
@@ -349,9 +350,9 @@ def stage_ms(before: dict[str, tuple[int, int]],
 
 def run_stream_bench(args: argparse.Namespace) -> int:
     """`lipsync bench --stream`: 0 when it ran (whether or not 25 fps held), 1 on errors."""
-    sessions = getattr(args, "sessions", 1)
-    seconds = getattr(args, "duration", None) or getattr(args, "seconds", 20.0)
-    chunk_ms = getattr(args, "chunk_ms", 40.0)
+    sessions: int = getattr(args, "sessions", 1)
+    seconds: float = getattr(args, "duration", None) or getattr(args, "seconds", None) or 20.0
+    chunk_ms: float = getattr(args, "chunk_ms", 40.0)
     model = getattr(args, "model", None) or "demo"
     if sessions < 1 or seconds <= 0 or chunk_ms <= 0:
         raise SystemExit("lipsync bench --stream: need --sessions >= 1, --seconds > 0, "
@@ -359,7 +360,7 @@ def run_stream_bench(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         address = getattr(args, "address", None)
         if address is None:
-            from pipeline.bench.main import start_server
+            from pipeline.bench.local_server import start_server
 
             address = f"127.0.0.1:{start_server(stack, args.config).ws_port}"
         ops = Addresses.of(load_config(args.config)).ops

@@ -74,7 +74,7 @@ def unet_throughput(unet: UNet, provider: Resolved, batch: int,
 def variant_throughput(model_path: Path, provider: Resolved, variants: list[str],
                        batches: list[int], seconds: float) -> list[dict[str, object]]:
     """unet_throughput of every variant at every batch (one session per variant)."""
-    rows = []
+    rows: list[dict[str, object]] = []
     for name in variants:
         precision, graphs = VARIANTS[name]
         if graphs and provider != "cuda":
@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not all(1 <= b <= 32 for b in batches) or args.seconds <= 0:
         raise SystemExit(f"bench_unet: unknown variants {unknown}, or a batch outside 1-32, "
                          "or --seconds <= 0")
-    from pipeline.bench.main import ensure_bench_model
+    from pipeline.demo.ensure import ensure_model
 
-    ensure_bench_model(args.config, args.model)
+    ensure_model(args.config, args.model)
     cfg = load_config(args.config)
     provider = resolve_provider(cfg.gpus.provider, 1)
     result: dict[str, object] = {"model": args.model, "provider": provider,

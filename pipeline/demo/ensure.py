@@ -3,6 +3,7 @@ are missing (`lipsync serve` on a fresh machine, `lipsync demo-assets`, the benc
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from pipeline.config import Config
 
@@ -51,3 +52,14 @@ def ensure_demo_assets(cfg: Config, force: bool = False, bench_model: bool = Fal
         log.info("bench model (SyncTalk-2D UNet size) written to %s", target)
         built = True
     return built
+
+
+def ensure_model(cfg_path: Path, model_id: str) -> None:
+    """`--model bench` builds the bench UNet (and the demo frames it uses) when missing."""
+    from pipeline.config import load_config
+    from pipeline.demo.bench_model import BENCH_MODEL_ID
+
+    cfg = load_config(cfg_path)
+    if model_id not in cfg.models:
+        raise SystemExit(f"lipsync bench: model '{model_id}' is not in {cfg_path}")
+    ensure_demo_assets(cfg, bench_model=model_id == BENCH_MODEL_ID)

@@ -71,6 +71,6 @@ def test_coalesced_frames_equal_unbatched_frames(server: ServerProcess) -> None:
     assert all(frames <= MAX_BATCH_FRAMES for _, frames in runs), runs
     assert sum(n == 1 for n, _ in runs) < len(runs)
     # and the frames are the same bytes either way, in their own request, in order
-    for req, batched, single in zip(requests, together, alone):
+    for req, batched, single in zip(requests, together, alone, strict=True):
         assert len(batched.composited_frames) == req.batch_size
         assert list(batched.composited_frames) == list(single.composited_frames)

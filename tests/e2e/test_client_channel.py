@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from pipeline.bench.main import drive
+from pipeline.bench.grpc_load import drive
 from pipeline.cli.render import RenderError, render_wav
 from pipeline.client import MODEL_ID_HEADER, channel
 from pipeline.rpc import monolithic_pb2 as pb

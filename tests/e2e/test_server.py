@@ -79,7 +79,7 @@ def test_speech_opens_the_mouth_and_silence_closes_it(stub, server) -> None:
         request(server, 4, 0, raw_audio=np.zeros(19 * 640, np.float32).tobytes()), timeout=60)
     assert speech.success and silence.success
     diffs = []
-    for a, b in zip(speech.composited_frames, silence.composited_frames):
+    for a, b in zip(speech.composited_frames, silence.composited_frames, strict=True):
         fa = cv2.imdecode(np.frombuffer(a, np.uint8), cv2.IMREAD_GRAYSCALE).astype(np.float32)
         fb = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_GRAYSCALE).astype(np.float32)
         diffs.append(np.abs(fa - fb))
@@ -94,12 +94,15 @@ def test_speech_opens_the_mouth_and_silence_closes_it(stub, server) -> None:
     ({"batch_size": 0}, "batch_size must be 1-32, got 0"),
     ({"batch_size": 33}, "batch_size must be 1-32, got 33"),
     ({"batch_size": -5}, "batch_size must be 1-32, got -5"),
-    ({"visual_frames": b"\0" * 100}, f"Invalid visual frames size: got 100 bytes, expected {2 * VISUAL_FRAME_BYTES} bytes"),
-    ({"raw_audio": b"\0\0\0"}, "Invalid raw audio size: got 3 bytes, expected a multiple of 4 (float32 samples)"),
+    ({"visual_frames": b"\0" * 100},
+     f"Invalid visual frames size: got 100 bytes, expected {2 * VISUAL_FRAME_BYTES} bytes"),
+    ({"raw_audio": b"\0\0\0"},
+     "Invalid raw audio size: got 3 bytes, expected a multiple of 4 (float32 samples)"),
     ({"raw_audio": b"\0"}, "Invalid raw audio size: got 1 bytes, expected a multiple of 4 (float32 samples)"),
     ({"raw_audio": np.array([0.1, np.nan], np.float32).tobytes()}, "raw_audio contains NaN or Inf values"),
     ({"raw_audio": np.array([np.inf] * 4, np.float32).tobytes()}, "raw_audio contains NaN or Inf values"),
-    ({"raw_audio": b"", "audio_features": b"\0" * 100}, "Invalid audio features size: got 100 bytes, expected 32768 bytes"),
+    ({"raw_audio": b"", "audio_features": b"\0" * 100},
+     "Invalid audio features size: got 100 bytes, expected 32768 bytes"),
     ({"raw_audio": b""}, "Either raw_audio or audio_features must be provided"),
     ({"sample_rate": 100}, "sample_rate must be 8000-192000 Hz, got 100"),
     ({"model_id": "nobody"}, "Model 'nobody' not found in configuration"),

@@ -64,7 +64,7 @@ def grpc_client(address: str, load: Load, seed: int) -> None:
             t0 = time.monotonic()
             try:
                 resp = stub.InferBatchComposite(request, timeout=60)
-            except Exception as exc:  # noqa: BLE001 - every failure is counted as an error
+            except Exception as exc:
                 load.error(f"grpc {model} b{batch}: {exc}")
                 continue
             if not resp.success or len(resp.composited_frames) != batch:
@@ -113,7 +113,7 @@ def ws_client(port: int, load: Load, seed: int) -> None:
         while time.monotonic() < load.until:
             try:
                 await ws_session(f"ws://127.0.0.1:{port}/audio", rng, load)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 load.error(f"ws: {type(exc).__name__}: {exc}")
             with load.lock:
                 load.sessions += 1

@@ -260,7 +260,8 @@ def test_seed_log_lines(server) -> None:
              "client logged disconnected")
     deadline = time.monotonic() + 5  # the server logs the disconnect after our close
     while not all(line in server.log_path.read_text() for line in lines):
-        assert time.monotonic() < deadline, [l for l in lines if l not in server.log_path.read_text()]
+        log = server.log_path.read_text()
+        assert time.monotonic() < deadline, [line for line in lines if line not in log]
         time.sleep(0.05)
 
 

@@ -56,7 +56,7 @@ class NotifySocket:
         while not self._closed.is_set():
             try:
                 data, ancdata, _, _ = self.sock.recvmsg(4096, creds)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return

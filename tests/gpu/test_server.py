@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.bench.grpc_load import load_cycles
 from pipeline.bench.local_server import ServerProcess
-from pipeline.bench.main import load_cycles
 from pipeline.client import build_request, channel, speech_like_audio
 from pipeline.gpu_worker.precision import psnr_db
 from pipeline.rpc import monolithic_pb2 as pb
@@ -107,8 +107,8 @@ def test_coalesced_runs_equal_separate_runs(gpu_server: ServerProcess, gpu_confi
     assert max(runs) > 1, runs
     assert [r.stages.run_requests for r in alone] == [1] * len(requests)
     worst = min(psnr_db(decode(a), decode(b))
-                for t, s in zip(together, alone)
-                for a, b in zip(t.composited_frames, s.composited_frames))  # type: ignore[union-attr]
+                for t, s in zip(together, alone, strict=True)
+                for a, b in zip(t.composited_frames, s.composited_frames, strict=True))  # type: ignore[union-attr]
     record_property("worst_frame_psnr_db", round(min(worst, 200.0), 2))
     assert worst >= SAME_FRAME_DB
     assert [len(r.composited_frames) for r in together] == list(SIZES.coalesced)  # type: ignore[union-attr]
@@ -126,7 +126,7 @@ def test_a_batch_of_32_end_to_end_matches_the_cpu(
     expected = reference_frames(gpu_config, "bench", req.raw_audio, SIZES.batch, start=5)
     got = [decode(jpeg) for jpeg in resp.composited_frames]
     assert all(frame.shape == (720, 1280, 3) for frame in got)
-    worst = min(psnr_db(e, g) for e, g in zip(expected, got))
+    worst = min(psnr_db(e, g) for e, g in zip(expected, got, strict=True))
     for key in ("unet_ms", "paste_ms", "jpeg_ms", "composite_critical_ms"):
         record_property(key, round(getattr(resp.stages, key), 2))
     record_property("total_time_ms", round(resp.total_time_ms, 2))

@@ -76,7 +76,7 @@ def test_repo_config_loads() -> None:
 def test_missing_file_is_config_error(tmp_path: Path) -> None:
     """A config path that does not exist gives ConfigError naming the path."""
     missing = tmp_path / "nope.yaml"
-    with pytest.raises(ConfigError, match="cannot read config .*nope.yaml"):
+    with pytest.raises(ConfigError, match=r"cannot read config .*nope\.yaml"):
         load_config(missing)
 
 

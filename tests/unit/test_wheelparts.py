@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import wheelparts  # noqa: E402  (scripts/ is no package: the suite runs it as a plain file)
+import wheelparts
 
 
 def test_split_then_reassemble_gives_the_same_wheels(tmp_path: Path, wheels: list[Path]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -317,8 +318,8 @@ def test_unet_with_loud_audio_opens_a_dark_mouth(unet, face) -> None:
     """Strong features draw a dark open mouth at the face's mouth; far pixels stay the reference."""
     (out,) = unet.run(None, {"input": face, "audio": _features(1.0)})
     mx, my0 = graphs.mouth_centre_320()
-    cy = int(round(my0 + 0.35 * graphs.MOUTH_RY_MAX + 5))  # inside the cavity, below the teeth
-    cx = int(round(mx))
+    cy = round(my0 + 0.35 * graphs.MOUTH_RY_MAX + 5)  # inside the cavity, below the teeth
+    cx = round(mx)
     cavity = out[0, :, cy - 3 : cy + 4, cx - 10 : cx + 11].reshape(3, -1)
     assert cavity.max() < 0.35 and cavity[2].mean() > cavity[1].mean()  # dark red/brown
     assert face[0, :3, cy, cx].min() > 0.5  # where the reference has bright skin
@@ -347,10 +348,10 @@ def test_unet_mouth_opens_monotonically_with_the_features(unet, face) -> None:
     levels = openness / np.float32(graphs.UNET_GAIN)
     audio = np.broadcast_to(levels[:, None, None, None], (5, 32, 16, 16)).copy()
     (out,) = unet.run(None, {"input": np.repeat(face, 5, axis=0), "audio": audio})
-    mx = int(round(graphs.mouth_centre_320()[0]))
+    mx = round(graphs.mouth_centre_320()[0])
     heights = [(np.abs(o[:, :, mx] - face[0, :3, :, mx]).max(axis=0) > 0.1).sum() for o in out]
     assert heights[0] == 0
-    assert all(a < b for a, b in zip(heights, heights[1:-1])), heights
+    assert all(a < b for a, b in itertools.pairwise(heights)), heights
     assert heights[-1] >= heights[-2] > 30
 
 
@@ -388,8 +389,8 @@ def test_speech_opens_and_closes_the_mouth(encoder, unet, speech_windows) -> Non
     (feats,) = encoder.run(None, {"mel_spectrogram": speech_windows})
     audio = _frame_audio(feats)[:200]
     grey = np.full((1, 6, 320, 320), 0.8, np.float32)
-    mx, my0 = graphs.mouth_centre_320()
-    col = int(round(mx))
+    mx, _my0 = graphs.mouth_centre_320()
+    col = round(mx)
     heights = []
     for start in range(0, len(audio), 25):
         batch = audio[start : start + 25]

@@ -24,7 +24,7 @@ def _librosa_reference_mel(wav: np.ndarray) -> np.ndarray:
     )
     basis = librosa.filters.mel(sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600)
     db = 20 * np.log10(np.maximum(np.exp(-5 * np.log(10)), np.dot(basis, np.abs(spectrum)))) - 20
-    return np.clip((2 * 4.0) * ((db - -100) / (--100)) - 4.0, -4.0, 4.0).T
+    return np.clip((2 * 4.0) * ((db + 100) / 100) - 4.0, -4.0, 4.0).T
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def speech_reference(speech: np.ndarray) -> np.ndarray:
 
 
 def _sine(sample_rate: int, seconds: float = 1.0, hz: float = 1000.0) -> np.ndarray:
-    t = np.arange(int(round(sample_rate * seconds))) / sample_rate
+    t = np.arange(round(sample_rate * seconds)) / sample_rate
     return (0.5 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
 
 
@@ -141,7 +141,7 @@ def test_concurrent_threads_get_their_own_results(speech: np.ndarray) -> None:
     with ThreadPoolExecutor(max_workers=4) as pool:
         for _ in range(5):
             results = list(pool.map(audio.melspectrogram, inputs))
-            assert all(np.array_equal(r, e) for r, e in zip(results, expected))
+            assert all(np.array_equal(r, e) for r, e in zip(results, expected, strict=True))
 
 
 @pytest.mark.parametrize("rate", [48000, 22050])

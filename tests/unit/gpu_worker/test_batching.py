@@ -103,9 +103,9 @@ def test_staging_gathers_runs_once_and_scatters_each_part_back() -> None:
         calls.append((v.copy(), a.copy()))
         out[...] = v[:, :3] + a.mean(axis=(1, 2, 3))[:, None, None, None]
 
-    StagingBatch(8).run(unet, list(zip(visual, features, outputs)))
+    StagingBatch(8).run(unet, list(zip(visual, features, outputs, strict=True)))
     assert len(calls) == 1 and calls[0][0].shape == (6, 6, 320, 320)
     np.testing.assert_array_equal(calls[0][0], np.concatenate(visual))
     np.testing.assert_array_equal(calls[0][1], np.concatenate(features))
-    for v, a, out in zip(visual, features, outputs):
+    for v, a, out in zip(visual, features, outputs, strict=True):
         np.testing.assert_allclose(out, v[:, :3] + a.mean(axis=(1, 2, 3))[:, None, None, None])

@@ -253,7 +253,7 @@ def test_coalesced_requests_share_a_run_and_get_their_own_frames(config_path: Pa
         done = [m for _, m in out if isinstance(m, msg.InferDone)]
         assert [(d.run_requests, d.run_frames) for d in done] == [(3, 9)] * 3
         assert sum(isinstance(m, msg.CompositeJob) for _, m in out) == 9
-        for req, single in zip(reqs, alone):
+        for req, single in zip(reqs, alone, strict=True):
             np.testing.assert_allclose(harness.prediction(req), single, atol=1e-5)
     finally:
         harness.close()

@@ -80,7 +80,7 @@ def test_real_rects_each_give_their_own_crop(frame: np.ndarray) -> None:
     """Different real rects of the reference avatar give different inputs, each the reference crop."""
     rects = [tuple(r) for r in json.loads((reference_file("crop_rects_1280x720.json")).read_text())[:200:50]]
     outs = [visual_input(frame, r) for r in rects]
-    for rect, out in zip(rects, outs):
+    for rect, out in zip(rects, outs, strict=True):
         np.testing.assert_array_equal(np.rint(out[:3] * 255).astype(np.uint8),
                                       _reference_inner(frame, rect).transpose(2, 0, 1))
     assert not np.array_equal(outs[0], outs[-1])
