@@ -44,7 +44,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if "," in args.model and (args.stream or args.stages or args.load_cycles):
         raise SystemExit("lipsync bench: several --model ids are for gRPC batch runs only")
     if args.stream:
-        from pipeline.bench.stream_load import run_stream_bench
+        from pipeline.bench.streams import run_stream_bench
 
         return run_stream_bench(args)
     if args.stages:

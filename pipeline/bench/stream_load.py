@@ -33,26 +33,22 @@ The client runs in this process, on the same machine as a server it starts itsel
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import pairwise
-from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from pipeline.bench.figures import ops_stats, percentile
 from pipeline.client import parse_frame_message, speech_like_audio, websocket_options
-from pipeline.config import load_config
-from pipeline.runtime.addresses import Addresses
 from pipeline.synctalk import FRAME_SAMPLES, FRAME_US, stream_samples
 
 SAMPLE_RATE = 16000
@@ -183,7 +179,8 @@ def pcm_s16le(seconds: float, seed: int) -> bytes:
     return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
 
 
-async def _connect(url: str, client_id: str):
+async def open_socket(url: str, client_id: str) -> ClientConnection:
+    """A WebSocket session of ours (token, CA), retried while the server is not listening yet."""
     deadline = time.monotonic() + CONNECT_RETRY_S
     while True:
         try:
@@ -201,7 +198,7 @@ async def _connect(url: str, client_id: str):
 async def _open(url: str, log: SessionLog):
     """Connect and read "ready"; None (with the error logged) when that fails."""
     try:
-        ws = await _connect(url, f"bench-{log.session}")
+        ws = await open_socket(url, f"bench-{log.session}")
     except Exception as exc:
         log.errors.append(f"connect failed: {type(exc).__name__}: {exc}")
         return None
@@ -294,7 +291,7 @@ def stream_url(address: str, model: str) -> str:
     return f"{base.rstrip('/')}/audio?model={quote(model)}"
 
 
-def _table(result: dict) -> str:
+def table(result: dict[str, Any]) -> str:
     head = (f"{'session':>7} {'frames':>9} {'fps':>6} {'live':>6} {'first ms':>9} "
             f"{'p99 gap':>8} {'lat p50':>8} {'lat p99':>8} {'live p99':>8} {'flush':>8}  holds")
     lines = [f"{result['sessions']} sessions x {result['seconds']} s of audio, "
@@ -329,7 +326,7 @@ def overall(logs: list[SessionLog]) -> dict[str, float]:
             "p99_ms": round(percentile(latencies, 99), 1)}
 
 
-def server_stages(ops_endpoint: str, model: str) -> dict[str, tuple[int, int]]:
+def server_stages(ops_endpoint: str | None, model: str) -> dict[str, tuple[int, int]]:
     """The server's stage counters of `model` ({stage: (count, ns)}), from its ops socket;
     empty when the socket does not answer."""
     stats = ops_stats(ops_endpoint) or {}
@@ -348,47 +345,15 @@ def stage_ms(before: dict[str, tuple[int, int]],
     return means
 
 
-def run_stream_bench(args: argparse.Namespace) -> int:
-    """`lipsync bench --stream`: 0 when it ran (whether or not 25 fps held), 1 on errors."""
-    sessions: int = getattr(args, "sessions", 1)
-    seconds: float = getattr(args, "duration", None) or getattr(args, "seconds", None) or 20.0
-    chunk_ms: float = getattr(args, "chunk_ms", 40.0)
-    model = getattr(args, "model", None) or "demo"
-    if sessions < 1 or seconds <= 0 or chunk_ms <= 0:
-        raise SystemExit("lipsync bench --stream: need --sessions >= 1, --seconds > 0, "
-                         "--chunk-ms > 0")
-    with ExitStack() as stack:
-        address = getattr(args, "address", None)
-        if address is None:
-            from pipeline.bench.local_server import start_server
-
-            address = f"127.0.0.1:{start_server(stack, args.config).ws_port}"
-        ops = Addresses.of(load_config(args.config)).ops
-        before = server_stages(ops, model)
-        logs = asyncio.run(drive_stream(stream_url(address, model), sessions, seconds, chunk_ms))
-        after = server_stages(ops, model)
+def run_seed(url: str, sessions: int, seconds: float, chunk_ms: float, model: str,
+             ops_endpoint: str | None) -> dict[str, Any]:
+    """One run of `sessions` seed-mode sessions: the figures of the module docstring, and
+    the server's mean stage times over the run."""
+    before = server_stages(ops_endpoint, model)
+    logs = asyncio.run(drive_stream(url, sessions, seconds, chunk_ms))
+    after = server_stages(ops_endpoint, model)
     result = aggregate([summarize(log) for log in logs], sessions, seconds, chunk_ms)
     result.update(overall(logs))
     result["stage_ms"] = stage_ms(before, after)
-    print(json.dumps(result) if getattr(args, "json", False) else _table(result))
-    return 1 if result["errors"] else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.bench.stream_load`: the same options as `lipsync bench --stream`."""
-    from pipeline.config import DEFAULT_CONFIG_PATH
-
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench.stream_load", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
-    p.add_argument("--address", help="a running server's WebSocket host:port; default: start one")
-    p.add_argument("--model", default="demo")
-    p.add_argument("--sessions", type=int, default=1)
-    p.add_argument("--seconds", type=float, default=20.0)
-    p.add_argument("--chunk-ms", type=float, default=40.0)
-    p.add_argument("--json", action="store_true")
-    return run_stream_bench(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    result["mode"] = "audio-driven"
+    return result

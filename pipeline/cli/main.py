@@ -125,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sessions", type=int, default=1, help="--stream: concurrent sessions")
     bench.add_argument("--seconds", type=float, default=20.0, help="--stream: audio per session")
     bench.add_argument("--chunk-ms", type=float, default=40.0, help="--stream: audio per message")
+    bench.add_argument("--live", action="store_true",
+                       help="--stream: live sessions (?mode=live): a 25 fps video from the "
+                            "handshake, idle frames in silence")
+    bench.add_argument("--speaking", type=float, default=0.5, metavar="F",
+                       help="--live: the share of the time each session speaks, utterances "
+                            "staggered over the sessions (0: idle only, 1: all the time)")
+    bench.add_argument("--interrupts", type=int, default=0, metavar="N",
+                       help="--live: one more session speaks and interrupts itself N times "
+                            "(interrupt latency p50/p99)")
+    bench.add_argument("--sweep", metavar="S,S,...",
+                       help="--stream: one run per session count against the same server; a "
+                            "table, the largest count holding 25 fps, and a plot (--plot)")
+    bench.add_argument("--plot", default="stream-sweep.svg", metavar="SVG",
+                       help="--sweep: where the plot goes (default stream-sweep.svg)")
     bench.add_argument("--stages", action="store_true",
                        help="time each stage in this process (no server): mel, encoder, "
                             "visual input, UNet, paste, JPEG")

@@ -2,6 +2,15 @@
 admission of live sessions (a new one needs 25 frames/s of headroom) and the figures an
 operator sees (`lipsync stats`, `/metrics`).
 
+What is in use is the speech the box renders: the frames of the last WINDOW_S, plus 25
+frames/s for each utterance that began in the last RESERVE_S (its frames are not all in the
+window yet). A silent live session shows idle frames, encoded once per model, and renders
+nothing: it takes no budget until it speaks. So many mostly-silent sessions fit, and a new
+one is refused when the speech under way leaves no room for 25 more frames/s; a box whose
+sessions all start speaking at once falls below real time, which each session is told of
+(`below_real_time`, streaming.low_fps_grace_s) and, with streaming.close_below_real_time,
+closed for.
+
 The budget is measured while the server runs: the CPU seconds every role spends per frame
 rendered (sampled each second from the processes' own CPU counters, over intervals with
 enough frames to mean something), or before that the compute time of each request's stages
@@ -20,8 +29,8 @@ from pipeline.synctalk import VIDEO_FPS
 
 USABLE = 0.85            # of the cores (and devices): what is left for the rest of the box
 WINDOW_S = 2.0           # frames/s in use: over this window
-RESERVE_S = 5.0          # a live session admitted counts 25 frames/s this long, before it
-                         # shows in what is measured
+RESERVE_S = 3.0          # an utterance begun counts 25 frames/s this long, before its
+                         # frames show in what is measured
 MIN_SAMPLE_FRAMES = 25   # a CPU sample of fewer frames says more about idling than rendering
 EWMA = 0.3
 
@@ -36,7 +45,7 @@ class FrameBudget:
         self.stage_s_per_frame: float | None = None
         self.unet_s_per_frame: float | None = None
         self._rendered: deque[tuple[float, int]] = deque()
-        self._reserved: deque[float] = deque()  # live sessions admitted, not measured yet
+        self._reserved: deque[float] = deque()  # utterances begun, not measured yet
         self.refused = 0
         self._last_sample: tuple[float, int] | None = None
         self.frames = 0
@@ -84,8 +93,8 @@ class FrameBudget:
         return budget
 
     def used_fps(self) -> float:
-        """Frames rendered per second lately, plus 25 for each live session admitted in the
-        last RESERVE_S (not measured yet: it may start speaking any moment)."""
+        """Frames rendered per second lately, plus 25 for each utterance begun in the last
+        RESERVE_S (not all measured yet)."""
         now = time.monotonic()
         while self._rendered and self._rendered[0][0] < now - WINDOW_S:
             self._rendered.popleft()
@@ -95,14 +104,17 @@ class FrameBudget:
         return rendered + VIDEO_FPS * len(self._reserved)
 
     def admit_live(self) -> str | None:
-        """None when a new live session fits (it is then counted in); else why not."""
+        """None when a new live session fits: 25 frames/s are free for it; else why not."""
         budget, used = self.budget_fps(), self.used_fps()
         if used + VIDEO_FPS > budget:
             self.refused += 1
             return (f"server at capacity: {used:.0f} of {budget:.0f} frames/s in use, a live "
                     f"session needs {VIDEO_FPS}")
-        self._reserved.append(time.monotonic())
         return None
+
+    def speaking(self) -> None:
+        """A live session began an utterance: count it before its frames are measured."""
+        self._reserved.append(time.monotonic())
 
     def snapshot(self) -> dict[str, float | int | None]:
         budget = self.budget_fps()

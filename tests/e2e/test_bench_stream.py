@@ -1,104 +1,24 @@
-"""`lipsync bench --stream`: its figures on synthetic timestamps, and one real session."""
+"""`lipsync bench --stream` against a real server: audio-driven sessions, and a live sweep
+with interrupts written as a table and a plot."""
 from __future__ import annotations
 
 import argparse
 import json
-import math
-
-import pytest
+import xml.etree.ElementTree as ET
 
 from pipeline.bench.local_server import ServerProcess
-from pipeline.bench.stream_load import (
-    FRAME_SAMPLES,
-    SessionLog,
-    _table,
-    aggregate,
-    completing_chunk,
-    frame_latencies_ms,
-    frame_need,
-    percentile,
-    run_stream_bench,
-    summarize,
-)
+from pipeline.bench.stream_load import FRAME_SAMPLES, frame_need
+from pipeline.bench.streams import run_stream_bench
 from tests.conftest import write_config
 
-CHUNK = 640  # 40 ms
 
-
-def synthetic_log(seconds: float, server_delay_s: float, tail_delay_s: float) -> SessionLog:
-    """A session whose server answers each frame `server_delay_s` after its last sample was
-    sent, and the flush's frames `tail_delay_s` after the flush."""
-    total = int(seconds * 16000)
-    log = SessionLog(session=0, total_samples=total, chunk_samples=CHUNK)
-    log.send_times = [100.0 + 0.04 * k for k in range(math.ceil(total / CHUNK))]
-    log.flush_time = log.send_times[-1] + 0.001
-    for i in range(log.expected_frames):
-        need = frame_need(i)
-        if need <= total:
-            t = log.send_times[completing_chunk(need, CHUNK)] + server_delay_s
-        else:
-            t = log.flush_time + tail_delay_s
-        log.arrivals.append((i, t))
-    log.flushed = True
-    return log
-
-
-def test_percentile_and_chunk_arithmetic():
-    """Percentiles interpolate linearly; a frame's completing chunk is the one holding its
-    last needed sample."""
-    assert percentile([], 99) == 0.0
-    assert percentile([10.0, 20.0], 50) == pytest.approx(15.0)
-    assert percentile(list(range(101)), 99) == pytest.approx(99.0)
-    assert completing_chunk(640, 640) == 0        # samples [0, 640): chunk 0
-    assert completing_chunk(641, 640) == 1
-    assert completing_chunk(7200, 640) == 11      # frame 0 needs 450 ms: chunk 11 ends at 7680
-    assert frame_need(0) == 7200
-
-
-def test_latencies_from_chunk_and_flush_send_times():
-    """Frame latency is measured from the completing chunk's send, or the flush's beyond the
-    audio sent."""
-    send = [0.0, 0.04, 0.08]
-    # frame 0 needs 7200 samples: with 3200-sample chunks that is chunk 2 (sent at 0.08)
-    assert frame_latencies_ms([(0, 0.1)], send, 3200, 9600, None) == [pytest.approx(20.0)]
-    # with only 6400 samples sent, frame 0 lies beyond them: the flush (at 0.09) renders it
-    assert frame_latencies_ms([(0, 0.1)], send[:2], 3200, 6400, 0.09) == [pytest.approx(10.0)]
-    assert frame_latencies_ms([(0, 0.1)], send[:2], 3200, 6400, None) == []
-
-
-def test_summary_of_a_server_that_keeps_up():
-    """A 30 ms server on 3 s of audio: 75 frames, 30 ms latencies, 40 ms gaps, live fps 25,
-    and the flush burst raising the delivered fps above 25."""
-    s = summarize(synthetic_log(3.0, 0.030, 0.050))
-    assert s["frames"] == s["expected_frames"] == 75
-    assert s["latency_ms_p50"] == pytest.approx(30.0, abs=0.2)
-    assert s["latency_ms_p99"] == pytest.approx(50.0, abs=0.2)    # the flush's frames
-    assert s["live_latency_ms_p99"] == pytest.approx(30.0, abs=0.2)
-    assert s["flush_latency_ms_max"] == pytest.approx(50.0, abs=0.2)
-    assert s["live_fps"] == pytest.approx(25.0, abs=0.1)
-    assert 25.0 < s["fps"] < 30.0
-    assert s["p99_gap_ms"] == pytest.approx(40.0, abs=0.2)
-    # frame 0 completes with chunk 11, sent 440 ms after chunk 0, plus 30 ms
-    assert s["first_frame_latency_ms"] == pytest.approx(470.0, abs=0.2)
-    assert s["holds_25fps"] is True
-
-
-def test_summary_of_a_server_that_falls_behind_or_drops_frames():
-    """Frames arriving at 20 fps, or a missing frame, do not hold 25 fps."""
-    log = synthetic_log(20.0, 0.030, 0.050)
-    log.arrivals = [(i, 100.5 + i / 20) for i, _ in log.arrivals]
-    slow = summarize(log)
-    assert slow["fps"] == pytest.approx(20.0, abs=0.01) and not slow["holds_25fps"]
-    assert slow["latency_ms_max"] > 4000  # 5 s behind by the end
-    short = synthetic_log(3.0, 0.030, 0.050)
-    short.arrivals.pop()
-    assert summarize(short)["holds_25fps"] is False
-    result = aggregate([summarize(synthetic_log(3.0, 0.03, 0.05)), slow], 2, 20.0, 40.0)
-    assert result["min_fps"] == slow["fps"]
-    assert result["max_p99_latency_ms"] == slow["latency_ms_p99"]
-    assert result["all_hold_25fps"] is False and result["errors"] == 0
-    table = _table(result)
-    assert "every session holds 25 fps: NO" in table and f"{slow['fps']:.2f}" in table
+def bench_args(config, server: ServerProcess, **overrides: object) -> argparse.Namespace:
+    """What `lipsync bench --stream` parses, with its defaults."""
+    return argparse.Namespace(**{
+        "config": config, "address": f"127.0.0.1:{server.ws_port}", "model": "demo",
+        "sessions": 1, "seconds": 3.0, "chunk_ms": 40.0, "json": True, "live": False,
+        "speaking": 0.5, "interrupts": 0, "sweep": None, "plot": "stream-sweep.svg",
+        **overrides})
 
 
 def test_one_real_session_of_3_s(tmp_path, small_models_root, capsys):
@@ -106,9 +26,7 @@ def test_one_real_session_of_3_s(tmp_path, small_models_root, capsys):
     latencies, no errors; a session the server refuses exits 1."""
     config = write_config(tmp_path / "config.yaml", small_models_root)
     with ServerProcess(config, log_path=tmp_path / "server.log") as server:
-        args = argparse.Namespace(config=config, address=f"127.0.0.1:{server.ws_port}",
-                                  model="demo", sessions=1, seconds=3.0, chunk_ms=40.0,
-                                  json=True)
+        args = bench_args(config, server)
         code = run_stream_bench(args)
         result = json.loads(capsys.readouterr().out)
         # a refused session is an error: exit code 1, the server's answer recorded
@@ -135,3 +53,27 @@ def test_one_real_session_of_3_s(tmp_path, small_models_root, capsys):
     assert result["stage_ms"]["unet"] > 0 and result["stage_ms"]["jpeg"] > 0
     assert result["min_fps"] == s["fps"] and result["sessions"] == 1
     assert FRAME_SAMPLES == 640
+
+
+def test_a_live_sweep_with_interrupts(tmp_path, small_models_root, capsys):
+    """`--stream --live --sweep 1,2 --interrupts 2` against a real server: each run's
+    sessions get 25 frames/s of idle and speech frames, the interrupts are answered, and the
+    sweep names the largest count holding 25 fps and writes its plot."""
+    config = write_config(tmp_path / "config.yaml", small_models_root)
+    plot = tmp_path / "sweep.svg"
+    with ServerProcess(config, log_path=tmp_path / "server.log") as server:
+        code = run_stream_bench(bench_args(config, server, live=True, seconds=2.0, interrupts=2,
+                                           sweep="1,2", plot=str(plot)))
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0, summary
+    assert summary["mode"] == "live" and [r["sessions"] for r in summary["runs"]] == [1, 2]
+    for run in summary["runs"]:
+        assert run["errors"] == 0 and run["refused"] == 0
+        assert run["idle_frames"] > 0 and run["speech_frames"] > 0
+        assert run["interrupts"] == 2 and 0 < run["interrupt_ack_ms_p50"] < 1000
+        assert run["first_speech_ms_p50"] > 1000 * frame_need(0) / 16000 - 40
+        assert all(20.0 <= s["fps"] <= 30.0 for s in run["per_session"])
+    assert summary["largest_holding_25fps"] in (0, 1, 2)
+    svg = ET.parse(plot).getroot()
+    assert svg.tag.endswith("svg")
+    assert len(list(svg.iter("{http://www.w3.org/2000/svg}polyline"))) == 3

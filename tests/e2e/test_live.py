@@ -182,9 +182,10 @@ def test_stream_audio_live_mode_and_interrupt(server) -> None:
 
 
 def test_live_sessions_beyond_the_frame_budget_are_refused(start_server) -> None:
-    """streaming.capacity_fps 40: one live session fits (25 frames/s), a second is closed
-    with 1013 and a reason, and a live StreamAudio gets RESOURCE_EXHAUSTED; the ops
-    socket shows the budget and the refusals."""
+    """streaming.capacity_fps 40: one speaking live session fits (25 frames/s); while it
+    speaks a second is closed with 1013 and a reason, and a live StreamAudio gets
+    RESOURCE_EXHAUSTED; the ops socket shows the budget and the refusals. A silent session
+    takes none of the budget: before the first speaks, a second one is admitted."""
     srv = start_server(**{"streaming.capacity_fps": 40})
 
     def grpc_live() -> grpc.StatusCode:
@@ -199,6 +200,10 @@ def test_live_sessions_beyond_the_frame_budget_are_refused(start_server) -> None
     async def run() -> tuple[int | None, str, grpc.StatusCode]:
         async with connect(live_url(srv)) as first:
             await first.recv()
+            async with connect(live_url(srv)) as silent:
+                assert json.loads(await silent.recv())["type"] == "ready"
+            await first.send(pcm16(0.5))
+            await asyncio.sleep(0.3)  # the utterance has begun
             second = await connect(live_url(srv))
             with pytest.raises(ConnectionClosed) as closed:
                 while True:

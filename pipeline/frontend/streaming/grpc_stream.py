@@ -105,8 +105,8 @@ class StreamRpc:
                 pass  # the client stopped reading: its send timeout ends the call
 
         if live:
-            return LiveSession(self.cfg, self.router, self.idle, client_id, model_id, fmt,
-                               send_live_frame, send_status, end)
+            return LiveSession(self.cfg, self.router, self.idle, self.budget, client_id, model_id,
+                               fmt, send_live_frame, send_status, end)
         return StreamSession(self.cfg, self.router, client_id, model_id, fmt, send_frame,
                              send_status, self.settings.flush_timeout_s)
 

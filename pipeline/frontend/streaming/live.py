@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.frontend.capacity import FrameBudget
 from pipeline.frontend.errors import Failed, Overloaded, Unavailable
 from pipeline.frontend.router import Router
 from pipeline.frontend.streaming.session import AudioDecoder, AudioFormat, Hooks, StreamError, StreamSession
@@ -117,11 +118,12 @@ class LiveSession:
     """One live client. The transport calls feed / flush / interrupt / close; frames and
     status messages go out through its callbacks."""
 
-    def __init__(self, cfg: Config, router: Router, idle: IdleFrames, client_id: str,
-                 model_id: str, fmt: AudioFormat, send_frame: SendLiveFrame,
+    def __init__(self, cfg: Config, router: Router, idle: IdleFrames, budget: FrameBudget,
+                 client_id: str, model_id: str, fmt: AudioFormat, send_frame: SendLiveFrame,
                  send_status: SendStatus, end: EndSession) -> None:
         self.cfg = cfg
         self.idle_frames = idle
+        self.budget = budget
         self.model_id = model_id
         self.count = cfg.models[model_id].num_frames
         self.send_frame = send_frame
@@ -171,6 +173,10 @@ class LiveSession:
             raise StreamError(f"idle frames of {self.model_id}: {exc or type(exc).__name__}") from exc
         self.count = len(frames)
         await self.speech.start()
+        # the clock starts with the video: frame 0 is due now, not when the session was made
+        # (the model's idle frames may have been encoded meanwhile)
+        self.start_mono = time.monotonic()
+        self.start_epoch_us = time.time_ns() // 1000
         self._pacer = asyncio.create_task(self._pace(frames))
 
     async def feed(self, data: bytes) -> None:
@@ -243,6 +249,7 @@ class LiveSession:
         missing = max(0.0, LOOKAHEAD_SAMPLES / SAMPLE_RATE - seconds_in_hand)
         delay = math.ceil((missing + 2 * self.render_s) / FRAME_S) + 1
         self.anchor = Anchor(self.speech.next_frame, self.now_frame() + delay)
+        self.budget.speaking()
 
     def _backgrounds(self, first: int, batch: int) -> tuple[int, ...]:
         assert self.anchor is not None

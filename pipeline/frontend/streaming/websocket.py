@@ -197,8 +197,8 @@ class AudioSocketServer:
             async def end(code: int, reason: str) -> None:
                 await ws.close(code, reason[:120])
 
-            session = LiveSession(self.cfg, self.router, self.idle, client, model, fmt,
-                                  send_live_frame, send_status, end)
+            session = LiveSession(self.cfg, self.router, self.idle, self.budget, client, model,
+                                  fmt, send_live_frame, send_status, end)
         else:
             session = StreamSession(self.cfg, self.router, client, model, fmt, send_frame,
                                     send_status, self.settings.flush_timeout_s)

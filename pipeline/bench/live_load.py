@@ -1,0 +1,328 @@
+"""`lipsync bench --stream --live`: S live sessions (`/audio?mode=live`) on one server, as
+talking-avatar clients use them, and what each sees.
+
+Every session receives a continuous 25 fps video from its handshake. A fraction
+`--speaking` of the sessions speaks at any time: each speaks for that fraction of every
+PERIOD_S (utterances of speech-like audio sent at real-time pace in 40 ms messages, then
+{"type": "flush"}), the sessions' phases spread evenly over the period; in between it sends
+nothing, as a TTS that waits for the next sentence. `--speaking 0`: idle sessions only,
+`--speaking 1`: every session speaks all the time. With `--interrupts N` one more session
+speaks for INTERRUPT_SPEAK_S and barges in ({"type": "interrupt"}), N times.
+
+Per session (arrival times on this machine's clocks; a server on the same machine shares
+the wall clock the frames' due times are written in):
+
+- fps: frames delivered per second over the run, (frames - 1) / (last - first arrival);
+- idle_frames, speech_frames; missed_speech: speech frames the flushed utterances should
+  have given and did not (the server sends an idle frame when a speech frame is not ready
+  on time, and counts it late);
+- first_speech_ms: per utterance, the first speech frame's arrival after the utterance's
+  first audio message was sent. It includes the model's look-ahead (a frame needs 450 ms
+  of audio after its own) and the session's anchoring of the utterance on the live clock;
+- jitter_ms: per frame, how much later than its due time it arrived, beyond the session's
+  smallest such delay (which absorbs any offset between the two machines' clocks); p99;
+- interrupts (the interrupting session): ack_ms, the interrupt's send to its
+  {"type": "interrupted"}; stop_ms, the interrupt's send to the last speech frame that
+  arrived after it (0 when none did): the promise is no speech frame later than 100 ms;
+- holds_25fps: fps >= 24.5, at most 2 % of the speech frames missed, no error.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from pipeline.bench.figures import percentile, role_cpu_seconds
+from pipeline.bench.stream_load import HOLD_FPS, open_socket, pcm_s16le
+from pipeline.client import parse_frame_message
+from pipeline.synctalk import VIDEO_FPS
+
+PERIOD_S = 4.0              # a speaking session speaks `speaking` of every period
+CHUNK_S = 0.04              # one audio message: 40 ms
+INTERRUPT_SPEAK_S = 1.2     # the interrupting session speaks this long, then interrupts
+INTERRUPT_PAUSE_S = 0.4     # and waits this long before its next utterance
+TAIL_S = 2.0                # after the last utterance: its last frames are still coming
+MAX_MISSED = 0.02           # holds_25fps: at most this share of speech frames missed
+
+
+# ---- the plan of a run -------------------------------------------------------------------
+
+def utterance_plan(session: int, sessions: int, speaking: float, seconds: float,
+                   period_s: float = PERIOD_S) -> list[tuple[float, float]]:
+    """(start, length) in seconds from the run's start of each utterance of a session that
+    speaks `speaking` of every period, phases spread evenly over the sessions."""
+    if speaking <= 0:
+        return []
+    if speaking >= 1:
+        return [(0.0, seconds)]
+    length = speaking * period_s
+    phase = (session / sessions) * period_s
+    plan = []
+    start = phase - period_s if phase > 0 else 0.0
+    while start < seconds:
+        begin, end = max(0.0, start), min(seconds, start + length)
+        if end - begin >= CHUNK_S:
+            plan.append((begin, end - begin))
+        start += period_s
+    return plan
+
+
+# ---- what a session saw, and its figures (pure: unit-tested on synthetic logs) -----------
+
+@dataclass
+class Frame:
+    arrived: float          # monotonic seconds
+    index: int
+    speech: bool
+    due_epoch_us: int
+
+
+@dataclass
+class Interrupt:
+    sent: float
+    acked: float | None = None
+
+
+@dataclass
+class LiveLog:
+    session: int
+    epoch_offset: float                     # time.time() - time.monotonic() on this client
+    frames: list[Frame] = field(default_factory=list)
+    utterances: list[tuple[float, float]] = field(default_factory=list)  # (first send, flush)
+    interrupts: list[Interrupt] = field(default_factory=list)
+    expected_speech: int = 0                # frames of the flushed utterances' audio
+    statuses: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    refused: str = ""
+
+
+def jitter_ms(log: LiveLog) -> list[float]:
+    """Per frame: arrival after its due time, beyond the session's smallest such delay."""
+    late = [(f.arrived + log.epoch_offset) * 1e3 - f.due_epoch_us / 1e3 for f in log.frames]
+    floor = min(late, default=0.0)
+    return [x - floor for x in late]
+
+
+def first_speech_ms(log: LiveLog) -> list[float]:
+    """Per utterance: its first speech frame's arrival after its first audio was sent."""
+    starts = [start for start, _ in log.utterances]
+    out = []
+    for k, start in enumerate(starts):
+        until = starts[k + 1] if k + 1 < len(starts) else math.inf
+        first = next((f.arrived for f in log.frames
+                      if f.speech and start <= f.arrived < until), None)
+        if first is not None:
+            out.append((first - start) * 1e3)
+    return out
+
+
+def interrupt_ms(log: LiveLog) -> tuple[list[float], list[float]]:
+    """(ack_ms, stop_ms) of every interrupt (module docstring): the speech frames after an
+    interrupt are those before the next utterance's first audio."""
+    acks, stops = [], []
+    for it in log.interrupts:
+        until = min((start for start, _ in log.utterances if start > it.sent), default=math.inf)
+        if it.acked is not None:
+            acks.append((it.acked - it.sent) * 1e3)
+        after = [f.arrived for f in log.frames if f.speech and it.sent < f.arrived < until]
+        stops.append((max(after) - it.sent) * 1e3 if after else 0.0)
+    return acks, stops
+
+
+def summarize(log: LiveLog) -> dict[str, Any]:
+    times = [f.arrived for f in log.frames]
+    span = times[-1] - times[0] if len(times) > 1 else 0.0
+    fps = (len(times) - 1) / span if span > 0 else 0.0
+    speech = sum(f.speech for f in log.frames)
+    missed = max(0, log.expected_speech - speech) if not log.interrupts else 0
+    first, jitter = first_speech_ms(log), jitter_ms(log)
+    acks, stops = interrupt_ms(log)
+    out: dict[str, Any] = {
+        "session": log.session, "frames": len(log.frames), "fps": round(fps, 2),
+        "idle_frames": len(log.frames) - speech, "speech_frames": speech,
+        "utterances": len(log.utterances), "missed_speech": missed,
+        "first_speech_ms_p50": round(percentile(first, 50), 1),
+        "first_speech_ms_p99": round(percentile(first, 99), 1),
+        "jitter_ms_p99": round(percentile(jitter, 99), 1),
+        "holds_25fps": bool(log.frames) and not log.errors and not log.refused
+        and fps >= HOLD_FPS and missed <= MAX_MISSED * max(1, log.expected_speech),
+        "refused": log.refused, "errors": list(log.errors),
+    }
+    if log.interrupts:
+        out.update(interrupts=len(log.interrupts),
+                   interrupt_ack_ms_p50=round(percentile(acks, 50), 1),
+                   interrupt_ack_ms_p99=round(percentile(acks, 99), 1),
+                   interrupt_stop_ms_p50=round(percentile(stops, 50), 1),
+                   interrupt_stop_ms_p99=round(percentile(stops, 99), 1))
+    return out
+
+
+def aggregate(logs: list[LiveLog]) -> dict[str, Any]:
+    """Every session together; interrupt figures over every interrupt."""
+    served = [log for log in logs if not log.refused]
+    per = [summarize(log) for log in logs]
+    first = [x for log in served for x in first_speech_ms(log)]
+    jitter = [x for log in served for x in jitter_ms(log)]
+    acks = [x for log in served for x in interrupt_ms(log)[0]]
+    stops = [x for log in served for x in interrupt_ms(log)[1]]
+    held = [s for s in per if not s["refused"]]
+    return {
+        "sessions": len(logs), "refused": len(logs) - len(served),
+        "min_fps": min((s["fps"] for s in held), default=0.0),
+        "idle_frames": sum(s["idle_frames"] for s in held),
+        "speech_frames": sum(s["speech_frames"] for s in held),
+        "missed_speech": sum(s["missed_speech"] for s in held),
+        "first_speech_ms_p50": round(percentile(first, 50), 1),
+        "first_speech_ms_p99": round(percentile(first, 99), 1),
+        "jitter_ms_p99": round(percentile(jitter, 99), 1),
+        "interrupts": len(stops),
+        "interrupt_ack_ms_p50": round(percentile(acks, 50), 1),
+        "interrupt_ack_ms_p99": round(percentile(acks, 99), 1),
+        "interrupt_stop_ms_p50": round(percentile(stops, 50), 1),
+        "interrupt_stop_ms_p99": round(percentile(stops, 99), 1),
+        "all_hold_25fps": bool(held) and all(s["holds_25fps"] for s in held),
+        "errors": sum(len(s["errors"]) for s in per),
+        "per_session": per,
+    }
+
+
+# ---- the client --------------------------------------------------------------------------
+
+async def _receive(ws: ClientConnection, log: LiveLog) -> None:
+    try:
+        async for message in ws:
+            now = time.monotonic()
+            if isinstance(message, bytes):
+                frame = parse_frame_message(message)
+                if log.frames and frame.index != log.frames[-1].index + 1:
+                    log.errors.append(f"frame {frame.index} after {log.frames[-1].index}")
+                log.frames.append(Frame(now, frame.index, frame.speech, frame.due_epoch_us))
+                continue
+            status = json.loads(message)
+            log.statuses.append((now, status))
+            if status.get("type") == "error":
+                log.errors.append(f"server error: {status.get('message')}")
+            elif status.get("type") == "interrupted" and log.interrupts \
+                    and log.interrupts[-1].acked is None:
+                log.interrupts[-1].acked = now
+    except ConnectionClosed as exc:
+        if exc.rcvd is not None and exc.rcvd.code == 1013 and not log.frames:
+            log.refused = exc.rcvd.reason
+        elif exc.rcvd is None or exc.rcvd.code != 1000:
+            log.errors.append(f"connection closed: {exc}")
+
+
+async def _speak(ws: ClientConnection, pcm: bytes, start: float) -> None:
+    """`pcm` at real-time pace from the monotonic time `start`, 40 ms a message."""
+    step = round(CHUNK_S * 16000) * 2
+    for k in range(math.ceil(len(pcm) / step)):
+        delay = start + k * CHUNK_S - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await ws.send(pcm[k * step:(k + 1) * step])
+    await asyncio.sleep(max(0.0, start + len(pcm) / 2 / 16000 - time.monotonic()))
+
+
+async def _session(url: str, log: LiveLog, plan: list[tuple[float, float]],
+                   interrupts: int, t0: float, end: float) -> None:
+    try:
+        ws = await open_socket(url, f"bench-live-{log.session}")
+    except Exception as exc:
+        log.errors.append(f"connect failed: {type(exc).__name__}: {exc}")
+        return
+    receiver = asyncio.create_task(_receive(ws, log))
+    try:
+        if interrupts:
+            start = t0
+            for n in range(interrupts):
+                pcm = pcm_s16le(INTERRUPT_SPEAK_S, seed=1000 + n)
+                log.utterances.append((max(start, time.monotonic()), math.nan))
+                await _speak(ws, pcm, start)
+                log.interrupts.append(Interrupt(time.monotonic()))
+                await ws.send(json.dumps({"type": "interrupt"}))
+                start = time.monotonic() + INTERRUPT_PAUSE_S
+        for k, (offset, length) in enumerate(plan):
+            if receiver.done():
+                break
+            start = t0 + offset
+            await asyncio.sleep(max(0.0, start - time.monotonic()))
+            log.utterances.append((time.monotonic(), math.nan))
+            await _speak(ws, pcm_s16le(length, seed=log.session * 100 + k), start)
+            await ws.send(json.dumps({"type": "flush"}))
+            log.utterances[-1] = (log.utterances[-1][0], time.monotonic())
+            log.expected_speech += math.ceil(length * VIDEO_FPS)
+        await asyncio.sleep(max(0.0, end - time.monotonic()))
+    except ConnectionClosed:
+        pass  # the receiver says why
+    finally:
+        await ws.close()
+        await asyncio.gather(receiver, return_exceptions=True)
+
+
+async def drive_live(url: str, sessions: int, seconds: float, speaking: float,
+                     interrupts: int = 0) -> list[LiveLog]:
+    """`sessions` live sessions (plus one that interrupts, with `interrupts`) for `seconds`
+    (longer when the interrupts need it); their logs."""
+    offset = time.time() - time.monotonic()
+    run_s = max(seconds, interrupts * (INTERRUPT_SPEAK_S + INTERRUPT_PAUSE_S + 0.1))
+    logs = [LiveLog(i, offset) for i in range(sessions + (1 if interrupts else 0))]
+    t0 = time.monotonic() + 1.0   # every session connected and showing idle frames first
+    end = t0 + run_s + TAIL_S
+    await asyncio.gather(*(
+        _session(url, log, utterance_plan(log.session, sessions, speaking, seconds)
+                 if log.session < sessions else [],
+                 interrupts if log.session == sessions else 0, t0, end)
+        for log in logs))
+    return logs
+
+
+def run_live(url: str, sessions: int, seconds: float, speaking: float, interrupts: int,
+             ops_endpoint: str | None) -> dict[str, Any]:
+    """One live run: its figures, and the CPU seconds per second of every server process."""
+    cpu0, t0 = role_cpu_seconds(ops_endpoint), time.monotonic()
+    logs = asyncio.run(drive_live(url, sessions, seconds, speaking, interrupts))
+    cpu1, wall = role_cpu_seconds(ops_endpoint), time.monotonic() - t0
+    result = aggregate(logs)
+    # the sessions asked for; the interrupting one, when there is one, comes on top
+    result.update(mode="live", sessions=sessions, interrupting=1 if interrupts else 0,
+                  seconds=seconds, speaking=speaking,
+                  cpu_per_s={role: round((cpu1[role] - cpu0[role]) / wall, 3)
+                             for role in cpu1 if role in cpu0 and role != "client"})
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"{result['sessions']} live sessions"
+             + (" (and one that interrupts)" if result.get("interrupting") else "")
+             + f", {result['seconds']} s, speaking {result['speaking']:.0%} of the time; "
+             f"{result['refused']} refused",
+             f"{'session':>7} {'frames':>6} {'fps':>6} {'idle':>5} {'speech':>6} "
+             f"{'missed':>6} {'first p50':>9} {'first p99':>9} {'jitter p99':>10}  holds"]
+    for s in result["per_session"]:
+        if s["refused"]:
+            lines.append(f"{s['session']:>7} refused: {s['refused']}")
+            continue
+        lines.append(f"{s['session']:>7} {s['frames']:>6} {s['fps']:>6.2f} "
+                     f"{s['idle_frames']:>5} {s['speech_frames']:>6} {s['missed_speech']:>6} "
+                     f"{s['first_speech_ms_p50']:>9.1f} {s['first_speech_ms_p99']:>9.1f} "
+                     f"{s['jitter_ms_p99']:>10.1f}  {'yes' if s['holds_25fps'] else 'NO'}")
+        lines.extend(f"        error: {e}" for e in s["errors"])
+    if result["interrupts"]:
+        lines.append(f"interrupts {result['interrupts']}: acknowledged p50 "
+                     f"{result['interrupt_ack_ms_p50']} ms p99 {result['interrupt_ack_ms_p99']} "
+                     f"ms; last speech frame after it p50 {result['interrupt_stop_ms_p50']} ms "
+                     f"p99 {result['interrupt_stop_ms_p99']} ms")
+    lines.append(f"min fps {result['min_fps']}  first speech frame p50 "
+                 f"{result['first_speech_ms_p50']} ms p99 {result['first_speech_ms_p99']} ms  "
+                 f"jitter p99 {result['jitter_ms_p99']} ms  every session holds 25 fps: "
+                 f"{'yes' if result['all_hold_25fps'] else 'NO'}")
+    if result.get("cpu_per_s"):
+        lines.append("server CPU s per s: " + "  ".join(
+            f"{k} {v}" for k, v in sorted(result["cpu_per_s"].items())))
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""The frame budget behind live admission: silent sessions take none of it, speech does."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import messages as msg
+from pipeline.config import parse_config
+from pipeline.frontend.capacity import FrameBudget
+from pipeline.frontend.inflight import InferResult
+
+
+def budget(capacity_fps: float = 0.0) -> FrameBudget:
+    cfg = parse_config({"streaming": {"capacity_fps": capacity_fps}, "models": {}}, Path("."))
+    return FrameBudget(cfg)
+
+
+def rendered(frames: int, stage_ms_per_frame: float) -> InferResult:
+    ns = int(stage_ms_per_frame * 1e6 * frames)
+    done = msg.InferDone(request_id=0, gpu_id=0, queue_ns=0, audio_ns=ns, encoder_ns=0,
+                         visual_ns=0, inference_ns=0, composite_start_ns=0, run_frames=frames)
+    return InferResult([b""] * frames, done, 0, 0, 0, 0, 0)
+
+
+def test_silent_live_sessions_take_none_of_the_budget() -> None:
+    """A box that sustains 40 frames/s admits any number of sessions while none speaks."""
+    b = budget(40)
+    assert all(b.admit_live() is None for _ in range(100))
+    assert b.refused == 0
+
+
+def test_an_utterance_under_way_leaves_room_only_for_what_is_left() -> None:
+    """One session speaking (25 of 40 frames/s): a new session is refused, saying why."""
+    b = budget(40)
+    assert b.admit_live() is None
+    b.speaking()
+    reason = b.admit_live()
+    assert reason is not None and "capacity" in reason and "25 of 40" in reason
+    assert b.refused == 1
+
+
+def test_measured_rendering_counts_and_the_budget_follows_the_stage_costs() -> None:
+    """Unmeasured: no limit. 10 ms of stage compute per frame on N cores: 0.85 N / 0.01
+    frames/s; 2 s of rendering at the budget leaves no room for a 25 frames/s session."""
+    b = budget()
+    assert b.budget_fps() == float("inf") and b.admit_live() is None
+    b.observe(rendered(8, 10.0))
+    assert abs(b.budget_fps() - 0.85 * b.cores / 0.010) < 1e-6
+    per_window = int(b.budget_fps() * 2.0)
+    for _ in range(per_window // 8 + 1):
+        b.observe(rendered(8, 10.0))
+    assert b.used_fps() >= b.budget_fps() - 25
+    assert b.admit_live() is not None
