@@ -6,6 +6,7 @@ both drive exactly what a user runs.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,11 +22,24 @@ import grpc
 
 from pipeline.client import channel
 
+# below Linux's ephemeral range (32768-60999): no outgoing connection is handed the port
+# between its pick here and the server's bind
+PICKED_PORTS = range(20000, 32768)
+
 
 def free_port() -> int:
+    """A port free on loopback now, outside the ephemeral range."""
+    for _ in range(200):
+        port = random.choice(PICKED_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def wait_healthy(address: str, timeout_s: float, died: Callable[[], str | None],
@@ -76,6 +90,20 @@ class ServerProcess:
         self.stop()
 
     def start(self) -> None:
+        """Start and wait until healthy; a port of ours that another program bound between
+        its pick and the server's bind is picked again (twice at most)."""
+        for attempt in range(3):
+            try:
+                return self._start()
+            except RuntimeError as exc:
+                taken = any(f"port {p} on 127.0.0.1 is in use" in str(exc)
+                            for p in (self.grpc_port, self.ws_port))
+                if not taken or attempt == 2:
+                    raise
+            self.grpc_port, self.ws_port = free_port(), free_port()
+            self.address = f"127.0.0.1:{self.grpc_port}"
+
+    def _start(self) -> None:
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "serve", "--config", str(self.config),
