@@ -219,10 +219,12 @@ def test_live_sessions_beyond_the_frame_budget_are_refused(start_server) -> None
 
 
 async def _live_cycle(url: str, ending: str, seed: int) -> None:
-    """One live session that ends one hostile way."""
-    async with connect(url) as ws:
+    """One live session that ends one hostile way. It reads nothing more: once 16 messages
+    wait unread the client stops reading the socket, so its close is not answered in time
+    and it drops the connection after 0.5 s (an abrupt end, hostile too)."""
+    async with connect(url, close_timeout=0.5) as ws:
         await ws.recv()
-        await ws.send(pcm16(1.0, seed))
+        await ws.send(pcm16(0.6, seed))  # 4 frames: a render under way, and little to render
         if ending == "interrupt in flight":  # a render of it is under way
             await ws.send(json.dumps({"type": "interrupt"}))
         elif ending == "interrupt flood":
