@@ -32,9 +32,10 @@ def ensure_demo_assets(cfg: Config, force: bool = False, bench_model: bool = Fal
         model is not None and model.model_path == demo.unet_path) or (
         bench is not None and bench.background_dir == demo.background_dir)
     built = False
-    # as many frames as the config's demo model asks for (a test avatar may use fewer)
-    frames = model.num_frames if model is not None and model.model_path == demo.unet_path \
-        else NUM_FRAMES
+    # as many frames as the config's models on the demo's frames ask for (a test avatar, or
+    # copies of it under other names, may use fewer)
+    frames = max((m.num_frames for m in cfg.models.values()
+                  if m.background_dir == demo.background_dir), default=NUM_FRAMES)
     if uses_demo and (force or not demo_assets_present(cfg.models_root, frames)):
         from tqdm import tqdm
 

@@ -202,6 +202,8 @@ def test_live_sessions_beyond_the_frame_budget_are_refused(start_server) -> None
             await first.recv()
             async with connect(live_url(srv)) as silent:
                 assert json.loads(await silent.recv())["type"] == "ready"
+            while not isinstance(await first.recv(), bytes):
+                pass  # its video runs: it reads what it is sent
             await first.send(pcm16(0.5))
             await asyncio.sleep(0.3)  # the utterance has begun
             second = await connect(live_url(srv))
@@ -268,3 +270,29 @@ def test_live_sessions_leave_nothing_behind(server) -> None:
     assert stats["frontend"]["websocket_sessions"] == 0
     assert stats["arena"]["blocks"] == 0
     assert stats["frontend"]["tasks"] <= before, (stats["frontend"]["tasks"], before)
+
+
+def test_silent_frames_are_not_rendered_when_asked(start_server) -> None:
+    """streaming.skip_silent_frames: audio of 1 s silence, 1 s speech, 1 s silence at
+    real-time pace: the silence shows idle frames and is not rendered (the server renders
+    far fewer than the 75 frames of the audio), the speech shows speech frames."""
+    srv = start_server(**{"streaming.skip_silent_frames": True,
+                          "streaming.capacity_fps": 10_000})
+
+    async def run() -> Received:
+        async with connect(live_url(srv)) as ws:
+            await ws.recv()
+            got = Received()
+            reader = asyncio.create_task(collect(ws, got, time.monotonic() + 6.0))
+            await send_paced(ws, silence(1.0) + pcm16(1.0) + silence(1.0))
+            await ws.send(json.dumps({"type": "flush"}))
+            await reader
+            return got
+
+    before = ops_stats(srv.config_path)["frames"]
+    got = asyncio.run(run())
+    rendered = ops_stats(srv.config_path)["frames"] - before
+    speech = [f for _, f in got.frames if f.speech]
+    assert 15 <= len(speech) <= 50, len(speech)
+    assert rendered < 60, rendered  # 75 frames of audio: the silence was skipped
+    assert rendered >= len(speech)

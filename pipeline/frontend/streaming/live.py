@@ -136,7 +136,8 @@ class LiveSession:
             cfg, router, client_id, model_id, fmt, self._never, send_status,
             min(cfg.streaming.flush_timeout_s, LIVE_FLUSH_TIMEOUT_S),
             Hooks(deliver=self._deliver, backgrounds=self._backgrounds, on_audio=self._heard,
-                  on_flush=self._speech_ended))
+                  on_flush=self._speech_ended,
+                  silent=self._silent if cfg.streaming.skip_silent_frames else None))
         self.client_id = self.speech.client_id
         self.start_mono = time.monotonic()
         self.start_epoch_us = time.time_ns() // 1000
@@ -255,6 +256,11 @@ class LiveSession:
         assert self.anchor is not None
         return tuple(ping_pong(self.anchor.live(k), self.count) for k in range(first, first + batch))
 
+    def _silent(self, first: int, count: int) -> bool:
+        """Every frame of the batch shows silence (skip_silent_frames: it is not rendered)."""
+        return not any(self.vad.speaking_at(k * FRAME_SAMPLES + FRAME_SAMPLES // 2)
+                       for k in range(first, first + count))
+
     async def _deliver(self, first: int, jpegs: list[bytes]) -> None:
         anchor = self.anchor
         if anchor is None:  # interrupted meanwhile
@@ -264,8 +270,7 @@ class LiveSession:
             n = anchor.live(k)
             if n <= self._sent_up_to:
                 continue  # its time has passed: an idle frame was sent (counted as late)
-            silent = self.skip_silent and not self.vad.speaking_at(
-                k * FRAME_SAMPLES + FRAME_SAMPLES // 2)
+            silent = self.skip_silent and self._silent(k, 1)
             self.queue[n] = SILENT if silent else jpeg
 
     def _heard(self, samples: np.ndarray, start: int) -> None:

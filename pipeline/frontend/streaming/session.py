@@ -55,6 +55,8 @@ class Hooks:
     backgrounds: Callable[[int, int], tuple[int, ...]] | None = None
     on_audio: Callable[[np.ndarray, int], None] | None = None
     on_flush: Callable[[], None] | None = None  # the audio ended (asked, or it stopped coming)
+    # frames [first, first + n) show silence: not rendered, delivered as empty frames
+    silent: Callable[[int, int], bool] | None = None
 
 
 MAX_CLIENT_ID = 128
@@ -351,26 +353,30 @@ class StreamSession:
         lo, hi = stream_samples(first, batch)
         hi = min(hi, self.offset + len(self.audio))
         log.info("batch ready: client=%s, chunks=%d", self.client_id, self.chunks)
-        backgrounds = self.hooks.backgrounds(first, batch) if self.hooks.backgrounds else ()
-        request = ValidRequest(
-            model_id=self.model_id, batch_size=batch, start_frame_idx=first, visual=None,
-            audio=self.audio[lo - self.offset : hi - self.offset], sample_rate=SAMPLE_RATE,
-            features=None, stream_offset=lo, backgrounds=backgrounds)
         generation = self._generation
-        try:
-            result, _ = await self.router.infer(request, self.cfg.server.request_timeout_s)
-        except (Failed, Overloaded, Unavailable, TimeoutError) as exc:
-            raise StreamError(f"inference request failed: {exc or type(exc).__name__}") from exc
-        log.info("batch sent to inference server: client=%s, chunks=%d", self.client_id,
-                 self.chunks)
+        if self.hooks.silent is not None and self.hooks.silent(first, batch):
+            frames = [b""] * batch  # silence: the live session shows idle frames, no UNet run
+        else:
+            backgrounds = self.hooks.backgrounds(first, batch) if self.hooks.backgrounds else ()
+            request = ValidRequest(
+                model_id=self.model_id, batch_size=batch, start_frame_idx=first, visual=None,
+                audio=self.audio[lo - self.offset : hi - self.offset], sample_rate=SAMPLE_RATE,
+                features=None, stream_offset=lo, backgrounds=backgrounds)
+            try:
+                result, _ = await self.router.infer(request, self.cfg.server.request_timeout_s)
+            except (Failed, Overloaded, Unavailable, TimeoutError) as exc:
+                raise StreamError(f"inference request failed: {exc or type(exc).__name__}") from exc
+            frames = result.frames
+            log.info("batch sent to inference server: client=%s, chunks=%d", self.client_id,
+                     self.chunks)
         self.chunks = 0
         if generation != self._generation:  # cancelled meanwhile: these frames are dropped
             return
         self.next_frame = first + batch
         if self.hooks.deliver is not None:
-            await self.hooks.deliver(first, result.frames)
+            await self.hooks.deliver(first, frames)
         else:
-            for i, jpeg in enumerate(result.frames):
+            for i, jpeg in enumerate(frames):
                 if generation != self._generation:  # cancelled while sending: no more
                     return
                 await self.send_frame(first + i, (first + i) * FRAME_US, jpeg)

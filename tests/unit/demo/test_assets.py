@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 import scipy.signal
 
+from pipeline.config import parse_config
 from pipeline.demo import assets, graphs
 from pipeline.demo.assets import (
     NUM_FRAMES,
@@ -22,6 +23,7 @@ from pipeline.demo.assets import (
     demo_asset_paths,
     demo_assets_present,
 )
+from pipeline.demo.ensure import ensure_demo_assets
 from pipeline.demo.frames import FRAME_H, FRAME_W, demo_crop_rect, draw_background_frame
 from pipeline.demo.graphs import build_audio_encoder_model, build_unet_model
 from tests.conftest import reference_file
@@ -401,3 +403,16 @@ def test_speech_opens_and_closes_the_mouth(encoder, unet, speech_windows) -> Non
     full = 2 * graphs.MOUTH_RY_MAX
     assert (heights_arr > 0.5 * full).sum() >= 20  # words
     assert (heights_arr == 0).sum() >= 10  # pauses between words
+
+
+def test_ensure_keeps_a_small_build_that_copies_of_the_avatar_use(built) -> None:
+    """A config whose models all show the demo's frames under other names (no `demo` model)
+    asks for as many frames as they use: the small build stays, nothing is rebuilt."""
+    paths, _ = built
+    avatar = {"model_path": "demo/unet.onnx", "background_dir": "demo/frames",
+              "crop_rects_path": "demo/crop_rects.json", "num_frames": SMALL}
+    cfg = parse_config({"models_root": str(paths.root),
+                        "models": {"anna": dict(avatar), "ben": dict(avatar)}}, paths.root)
+    before = {p: p.stat().st_mtime_ns for p in paths.root.rglob("*")}
+    assert ensure_demo_assets(cfg) is False
+    assert {p: p.stat().st_mtime_ns for p in paths.root.rglob("*")} == before
