@@ -181,7 +181,10 @@ class LiveSession:
         self._pacer = asyncio.create_task(self._pace(frames))
 
     async def feed(self, data: bytes) -> None:
-        if self.speech.caught_up and not self.queue_ahead():
+        # a new utterance: the first audio of the session or since an interrupt (even while a
+        # batch from before the interrupt still renders: its result is dropped), or audio
+        # after every frame of the last utterance was rendered and shown
+        if self.anchor is None or (self.speech.caught_up and not self.queue_ahead()):
             width = 2 if self.fmt.encoding == "s16le" else 4
             self._anchor(len(data) / width / self.fmt.sample_rate)
         await self.speech.feed(data)

@@ -1,10 +1,10 @@
 """The seed's live audio socket: `ws://host:8080/audio` (docs/streaming.md).
 
-Handshake checks (before the upgrade): path (404), upgrade (400), browser Origin against
-the allowlist (403), MAX_CLIENTS (503), model and audio format (404 / 400). Then binary
-messages are audio, text messages are JSON controls ({"type": "flush"} / {"type":
-"cancel"}); frames go back as binary messages (a 16-byte header + the JPEG), status and
-errors as JSON text messages.
+`GET /demo` serves the browser demo page (`demo.py`). Handshake checks of `/audio` (before
+the upgrade): path (404), upgrade (400), browser Origin against the allowlist (403),
+MAX_CLIENTS (503), model and audio format (404 / 400). Then binary messages are audio,
+text messages are JSON controls ({"type": "flush"} / {"type": "cancel"}); frames go back
+as binary messages (a 16-byte header + the JPEG), status and errors as JSON text messages.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from pipeline.config import Config, parse_origin
 from pipeline.frontend.capacity import FrameBudget
 from pipeline.frontend.router import Router
 from pipeline.frontend.security import TokenStore, bearer
+from pipeline.frontend.streaming.demo import DEMO_PATH, demo_page, demo_response
 from pipeline.frontend.streaming.live import IdleFrames, LiveSession
 from pipeline.frontend.streaming.session import AudioFormat, StreamError, StreamSession, escape
 
@@ -87,6 +88,7 @@ class AudioSocketServer:
         self.settings = cfg.streaming
         self.sessions: dict[str, tuple[StreamSession | LiveSession, ServerConnection]] = {}
         self.server: Server | None = None
+        demo_page()  # read once, now: a broken install stops the start, not a request
 
     def session_count(self) -> int:
         return len(self.sessions)
@@ -116,6 +118,8 @@ class AudioSocketServer:
 
     def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
+        if url.path == DEMO_PATH:  # the browser demo: a static page; its WebSocket is checked
+            return demo_response(connection)
         if url.path != "/audio":
             return connection.respond(404, "Not Found\n")
         if "websocket" not in request.headers.get("Upgrade", "").lower():
