@@ -229,8 +229,19 @@ async def _speak(ws: ClientConnection, pcm: bytes, start: float) -> None:
     await asyncio.sleep(max(0.0, start + len(pcm) / 2 / 16000 - time.monotonic()))
 
 
+def continuous_pcm(plan: list[tuple[float, float]], seconds: float, seed: int) -> bytes:
+    """`seconds` of audio: speech in the plan's utterances, digital silence between them."""
+    pcm = bytearray(2 * round(seconds * 16000))
+    for k, (offset, length) in enumerate(plan):
+        speech = pcm_s16le(length, seed=seed + k)
+        at = 2 * round(offset * 16000)
+        pcm[at:at + len(speech)] = speech[:len(pcm) - at]
+    return bytes(pcm)
+
+
 async def _session(url: str, log: LiveLog, plan: list[tuple[float, float]],
-                   interrupts: int, t0: float, end: float) -> None:
+                   interrupts: int, t0: float, end: float, seconds: float,
+                   silence_between: bool) -> None:
     try:
         ws = await open_socket(url, f"bench-live-{log.session}")
     except Exception as exc:
@@ -247,6 +258,12 @@ async def _session(url: str, log: LiveLog, plan: list[tuple[float, float]],
                 log.interrupts.append(Interrupt(time.monotonic()))
                 await ws.send(json.dumps({"type": "interrupt"}))
                 start = time.monotonic() + INTERRUPT_PAUSE_S
+        if silence_between and plan:  # one stream all along, its pauses sent as silence
+            log.utterances = [(t0 + offset, math.nan) for offset, _ in plan]
+            await _speak(ws, continuous_pcm(plan, seconds, log.session * 100), t0)
+            await ws.send(json.dumps({"type": "flush"}))
+            log.expected_speech = sum(math.ceil(length * VIDEO_FPS) for _, length in plan)
+            plan = []
         for k, (offset, length) in enumerate(plan):
             if receiver.done():
                 break
@@ -266,9 +283,10 @@ async def _session(url: str, log: LiveLog, plan: list[tuple[float, float]],
 
 
 async def drive_live(url: str, sessions: int, seconds: float, speaking: float,
-                     interrupts: int = 0) -> list[LiveLog]:
+                     interrupts: int = 0, silence_between: bool = False) -> list[LiveLog]:
     """`sessions` live sessions (plus one that interrupts, with `interrupts`) for `seconds`
-    (longer when the interrupts need it); their logs."""
+    (longer when the interrupts need it); their logs. `silence_between`: a speaking
+    session streams all along, its pauses sent as silent audio (a call, not a TTS)."""
     offset = time.time() - time.monotonic()
     run_s = max(seconds, interrupts * (INTERRUPT_SPEAK_S + INTERRUPT_PAUSE_S + 0.1))
     logs = [LiveLog(i, offset) for i in range(sessions + (1 if interrupts else 0))]
@@ -277,21 +295,23 @@ async def drive_live(url: str, sessions: int, seconds: float, speaking: float,
     await asyncio.gather(*(
         _session(url, log, utterance_plan(log.session, sessions, speaking, seconds)
                  if log.session < sessions else [],
-                 interrupts if log.session == sessions else 0, t0, end)
+                 interrupts if log.session == sessions else 0, t0, end, seconds,
+                 silence_between)
         for log in logs))
     return logs
 
 
 def run_live(url: str, sessions: int, seconds: float, speaking: float, interrupts: int,
-             ops_endpoint: str | None) -> dict[str, Any]:
+             ops_endpoint: str | None, silence_between: bool = False) -> dict[str, Any]:
     """One live run: its figures, and the CPU seconds per second of every server process."""
     cpu0, t0 = role_cpu_seconds(ops_endpoint), time.monotonic()
-    logs = asyncio.run(drive_live(url, sessions, seconds, speaking, interrupts))
+    logs = asyncio.run(drive_live(url, sessions, seconds, speaking, interrupts,
+                                  silence_between))
     cpu1, wall = role_cpu_seconds(ops_endpoint), time.monotonic() - t0
     result = aggregate(logs)
     # the sessions asked for; the interrupting one, when there is one, comes on top
     result.update(mode="live", sessions=sessions, interrupting=1 if interrupts else 0,
-                  seconds=seconds, speaking=speaking,
+                  seconds=seconds, speaking=speaking, silence_between=silence_between,
                   cpu_per_s={role: round((cpu1[role] - cpu0[role]) / wall, 3)
                              for role in cpu1 if role in cpu0 and role != "client"})
     return result
@@ -323,6 +343,7 @@ def table(result: dict[str, Any]) -> str:
                  f"jitter p99 {result['jitter_ms_p99']} ms  every session holds 25 fps: "
                  f"{'yes' if result['all_hold_25fps'] else 'NO'}")
     if result.get("cpu_per_s"):
-        lines.append("server CPU s per s: " + "  ".join(
-            f"{k} {v}" for k, v in sorted(result["cpu_per_s"].items())))
+        cpu = result["cpu_per_s"]
+        lines.append(f"server CPU s per s: {sum(cpu.values()):.3f} (" + "  ".join(
+            f"{k} {v}" for k, v in sorted(cpu.items())) + ")")
     return "\n".join(lines)

@@ -75,7 +75,8 @@ def run_stream_bench(args: argparse.Namespace) -> int:
                 time.sleep(SETTLE_S)
             if args.live:
                 result = live_load.run_live(url + "&mode=live", sessions, args.seconds,
-                                            args.speaking, args.interrupts, ops)
+                                            args.speaking, args.interrupts, ops,
+                                            args.pauses_as_silence)
             else:
                 result = stream_load.run_seed(url, sessions, args.seconds, args.chunk_ms,
                                               args.model, ops)

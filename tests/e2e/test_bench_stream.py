@@ -18,6 +18,7 @@ def bench_args(config, server: ServerProcess, **overrides: object) -> argparse.N
         "config": config, "address": f"127.0.0.1:{server.ws_port}", "model": "demo",
         "sessions": 1, "seconds": 3.0, "chunk_ms": 40.0, "json": True, "live": False,
         "speaking": 0.5, "interrupts": 0, "sweep": None, "plot": "stream-sweep.svg",
+        "pauses_as_silence": False,
         **overrides})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 
 from pipeline.bench.live_load import (
@@ -11,6 +12,7 @@ from pipeline.bench.live_load import (
     Interrupt,
     LiveLog,
     aggregate,
+    continuous_pcm,
     first_speech_ms,
     interrupt_ms,
     jitter_ms,
@@ -121,3 +123,11 @@ def test_a_sweep_is_a_table_a_figure_and_a_plot() -> None:
                                   [("first speech frame p99", [700.0, 720.0, 2100.0])]))
     lines = svg.findall(".//{http://www.w3.org/2000/svg}polyline")
     assert len(lines) == 2 and all(len(line.get("points", "").split()) == 3 for line in lines)
+
+
+def test_a_call_streams_its_pauses_as_silence() -> None:
+    """--pauses-as-silence: one stream of the run's length, speech only in the utterances."""
+    pcm = np.frombuffer(continuous_pcm([(0.5, 1.0)], 2.0, seed=0), "<i2")
+    assert len(pcm) == 32000
+    assert not pcm[:8000].any() and not pcm[24000:].any()
+    assert np.abs(pcm[8000:24000]).max() > 1000
