@@ -46,8 +46,11 @@ RETRY_SERVICE_CONFIG: dict[str, object] = {
 }
 
 
-def channel_options() -> list[tuple[str, int | str]]:
+def channel_options(retries: bool = True) -> list[tuple[str, int | str]]:
     """Options of every channel of ours (grpc.aio channels take them too)."""
+    if not retries:
+        return [("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.enable_retries", 0)]
     return [
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -117,8 +120,9 @@ def websocket_options() -> dict[str, object]:
 
 def channel(address: str, model_id: str = "", *, token: str | None = None,
             tls_ca: str | os.PathLike[str] | None = None,
-            client_cert: tuple[Path, Path] | None = None) -> grpc.Channel:
-    """A channel to the server (or the balancer) at `address`, retrying UNAVAILABLE, whose
+            client_cert: tuple[Path, Path] | None = None, retries: bool = True) -> grpc.Channel:
+    """A channel to the server (or the balancer) at `address`, retrying UNAVAILABLE (unless
+    `retries` is False: a caller that wants to see each failure as it is), whose
     calls carry `x-model-id` (the request's model_id, else `model_id`; empty: none). `token`
     (default $LIPSYNC_TOKEN) goes with every call as `authorization: Bearer`; `tls_ca`
     (default $LIPSYNC_TLS_CA), a PEM file of the CA that signed the server's certificate,
@@ -127,7 +131,7 @@ def channel(address: str, model_id: str = "", *, token: str | None = None,
     env_token, env_ca = client_credentials()
     token = token if token is not None else env_token
     tls_ca = tls_ca if tls_ca is not None else env_ca
-    options = channel_options()
+    options = channel_options(retries)
     if tls_ca:
         ca = Path(tls_ca).read_bytes()
         cert, key = (client_cert[0].read_bytes(), client_cert[1].read_bytes()) \

@@ -138,3 +138,9 @@ def test_unavailable_is_retried_with_backoff_and_bounded(recorder) -> None:
     with grpc.insecure_channel(address) as plain, pytest.raises(grpc.RpcError):
         pb_grpc.MonolithicServiceStub(plain).InferBatchComposite(request, timeout=20)
     assert len(servicer.calls) == 1
+
+    servicer.calls.clear()  # ours, asked not to retry (tests that watch a failing server)
+    with channel(address, retries=False) as ch, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.MonolithicServiceStub(ch).InferBatchComposite(request, timeout=20)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and len(servicer.calls) == 1
+    assert servicer.headers("InferBatchComposite") == ["emil"]
