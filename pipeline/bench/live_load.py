@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from pipeline.bench.figures import percentile, role_cpu_seconds
 from pipeline.bench.stream_load import HOLD_FPS, open_socket, pcm_s16le
@@ -244,6 +244,13 @@ async def _session(url: str, log: LiveLog, plan: list[tuple[float, float]],
                    silence_between: bool) -> None:
     try:
         ws = await open_socket(url, f"bench-live-{log.session}")
+    except InvalidStatus as exc:
+        response = exc.response
+        if response.status_code == 503:  # full (max_clients, max_sessions_per_address)
+            log.refused = f"HTTP 503: {response.body.decode(errors='replace').strip()}"
+        else:
+            log.errors.append(f"connect failed: {type(exc).__name__}: {exc}")
+        return
     except Exception as exc:
         log.errors.append(f"connect failed: {type(exc).__name__}: {exc}")
         return

@@ -78,3 +78,18 @@ def test_a_live_sweep_with_interrupts(tmp_path, small_models_root, capsys):
     svg = ET.parse(plot).getroot()
     assert svg.tag.endswith("svg")
     assert len(list(svg.iter("{http://www.w3.org/2000/svg}polyline"))) == 3
+
+
+def test_a_live_session_turned_away_at_the_handshake_is_refused_not_an_error(
+        tmp_path, small_models_root, capsys):
+    """A server full for this address answers the upgrade with HTTP 503: the live bench counts
+    that session as refused, with the server's reason, as it does a capacity close."""
+    config = write_config(tmp_path / "config.yaml", small_models_root,
+                          **{"streaming.max_sessions_per_address": 1})
+    with ServerProcess(config, log_path=tmp_path / "server.log") as server:
+        code = run_stream_bench(bench_args(config, server, live=True, sessions=2, seconds=1.5))
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0, result
+    assert result["refused"] == 1 and result["errors"] == 0, result
+    (turned_away,) = [s for s in result["per_session"] if s["refused"]]
+    assert turned_away["refused"].startswith("HTTP 503") and "per_address" in turned_away["refused"]
