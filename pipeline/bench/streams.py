@@ -42,12 +42,14 @@ def _latency_keys(live: bool) -> list[tuple[str, str]]:
 def sweep_table(rows: list[dict[str, Any]], live: bool) -> str:
     """A Markdown table of a sweep, one row per session count."""
     keys = _latency_keys(live)
-    head = ["sessions", "refused", "min fps", *(f"{label} ms" for label, _ in keys),
-            "holds 25 fps"]
+    head = ["sessions", "refused", "min fps", *(["speech frames missed %"] if live else []),
+            *(f"{label} ms" for label, _ in keys), "holds 25 fps"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["sessions"], r.get("refused", 0), r["min_fps"], *(r[k] for _, k in keys),
-                 "yes" if r["all_hold_25fps"] else "no"]
+        missed = [round(100 * r["missed_speech"]
+                        / max(1, r["speech_frames"] + r["missed_speech"]), 1)] if live else []
+        cells = [r["sessions"], r.get("refused", 0), r["min_fps"], *missed,
+                 *(r[k] for _, k in keys), "yes" if r["all_hold_25fps"] else "no"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

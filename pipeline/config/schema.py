@@ -173,6 +173,9 @@ class StreamingConfig:
     # speech frames the box renders per second, for admitting live sessions; 0: measured
     # from the stage costs of the requests served (updated as it runs)
     capacity_fps: float = setting(0.0, lambda v: v >= 0, "must be >= 0 (0: measured)")
+    # the share of the time a live session is expected to speak: each open one counts this
+    # much of 25 frames/s against capacity when admitting the next (0: only speech under way)
+    live_speech_share: float = setting(0.5, lambda v: 0 <= v <= 1, "must be in [0, 1]")
     # a live session whose speech frames come late this long gets a status message ...
     low_fps_grace_s: float = setting(3.0, lambda v: v > 0, "must be > 0")
     # ... and is closed (1013) when this is set

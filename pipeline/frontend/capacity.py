@@ -5,11 +5,13 @@ operator sees (`lipsync stats`, `/metrics`).
 What is in use is the speech the box renders: the frames of the last WINDOW_S, plus 25
 frames/s for each utterance that began in the last RESERVE_S (its frames are not all in the
 window yet). A silent live session shows idle frames, encoded once per model, and renders
-nothing: it takes no budget until it speaks. So many mostly-silent sessions fit, and a new
-one is refused when the speech under way leaves no room for 25 more frames/s; a box whose
-sessions all start speaking at once falls below real time, which each session is told of
-(`below_real_time`, streaming.low_fps_grace_s) and, with streaming.close_below_real_time,
-closed for.
+nothing while silent. A new live session is refused when the speech under way leaves no room
+for 25 more frames/s, or when the open live sessions, each expected to speak
+streaming.live_speech_share of the time, would together need more than the budget: sessions
+that connect while all are silent would otherwise all fall behind once they speak. (0: only
+the speech under way counts, for boxes of mostly silent sessions.) A box whose sessions speak
+more than expected falls below real time, which each session is told of (`below_real_time`,
+streaming.low_fps_grace_s) and, with streaming.close_below_real_time, closed for.
 
 The budget is measured while the server runs: the CPU seconds every role spends per frame
 rendered (sampled each second from the processes' own CPU counters, over intervals with
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections import deque
 
 from pipeline.config import Config
@@ -38,6 +41,8 @@ EWMA = 0.3
 class FrameBudget:
     def __init__(self, cfg: Config) -> None:
         self.fixed = cfg.streaming.capacity_fps
+        self.speech_share = cfg.streaming.live_speech_share
+        self._live: weakref.WeakSet[object] = weakref.WeakSet()  # open live sessions
         self.cores = os.cpu_count() or 1
         self.devices = cfg.gpus.count
         self.cuda = False                      # set from the workers' heartbeats
@@ -103,14 +108,30 @@ class FrameBudget:
         rendered = sum(f for _, f in self._rendered) / WINDOW_S
         return rendered + VIDEO_FPS * len(self._reserved)
 
+    def expected_fps(self, sessions: int) -> float:
+        """Speech frames/s that `sessions` live sessions are expected to need."""
+        return sessions * self.speech_share * VIDEO_FPS
+
     def admit_live(self) -> str | None:
-        """None when a new live session fits: 25 frames/s are free for it; else why not."""
-        budget, used = self.budget_fps(), self.used_fps()
+        """None when a new live session fits: 25 frames/s are free for it now, and every
+        open live session's expected speech with its own fits; else why not."""
+        budget, used, live = self.budget_fps(), self.used_fps(), len(self._live)
         if used + VIDEO_FPS > budget:
             self.refused += 1
             return (f"server at capacity: {used:.0f} of {budget:.0f} frames/s in use, a live "
                     f"session needs {VIDEO_FPS}")
+        if self.expected_fps(live + 1) > budget:
+            self.refused += 1
+            return (f"server at capacity: {live} live sessions expected to speak "
+                    f"{self.expected_fps(1):g} frames/s each, of {budget:.0f}")
         return None
+
+    def opened(self, session: object) -> None:
+        """A live session was admitted; its expected speech counts until closed (or gone)."""
+        self._live.add(session)
+
+    def closed(self, session: object) -> None:
+        self._live.discard(session)
 
     def speaking(self) -> None:
         """A live session began an utterance: count it before its frames are measured."""
@@ -120,6 +141,8 @@ class FrameBudget:
         budget = self.budget_fps()
         return {"budget_fps": None if budget == float("inf") else round(budget, 1),
                 "used_fps": round(self.used_fps(), 1), "refused": self.refused,
+                "live_sessions": len(self._live),
+                "expected_fps": round(self.expected_fps(len(self._live)), 1),
                 "cpu_ms_per_frame": _ms(self.cpu_s_per_frame),
                 "stage_ms_per_frame": _ms(self.stage_s_per_frame),
                 "unet_ms_per_frame": _ms(self.unet_s_per_frame)}

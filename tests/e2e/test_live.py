@@ -185,8 +185,27 @@ def test_live_sessions_beyond_the_frame_budget_are_refused(start_server) -> None
     """streaming.capacity_fps 40: one speaking live session fits (25 frames/s); while it
     speaks a second is closed with 1013 and a reason, and a live StreamAudio gets
     RESOURCE_EXHAUSTED; the ops socket shows the budget and the refusals. A silent session
-    takes none of the budget: before the first speaks, a second one is admitted."""
-    srv = start_server(**{"streaming.capacity_fps": 40})
+    renders nothing: before the first speaks, a second one is admitted. But each open session
+    is expected to speak half the time (12.5 frames/s): a 4th silent one does not fit."""
+    srv = start_server(**{"streaming.capacity_fps": 40, "streaming.live_speech_share": 0.5})
+
+    async def expected_speech() -> tuple[int | None, str]:
+        async with connect(live_url(srv)) as a, connect(live_url(srv)) as b, \
+                connect(live_url(srv)) as c:
+            for ws in (a, b, c):
+                assert json.loads(await ws.recv())["type"] == "ready"
+            fourth = await connect(live_url(srv))
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await fourth.recv()
+        deadline = time.monotonic() + 10  # closed sessions free their share
+        while ops_stats(srv.config_path)["capacity"]["live_sessions"]:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        return closed.value.rcvd.code, closed.value.rcvd.reason
+
+    code, reason = asyncio.run(expected_speech())
+    assert code == 1013 and "3 live sessions expected to speak 12.5 frames/s each" in reason
 
     def grpc_live() -> grpc.StatusCode:
         with channel(srv.address) as ch:
@@ -217,7 +236,7 @@ def test_live_sessions_beyond_the_frame_budget_are_refused(start_server) -> None
     assert code == 1013 and "capacity" in reason
     assert grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED
     capacity = ops_stats(srv.config_path)["capacity"]
-    assert capacity["budget_fps"] == 40 and capacity["refused"] == 2
+    assert capacity["budget_fps"] == 40 and capacity["refused"] == 3
 
 
 async def _live_cycle(url: str, ending: str, seed: int) -> None:

@@ -124,6 +124,7 @@ class LiveSession:
         self.cfg = cfg
         self.idle_frames = idle
         self.budget = budget
+        budget.opened(self)                       # its expected speech counts until closed
         self.model_id = model_id
         self.count = cfg.models[model_id].num_frames
         self.send_frame = send_frame
@@ -211,6 +212,7 @@ class LiveSession:
                                 "dropped_frames": dropped})
 
     async def close(self) -> None:
+        self.budget.closed(self)
         if self._pacer is not None:
             self._pacer.cancel()
             await asyncio.gather(self._pacer, return_exceptions=True)

@@ -111,14 +111,17 @@ def test_summary_holds_25fps_only_with_every_speech_frame_and_the_rate() -> None
 
 def test_a_sweep_is_a_table_a_figure_and_a_plot() -> None:
     rows = [{"sessions": s, "refused": 0, "min_fps": fps, "first_speech_ms_p99": lat,
-             "jitter_ms_p99": 5.0, "all_hold_25fps": fps >= 24.5}
-            for s, fps, lat in ((1, 25.0, 700.0), (2, 25.0, 720.0), (4, 19.0, 2100.0))]
+             "jitter_ms_p99": 5.0, "all_hold_25fps": fps >= 24.5,
+             "speech_frames": 200 - missed, "missed_speech": missed}
+            for s, fps, lat, missed in ((1, 25.0, 700.0, 0), (2, 25.0, 720.0, 1),
+                                        (4, 19.0, 2100.0, 50))]
     assert sweep_sizes("1,2,4", 9) == [1, 2, 4] and sweep_sizes(None, 3) == [3]
     with pytest.raises(SystemExit):
         sweep_sizes("1,x", 1)
     assert largest_holding(rows) == 2
     text = sweep_table(rows, live=True)
-    assert text.splitlines()[2] == "| 1 | 0 | 25.0 | 700.0 | 5.0 | yes |"
+    assert text.splitlines()[2] == "| 1 | 0 | 25.0 | 0.0 | 700.0 | 5.0 | yes |"
+    assert text.splitlines()[4] == "| 4 | 0 | 19.0 | 25.0 | 2100.0 | 5.0 | no |"
     svg = ET.fromstring(sweep_svg("live", [1, 2, 4], [25.0, 25.0, 19.0],
                                   [("first speech frame p99", [700.0, 720.0, 2100.0])]))
     lines = svg.findall(".//{http://www.w3.org/2000/svg}polyline")

@@ -9,9 +9,14 @@ from pipeline.frontend.capacity import FrameBudget
 from pipeline.frontend.inflight import InferResult
 
 
-def budget(capacity_fps: float = 0.0) -> FrameBudget:
-    cfg = parse_config({"streaming": {"capacity_fps": capacity_fps}, "models": {}}, Path("."))
+def budget(capacity_fps: float = 0.0, speech_share: float = 0.0) -> FrameBudget:
+    cfg = parse_config({"streaming": {"capacity_fps": capacity_fps,
+                                      "live_speech_share": speech_share}, "models": {}}, Path("."))
     return FrameBudget(cfg)
+
+
+class Session:
+    """What the budget holds of a live session: a reference, weakly."""
 
 
 def rendered(frames: int, stage_ms_per_frame: float) -> InferResult:
@@ -22,7 +27,8 @@ def rendered(frames: int, stage_ms_per_frame: float) -> InferResult:
 
 
 def test_silent_live_sessions_take_none_of_the_budget() -> None:
-    """A box that sustains 40 frames/s admits any number of sessions while none speaks."""
+    """A box that sustains 40 frames/s admits any number of sessions while none speaks,
+    when no session is expected to speak (live_speech_share 0)."""
     b = budget(40)
     assert all(b.admit_live() is None for _ in range(100))
     assert b.refused == 0
@@ -50,3 +56,22 @@ def test_measured_rendering_counts_and_the_budget_follows_the_stage_costs() -> N
         b.observe(rendered(8, 10.0))
     assert b.used_fps() >= b.budget_fps() - 25
     assert b.admit_live() is not None
+
+
+def test_each_open_session_counts_its_expected_speech() -> None:
+    """live_speech_share 0.5 of 25 frames/s on a 100 frames/s box: 8 open sessions fit, the
+    9th is refused though none speaks yet (they would all fall behind when they do); a
+    session closed, or gone without saying so, frees its share."""
+    b = budget(100, speech_share=0.5)
+    sessions = []
+    for _ in range(8):
+        assert b.admit_live() is None
+        sessions.append(Session())
+        b.opened(sessions[-1])
+    reason = b.admit_live()
+    assert reason is not None and "8 live sessions" in reason and "12.5" in reason
+    assert b.snapshot()["live_sessions"] == 8 and b.snapshot()["expected_fps"] == 100.0
+    b.closed(sessions.pop())
+    assert b.admit_live() is None
+    sessions.pop()  # dropped without closed(): the budget holds it weakly
+    assert b.snapshot()["live_sessions"] == 6
