@@ -16,7 +16,10 @@ streaming.low_fps_grace_s) and, with streaming.close_below_real_time, closed for
 The budget is measured while the server runs: the CPU seconds every role spends per frame
 rendered (sampled each second from the processes' own CPU counters, over intervals with
 enough frames to mean something), or before that the compute time of each request's stages
-per frame; on CUDA workers also the UNet's time per frame on the device.
+per frame; on CUDA workers also the UNet's time per frame on the device. The cores it
+divides are what the rest of the box leaves: the CPU the box spends beyond the roles (other
+services, a load generator on the same machine) is sampled too and not counted as the
+server's.
 `streaming.capacity_fps` overrides the measurement.
 """
 from __future__ import annotations
@@ -53,6 +56,8 @@ class FrameBudget:
         self._reserved: deque[float] = deque()  # utterances begun, not measured yet
         self.refused = 0
         self._last_sample: tuple[float, int] | None = None
+        self._last_box: tuple[float, float, float] | None = None  # (time, roles, box) CPU s
+        self.other_cores: float | None = None  # busy cores of the box beyond the roles
         self.frames = 0
 
     # ---- what is measured ------------------------------------------------------------
@@ -70,8 +75,19 @@ class FrameBudget:
         self.frames += frames
         self._rendered.append((time.monotonic(), frames))
 
-    def sample_cpu(self, cpu_seconds: float) -> None:
-        """The roles' CPU seconds so far (all processes), once a second."""
+    def sample_cpu(self, cpu_seconds: float, box_cpu_seconds: float,
+                   now: float | None = None) -> None:
+        """The roles' CPU seconds so far (all processes) and the whole box's busy CPU
+        seconds, once a second."""
+        at = time.monotonic() if now is None else now
+        if self._last_box is not None and at > self._last_box[0]:
+            t, roles, box = self._last_box
+            others = ((box_cpu_seconds - box) - (cpu_seconds - roles)) / (at - t)
+            self.other_cores = max(0.0, _ewma(self.other_cores, others))
+        self._last_box = (at, cpu_seconds, box_cpu_seconds)
+        self._sample_frames(cpu_seconds)
+
+    def _sample_frames(self, cpu_seconds: float) -> None:
         now = (cpu_seconds, self.frames)
         if self._last_sample is not None:
             cpu = now[0] - self._last_sample[0]
@@ -92,7 +108,7 @@ class FrameBudget:
         per_frame = self.cpu_s_per_frame or self.stage_s_per_frame
         if per_frame is None or per_frame <= 0:
             return float("inf")
-        budget = USABLE * self.cores / per_frame
+        budget = USABLE * max(0.0, self.cores - (self.other_cores or 0.0)) / per_frame
         if self.cuda and self.unet_s_per_frame:
             budget = min(budget, USABLE * self.devices / self.unet_s_per_frame)
         return budget
@@ -143,6 +159,7 @@ class FrameBudget:
                 "used_fps": round(self.used_fps(), 1), "refused": self.refused,
                 "live_sessions": len(self._live),
                 "expected_fps": round(self.expected_fps(len(self._live)), 1),
+                "other_cores": round(self.other_cores or 0.0, 2),
                 "cpu_ms_per_frame": _ms(self.cpu_s_per_frame),
                 "stage_ms_per_frame": _ms(self.stage_s_per_frame),
                 "unet_ms_per_frame": _ms(self.unet_s_per_frame)}

@@ -119,7 +119,7 @@ class Telemetry:
         m = self.metrics
         roles = self.liveness.snapshot()
         self.budget.cuda = any(w.get("cuda") for w in roles["gpu_workers"])
-        self.budget.sample_cpu(self._cpu_seconds(roles))
+        self.budget.sample_cpu(self._cpu_seconds(roles), _box_cpu_seconds())
         budget = self.budget.budget_fps()
         m.budget_fps.set(budget if budget != float("inf") else 0)
         m.used_fps.set(self.budget.used_fps())
@@ -202,3 +202,10 @@ class Telemetry:
         while True:
             self.refresh_gauges()
             await asyncio.sleep(1.0)
+
+
+def _box_cpu_seconds() -> float:
+    """CPU seconds the whole box has been busy (every core, every process)."""
+    t = psutil.cpu_times()  # Linux: guest time is within user time already
+    return t.user + t.nice + t.system + sum(getattr(t, f, 0.0) for f in ("irq", "softirq",
+                                                                          "steal"))

@@ -75,3 +75,16 @@ def test_each_open_session_counts_its_expected_speech() -> None:
     assert b.admit_live() is None
     sessions.pop()  # dropped without closed(): the budget holds it weakly
     assert b.snapshot()["live_sessions"] == 6
+
+
+def test_what_the_rest_of_the_box_uses_is_not_in_the_budget() -> None:
+    """2 cores; the roles spend 1 CPU s on 100 frames (10 ms each) while the box as a whole
+    is busy 1.5 s: the other 0.5 cores are not the server's, so the budget is 0.85 × 1.5
+    cores / 10 ms (127.5 frames/s), not 0.85 × 2 / 10 ms."""
+    b = budget()
+    b.cores = 2
+    b.sample_cpu(0.0, 0.0, now=0.0)
+    b.observe(rendered(100, 10.0))
+    b.sample_cpu(1.0, 1.5, now=1.0)
+    assert abs(b.budget_fps() - 127.5) < 1e-6
+    assert b.snapshot()["other_cores"] == 0.5
