@@ -212,9 +212,7 @@ async def _receive(ws: ClientConnection, log: LiveLog) -> None:
                     and log.interrupts[-1].acked is None:
                 log.interrupts[-1].acked = now
     except ConnectionClosed as exc:
-        if exc.rcvd is not None and exc.rcvd.code == 1013 and not log.frames:
-            log.refused = exc.rcvd.reason
-        elif exc.rcvd is None or exc.rcvd.code != 1000:
+        if exc.rcvd is None or exc.rcvd.code != 1000:
             log.errors.append(f"connection closed: {exc}")
 
 
@@ -239,9 +237,9 @@ def continuous_pcm(plan: list[tuple[float, float]], seconds: float, seed: int) -
     return bytes(pcm)
 
 
-async def _session(url: str, log: LiveLog, plan: list[tuple[float, float]],
-                   interrupts: int, t0: float, end: float, seconds: float,
-                   silence_between: bool) -> None:
+async def _connect(url: str, log: LiveLog) -> ClientConnection | None:
+    """A live session opened and admitted (its "ready" status read), else None with the
+    refusal (HTTP 503 at the handshake, 1013 after it) or the error in `log`."""
     try:
         ws = await open_socket(url, f"bench-live-{log.session}")
     except InvalidStatus as exc:
@@ -250,10 +248,25 @@ async def _session(url: str, log: LiveLog, plan: list[tuple[float, float]],
             log.refused = f"HTTP 503: {response.body.decode(errors='replace').strip()}"
         else:
             log.errors.append(f"connect failed: {type(exc).__name__}: {exc}")
-        return
+        return None
     except Exception as exc:
         log.errors.append(f"connect failed: {type(exc).__name__}: {exc}")
-        return
+        return None
+    try:
+        ready = await ws.recv()
+    except ConnectionClosed as exc:
+        if exc.rcvd is not None and exc.rcvd.code == 1013:
+            log.refused = exc.rcvd.reason
+        else:
+            log.errors.append(f"connection closed: {exc}")
+        return None
+    log.statuses.append((time.monotonic(), json.loads(ready)))
+    return ws
+
+
+async def _session(ws: ClientConnection, log: LiveLog, plan: list[tuple[float, float]],
+                   interrupts: int, t0: float, end: float, seconds: float,
+                   silence_between: bool) -> None:
     receiver = asyncio.create_task(_receive(ws, log))
     try:
         if interrupts:
@@ -297,14 +310,18 @@ async def drive_live(url: str, sessions: int, seconds: float, speaking: float,
     offset = time.time() - time.monotonic()
     run_s = max(seconds, interrupts * (INTERRUPT_SPEAK_S + INTERRUPT_PAUSE_S + 0.1))
     logs = [LiveLog(i, offset) for i in range(sessions + (1 if interrupts else 0))]
+    sockets = await asyncio.gather(*(_connect(url, log) for log in logs))
+    # the utterances staggered over the sessions admitted: `speaking` of them speak at once
+    opened = list(zip(logs, sockets, strict=True))
+    speakers = [log.session for log, ws in opened if ws and log.session < sessions]
     t0 = time.monotonic() + 1.0   # every session connected and showing idle frames first
     end = t0 + run_s + TAIL_S
     await asyncio.gather(*(
-        _session(url, log, utterance_plan(log.session, sessions, speaking, seconds)
-                 if log.session < sessions else [],
+        _session(ws, log, utterance_plan(speakers.index(log.session), len(speakers), speaking,
+                                         seconds) if log.session in speakers else [],
                  interrupts if log.session == sessions else 0, t0, end, seconds,
                  silence_between)
-        for log in logs))
+        for log, ws in opened if ws is not None))
     return logs
 
 

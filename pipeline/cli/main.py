@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "handshake, idle frames in silence")
     bench.add_argument("--speaking", type=float, default=0.5, metavar="F",
                        help="--live: the share of the time each session speaks, utterances "
-                            "staggered over the sessions (0: idle only, 1: all the time)")
+                            "staggered over the sessions admitted (0: idle only, 1: all the time)")
     bench.add_argument("--pauses-as-silence", action="store_true",
                        help="--live: speaking sessions stream all along, their pauses sent as "
                             "silent audio (a call; what streaming.skip_silent_frames saves on)")
