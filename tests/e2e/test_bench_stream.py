@@ -60,7 +60,9 @@ def test_a_live_sweep_with_interrupts(tmp_path, small_models_root, capsys):
     """`--stream --live --sweep 1,2 --interrupts 2` against a real server: each run's
     sessions get 25 frames/s of idle and speech frames, the interrupts are answered, and the
     sweep names the largest count holding 25 fps and writes its plot."""
-    config = write_config(tmp_path / "config.yaml", small_models_root)
+    # admission is not the point here (other tests load the box meanwhile)
+    config = write_config(tmp_path / "config.yaml", small_models_root,
+                          **{"streaming.capacity_fps": 10_000})
     plot = tmp_path / "sweep.svg"
     with ServerProcess(config, log_path=tmp_path / "server.log") as server:
         code = run_stream_bench(bench_args(config, server, live=True, seconds=2.0, interrupts=2,
@@ -85,7 +87,8 @@ def test_a_live_session_turned_away_at_the_handshake_is_refused_not_an_error(
     """A server full for this address answers the upgrade with HTTP 503: the live bench counts
     that session as refused, with the server's reason, as it does a capacity close."""
     config = write_config(tmp_path / "config.yaml", small_models_root,
-                          **{"streaming.max_sessions_per_address": 1})
+                          **{"streaming.max_sessions_per_address": 1,
+                             "streaming.capacity_fps": 10_000})
     with ServerProcess(config, log_path=tmp_path / "server.log") as server:
         code = run_stream_bench(bench_args(config, server, live=True, sessions=2, seconds=1.5))
     result = json.loads(capsys.readouterr().out)

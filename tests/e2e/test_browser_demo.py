@@ -40,7 +40,8 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def server(start_server):
-    return start_server()
+    # one session: admission is not the point here (other tests load the box meanwhile)
+    return start_server(**{"streaming.capacity_fps": 10_000})
 
 
 def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
