@@ -142,7 +142,9 @@ def write_config(path: Path, models_root: Path, runtime_dir: Path, provider: str
         "runtime": {"dir": str(runtime_dir), "instance": f"gpusuite{os.getpid()}",
                     "arena_mb": arena_mb},
         "ops": {"metrics_port": 0},
-        "streaming": {"max_clients": 500, "default_model": model},
+        # every bench session comes from 127.0.0.1
+        "streaming": {"max_clients": 500, "max_sessions_per_address": 0,
+                      "default_model": model},
         "models_root": str(models_root),
         "audio_encoder_path": "audio_encoder.onnx",
         "models": {model: spec},
@@ -209,3 +211,15 @@ def stream_figures(result: dict[str, Any]) -> dict[str, Any]:
             "fps_total": result.get("fps"), "max_p99_latency_ms": result["max_p99_latency_ms"],
             "max_live_p99_latency_ms": result.get("max_live_p99_latency_ms"),
             "errors": result["errors"], "stage_ms": result.get("stage_ms", {})}
+
+
+def live_figures(result: dict[str, Any]) -> dict[str, Any]:
+    per = result.get("per_session", [])
+    return {"sessions": result["sessions"], "seconds": result["seconds"],
+            "refused": result["refused"],
+            "holding_25fps": sum(bool(s["holds_25fps"]) for s in per),
+            "all_hold_25fps": result["all_hold_25fps"], "min_fps": result["min_fps"],
+            "speech_frames": result["speech_frames"], "missed_speech": result["missed_speech"],
+            "first_speech_ms_p99": result["first_speech_ms_p99"],
+            "jitter_ms_p99": result["jitter_ms_p99"], "errors": result["errors"],
+            "cpu_per_s": result.get("cpu_per_s", {})}

@@ -56,6 +56,12 @@ def table(report: dict[str, Any]) -> str:
         out.append("streaming at 25 fps: " + ", ".join(
             f"{r['sessions']} sessions {r['holding_25fps']}/{r['sessions']} hold"
             for _, r in streams) + f" -> most held: {max(held, default=0)}")
+    lives = _results(report, "live")
+    if lives:
+        out.append("live, half speaking: " + ", ".join(
+            f"{r['sessions']} sessions ({r['refused']} refused) "
+            f"{r['holding_25fps']}/{r['sessions'] - r['refused']} hold"
+            for _, r in lives))
     tests = next((s for s in report["steps"] if s["name"] == "tests"), None)
     if tests is not None:
         t = tests.get("result") or report.get("tests") or {}

@@ -24,7 +24,7 @@ def test_dry_run_runs_every_step_and_reports(tmp_path: Path) -> None:
     assert steps["wheels"]["status"] == "skipped" and steps["install"]["status"] == "skipped"
     assert {n: s["status"] for n, s in steps.items() if n not in ("wheels", "install")} == {
         "assets": "ok", "probe": "ok", "tests": "ok", "unet": "ok",
-        "e2e fp16+graphs": "ok", "stream 2": "ok", "server fp16+graphs": "ok"}
+        "e2e fp16+graphs": "ok", "stream 2": "ok", "live 2": "ok", "server fp16+graphs": "ok"}
 
     probe = steps["probe"]["result"]
     assert probe["session_providers"][0] == "CPUExecutionProvider"
@@ -47,6 +47,9 @@ def test_dry_run_runs_every_step_and_reports(tmp_path: Path) -> None:
     assert {"frontend", "gpu_worker 0", "compositor 0"} <= set(e2e["cores_busy"])
     stream = steps["stream 2"]["result"]
     assert stream["sessions"] == 2 and stream["errors"] == 0 and stream["fps_total"] > 0
+    live = steps["live 2"]["result"]
+    assert live["sessions"] == 2 and live["errors"] == 0 and live["refused"] == 0
+    assert live["min_fps"] >= 24.5 and live["speech_frames"] > 0
 
     log = (out / "gpu-suite.log").read_text()
     assert "gpus.cuda_graphs ignored: CUDA graphs need the CUDA execution provider" in log
