@@ -125,6 +125,19 @@ def child_pids(pid: int) -> set[int]:
     return found
 
 
+def role_pids(root: int, role: str) -> list[int]:
+    """The descendants of root that run `role` (process title `lipsync: <role>...`)."""
+    title = f"lipsync: {role}".encode()
+    pids = []
+    for pid in sorted(child_pids(root)):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(title):
+                pids.append(pid)
+        except OSError:  # gone meanwhile
+            continue
+    return pids
+
+
 def _wheel(folder: Path, name: str, payload: bytes) -> Path:
     """A valid pure-Python wheel (pip installs it) carrying `payload` in one module."""
     dist = f"{name}-1.0"

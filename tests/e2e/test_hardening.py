@@ -19,7 +19,7 @@ from pipeline.bench.local_server import ServerProcess
 from pipeline.client import channel, speech_like_audio
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
-from tests.conftest import ops_stats, write_config
+from tests.conftest import ops_stats, role_pids, write_config
 
 MAX_MESSAGE_MB = 24
 
@@ -180,18 +180,6 @@ def test_no_session_outlives_its_connection(server) -> None:
     assert stats["arena"]["blocks"] == 0
 
 
-def _frontend_pid(root: int) -> int | None:
-    from tests.conftest import child_pids
-
-    for pid in child_pids(root):
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"lipsync: frontend"):
-                return pid
-        except OSError:
-            continue
-    return None
-
-
 def test_a_restarted_frontend_knows_what_the_workers_hold(tmp_path: Path,
                                                          small_models_root: Path) -> None:
     """After the frontend is killed and restarted, ListModels, Health and UnloadModel agree
@@ -209,11 +197,10 @@ def test_a_restarted_frontend_knows_what_the_workers_hold(tmp_path: Path,
             stub = pb_grpc.MonolithicServiceStub(ch)
             assert stub.LoadModel(pb.LoadModelRequest(model_id="other"), timeout=60).success
             before = {m.model_id: m for m in stub.ListModels(pb.ListModelsRequest()).models}
-        frontend = _frontend_pid(srv.proc.pid)
-        assert frontend is not None
+        (frontend,) = role_pids(srv.proc.pid, "frontend")
         os.kill(frontend, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while _frontend_pid(srv.proc.pid) in (None, frontend):
+        while role_pids(srv.proc.pid, "frontend") in ([], [frontend]):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         from pipeline.bench.local_server import wait_healthy

@@ -189,7 +189,7 @@ def test_sigkill_under_load_costs_requests_never_the_service(tmp_path: Path,
     from pipeline.cli.stats import fetch
     from pipeline.shm.segment import list_segments
     from tests.conftest import SMALL_FRAMES as DEMO_FRAMES
-    from tests.conftest import child_pids
+    from tests.conftest import child_pids, role_pids
 
     kills = int(os.environ.get("LIPSYNC_KILL_ROUNDS", "6"))  # 20 and more: before a release
     config = write_config(tmp_path / "config.yaml", small_models_root, **{
@@ -236,8 +236,7 @@ def test_sigkill_under_load_costs_requests_never_the_service(tmp_path: Path,
                 outcomes.append("ok" if got == want else f"WRONG FRAMES {got} != {want}")
 
     with ServerProcess(config, log_path=tmp_path / "server.log") as srv:
-        frontend = next(p for p in child_pids(srv.proc.pid)
-                        if b"frontend" in Path(f"/proc/{p}/cmdline").read_bytes())
+        (frontend,) = role_pids(srv.proc.pid, "frontend")
         clients = [threading.Thread(target=client, args=(c,)) for c in range(3)]
         for t in clients:
             t.start()
@@ -245,8 +244,7 @@ def test_sigkill_under_load_costs_requests_never_the_service(tmp_path: Path,
         rss_start = fetch(ops)["frontend"]["rss_bytes"]
         for round_ in range(kills):
             for role in ("gpu_worker", "compositor"):
-                pids = [p for p in child_pids(srv.proc.pid)
-                        if role.encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+                pids = role_pids(srv.proc.pid, role)
                 served = outcomes.count("ok")
                 os.kill(pids[0], signal.SIGKILL)
                 deadline = time.monotonic() + 30

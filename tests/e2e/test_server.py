@@ -20,7 +20,7 @@ from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from pipeline.shm.segment import list_segments
 from tests.conftest import SMALL_FRAMES as FRAMES
-from tests.conftest import child_pids, write_config
+from tests.conftest import child_pids, role_pids, write_config
 
 VISUAL_FRAME_BYTES = 6 * 320 * 320 * 4
 
@@ -272,8 +272,7 @@ def test_a_killed_gpu_worker_is_restarted_and_serves_again(tmp_path: Path,
         stub = pb_grpc.MonolithicServiceStub(ch)
         req = build_request(config, "demo", 2, 0)
         assert stub.InferBatchComposite(req, timeout=60).success
-        worker = next(p for p in child_pids(srv.proc.pid)
-                      if b"gpu_worker" in Path(f"/proc/{p}/cmdline").read_bytes())
+        worker = role_pids(srv.proc.pid, "gpu_worker")[0]
         os.kill(worker, signal.SIGKILL)
         deadline = time.monotonic() + 60
         resp = None

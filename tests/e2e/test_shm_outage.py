@@ -20,7 +20,7 @@ from pipeline.bench.local_server import free_port, wait_healthy
 from pipeline.client import channel, speech_like_audio
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
-from tests.conftest import child_pids, write_config
+from tests.conftest import role_pids, write_config
 
 ARENA_MB = 128
 TMPFS_MB = 400
@@ -36,16 +36,6 @@ def _private_tmpfs_works() -> bool:
 
 pytestmark = pytest.mark.skipif(not _private_tmpfs_works(),
                                 reason="needs root and unshare -m for a private /dev/shm")
-
-
-def _frontend_pid(root_pid: int) -> int | None:
-    for pid in child_pids(root_pid):
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"lipsync: frontend"):
-                return pid
-        except OSError:
-            continue
-    return None
 
 
 def test_a_dead_frontends_arena_is_given_back_to_its_successor(tmp_path: Path,
@@ -75,11 +65,10 @@ def test_a_dead_frontends_arena_is_given_back_to_its_successor(tmp_path: Path,
         filler = os.open(shm / "filler", os.O_CREAT | os.O_RDWR)
         os.posix_fallocate(filler, 0, free - ARENA_MB * 2**20 // 2)  # half an arena left
         os.close(filler)
-        frontend = _frontend_pid(proc.pid)
-        assert frontend is not None
+        (frontend,) = role_pids(proc.pid, "frontend")
         os.kill(frontend, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while _frontend_pid(proc.pid) in (None, frontend):
+        while role_pids(proc.pid, "frontend") in ([], [frontend]):
             assert time.monotonic() < deadline, "the frontend was not restarted"
             time.sleep(0.1)
         assert wait_healthy(address, 30, died), \
