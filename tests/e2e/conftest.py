@@ -28,7 +28,6 @@ def start_server(tmp_path_factory: pytest.TempPathFactory,
         server = ServerProcess(config, log_path=tmp / "server.log")
         started.append(server)
         server.start()
-        server.config_path = config  # type: ignore[attr-defined]
         return server
 
     yield start

@@ -26,7 +26,7 @@ def _requests(server: ServerProcess) -> list[pb.CompositeBatchRequest]:
     """Different batch sizes, start frames, audio; one with the visual input server-built."""
     out = []
     for i, (batch, start) in enumerate([(5, 0), (3, 40), (7, 100), (1, 249), (6, 17)]):
-        req = build_request(server.config_path, "demo", batch, start)  # type: ignore[attr-defined]
+        req = build_request(server.config, "demo", batch, start)  # type: ignore[attr-defined]
         req.raw_audio = speech_like_audio((batch + 15) * 0.04, seed=i + 1).tobytes()
         if i == 2:
             req.visual_frames = b""

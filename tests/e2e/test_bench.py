@@ -26,7 +26,7 @@ def server(start_server):
 
 
 def test_compare_inprocess_and_ort(server: ServerProcess) -> None:
-    result = bench("--config", str(server.config_path), "--address", server.address,  # type: ignore[attr-defined]
+    result = bench("--config", str(server.config), "--address", server.address,  # type: ignore[attr-defined]
                    "--batch", "2", "--concurrency", "2", "--requests", "6", "--warmup", "1",
                    "--compare", "inprocess", "--compare", "ort", "--probe", "2",
                    "--visual", "server")
@@ -62,7 +62,7 @@ def test_compare_inprocess_and_ort(server: ServerProcess) -> None:
 
 
 def test_duration_mode_with_client_built_visual(server: ServerProcess) -> None:
-    result = bench("--config", str(server.config_path), "--address", server.address,  # type: ignore[attr-defined]
+    result = bench("--config", str(server.config), "--address", server.address,  # type: ignore[attr-defined]
                    "--batch", "1", "--concurrency", "2", "--duration", "1.5", "--warmup", "1",
                    "--probe", "0")
     assert result["errors"] == 0 and result["requests"] > 0 and result["visual"] == "client"

@@ -7,14 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipeline.bench.local_server import ServerProcess
-from tests.conftest import SMALL_FRAMES, ops_stats, write_config
+from tests.conftest import SMALL_FRAMES, ops_stats
 from tests.e2e.load import Load
 from tests.helpers import FrameOracle
 
@@ -22,15 +21,9 @@ POOL = 3
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory,
-           small_models_root: Path) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("compositor_loss")
-    config = write_config(tmp / "config.yaml", small_models_root, **{
-        "compositor.pool_size": POOL, "server.request_timeout_s": 30,
-        "runtime.restart_backoff_max_s": 0.5})
-    with ServerProcess(config, log_path=tmp / "server.log") as srv:
-        srv.config_path = config  # type: ignore[attr-defined]
-        yield srv
+def server(start_server) -> ServerProcess:
+    return start_server(**{"compositor.pool_size": POOL, "server.request_timeout_s": 30,
+                           "runtime.restart_backoff_max_s": 0.5})
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def corners(small_models_root: Path) -> Any:
 
 
 def _stats(server: ServerProcess) -> dict[str, Any]:
-    return ops_stats(server.config_path)  # type: ignore[attr-defined]
+    return ops_stats(server.config)  # type: ignore[attr-defined]
 
 
 def _all_alive(server: ServerProcess, timeout: float = 30.0) -> dict[str, Any]:

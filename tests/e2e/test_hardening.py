@@ -25,14 +25,9 @@ MAX_MESSAGE_MB = 24
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, small_models_root: Path):
-    tmp = tmp_path_factory.mktemp("hardening")
-    config = write_config(tmp / "config.yaml", small_models_root,
-                          **{"server.max_message_size_mb": MAX_MESSAGE_MB,
-                             "streaming.max_clients": 64})
-    with ServerProcess(config, log_path=tmp / "server.log") as srv:
-        srv.config_path = config  # type: ignore[attr-defined]
-        yield srv
+def server(start_server):
+    return start_server(**{"server.max_message_size_mb": MAX_MESSAGE_MB,
+                           "streaming.max_clients": 64})
 
 
 def raw_call(ch: grpc.Channel, method: str, data: bytes, timeout: float = 60) -> grpc.StatusCode:
@@ -120,7 +115,7 @@ def test_hostile_messages_do_not_stall_other_clients(server) -> None:
     assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 4
     assert results and all(results)
     # the target is 50 ms; the bound here leaves room for a loaded 2-core machine
-    assert ops_stats(server.config_path)["frontend"]["loop_lag_max_ms"] < 1000
+    assert ops_stats(server.config)["frontend"]["loop_lag_max_ms"] < 1000
 
 
 def pcm16(seconds: float, seed: int = 0) -> bytes:
@@ -154,7 +149,7 @@ def test_no_session_outlives_its_connection(server) -> None:
     """200 sessions of every ending: the sessions gauge returns to 0, the frontend's task
     count to where it was, and no arena block stays in use."""
     url = f"ws://127.0.0.1:{server.ws_port}/audio"
-    before = ops_stats(server.config_path)["frontend"]["tasks"]
+    before = ops_stats(server.config)["frontend"]["tasks"]
     endings = ["flush", "mid", "reset", "cancel"] * 50
 
     async def run() -> None:
@@ -169,7 +164,7 @@ def test_no_session_outlives_its_connection(server) -> None:
     asyncio.run(run())
     deadline = time.monotonic() + 10
     while True:
-        stats = ops_stats(server.config_path)
+        stats = ops_stats(server.config)
         settled = (stats["frontend"]["websocket_sessions"] == 0
                    and stats["frontend"]["tasks"] <= before and stats["arena"]["blocks"] == 0)
         if settled or time.monotonic() > deadline:
@@ -272,7 +267,7 @@ def test_a_bad_ops_request_gets_an_error_and_the_socket_keeps_serving(server) ->
     from pipeline.config import load_config
     from pipeline.runtime.addresses import Addresses
 
-    endpoint = Addresses.of(load_config(server.config_path)).ops
+    endpoint = Addresses.of(load_config(server.config)).ops
     ctx = zmq.Context.instance()
     replies = []
     for raw in (b"[" * 200_000 + b"]" * 200_000, b"\xff\xfe", b'{"cmd": 7}'):
@@ -284,7 +279,7 @@ def test_a_bad_ops_request_gets_an_error_and_the_socket_keeps_serving(server) ->
         replies.append(json.loads(sock.recv()))
         sock.close(0)
     assert all("error" in r for r in replies), replies
-    assert ops_stats(server.config_path)["frontend"]["pid"] > 0
+    assert ops_stats(server.config)["frontend"]["pid"] > 0
 
 
 def test_memory_goes_back_after_bursts_of_large_requests(server) -> None:
@@ -297,7 +292,7 @@ def test_memory_goes_back_after_bursts_of_large_requests(server) -> None:
         visual_frames=np.full(batch * 6 * 320 * 320, 0.5, np.float32).tobytes()).SerializeToString()
 
     def private_mb() -> float:
-        return ops_stats(server.config_path)["frontend"]["private_bytes"] / 2**20
+        return ops_stats(server.config)["frontend"]["private_bytes"] / 2**20
 
     def send(_: int) -> bool:
         with channel(server.address) as ch:

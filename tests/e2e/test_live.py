@@ -199,7 +199,7 @@ def test_live_sessions_beyond_the_frame_budget_are_refused(start_server) -> None
                 while True:
                     await fourth.recv()
         deadline = time.monotonic() + 10  # closed sessions free their share
-        while ops_stats(srv.config_path)["capacity"]["live_sessions"]:
+        while ops_stats(srv.config)["capacity"]["live_sessions"]:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
         return closed.value.rcvd.code, closed.value.rcvd.reason
@@ -235,7 +235,7 @@ def test_live_sessions_beyond_the_frame_budget_are_refused(start_server) -> None
     code, reason, grpc_code = asyncio.run(run())
     assert code == 1013 and "capacity" in reason
     assert grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    capacity = ops_stats(srv.config_path)["capacity"]
+    capacity = ops_stats(srv.config)["capacity"]
     assert capacity["budget_fps"] == 40 and capacity["refused"] == 3
 
 
@@ -265,7 +265,7 @@ async def _live_cycle(url: str, ending: str, seed: int) -> None:
 def test_live_sessions_leave_nothing_behind(server) -> None:
     """200 live sessions that disconnect mid-speech, interrupt while a render is in flight,
     or flood interrupts: afterwards no session, no arena block and no extra task remain."""
-    before = ops_stats(server.config_path)["frontend"]["tasks"]
+    before = ops_stats(server.config)["frontend"]["tasks"]
     endings = ["disconnect mid-speech", "interrupt in flight", "interrupt flood"]
 
     async def run() -> None:
@@ -280,7 +280,7 @@ def test_live_sessions_leave_nothing_behind(server) -> None:
     asyncio.run(run())
     deadline = time.monotonic() + 15
     while True:
-        stats = ops_stats(server.config_path)
+        stats = ops_stats(server.config)
         done = (stats["frontend"]["websocket_sessions"] == 0 and stats["arena"]["blocks"] == 0
                 and stats["frontend"]["tasks"] <= before)
         if done or time.monotonic() > deadline:
@@ -308,9 +308,9 @@ def test_silent_frames_are_not_rendered_when_asked(start_server) -> None:
             await reader
             return got
 
-    before = ops_stats(srv.config_path)["frames"]
+    before = ops_stats(srv.config)["frames"]
     got = asyncio.run(run())
-    rendered = ops_stats(srv.config_path)["frames"] - before
+    rendered = ops_stats(srv.config)["frames"] - before
     speech = [f for _, f in got.frames if f.speech]
     assert 15 <= len(speech) <= 50, len(speech)
     assert rendered < 60, rendered  # 75 frames of audio: the silence was skipped

@@ -101,10 +101,10 @@ def test_ops_socket_stats_table_and_metrics(server) -> None:
     with channel(server.address) as ch:
         stub = pb_grpc.MonolithicServiceStub(ch)
         for _ in range(3):
-            assert stub.InferBatchComposite(build_request(server.config_path, "demo", 2, 0),
+            assert stub.InferBatchComposite(build_request(server.config, "demo", 2, 0),
                                             timeout=60).success
         assert not stub.InferBatchComposite(pb.CompositeBatchRequest(), timeout=10).success
-    cli = [sys.executable, "-m", "pipeline.cli", "stats", "--config", str(server.config_path)]
+    cli = [sys.executable, "-m", "pipeline.cli", "stats", "--config", str(server.config)]
     raw = subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=30, check=True)
     stats = json.loads(raw.stdout)
     assert stats["frontend"]["pid"] > 0 and stats["frontend"]["rss_bytes"] > 0
@@ -120,7 +120,7 @@ def test_ops_socket_stats_table_and_metrics(server) -> None:
     assert stats["failures"]["invalid"] >= 1
     table = subprocess.run(cli, capture_output=True, text=True, timeout=30, check=True).stdout
     assert "gpu_worker 0" in table and "compositor 1" in table and "demo" in table
-    port = yaml.safe_load(server.config_path.read_text())["ops"]["metrics_port"]
+    port = yaml.safe_load(server.config.read_text())["ops"]["metrics_port"]
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     for name in ('lipsync_requests_total{model="demo"}', "lipsync_request_failures_total",
                  'lipsync_stage_duration_seconds_count{stage="unet"}', "lipsync_frames_total",
@@ -281,7 +281,7 @@ def test_sigkill_under_load_costs_requests_never_the_service(tmp_path: Path,
 
 def test_a_second_server_of_the_same_instance_refuses_to_start(server, tmp_path: Path) -> None:
     """Another lipsync serve with the same instance exits with a clear error; the first is unharmed."""
-    second = ServerProcess(server.config_path, log_path=tmp_path / "second.log",
+    second = ServerProcess(server.config, log_path=tmp_path / "second.log",
                            start_timeout_s=60)
     with pytest.raises(RuntimeError, match="exited with 1"):
         second.start()

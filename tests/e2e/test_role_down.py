@@ -25,13 +25,11 @@ HEARTBEAT_S = 2.0  # silence would take 3 beats (6 s): an answer within 1.5 s wa
 
 
 @pytest.fixture
-def server(tmp_path: Path, small_models_root: Path) -> Iterator[ServerProcess]:
-    config = write_config(tmp_path / "config.yaml", small_models_root, **{
-        "runtime.heartbeat_s": HEARTBEAT_S, "runtime.restart_backoff_max_s": 0.5,
-        "server.request_timeout_s": 30})
-    with ServerProcess(config, log_path=tmp_path / "server.log") as srv:
-        srv.config_path = config  # type: ignore[attr-defined]
-        yield srv
+def server(start_server) -> Iterator[ServerProcess]:
+    srv = start_server(**{"runtime.heartbeat_s": HEARTBEAT_S,
+                          "runtime.restart_backoff_max_s": 0.5, "server.request_timeout_s": 30})
+    yield srv
+    srv.stop()  # each test its own server
 
 
 def _inject(config: Path, message: msg.Message) -> None:
@@ -50,7 +48,7 @@ def test_a_raising_gpu_worker_fails_its_requests_at_once(server: ServerProcess,
     skew, which it may not serve) under load: every request in flight fails with a clear
     UNAVAILABLE naming the cause well before heartbeat silence could have told, no frame is
     wrong, and the restarted worker serves again."""
-    config: Path = server.config_path  # type: ignore[attr-defined]
+    config: Path = server.config  # type: ignore[attr-defined]
     worker: dict[str, Any] = ops_stats(config)["gpu_workers"][0]
     with Load(server.address, FrameOracle.of(small_models_root, SMALL_FRAMES),
               clients=4, batch=8) as load:

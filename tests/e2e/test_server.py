@@ -40,7 +40,7 @@ def stub(server: ServerProcess):
 
 
 def request(server: ServerProcess, batch: int, start: int, **fields: object) -> pb.CompositeBatchRequest:
-    req = build_request(server.config_path, "demo", batch, start)  # type: ignore[attr-defined]
+    req = build_request(server.config, "demo", batch, start)  # type: ignore[attr-defined]
     for name, value in fields.items():
         setattr(req, name, value)
     return req
