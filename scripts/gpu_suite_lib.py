@@ -203,23 +203,24 @@ def e2e_figures(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def stream_figures(result: dict[str, Any]) -> dict[str, Any]:
+def _held(result: dict[str, Any]) -> dict[str, Any]:
+    """What every streaming run reports: its sessions and how many held 25 fps."""
     per = result.get("per_session", [])
     return {"sessions": result["sessions"], "seconds": result["seconds"],
             "holding_25fps": sum(bool(s["holds_25fps"]) for s in per),
             "all_hold_25fps": result["all_hold_25fps"], "min_fps": result["min_fps"],
-            "fps_total": result.get("fps"), "max_p99_latency_ms": result["max_p99_latency_ms"],
+            "errors": result["errors"]}
+
+
+def stream_figures(result: dict[str, Any]) -> dict[str, Any]:
+    return {**_held(result), "fps_total": result.get("fps"),
+            "max_p99_latency_ms": result["max_p99_latency_ms"],
             "max_live_p99_latency_ms": result.get("max_live_p99_latency_ms"),
-            "errors": result["errors"], "stage_ms": result.get("stage_ms", {})}
+            "stage_ms": result.get("stage_ms", {})}
 
 
 def live_figures(result: dict[str, Any]) -> dict[str, Any]:
-    per = result.get("per_session", [])
-    return {"sessions": result["sessions"], "seconds": result["seconds"],
-            "refused": result["refused"],
-            "holding_25fps": sum(bool(s["holds_25fps"]) for s in per),
-            "all_hold_25fps": result["all_hold_25fps"], "min_fps": result["min_fps"],
+    return {**_held(result), "refused": result["refused"],
             "speech_frames": result["speech_frames"], "missed_speech": result["missed_speech"],
             "first_speech_ms_p99": result["first_speech_ms_p99"],
-            "jitter_ms_p99": result["jitter_ms_p99"], "errors": result["errors"],
-            "cpu_per_s": result.get("cpu_per_s", {})}
+            "jitter_ms_p99": result["jitter_ms_p99"], "cpu_per_s": result.get("cpu_per_s", {})}

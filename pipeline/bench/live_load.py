@@ -242,15 +242,12 @@ async def _connect(url: str, log: LiveLog) -> ClientConnection | None:
     refusal (HTTP 503 at the handshake, 1013 after it) or the error in `log`."""
     try:
         ws = await open_socket(url, f"bench-live-{log.session}")
-    except InvalidStatus as exc:
-        response = exc.response
-        if response.status_code == 503:  # full (max_clients, max_sessions_per_address)
-            log.refused = f"HTTP 503: {response.body.decode(errors='replace').strip()}"
+    except Exception as exc:
+        # 503: full (max_clients, max_sessions_per_address), a refusal like 1013
+        if isinstance(exc, InvalidStatus) and exc.response.status_code == 503:
+            log.refused = f"HTTP 503: {exc.response.body.decode(errors='replace').strip()}"
         else:
             log.errors.append(f"connect failed: {type(exc).__name__}: {exc}")
-        return None
-    except Exception as exc:
-        log.errors.append(f"connect failed: {type(exc).__name__}: {exc}")
         return None
     try:
         ready = await ws.recv()
