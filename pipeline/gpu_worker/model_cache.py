@@ -1,4 +1,5 @@
-"""The models a gpu_worker holds: each avatar's UNet session and decoded backgrounds.
+"""The models a gpu_worker holds: each avatar's UNet session and decoded backgrounds, and
+the backend they run on (provider, precision, threads: `backend`, re-planned by `planner`).
 
 Loads run on the shell's loader thread (`load_finished`), never on the engine's; the
 engine adopts the result when the `LoadFinished` comes back through its inbox, so a load
@@ -16,12 +17,14 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import Config, ModelConfig
 from pipeline.gpu_worker.device import DeviceMemory, Resolved
+from pipeline.gpu_worker.threads import ThreadPlanner, worker_cores
+from pipeline.gpu_worker.unet import Backend
 from pipeline.runtime.addresses import Addresses
 from pipeline.runtime.process import release_free_heap
 
 if TYPE_CHECKING:  # onnxruntime is imported only after the device is pinned
     from pipeline.gpu_worker.avatar import Avatar
-    from pipeline.gpu_worker.sessions import UNet
+    from pipeline.gpu_worker.unet import UNetRunner
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ _background_serial = itertools.count()
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    unet: UNet
+    unet: UNetRunner                    # replaced whole when its threads are re-planned
     avatar: Avatar
     memory_bytes: int                   # measured: device (or private) memory + backgrounds
     load_ns: int
@@ -51,6 +54,16 @@ class LoadFinished:
     error: str = ""                     # the client-facing reason when `model` is None
 
 
+@dataclass(frozen=True)
+class UNetRebuilt:
+    """A loaded model's UNet built again with the current threads (threads.py)."""
+
+    model_id: str
+    unet: UNetRunner | None
+    threads: int
+    error: str = ""
+
+
 class LoadError(Exception):
     """A model failed to load; the message is the client-facing reason."""
 
@@ -61,6 +74,14 @@ class ModelCache:
         self.index = gpu_index
         self.provider = provider
         self.memory = DeviceMemory(provider, gpu_index)
+        gpus = cfg.gpus
+        cpu = provider != "cuda"
+        cores = worker_cores(gpus.count) if cpu else 0
+        # ValueError for a precision this provider or CPU cannot run (checked at start)
+        self.backend = Backend.of(provider, gpus.unet_precision,
+                                  gpus.intra_op_threads or cores)
+        self.planner = ThreadPlanner(cores, self.backend.threads,
+                                     fixed=not cpu or gpus.intra_op_threads > 0)
         self.models: dict[str, LoadedModel] = {}
         self.loaded: dict[str, int] = {}
 
@@ -71,18 +92,14 @@ class ModelCache:
         """Sessions, backgrounds, one warm-up batch. Runs on the loader thread."""
         from pipeline.gpu_worker.avatar import load_avatar
         from pipeline.gpu_worker.cuda_graphs import CAPTURE_LOCK
-        from pipeline.gpu_worker.unet import load_unet
 
         t0 = time.monotonic_ns()
         before = self.memory.used_bytes()
-        gpus = self.cfg.gpus
         with CAPTURE_LOCK:  # a CUDA graph capture on the compute loop must not meet these
             try:            # allocations (cuda_graphs.py)
-                unet = load_unet(config.model_path, self.provider, gpus.intra_op_threads,
-                                   gpus.unet_precision, gpus.cuda_graphs)
+                unet = self.build_unet(config)
             except Exception as exc:
                 raise LoadError(f"failed to create inferencer: failed to create session: {exc}") from exc
-            unet.warm_up()
         name = Addresses.of(self.cfg).background_arena(self.index, next(_background_serial))
         try:
             avatar = load_avatar(config, name)
@@ -92,6 +109,16 @@ class ModelCache:
         # the load, plus the backgrounds' shared-memory segment
         memory = max(0, self.memory.used_bytes() - before) + avatar.nbytes
         return LoadedModel(config, unet, avatar, memory, time.monotonic_ns() - t0)
+
+    def build_unet(self, config: ModelConfig) -> UNetRunner:
+        """`config`'s UNet on the current backend, warm."""
+        from pipeline.gpu_worker.unet import load_unet
+
+        b = self.backend
+        unet = load_unet(config.model_path, b.provider, b.threads, b.precision,
+                         self.cfg.gpus.cuda_graphs)
+        unet.warm_up()
+        return unet
 
     def add(self, model: LoadedModel) -> None:
         self.models[model.config.model_id] = model
@@ -123,3 +150,12 @@ def load_finished(cache: ModelCache, config: ModelConfig) -> LoadFinished:
     except Exception as exc:
         error = str(exc) if isinstance(exc, LoadError) else f"{type(exc).__name__}: {exc}"
         return LoadFinished(config.model_id, None, error)
+
+
+def unet_rebuilt(cache: ModelCache, config: ModelConfig) -> UNetRebuilt:
+    """`config`'s UNet built again with the cache's current threads, as an inbox item."""
+    threads = cache.backend.threads
+    try:
+        return UNetRebuilt(config.model_id, cache.build_unet(config), threads)
+    except Exception as exc:
+        return UNetRebuilt(config.model_id, None, threads, f"{type(exc).__name__}: {exc}")

@@ -17,7 +17,7 @@ from pipeline.client import speech_like_audio
 from pipeline.config import Config, ModelConfig, load_config
 from pipeline.gpu_worker.batching import Inbox
 from pipeline.gpu_worker.engine import EVENTS, FRONTEND, JOBS, ConfigMismatch, Engine
-from pipeline.gpu_worker.model_cache import ModelCache, load_finished
+from pipeline.gpu_worker.model_cache import ModelCache, load_finished, unet_rebuilt
 from pipeline.shm.arena import Arena
 from pipeline.shm.segment import SHM_DIR, segment_name
 from pipeline.synctalk import PREDICTION_BYTES, VISUAL_BYTES, VISUAL_SHAPE
@@ -35,6 +35,7 @@ class Harness:
         self.cfg = cfg
         self.emitted: list[tuple[str, msg.Message]] = []
         self.loads: list[str] = []
+        self.rebuilds: list[str] = []
         self.deferred: list[ModelConfig] | None = None  # a list: loads wait for finish_loads()
         self.inbox = Inbox()
         self.cache = ModelCache(cfg, 0, "cpu")
@@ -45,7 +46,11 @@ class Harness:
                                   256 * 2**20)
         self.next_id = 1
 
-    def _start_load(self, config: ModelConfig) -> None:
+    def _start_load(self, config: ModelConfig, rebuild: bool) -> None:
+        if rebuild:
+            self.rebuilds.append(config.model_id)
+            self.inbox.put(unet_rebuilt(self.cache, config))
+            return
         self.loads.append(config.model_id)
         if self.deferred is not None:
             self.deferred.append(config)
