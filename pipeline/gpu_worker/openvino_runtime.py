@@ -108,6 +108,11 @@ class OpenVinoUNet:
         self.audio_name = self.audio_port.get_any_name()
         self.output_name = self.output_port.get_any_name()
         self.request = compiled.create_infer_request()
+        # what the request holds between runs: a wrapped array keeps its buffer (a mapping
+        # of shared memory) alive, and a dead frontend's arena must not stay mapped by us
+        self.parked = [(port, ov.Tensor(np.zeros((1, *shape), np.float32))) for port, shape in (
+            (self.visual_port, VISUAL_SHAPE), (self.audio_port, AUDIO_SHAPE),
+            (self.output_port, PREDICTION_SHAPE))]
 
     @classmethod
     def create(cls, path: Path, precision: str, threads: int) -> OpenVinoUNet:
@@ -119,13 +124,17 @@ class OpenVinoUNet:
         if not len(visual) == len(audio) == len(out):
             raise ValueError(f"batch sizes differ: {len(visual)}, {len(audio)}, {len(out)}")
         request = self.request
-        request.set_tensor(self.visual_port, _shared(visual, self.visual_name))
-        request.set_tensor(self.audio_port, _shared(audio, self.audio_name))
-        request.set_tensor(self.output_port, _shared(out, self.output_name))
-        request.infer()
-        written = request.get_tensor(self.output_port)
-        if written.data.ctypes.data != out.ctypes.data:  # OpenVINO replaced our buffer
-            out[...] = written.data.reshape(out.shape)
+        try:
+            request.set_tensor(self.visual_port, _shared(visual, self.visual_name))
+            request.set_tensor(self.audio_port, _shared(audio, self.audio_name))
+            request.set_tensor(self.output_port, _shared(out, self.output_name))
+            request.infer()
+            written = request.get_tensor(self.output_port)
+            if written.data.ctypes.data != out.ctypes.data:  # OpenVINO replaced our buffer
+                out[...] = written.data.reshape(out.shape)
+        finally:
+            for port, tensor in self.parked:
+                request.set_tensor(port, tensor)
 
     def warm_up(self) -> None:
         """One frame through the network: the first run allocates and picks its kernels."""
@@ -154,4 +163,5 @@ class OpenVinoAudioEncoder:
         windows = np.ascontiguousarray(windows, np.float32)
         self.request.set_tensor(self.input_port, _shared(windows, "mel windows"))
         self.request.infer()
+        # the output is the request's own memory, reused by the next run: the caller's copy
         return np.array(self.request.get_tensor(self.output_port).data, copy=True)
