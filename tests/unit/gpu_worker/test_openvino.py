@@ -101,6 +101,8 @@ def test_a_run_reads_and_writes_shared_memory_in_place(bench_unet: Path, instanc
     out = segment.ndarray(sizes[0] + sizes[1], (batch, *PREDICTION_SHAPE), "float32")
     v[...], a[...], out[...] = visual, audio, np.nan
     seen: list[bool] = []
+    ports = [unet.visual_port, unet.audio_port, unet.output_port]  # type: ignore[attr-defined]
+    addresses = [array.ctypes.data for array in (v, a, out)]
     request = unet.request  # type: ignore[attr-defined]
     infer = request.infer
 
@@ -109,9 +111,8 @@ def test_a_run_reads_and_writes_shared_memory_in_place(bench_unet: Path, instanc
             return getattr(request, name)
 
         def infer(self) -> None:
-            seen.extend(request.get_tensor(port).data.ctypes.data == array.ctypes.data
-                        for port, array in ((unet.visual_port, v), (unet.audio_port, a),  # type: ignore[attr-defined]
-                                            (unet.output_port, out)))  # type: ignore[attr-defined]
+            seen.extend(request.get_tensor(port).data.ctypes.data == address
+                        for port, address in zip(ports, addresses, strict=True))
             infer()
 
     unet.request = Spy()  # type: ignore[attr-defined]
