@@ -5,7 +5,9 @@ holding 25 fps (`--stream --live --sweep ...`).
 
 Each server is `lipsync serve` on the given config with `gpus.provider` (and, with
 `--precision`, `gpus.unet_precision`) replaced, in a runtime directory of its own; the
-servers run side by side and the one not measured idles.
+servers run side by side and the one not measured idles. An entry PROVIDER:THREADS also
+fixes `gpus.intra_op_threads` (`openvino:1,openvino:2,openvino:0` compares thread counts,
+0 being the measured plan).
 """
 from __future__ import annotations
 
@@ -30,17 +32,21 @@ from pipeline.demo.ensure import ensure_model
 from pipeline.runtime.addresses import Addresses
 
 
-def provider_config(config: Path, provider: str, precision: str, folder: Path) -> Path:
-    """A copy of `config` in `folder` that runs `provider` (and `precision`, when given):
-    paths made absolute, its own runtime directory and instance, no metrics port."""
+def provider_config(config: Path, entry: str, precision: str, folder: Path) -> Path:
+    """A copy of `config` in `folder` that runs `entry` (PROVIDER or PROVIDER:THREADS; and
+    `precision`, when given): paths made absolute, its own runtime directory and instance,
+    no metrics port."""
     cfg = load_config(config)
+    provider, _, threads = entry.partition(":")
     raw = yaml.safe_load(config.read_text()) or {}
     raw["models_root"] = str(cfg.models_root)
     raw.setdefault("gpus", {})["provider"] = provider
+    if threads:
+        raw["gpus"]["intra_op_threads"] = int(threads)
     if precision:
         raw["gpus"]["unet_precision"] = precision
-    raw.setdefault("runtime", {}).update(dir=str(folder / "run"),
-                                         instance=f"{cfg.runtime.instance}{provider}")
+    raw.setdefault("runtime", {}).update(
+        dir=str(folder / "run"), instance=f"{cfg.runtime.instance}{provider}{threads}")
     raw.setdefault("ops", {}).update(metrics_port=0, endpoint="")
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -51,7 +57,7 @@ def start_servers(stack: ExitStack, config: Path, providers: list[str],
                   precision: str) -> dict[str, ServerProcess]:
     servers = {}
     for provider in providers:
-        folder = Path(tempfile.mkdtemp(prefix=f"lipsync-bench-{provider}-"))
+        folder = Path(tempfile.mkdtemp(prefix=f"lipsync-bench-{provider.replace(':', '-')}-"))
         path = provider_config(config, provider, precision, folder)
         servers[provider] = stack.enter_context(
             ServerProcess(path, log_path=folder / "server.log"))
@@ -60,12 +66,14 @@ def start_servers(stack: ExitStack, config: Path, providers: list[str],
 
 def run_providers(args: argparse.Namespace) -> int:
     providers = [p for p in args.providers.split(",") if p]
-    if len(providers) < 2 or len(set(providers)) != len(providers) or set(providers) - {
-            "cpu", "openvino", "cuda"}:
-        raise SystemExit("lipsync bench --providers: two or more of cpu, openvino, cuda")
-    if args.duration is None or args.duration <= 0 or args.rounds < 1:
-        raise SystemExit("lipsync bench --providers: measures --duration S (> 0) per provider, "
-                         "in --rounds alternating rounds")
+    if len(providers) < 2 or len(set(providers)) != len(providers) or not all(
+            p.partition(":")[0] in ("cpu", "openvino", "cuda")
+            and (p.partition(":")[2] or "0").isdigit() for p in providers):
+        raise SystemExit("lipsync bench --providers: two or more different entries, each "
+                         "cpu, openvino or cuda, optionally :THREADS")
+    if args.rounds < 1 or (not args.stream and (args.duration is None or args.duration <= 0)):
+        raise SystemExit("lipsync bench --providers: measures --duration S (> 0) per provider "
+                         "(or the live sweep, --stream --live), in --rounds alternating rounds")
     ensure_model(args.config, args.model)
     with ExitStack() as stack:
         servers = start_servers(stack, args.config, providers, args.precision)
@@ -100,7 +108,8 @@ def _batch(args: argparse.Namespace, servers: dict[str, ServerProcess]) -> dict[
             client.close()
     return {"visual": args.visual, **{p: {**m.summary(args.batch, args.concurrency),
                                           "fps_per_round": per_round[p],
-                                          "backend": _backend(servers[p])}
+                                          "backend": _backend(servers[p]),
+                                          "capacity": _stats(servers[p])["capacity"]}
                                        for p, m in measured.items()}}
 
 
@@ -112,6 +121,7 @@ def _live(args: argparse.Namespace, servers: dict[str, ServerProcess]) -> dict[s
     sizes = sweep_sizes(args.sweep, args.sessions)
     held: dict[str, list[int]] = {p: [] for p in servers}
     runs: dict[str, list[list[dict[str, Any]]]] = {p: [] for p in servers}
+    capacity: dict[str, list[dict[str, Any]]] = {p: [] for p in servers}
     for _ in range(args.rounds):
         for provider, server in servers.items():
             ops = Addresses.of(load_config(server.config)).ops
@@ -122,21 +132,30 @@ def _live(args: argparse.Namespace, servers: dict[str, ServerProcess]) -> dict[s
                                                args.interrupts, ops, args.pauses_as_silence))
                 time.sleep(SETTLE_S)
             held[provider].append(largest_holding(rows))
+            capacity[provider].append(_stats(server)["capacity"])
             runs[provider].append([{k: r[k] for k in ("sessions", "min_fps", "all_hold_25fps",
                                                       "refused", "missed_speech")
                                     if k in r} for r in rows])
     return {"speaking": args.speaking, "seconds": args.seconds, "sweep": sizes,
             **{p: {"largest_holding_25fps": statistics.median(held[p]),
                    "largest_per_round": held[p], "runs": runs[p],
+                   # the frame budget the server measured (speech frames/s it sustains)
+                   "capacity_per_round": capacity[p],
                    "backend": _backend(servers[p])} for p in servers}}
+
+
+def _stats(server: ServerProcess) -> dict[str, Any]:
+    from pipeline.cli.stats import fetch
+
+    return fetch(Addresses.of(load_config(server.config)).ops)
 
 
 def _backend(server: ServerProcess) -> str:
     """What the server's worker 0 says it runs (its heartbeat, via the ops socket)."""
-    from pipeline.cli.stats import fetch
-
-    worker = fetch(Addresses.of(load_config(server.config)).ops)["gpu_workers"][0]
-    return f"{worker.get('backend', '?')} {worker.get('precision', '?')} x{worker.get('threads', 0)}"
+    worker = _stats(server)["gpu_workers"][0]
+    plan = worker.get("thread_plan") or {}
+    return (f"{worker.get('backend', '?')} {worker.get('precision', '?')} "
+            f"x{worker.get('threads', 0)} (CPU ms per frame {plan.get('cpu_ms_per_frame')})")
 
 
 def _text(result: dict[str, Any], providers: list[str], key: str) -> str:

@@ -104,6 +104,10 @@ def variant_throughput(model_path: Path, providers: list[Resolved], variants: li
     unets: dict[tuple[Resolved, str], UNetRunner] = {}
     for provider in providers:
         for name in variants:
+            if "/" in name:  # "provider/variant": that provider only
+                only, name = name.split("/", 1)
+                if only != provider:
+                    continue
             precision, graphs = VARIANTS[name]
             if name not in PROVIDER_VARIANTS[provider]:
                 rows.append({"provider": provider, "variant": name,
@@ -185,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--providers", default="",
                    help="comma-separated, of cuda, cpu, openvino (default: the config's)")
     p.add_argument("--variants", default="",
-                   help=f"comma-separated, of {', '.join(VARIANTS)} (default: every one the "
-                        "providers run)")
+                   help=f"comma-separated, of {', '.join(VARIANTS)}, each alone or as "
+                        "PROVIDER/VARIANT (default: every one the providers run)")
     p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     p.add_argument("--seconds", type=float, default=2.0, help="measured seconds per batch")
     p.add_argument("--threads", type=int, default=0,
@@ -209,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         resolve_provider(cfg.gpus.provider, 1)]
     variants = [v for v in args.variants.split(",") if v] or list(dict.fromkeys(
         v for prov in providers for v in PROVIDER_VARIANTS[prov]))
-    if set(variants) - set(VARIANTS):
-        raise SystemExit(f"bench_unet: unknown variants {sorted(set(variants) - set(VARIANTS))}")
+    names = {v.rsplit("/", 1)[-1] for v in variants}
+    if names - set(VARIANTS):
+        raise SystemExit(f"bench_unet: unknown variants {sorted(names - set(VARIANTS))}")
     result: dict[str, object] = {"model": args.model, "provider": providers[0],
                                  "throughput": variant_throughput(
                                      cfg.models[args.model].model_path, providers, variants,
@@ -220,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             result["precision"] = [precision_check(
                 args.config, args.model, providers[0], args.precision_check,
                 reference=(providers[0], "fp32"), candidate=(prov, name))
-                for prov in providers[1:] for name in PROVIDER_VARIANTS[prov] if name in variants]
+                for prov in providers[1:] for name in PROVIDER_VARIANTS[prov]
+                if name in variants or f"{prov}/{name}" in variants]
         else:
             result["precision"] = precision_check(args.config, args.model, providers[0],
                                                   args.precision_check)
