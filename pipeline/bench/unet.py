@@ -29,14 +29,17 @@ from pipeline.gpu_worker.precision import max_abs_diff, psnr_db
 from pipeline.gpu_worker.unet import UNetRunner, load_unet
 from pipeline.synctalk import AUDIO_SHAPE, PREDICTION_SHAPE, VISUAL_SHAPE
 
-# name -> (gpus.unet_precision, gpus.cuda_graphs)
+# name -> (gpus.unet_precision, gpus.cuda_graphs); "+static": OpenVINO compiled for each
+# batch size instead of the dynamic batch the worker runs (what the choice was measured on)
 VARIANTS: dict[str, tuple[str, bool]] = {
     "fp32": ("fp32", False), "tf32": ("tf32", False), "fp16": ("fp16", False),
-    "bf16": ("bf16", False), "fp32+graphs": ("fp32", True), "fp16+graphs": ("fp16", True)}
+    "bf16": ("bf16", False), "fp32+graphs": ("fp32", True), "fp16+graphs": ("fp16", True),
+    "fp32+static": ("fp32", False), "bf16+static": ("bf16", False)}
 # what each provider runs of them
 PROVIDER_VARIANTS: dict[str, tuple[str, ...]] = {
     "cuda": ("fp32", "tf32", "fp16", "fp32+graphs", "fp16+graphs"),
-    "cpu": ("fp32", "fp16"), "openvino": ("fp32", "bf16")}
+    "cpu": ("fp32", "fp16"), "openvino": ("fp32", "bf16", "fp32+static", "bf16+static")}
+DEFAULT_VARIANTS = ("fp32", "tf32", "fp16", "bf16", "fp32+graphs", "fp16+graphs")
 ROUNDS = 3
 
 
@@ -102,6 +105,7 @@ def variant_throughput(model_path: Path, providers: list[Resolved], variants: li
     in ROUNDS alternating rounds of seconds / ROUNDS when there is more than one."""
     rows: list[dict[str, object]] = []
     unets: dict[tuple[Resolved, str], UNetRunner] = {}
+    static: dict[tuple[Resolved, str], str] = {}  # compiled per batch below
     for provider in providers:
         for name in variants:
             if "/" in name:  # "provider/variant": that provider only
@@ -113,10 +117,18 @@ def variant_throughput(model_path: Path, providers: list[Resolved], variants: li
                 rows.append({"provider": provider, "variant": name,
                              "skipped": f"the {provider} provider does not run {name}"})
                 continue
-            unets[provider, name] = load_unet(model_path, provider, threads, precision, graphs)
-    rounds = ROUNDS if len(unets) > 1 else 1
+            if name.endswith("+static"):
+                static[provider, name] = precision
+            else:
+                unets[provider, name] = load_unet(model_path, provider, threads, precision, graphs)
+    rounds = ROUNDS if len(unets) + len(static) > 1 else 1
     for batch in batches:
-        steps = {key: _step(unet, key[0], batch) for key, unet in unets.items()}
+        per_batch = dict(unets)
+        for key, precision in static.items():
+            from pipeline.gpu_worker.openvino_runtime import OpenVinoUNet, compile_model
+
+            per_batch[key] = OpenVinoUNet(compile_model(model_path, precision, threads, batch))
+        steps = {key: _step(unet, key[0], batch) for key, unet in per_batch.items()}
         for step in steps.values():
             for _ in range(3):
                 step()
@@ -212,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     providers: list[Resolved] = [resolve_provider(v, 1) for v in cfg_providers] or [
         resolve_provider(cfg.gpus.provider, 1)]
     variants = [v for v in args.variants.split(",") if v] or list(dict.fromkeys(
-        v for prov in providers for v in PROVIDER_VARIANTS[prov]))
+        v for prov in providers for v in PROVIDER_VARIANTS[prov] if v in DEFAULT_VARIANTS))
     names = {v.rsplit("/", 1)[-1] for v in variants}
     if names - set(VARIANTS):
         raise SystemExit(f"bench_unet: unknown variants {sorted(names - set(VARIANTS))}")
@@ -226,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.config, args.model, providers[0], args.precision_check,
                 reference=(providers[0], "fp32"), candidate=(prov, name))
                 for prov in providers[1:] for name in PROVIDER_VARIANTS[prov]
-                if name in variants or f"{prov}/{name}" in variants]
+                if (name in variants or f"{prov}/{name}" in variants) and name in DEFAULT_VARIANTS]
         else:
             result["precision"] = precision_check(args.config, args.model, providers[0],
                                                   args.precision_check)

@@ -69,9 +69,11 @@ def device_name() -> str:
     return str(core().get_property("CPU", "FULL_DEVICE_NAME"))
 
 
-def compile_model(model: Path, precision: str, threads: int) -> ov.CompiledModel:
+def compile_model(model: Path, precision: str, threads: int,
+                  batch: int | None = None) -> ov.CompiledModel:
     """`model` (an ONNX file) compiled for the CPU at `precision` (fp32 or bf16) with
-    `threads` inference threads (0: OpenVINO's choice, every core)."""
+    `threads` inference threads (0: OpenVINO's choice, every core); with `batch`, for that
+    batch size only (the alternative to the dynamic batch that the benchmarks measure)."""
     if precision not in _HINTS:
         raise ValueError(f"OpenVINO runs fp32 or bf16, not {precision!r}")
     config: dict[str, Any] = {
@@ -79,7 +81,12 @@ def compile_model(model: Path, precision: str, threads: int) -> ov.CompiledModel
         "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    return core().compile_model(str(model), "CPU", config)
+    if batch is None:
+        return core().compile_model(str(model), "CPU", config)
+    graph = core().read_model(str(model))
+    graph.reshape({port.get_any_name(): [batch, *list(port.get_partial_shape())[1:]]
+                   for port in graph.inputs})
+    return core().compile_model(graph, "CPU", config)
 
 
 def _shared(array: np.ndarray, name: str) -> ov.Tensor:
