@@ -117,7 +117,9 @@ class OpenVinoUNet:
         self.request = compiled.create_infer_request()
         # what the request holds between runs: a wrapped array keeps its buffer (a mapping
         # of shared memory) alive, and a dead frontend's arena must not stay mapped by us
-        self.parked = [(port, ov.Tensor(np.zeros((1, *shape), np.float32))) for port, shape in (
+        batch = compiled.inputs[0].get_partial_shape()[0]  # static: compiled for one size
+        rows = batch.get_length() if batch.is_static else 1
+        self.parked = [(port, ov.Tensor(np.zeros((rows, *shape), np.float32))) for port, shape in (
             (self.visual_port, VISUAL_SHAPE), (self.audio_port, AUDIO_SHAPE),
             (self.output_port, PREDICTION_SHAPE))]
 
