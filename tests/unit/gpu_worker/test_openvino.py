@@ -245,10 +245,10 @@ def test_unloaded_models_give_their_memory_back(bench_unet: Path) -> None:
 
 def test_a_model_compiled_for_one_batch_size_predicts_the_same(tmp_path: Path) -> None:
     """The benchmarks' alternative to the dynamic batch (compiled per batch size) gives the
-    dynamic model's prediction."""
+    dynamic model's prediction (within float32 rounding of other kernels)."""
     path = tmp_path / "unet.onnx"
     onnx.save(build_unet_model(), str(path))
     visual, audio = _inputs(2)
     static = ov_runtime.OpenVinoUNet(ov_runtime.compile_model(path, "fp32", 1, batch=2))
     dynamic = load_unet(path, "openvino", 1, "fp32")
-    assert max_abs_diff(_run(static, visual, audio), _run(dynamic, visual, audio)) <= 1e-6
+    assert max_abs_diff(_run(static, visual, audio), _run(dynamic, visual, audio)) <= 1e-5
