@@ -108,8 +108,8 @@ class OpenVinoUNet:
             raise ValueError("the model must have two inputs (one [B,6,320,320]) and one output, "
                              f"got inputs {[(i.get_any_name(), str(i.get_partial_shape())) for i in inputs]}")
         self.visual_port = visual[0]
-        self.audio_port = next(i for i in inputs if i is not visual[0]
-                               and i.get_any_name() != visual[0].get_any_name())
+        self.audio_port = next(i for i in inputs
+                               if i.get_any_name() != visual[0].get_any_name())
         self.output_port = compiled.outputs[0]
         self.visual_name = self.visual_port.get_any_name()
         self.audio_name = self.audio_port.get_any_name()
