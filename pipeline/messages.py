@@ -64,6 +64,7 @@ class InferRequest(Message, frozen=True):
     sent_ns: int = 0                    # time.monotonic_ns() at the frontend's send
     backgrounds: tuple[int, ...] = ()   # frame i's background frame (a live session's walk);
                                         # empty: start_frame_idx + i
+    live: bool = False                  # a live session's: served ahead of batch work
 
 
 class BackgroundFrames(Message, frozen=True):
@@ -98,6 +99,7 @@ class CompositeJob(Message, frozen=True):
     rect: tuple[int, int, int, int]     # x1, y1, x2, y2 (half-open)
     mode: Literal["synctalk", "stretch"]
     jpeg_quality: int
+    live: bool = False                  # a live session's frame: handed out first
 
 
 class ReleaseSegment(Message, frozen=True):

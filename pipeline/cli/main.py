@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--interrupts", type=int, default=0, metavar="N",
                        help="--live: one more session speaks and interrupts itself N times "
                             "(interrupt latency p50/p99)")
+    bench.add_argument("--batch-load", type=int, default=0, metavar="N",
+                       help="--live: N gRPC clients send --batch frame requests (server-built "
+                            "visual) all the while: do admitted live sessions keep their speech "
+                            "frames under batch load?")
     bench.add_argument("--sweep", metavar="S,S,...",
                        help="--stream: one run per session count against the same server; a "
                             "table, the largest count holding 25 fps, and a plot (--plot)")

@@ -307,7 +307,8 @@ class Engine:
                                          req.output.offset + i * PREDICTION_BYTES,
                                          PREDICTION_SHAPE, "float32"),
                 background=model.avatar.background_ref(frame), rect=model.avatar.rect(frame),
-                mode=model.config.composite_mode, jpeg_quality=self.cfg.jpeg_quality))
+                mode=model.config.composite_mode, jpeg_quality=self.cfg.jpeg_quality,
+                live=req.live))
 
     def _view(self, ref: msg.TensorRef) -> np.ndarray:
         return self.segments.ndarray(ref.segment, ref.offset, ref.shape, ref.dtype)
