@@ -41,7 +41,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from pipeline.bench.figures import percentile, role_cpu_seconds
 from pipeline.bench.stream_load import HOLD_FPS, open_socket, pcm_s16le
 from pipeline.client import parse_frame_message
-from pipeline.synctalk import VIDEO_FPS
+from pipeline.synctalk import SAMPLE_RATE, VIDEO_FPS
 
 PERIOD_S = 4.0              # a speaking session speaks `speaking` of every period
 CHUNK_S = 0.04              # one audio message: 40 ms
@@ -218,7 +218,7 @@ async def _receive(ws: ClientConnection, log: LiveLog) -> None:
 
 async def _speak(ws: ClientConnection, pcm: bytes, start: float) -> None:
     """`pcm` at real-time pace from the monotonic time `start`, 40 ms a message."""
-    step = round(CHUNK_S * 16000) * 2
+    step = round(CHUNK_S * SAMPLE_RATE) * 2
     for k in range(math.ceil(len(pcm) / step)):
         delay = start + k * CHUNK_S - time.monotonic()
         if delay > 0:

@@ -155,7 +155,7 @@ class InFlight:
                 visual=refs["visual"], build_visual=req.visual is None, audio=refs.get("audio"),
                 sample_rate=req.sample_rate, features=refs.get("features"),
                 stream_offset=req.stream_offset, sent_ns=time.monotonic_ns(),
-                backgrounds=req.backgrounds, live=req.live)))
+                background_indices=req.background_indices, live=req.live)))
             async with asyncio.timeout(deadline - time.monotonic()):
                 return await asyncio.shield(pending.future)
         except (TimeoutError, asyncio.CancelledError):
@@ -173,7 +173,7 @@ class InFlight:
             elif not pending.abandoned:
                 self._finish(pending)
 
-    async def backgrounds(self, worker: int, model_id: str, indices: tuple[int, ...],
+    async def background_jpegs(self, worker: int, model_id: str, indices: tuple[int, ...],
                           deadline: float) -> list[bytes]:
         """The JPEGs of these background frames of the model as they are (idle frames):
         no tensors, no arena block; the compositors encode them."""
@@ -185,7 +185,7 @@ class InFlight:
                           asyncio.get_running_loop().create_future())
         self.pending[request_id] = pending
         try:
-            await self.client.send(worker, msg.encode(msg.BackgroundFrames(
+            await self.client.send(worker, msg.encode(msg.BackgroundJpegs(
                 request_id, view.pid, model_id, indices)))
             async with asyncio.timeout(deadline - time.monotonic()):
                 result = await asyncio.shield(pending.future)

@@ -95,10 +95,10 @@ class Router:
         self.registry.count(req.model_id, result.done.inference_ns)
         return result, lease
 
-    async def backgrounds(self, model_id: str, indices: tuple[int, ...],
+    async def background_jpegs(self, model_id: str, indices: tuple[int, ...],
                           timeout: float) -> list[bytes]:
         """JPEGs of the model's background frames as they are (a live session's idle
         frames), from the worker that holds it (loaded first if needed)."""
         deadline = time.monotonic() + timeout
         async with self.registry.lease(model_id, deadline) as lease:
-            return await self.runner.inflight.backgrounds(lease.worker, model_id, indices, deadline)
+            return await self.runner.inflight.background_jpegs(lease.worker, model_id, indices, deadline)

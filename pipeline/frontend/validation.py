@@ -45,18 +45,18 @@ class InferInput:
     sample_rate: int
     features: np.ndarray | None   # deprecated: 8192 float32
     stream_offset: int = -1       # a stream's batch: audio starts at this sample of the stream
-    backgrounds: tuple[int, ...] = ()  # a live stream's background frame of each frame
+    background_indices: tuple[int, ...] = ()  # a live stream's background frame of each frame
     live: bool = False            # a live session's: goes ahead of batch work
     warmup: bool = False          # a model's warm-up at load (admitted and measured, not a
                                   # client's request)
 
     @classmethod
     def stream_batch(cls, model_id: str, first: int, batch: int, audio: np.ndarray,
-                     stream_offset: int, backgrounds: tuple[int, ...], live: bool) -> InferInput:
+                     stream_offset: int, background_indices: tuple[int, ...], live: bool) -> InferInput:
         """Frames [first, first + batch) of a stream, from its audio slice that starts at
         stream sample `stream_offset`."""
         return cls(model_id, batch, first, None, audio, SAMPLE_RATE, None,
-                   stream_offset=stream_offset, backgrounds=backgrounds, live=live)
+                   stream_offset=stream_offset, background_indices=background_indices, live=live)
 
     @classmethod
     def warmup_of(cls, model_id: str) -> InferInput:

@@ -92,7 +92,7 @@ class Engine:
         self.loading: dict[str, Loading] = {}
         self.handlers: dict[type, Callable[[object], None]] = {
             msg.InferRequest: self._on_infer,  # type: ignore[dict-item]
-            msg.BackgroundFrames: self._on_backgrounds,  # type: ignore[dict-item]
+            msg.BackgroundJpegs: self._on_background_jpegs,  # type: ignore[dict-item]
             msg.LoadModel: self._on_load,  # type: ignore[dict-item]
             msg.UnloadModel: self._on_unload,  # type: ignore[dict-item]
             LoadFinished: self._on_load_finished,  # type: ignore[dict-item]
@@ -191,7 +191,7 @@ class Engine:
 
     # ---- inference ---------------------------------------------------------------------
 
-    def _on_backgrounds(self, req: msg.BackgroundFrames) -> None:
+    def _on_background_jpegs(self, req: msg.BackgroundJpegs) -> None:
         """A compositing job per frame with no prediction: the background's JPEG as it is."""
         model = self.cache.get(req.model_id)
         if model is None:
@@ -283,7 +283,7 @@ class Engine:
             raise RequestError(f"Failed to encode audio features: {exc}") from exc
         t1 = time.monotonic_ns()
         if req.build_visual:
-            model.avatar.visual_inputs(_backgrounds(req), out=self._view(req.visual))
+            model.avatar.visual_inputs(_background_indices(req), out=self._view(req.visual))
         return Prepared(req, features, started_ns=t0, audio_ns=t1 - t0, encoder_ns=encoder_ns,
                         visual_ns=time.monotonic_ns() - t1 if req.build_visual else 0)
 
@@ -300,7 +300,7 @@ class Engine:
 
     def _emit_jobs(self, model: LoadedModel, req: msg.InferRequest) -> None:
         """One CompositeJob per frame: the compositors read prediction and background in place."""
-        for i, frame in enumerate(_backgrounds(req)):
+        for i, frame in enumerate(_background_indices(req)):
             self.emit(JOBS, msg.CompositeJob(
                 request_id=req.request_id, frame_index=i,
                 prediction=msg.TensorRef(req.output.segment,
@@ -314,9 +314,9 @@ class Engine:
         return self.segments.ndarray(ref.segment, ref.offset, ref.shape, ref.dtype)
 
 
-def _backgrounds(req: msg.InferRequest) -> Sequence[int]:
+def _background_indices(req: msg.InferRequest) -> Sequence[int]:
     """The background frame of each of the request's frames."""
-    return req.backgrounds or range(req.start_frame_idx, req.start_frame_idx + req.batch_size)
+    return req.background_indices or range(req.start_frame_idx, req.start_frame_idx + req.batch_size)
 
 
 def _client_error(exc: Exception, req: msg.InferRequest) -> str:

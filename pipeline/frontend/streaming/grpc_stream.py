@@ -24,7 +24,7 @@ from pipeline.protocol import Error, encode_status
 from pipeline.rpc import inference_pb2 as ipb
 from pipeline.rpc import inference_pb2_grpc as ipb_grpc
 from pipeline.rpc import monolithic_pb2 as pb
-from pipeline.synctalk import FRAME_US, SAMPLE_RATE
+from pipeline.synctalk import FRAME_US, SAMPLE_RATE, VIDEO_FPS
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ class InferenceService(ipb_grpc.InferenceServiceServicer):
         summary = {"client_id": client_id, "model": spec.model_id,
                    "chunks": len(request.audio_chunks),
                    "audio_seconds": round(sum(map(len, request.audio_chunks)) // 2 / SAMPLE_RATE, 3),
-                   "frames": len(frames), "fps": 25,
+                   "frames": len(frames), "fps": VIDEO_FPS,
                    "processing_ms": round((time.perf_counter() - t0) * 1e3, 1)}
         return ipb.AudioResponse(client_id=client_id, result=json.dumps(summary),
                                  status_code=200, message="ok", frames=frames)

@@ -63,7 +63,7 @@ class IdleFrames:
         frames: list[bytes] = []
         for start in range(0, count, IDLE_CHUNK):
             indices = tuple(range(start, min(count, start + IDLE_CHUNK)))
-            frames += await self.router.backgrounds(model_id, indices,
+            frames += await self.router.background_jpegs(model_id, indices,
                                                     self.cfg.server.request_timeout_s)
         self._frames[model_id] = frames
         log.info("idle frames of %s: %d JPEGs, %.1f MB", model_id, len(frames),

@@ -67,7 +67,7 @@ class SpeechQueue:
     def begin(self, anchor: Anchor) -> None:
         self.anchor = anchor
 
-    def backgrounds(self, first: int, count: int) -> tuple[int, ...]:
+    def background_indices(self, first: int, count: int) -> tuple[int, ...]:
         assert self.anchor is not None
         return tuple(ping_pong(self.anchor.live(k), self.count) for k in range(first, first + count))
 

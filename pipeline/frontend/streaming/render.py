@@ -46,12 +46,12 @@ class FrameSource(Protocol):
 
     async def infer(self, req: InferInput, timeout: float) -> tuple[InferResult, Lease]: ...
 
-    async def backgrounds(self, model_id: str, indices: tuple[int, ...],
+    async def background_jpegs(self, model_id: str, indices: tuple[int, ...],
                           timeout: float) -> list[bytes]: ...
 
 
 class Walk(Protocol):
-    def backgrounds(self, first: int, count: int) -> tuple[int, ...]:
+    def background_indices(self, first: int, count: int) -> tuple[int, ...]:
         """The background frame of frames [first, first + count) (() : frame k shows
         background k, the audio clock's own)."""
 
@@ -65,7 +65,7 @@ class FrameOut(Protocol):
 class AudioClock:
     """The audio mode's walk: frame k shows background k."""
 
-    def backgrounds(self, first: int, count: int) -> tuple[int, ...]:
+    def background_indices(self, first: int, count: int) -> tuple[int, ...]:
         return ()
 
 
@@ -292,7 +292,7 @@ class SpeechRenderer:
             hi = min(hi, self.audio.end)
             request = InferInput.stream_batch(
                 self.model_id, first, batch, self.audio.copy(lo, hi), stream_offset=lo,
-                backgrounds=self.walk.backgrounds(first, batch), live=self.live)
+                background_indices=self.walk.background_indices(first, batch), live=self.live)
             started = time.monotonic()
             try:
                 result, _ = await self.router.infer(request, self.cfg.server.request_timeout_s)

@@ -24,6 +24,7 @@ from pipeline.frontend.streaming.live import IdleFrames, LiveSession
 from pipeline.frontend.streaming.render import FrameSource
 from pipeline.frontend.streaming.session import AudioSession
 from pipeline.protocol import Pong, Ready
+from pipeline.synctalk import VIDEO_FPS
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class Sessions:
             log.info("client %s connected (%s, model %s%s)", session.client_id, spec.transport,
                      spec.model_id, ", live" if spec.live else "")
             try:
-                await sink(Ready(session.client_id, spec.model_id, 25, spec.fmt.sample_rate,
+                await sink(Ready(session.client_id, spec.model_id, VIDEO_FPS, spec.fmt.sample_rate,
                                  spec.fmt.encoding, "live" if spec.live else ""))
                 await session.start()
                 yield session

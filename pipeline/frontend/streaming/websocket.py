@@ -31,7 +31,7 @@ from pipeline.frontend.streaming.session import escape
 from pipeline.frontend.streaming.sessions import RateLimit, Sessions, SessionSpec, control
 from pipeline.protocol import Error, encode_status, frame_message, live_frame_message
 from pipeline.protocol import control_kind as parse_control
-from pipeline.synctalk import FRAME_US
+from pipeline.synctalk import FRAME_US, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -258,4 +258,4 @@ def _model(request: Request, query: dict[str, str], cfg: Config) -> str:
 
 
 def _format(query: dict[str, str]) -> AudioFormat:
-    return AudioFormat(query.get("format", "s16le"), int(query.get("rate", 16000)))
+    return AudioFormat(query.get("format", "s16le"), int(query.get("rate", SAMPLE_RATE)))

@@ -49,7 +49,7 @@ class Frames:
         frames = [str(req.start_frame_idx + i).encode() for i in range(req.batch_size)]
         return InferResult(frames, done, 0, 0, 0, 0, 0), Lease(0, False, 0)
 
-    async def backgrounds(self, model_id: str, indices: tuple[int, ...],
+    async def background_jpegs(self, model_id: str, indices: tuple[int, ...],
                           timeout: float) -> list[bytes]:
         return [f"idle{i}".encode() for i in indices]
 
@@ -116,7 +116,7 @@ def test_audio_mode_sends_every_frame_in_order_from_slices_of_the_stream(tmp_pat
     assert sink.of(Flushed) == [Flushed(25)]
     for req in router.requests:
         lo, _ = stream_samples(req.start_frame_idx, req.batch_size)
-        assert req.stream_offset == lo and not req.live and req.backgrounds == ()
+        assert req.stream_offset == lo and not req.live and req.background_indices == ()
 
 
 def test_many_tiny_chunks_take_linear_time(tmp_path: Path) -> None:
@@ -211,7 +211,7 @@ def test_live_video_runs_at_25_fps_and_speech_continues_the_walk(tmp_path: Path)
     assert {b.due_epoch_us - a.due_epoch_us for a, b in pairwise(frames)} == {40_000}
     speech = [f for f in frames if f.speech]
     assert speech and not frames[0].speech and not frames[-1].speech
-    assert all(r.live and len(r.backgrounds) == r.batch_size for r in router.requests)
+    assert all(r.live and len(r.background_indices) == r.batch_size for r in router.requests)
     (interrupted,) = sink.of(Interrupted)
     assert interrupted.dropped_frames > 0
     assert not any(f.speech for f in frames if f.index >= interrupted.frame)
