@@ -250,14 +250,21 @@ async def _connect(url: str, log: LiveLog) -> ClientConnection | None:
             log.errors.append(f"connect failed: {type(exc).__name__}: {exc}")
         return None
     try:
-        ready = await ws.recv()
+        first = json.loads(await ws.recv())
     except ConnectionClosed as exc:
         if exc.rcvd is not None and exc.rcvd.code == 1013:
             log.refused = exc.rcvd.reason
         else:
             log.errors.append(f"connection closed: {exc}")
         return None
-    log.statuses.append((time.monotonic(), json.loads(ready)))
+    if first.get("type") == "error":  # refused after the upgrade: the reason, then 1013
+        await ws.wait_closed()
+        if ws.close_code == 1013:
+            log.refused = first.get("message", "")
+        else:
+            log.errors.append(f"server error: {first.get('message')}")
+        return None
+    log.statuses.append((time.monotonic(), first))
     return ws
 
 

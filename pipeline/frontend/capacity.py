@@ -16,8 +16,9 @@ granted one is never left uncounted. Every stream session needs one (WebSocket, 
 ProcessAudio alike): at most `streaming.max_clients` open, `max_sessions_per_address` from one
 address. A live session also needs room in the budget: 25 frames/s free now, and every open
 live session's expected speech (`streaming.live_speech_share` of 25 frames/s each) within the
-budget. What is in use is the speech rendered in the last WINDOW_S, plus, for each live
-session whose utterance has just begun, what its 25 frames/s exceed of its own frames measured
+budget. What is in use is the live sessions' speech rendered in the last WINDOW_S (batch
+work goes after live work: it takes what live sessions leave, and does not count), plus,
+for each live session whose utterance has just begun, what its 25 frames/s exceed of its own frames measured
 so far (its frames are not all in the window yet); one session reserves at most one utterance,
 however often it is interrupted.
 """
@@ -74,9 +75,11 @@ class FrameBudget:
 
     # ---- what is measured --------------------------------------------------------------
 
-    def observe(self, result: InferResult, rendered: bool = True) -> None:
-        """A request rendered `len(result.frames)` frames at these stage costs (`rendered`
-        False: a warm-up, which seeds the costs but is not speech in use)."""
+    def observe(self, result: InferResult, live: bool = False, warmup: bool = False) -> None:
+        """A request rendered `len(result.frames)` frames at these stage costs. Every
+        request measures the cost of a frame (a warm-up seeds it); only a live session's
+        frames are speech in use: batch work yields to live work, so it leaves the budget
+        to live sessions."""
         frames = len(result.frames)
         if not frames:
             return
@@ -85,8 +88,9 @@ class FrameBudget:
         stages = (done.audio_ns + done.visual_ns + result.paste_ns + result.jpeg_ns) / frames
         self.stage_s_per_frame = _ewma(self.stage_s_per_frame, (stages + unet) / 1e9)
         self.unet_s_per_frame = _ewma(self.unet_s_per_frame, unet / 1e9)
-        if rendered:
+        if not warmup:
             self.frames += frames
+        if live:
             self._rendered.append((time.monotonic(), frames))
 
     def sample_cpu(self, cpu_seconds: float, box_cpu_seconds: float,
@@ -164,7 +168,7 @@ class FrameBudget:
         return cpu
 
     def rendered_fps(self) -> float:
-        """Frames rendered per second over the last WINDOW_S."""
+        """Live sessions' frames rendered per second over the last WINDOW_S."""
         now = time.monotonic()
         while self._rendered and self._rendered[0][0] < now - WINDOW_S:
             self._rendered.popleft()

@@ -43,7 +43,7 @@ class Runner:
             self.metrics.warmup_done(req.model_id)
         else:
             self.metrics.request_done(req.model_id, result)
-        self.budget.observe(result, rendered=not req.warmup)
+        self.budget.observe(result, live=req.live, warmup=req.warmup)
         return result
 
     def _admit(self, req: InferInput) -> int:

@@ -72,7 +72,7 @@ def test_an_utterance_counts_its_own_rendered_frames_once() -> None:
     a = admission(100)
     ticket = a.admit("a", live=True)
     ticket.speaking()
-    a.budget.observe(rendered(20, 1.0))   # 20 frames in the 2 s window: 10 frames/s
+    a.budget.observe(rendered(20, 1.0), live=True)  # 20 frames in the 2 s window: 10 frames/s
     ticket.rendered(20)
     assert a.used_fps() == pytest.approx(25.0)
 
@@ -108,7 +108,7 @@ def test_the_client_caps_count_every_transport_and_refuse_before_anything_is_hel
 
 def test_measured_rendering_counts_and_the_budget_follows_the_stage_costs() -> None:
     """Unmeasured: no limit. 10 ms of stage compute per frame on N cores: 0.85 N / 0.01
-    frames/s; 2 s of rendering at the budget leaves no room for a 25 frames/s session."""
+    frames/s; 2 s of live rendering at the budget leaves no room for a 25 frames/s session."""
     a = admission()
     b = a.budget
     assert b.budget_fps() == float("inf")
@@ -116,17 +116,27 @@ def test_measured_rendering_counts_and_the_budget_follows_the_stage_costs() -> N
     b.observe(rendered(8, 10.0))
     assert abs(b.budget_fps() - 0.85 * b.cores / 0.010) < 1e-6
     for _ in range(int(b.budget_fps() * 2.0) // 8 + 1):
-        b.observe(rendered(8, 10.0))
+        b.observe(rendered(8, 10.0), live=True)
     assert a.used_fps() >= b.budget_fps() - 25
     with pytest.raises(Refused):
         a.admit("a", live=True)
+
+
+def test_batch_work_measures_the_cost_of_a_frame_but_takes_no_live_room() -> None:
+    """Batch requests at full tilt: they measure the cost of a frame (and count in the CPU
+    samples) but are not speech in use: live work goes first, batch takes what is left."""
+    a = admission(100)
+    for _ in range(50):
+        a.budget.observe(rendered(8, 5.0))
+    assert a.budget.frames == 400 and a.used_fps() == 0
+    a.admit("a", live=True)
 
 
 def test_a_warm_up_seeds_the_budget_but_is_no_speech_in_use() -> None:
     """A model's warm-up measures the stage costs (the budget is known before any session)
     without counting as frames rendered."""
     a = admission()
-    a.budget.observe(rendered(1, 20.0), rendered=False)
+    a.budget.observe(rendered(1, 20.0), warmup=True)
     assert a.budget.budget_fps() == pytest.approx(0.85 * a.budget.cores / 0.020)
     assert a.used_fps() == 0 and a.budget.frames == 0
 
