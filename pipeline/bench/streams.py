@@ -13,7 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench import live_load, stream_load
+from pipeline.bench import live_figures, live_load, stream_load
 from pipeline.bench.grpc_load import Clients
 from pipeline.bench.local_server import start_server
 from pipeline.bench.plot import sweep_svg
@@ -131,7 +131,7 @@ def run_stream_bench(args: argparse.Namespace) -> int:
                                               args.model, ops)
             rows.append(result)
             if not args.json:
-                print((live_load.table if args.live else stream_load.table)(result), flush=True)
+                print((live_figures.table if args.live else stream_load.table)(result), flush=True)
     if len(sizes) == 1:
         if args.json:
             print(json.dumps(rows[0]))
