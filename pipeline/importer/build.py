@@ -109,7 +109,8 @@ def _copy_frames(run: TrainingRun, dest: Path, progress: Progress | None
     sizes: list[tuple[int, int]] = []
     digest = hashlib.sha256()
     # decoding releases the GIL: threads use every core
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+    pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
+    try:
         for i, (size, frame_sha) in enumerate(pool.map(copy, range(total))):
             if sizes and size != sizes[0]:
                 raise ImportFailed(f"frame {i}: {run.frames[i]} is {size[0]}x{size[1]}, frame 0 "
@@ -119,6 +120,8 @@ def _copy_frames(run: TrainingRun, dest: Path, progress: Progress | None
             digest.update(frame_sha)
             if progress is not None:
                 progress(i + 1, total)
+    finally:  # a failure stops the frames not started yet
+        pool.shutdown(wait=True, cancel_futures=True)
     return sizes, digest.hexdigest()
 
 

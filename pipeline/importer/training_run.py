@@ -44,7 +44,7 @@ class TrainingRun:
     audio_encoder: Path
     dataset: Path
     frames: list[Path]      # frame i's image, i = 0 .. N-1
-    landmarks: list[Path]   # frame i's landmarks (existence checked when read)
+    landmarks: list[Path]   # frame i's landmarks
 
 
 def locate(root: Path, name: str, checkpoint: Path | None = None,
@@ -66,6 +66,9 @@ def locate(root: Path, name: str, checkpoint: Path | None = None,
             raise ImportFailed(f"{what} {path} not found")
     frames = frame_files(images)
     landmarks = [dataset / "landmarks" / f"{i}.lms" for i in range(len(frames))]
+    missing = next((i for i, path in enumerate(landmarks) if not path.is_file()), None)
+    if missing is not None:  # said before any frame is copied
+        raise ImportFailed(f"frame {missing} has no landmarks ({landmarks[missing]} is missing)")
     return TrainingRun(name, checkpoint, encoder, dataset, frames, landmarks)
 
 

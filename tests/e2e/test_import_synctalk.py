@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from pipeline.synctalk import visual_input
 from tests.conftest import synctalk2d_run, write_config
 
-MODEL = "synctalk"
+MODEL, COPY = "synctalk", "synctalk_copy"
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +62,14 @@ def imported(run: Path, tmp_path_factory: pytest.TempPathFactory,
 
 @pytest.fixture(scope="module")
 def server(start_server, imported: tuple[Path, dict]) -> ServerProcess:
-    """A server with the demo avatar and the imported one (preloaded)."""
-    _, entry = imported
-    return start_server(**{f"models.{MODEL}": {**entry, "preload_model": True}})
+    """A server with the demo avatar, the imported one (preloaded), and a copy of it under
+    another id for the re-import test."""
+    folder, entry = imported
+    shutil.copytree(folder, folder.parent / COPY)
+    copy = {k: v.replace(f"/{MODEL}/", f"/{COPY}/") if isinstance(v, str) else v
+            for k, v in entry.items()}
+    return start_server(**{f"models.{MODEL}": {**entry, "preload_model": True},
+                           f"models.{COPY}": copy})
 
 
 def test_the_unet_predicts_what_synctalk2d_predicted(run: Path, imported: tuple[Path, dict]) -> None:
@@ -104,6 +110,16 @@ def test_crop_rects_and_visual_input_are_synctalk2ds(run: Path,
         np.testing.assert_allclose(visual_input(frame, tuple(rects[used[i]])), visual, atol=1e-6)
 
 
+def _frame(stub: pb_grpc.MonolithicServiceStub, model: str, start: int,
+           features: np.ndarray) -> np.ndarray:
+    """Frame `start` of `model` rendered with `features` ([32,16,16]), decoded."""
+    response = stub.InferBatchComposite(pb.CompositeBatchRequest(
+        model_id=model, batch_size=1, start_frame_idx=start,
+        audio_features=features.astype("<f4").tobytes()), timeout=60)
+    assert response.success, response.error
+    return cv2.imdecode(np.frombuffer(response.composited_frames[0], np.uint8), cv2.IMREAD_COLOR)
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
@@ -120,12 +136,7 @@ def test_the_server_composites_synctalk2ds_frames(run: Path, imported: tuple[Pat
     with channel(server.address) as ch:
         stub = pb_grpc.MonolithicServiceStub(ch)
         for i, frame_index in enumerate(used.tolist()):
-            response = stub.InferBatchComposite(pb.CompositeBatchRequest(
-                model_id=MODEL, batch_size=1, start_frame_idx=frame_index,
-                audio_features=features[i].astype("<f4").tobytes()), timeout=60)
-            assert response.success, response.error
-            got = cv2.imdecode(np.frombuffer(response.composited_frames[0], np.uint8),
-                               cv2.IMREAD_COLOR)
+            got = _frame(stub, MODEL, frame_index, features[i])
             want = cv2.imread(str(run / "reference" / "frames" / f"{i}.png"))
             background = cv2.imread(str(folder / "frames" / f"frame_{frame_index:04d}.jpg"))
             x1, y1, x2, y2 = rects[frame_index]
@@ -165,3 +176,31 @@ def test_a_websocket_session_streams_the_imported_avatar(run: Path,
     shapes = {cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).shape
               for jpeg in frames.values()}
     assert shapes == {(360, 640, 3)}
+
+
+def test_a_reimport_is_served_after_unload_and_load(run: Path, imported: tuple[Path, dict],
+                                                     server: ServerProcess,
+                                                     tmp_path: Path) -> None:
+    """Importing another checkpoint over a served id (--force) changes nothing until the
+    model is unloaded; LoadModel then serves the new weights (same paths, same frames)."""
+    from pipeline.bench.training_run import bench_unet_state_dict, write_torch_zip
+
+    folder, _ = imported
+    features, frame = reference(run, "audio_feat")[0], int(reference(run, "img_index")[0])
+    want = cv2.imread(str(run / "reference" / "frames" / "0.png"))
+    x1, y1, x2, y2 = json.loads((folder / "crop_rects.json").read_text())[frame]
+    with channel(server.address) as ch:
+        stub = pb_grpc.MonolithicServiceStub(ch)
+        before = _frame(stub, COPY, frame, features)
+        checkpoint = write_torch_zip(tmp_path / "300.pth", bench_unet_state_dict())
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "import-synctalk", str(run), "demo",
+             "--out", str(folder.parent / COPY), "--checkpoint", str(checkpoint), "--force"],
+            capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        np.testing.assert_array_equal(_frame(stub, COPY, frame, features), before)
+        assert stub.UnloadModel(pb.UnloadModelRequest(model_id=COPY), timeout=60).success
+        assert stub.LoadModel(pb.LoadModelRequest(model_id=COPY), timeout=120).success
+        after = _frame(stub, COPY, frame, features)
+    assert _psnr(before[y1:y2, x1:x2], want[y1:y2, x1:x2]) >= 35.0
+    assert _psnr(after[y1:y2, x1:x2], want[y1:y2, x1:x2]) < 30.0

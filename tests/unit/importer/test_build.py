@@ -121,6 +121,26 @@ def test_the_highest_epoch_is_imported(run: Path, tmp_path: Path) -> None:
         import_training_run(variant, "may", tmp_path / "c", checkpoint=folder / "9.pth")
 
 
+def test_an_onnx_that_does_not_fit_the_server_is_refused(run: Path, tmp_path: Path) -> None:
+    """An ONNX given as the UNet with other inputs, or with its batch fixed at 1 (an export
+    without a dynamic axis), is refused saying what the server feeds; nothing is written."""
+    from pipeline.demo.graphs import build_audio_encoder_model
+
+    encoder = tmp_path / "encoder.onnx"
+    encoder.write_bytes(build_audio_encoder_model().SerializeToString())
+    with pytest.raises(ImportFailed, match=r"inputs \[\('mel_spectrogram', \('batch', 1, 80, "
+                                           r"16\)\)\] and outputs .*; the server feeds"):
+        import_training_run(run, "may", tmp_path / "a", checkpoint=encoder)
+    fixed = build_bench_unet()
+    for value in [*fixed.graph.input, *fixed.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    unet = tmp_path / "fixed.onnx"
+    unet.write_bytes(fixed.SerializeToString())
+    with pytest.raises(ImportFailed, match="'input' has its batch dimension fixed at 1"):
+        import_training_run(run, "may", tmp_path / "b", checkpoint=unet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.onnx", "fixed.onnx"]
+
+
 class _System:
     def __init__(self, command: str) -> None:
         self.command = command
