@@ -126,13 +126,14 @@ def _copy_frames(run: TrainingRun, dest: Path, progress: Progress | None
 
 
 def run_one_frame(folder: Path) -> None:
-    """Load `folder`'s graphs with the server's own loaders and render its frame 0 (audio of
-    silence): ImportFailed unless a finite [1,3,320,320] prediction in [0, 1] comes out."""
+    """Load `folder`'s graphs with the server's own loaders and render its frame 0 (mel
+    windows of silence through the encoder: the mel itself is the server's, not the
+    model's): ImportFailed unless a finite [1,3,320,320] prediction in [0, 1] comes out."""
     from pipeline.gpu_worker import audio
     from pipeline.gpu_worker.avatar import load_crop_rects
     from pipeline.gpu_worker.sessions import AudioEncoder
     from pipeline.gpu_worker.unet import load_unet
-    from pipeline.synctalk import FRAME_SAMPLES, PREDICTION_SHAPE, visual_input
+    from pipeline.synctalk import CONTEXT, MEL_WINDOW_SHAPE, PREDICTION_SHAPE, visual_input
 
     try:
         unet = load_unet(folder / UNET_FILE, "cpu")
@@ -140,8 +141,8 @@ def run_one_frame(folder: Path) -> None:
         frame = cv2.imread(str(next((folder / FRAMES_DIR).glob("frame_0000.*"))))
         rect = tuple(int(v) for v in load_crop_rects(folder / RECTS_FILE)[0])
         visual = visual_input(frame, rect)[None]  # type: ignore[arg-type]
-        features = audio.request_features(encoder.encode, np.zeros(16 * FRAME_SAMPLES, np.float32),
-                                          audio.SAMPLE_RATE, 1)
+        silence = np.full((2 * CONTEXT, *MEL_WINDOW_SHAPE), audio.SILENCE, np.float32)
+        features = audio.frame_features(encoder.encode(silence), 1)
         prediction = np.empty((1, *PREDICTION_SHAPE), np.float32)
         unet.run(visual, features, prediction)
     except Exception as exc:
