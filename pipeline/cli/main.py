@@ -83,8 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo_assets)
 
     for register in (import_synctalk.register, prepare_avatar.register, render.register,
-                     stats.register,
-                     standalone.register, lb_config.register):
+                     stats.register, standalone.register, lb_config.register):
         register(sub)
 
     bench = with_config(sub.add_parser("bench", help="measure frames/s and latency"))

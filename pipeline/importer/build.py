@@ -65,11 +65,14 @@ def import_training_run(root: Path, name: str, out: Path, checkpoint: Path | Non
     doc = f"SyncTalk-2D '{name}' imported by {TOOL} from {run.checkpoint.name}"
     unet = unet_graph(run, doc)
     encoder = encoder_graph(run, f"SyncTalk-2D audio encoder imported by {TOOL}")
+    # the first folder above `out` that this import creates: removed again if it fails
+    created = next((p for p in reversed(out.parents) if not p.exists()), None)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = new_dir(out.parent, f".{out.name}.import-")
     except OSError as exc:
         raise ImportFailed(f"cannot create {out.parent}: {exc.strerror}") from None
+    installed = False
     try:
         (staging / UNET_FILE).write_bytes(unet)
         (staging / ENCODER_FILE).write_bytes(encoder)
@@ -83,10 +86,13 @@ def import_training_run(root: Path, name: str, out: Path, checkpoint: Path | Non
         record = _record(run, frames_sha, smooth, staging)
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
         _install(staging, out)
+        installed = True
     except OSError as exc:
         raise ImportFailed(f"cannot write {out}: {exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created is not None and not installed:
+            shutil.rmtree(created, ignore_errors=True)
     return Imported(out, len(run.frames), parameters(unet), time.perf_counter() - t0)
 
 

@@ -207,7 +207,8 @@ def test_a_bad_run_is_refused_and_leaves_nothing(run: Path, tmp_path: Path, spoi
     models.mkdir()
     config = tmp_path / "config.yaml"
     config.write_text(f"models_root: {models}\nmodels: {{}}\n")
-    assert _cli(str(variant), "may", "--config", str(config)) == 2
+    assert _cli(str(variant), "may", "--config", str(config),
+                "--out", str(models / "new" / "may")) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
     assert list(models.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == [
