@@ -148,7 +148,9 @@ def _read_zip(path: Path) -> StateDict:
             name = f"{prefix}data/{storage.key}"
             if name not in names:
                 raise CheckpointError(f"storage {storage.key} is missing from the archive")
-            return archive.read(name)
+            # read no more than the tensors need: a deflated member cannot inflate past it
+            with archive.open(name) as member:
+                return member.read(storage.numel * _ITEMSIZE[storage.dtype])
 
         return _tensors(root, {k: _array(s, data(s), order) for k, s in storages.items()})
 
