@@ -73,7 +73,7 @@ class InProcessEngine:
         self._control(msg.LoadModel(next(self._ids), os.getpid(), model_id))
         loaded = cache.get(model_id)
         assert loaded is not None
-        self.encoder, self.unet, self.avatar = self.engine.encoder, loaded.unet, loaded.avatar
+        self.encoder, self.unet, self.avatar = loaded.encoder, loaded.unet, loaded.avatar
 
     def _control(self, message: msg.LoadModel) -> None:
         self.emitted.clear()

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -32,9 +31,6 @@ from pipeline.runtime.logs import logging_request
 from pipeline.runtime.process import RoleError
 from pipeline.shm.segment import SegmentCache
 from pipeline.synctalk import PREDICTION_BYTES, PREDICTION_SHAPE
-
-if TYPE_CHECKING:  # onnxruntime is imported only after the device is pinned
-    from pipeline.gpu_worker.sessions import AudioEncoder
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +72,11 @@ class ConfigMismatch(RoleError):
 
 class Engine:
     def __init__(self, cfg: Config, gpu_index: int, provider: Resolved, inbox: Inbox,
-                 cache: ModelCache, encoder: AudioEncoder, emit: Emit,
-                 start_load: StartLoad) -> None:
+                 cache: ModelCache, emit: Emit, start_load: StartLoad) -> None:
         self.cfg = cfg
         self.index = gpu_index
         self.inbox = inbox
         self.cache = cache
-        self.encoder = encoder
         self.emit = emit
         self.start_load = start_load
         self.max_batch_frames = cfg.batching.max_batch_frames or (32 if provider == "cuda" else 1)
@@ -101,15 +95,14 @@ class Engine:
     @classmethod
     def create(cls, cfg: Config, gpu_index: int, provider: Resolved, inbox: Inbox,
                cache: ModelCache, emit: Emit, start_load: StartLoad) -> Engine:
-        """An engine with its audio encoder built and warm (the first run allocates)."""
+        """An engine with the shared audio encoder built and warm, held for the worker's
+        life (the models that use it find it loaded)."""
         from pipeline.gpu_worker import audio
-        from pipeline.gpu_worker.sessions import AudioEncoder
 
         audio.warm_up()
         cv2.setNumThreads(1)  # building visual inputs: OpenCV's threads only cost on 320 px
-        encoder = AudioEncoder.create(cfg.audio_encoder_path, provider, cfg.gpus.intra_op_threads)
-        encoder.encode(np.full((1, 1, 80, 16), -4.0, np.float32))
-        return cls(cfg, gpu_index, provider, inbox, cache, encoder, emit, start_load)
+        cache.encoders.acquire(cfg.audio_encoder_path)
+        return cls(cfg, gpu_index, provider, inbox, cache, emit, start_load)
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -262,7 +255,7 @@ class Engine:
         def encode(windows: np.ndarray) -> np.ndarray:
             nonlocal encoder_ns
             start = time.monotonic_ns()
-            encoded = self.encoder.encode(windows)
+            encoded = model.encoder.encode(windows)
             encoder_ns += time.monotonic_ns() - start
             return encoded
 
