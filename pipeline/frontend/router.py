@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Protocol
 
 from pipeline.config import Config
 from pipeline.frontend.capacity import FrameBudget
 from pipeline.frontend.errors import FAILURE_REASONS, Failed, Overloaded, Unavailable
-from pipeline.frontend.inflight import InferResult, InFlight
+from pipeline.frontend.inflight import InferResult
 from pipeline.frontend.metrics import Metrics
 from pipeline.frontend.models import Lease, ModelRegistry
 from pipeline.frontend.validation import InferInput
@@ -20,10 +21,20 @@ from pipeline.runtime.process import release_free_heap
 TRIM_AFTER_IDLE_S = 2.0
 
 
+class RequestTable(Protocol):
+    """What the runner needs of the in-flight table: a request run on a worker, and a
+    model's background frames from it."""
+
+    async def submit(self, worker: int, req: InferInput, deadline: float) -> InferResult: ...
+
+    async def backgrounds(self, worker: int, model_id: str, indices: tuple[int, ...],
+                          deadline: float) -> list[bytes]: ...
+
+
 class Runner:
     """One request on a given worker: admitted (or refused at once), run, measured."""
 
-    def __init__(self, cfg: Config, inflight: InFlight, metrics: Metrics,
+    def __init__(self, cfg: Config, inflight: RequestTable, metrics: Metrics,
                  budget: FrameBudget) -> None:
         self.cfg = cfg
         self.inflight = inflight
