@@ -27,7 +27,7 @@ class RequestTable(Protocol):
 
     async def submit(self, worker: int, req: InferInput, deadline: float) -> InferResult: ...
 
-    async def backgrounds(self, worker: int, model_id: str, indices: tuple[int, ...],
+    async def background_jpegs(self, worker: int, model_id: str, indices: tuple[int, ...],
                           deadline: float) -> list[bytes]: ...
 
 

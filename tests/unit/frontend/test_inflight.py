@@ -234,7 +234,7 @@ def test_a_restarted_worker_gives_its_blocks_back_at_once(world: World) -> None:
     so they are released as its requests fail Unavailable (background frames too)."""
     async def scenario() -> list[object]:
         tasks = [world.submit(request(1)), world.submit(request(1)),
-                 asyncio.create_task(world.table.backgrounds(0, "demo", (1,),
+                 asyncio.create_task(world.table.background_jpegs(0, "demo", (1,),
                                                              time.monotonic() + 10))]
         await world.sent(3)
         world.table.fail_worker(0, "gpu_worker 0 restarted", restarted=True)
@@ -365,24 +365,24 @@ def test_a_request_cancelled_mid_copy_frees_its_block_once_the_copy_ends(
 
 
 def test_background_frames_come_back_without_an_arena_block(world: World) -> None:
-    """backgrounds(): BackgroundFrames to the worker's pid with the indices, the JPEGs back in
+    """background_jpegs(): BackgroundJpegs to the worker's pid with the indices, the JPEGs back in
     order, no block used; a dead worker is Unavailable; a deadline passed is TimeoutError
     and leaves no entry behind."""
     async def scenario() -> list[bytes]:
-        task = asyncio.create_task(world.table.backgrounds(1, "demo", (5, 9),
+        task = asyncio.create_task(world.table.background_jpegs(1, "demo", (5, 9),
                                                            time.monotonic() + 10))
         m = await world.sent(1)
-        assert m == msg.BackgroundFrames(1, 4343, "demo", (5, 9))
+        assert m == msg.BackgroundJpegs(1, 4343, "demo", (5, 9))
         assert world.blocks == 0
         world.frame(1, 1)
         world.frame(1, 0)
         world.done(1)
         frames = await task
         with pytest.raises(TimeoutError):
-            await world.table.backgrounds(0, "demo", (1,), time.monotonic() + 0.02)
+            await world.table.background_jpegs(0, "demo", (1,), time.monotonic() + 0.02)
         del world.alive.views[0]
         with pytest.raises(Unavailable):
-            await world.table.backgrounds(0, "demo", (1,), time.monotonic() + 10)
+            await world.table.background_jpegs(0, "demo", (1,), time.monotonic() + 10)
         return frames
 
     assert run(scenario) == [b"jpeg0", b"jpeg1"]

@@ -44,7 +44,7 @@ class Table:
                              run_frames=req.batch_size)
         return InferResult([b"jpeg"] * req.batch_size, done, 0, 0, 0, 0, 0)
 
-    async def backgrounds(self, worker: int, model_id: str, indices: tuple[int, ...],
+    async def background_jpegs(self, worker: int, model_id: str, indices: tuple[int, ...],
                           deadline: float) -> list[bytes]:
         self.backgrounds_asked.append((worker, model_id, indices))
         return [b"bg%d" % i for i in indices]
@@ -149,13 +149,13 @@ def test_the_freed_heap_is_trimmed_only_once_the_server_is_idle(
 
 
 def test_background_frames_come_from_the_worker_holding_the_model(tmp_path: Path) -> None:
-    """Router.backgrounds loads the model if needed and asks its worker for the frames; the
+    """Router.background_jpegs loads the model if needed and asks its worker for the frames; the
     model's lease is given back."""
     cfg = config(tmp_path, {"a": {"preferred_gpu": 1}}, gpus=2)
 
     async def scenario() -> tuple[RequestPath, list[bytes]]:
         p = RequestPath(cfg)
-        return p, await p.router.backgrounds("a", (3, 4), 10)
+        return p, await p.router.background_jpegs("a", (3, 4), 10)
 
     p, frames = run(scenario)
     assert frames == [b"bg3", b"bg4"]
