@@ -1,6 +1,7 @@
 """What a client of the server needs, in one module: a gRPC channel (TLS, token, limits),
 the request builders (a SyncTalk-2D visual input from an avatar's own frames, speech-like
-audio), the WebSocket options, and the frame message format of the streaming endpoints.
+audio), the WebSocket options, and the streaming endpoints' messages (`pipeline.protocol`:
+frame messages and status messages).
 
 The README's example, `lipsync render`, `lipsync bench` and the tests all use these.
 """
@@ -10,8 +11,6 @@ import argparse
 import json
 import os
 import ssl
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -19,8 +18,18 @@ import grpc
 import numpy as np
 
 from pipeline.config import client_credentials, load_config
+
+# the stream's messages, defined with the server in pipeline.protocol; a client imports them here
+from pipeline.protocol import (  # noqa: F401
+    FrameMessage,
+    StatusMessage,
+    decode_status,
+    frame_message,
+    live_frame_message,
+    parse_frame_message,
+)
 from pipeline.rpc import monolithic_pb2 as pb
-from pipeline.synctalk import FRAME_SAMPLES, FRAME_US, SAMPLE_RATE, VISUAL_SHAPE, visual_input
+from pipeline.synctalk import FRAME_SAMPLES, SAMPLE_RATE, VISUAL_SHAPE, visual_input
 
 MAX_MESSAGE = 256 * 2**20
 MODEL_ID_HEADER = "x-model-id"
@@ -181,46 +190,3 @@ def build_request(cfg_path: Path, model_id: str, batch: int, start: int,
     return request
 
 
-# Frame messages of the WebSocket /audio (docs/streaming.md): a header, then the JPEG.
-# Frames for the audio received (the seed's mode): magic, index, media time (us).
-FRAME_HEADER = struct.Struct("<4sIQ")
-FRAME_MAGIC = b"LSF0"
-# Live mode: magic, index, flags (bit 0: a speech frame), 3 pad bytes, media time (us),
-# the wall-clock time the frame is due (Unix epoch, us).
-LIVE_FRAME_HEADER = struct.Struct("<4sIB3xQQ")
-LIVE_FRAME_MAGIC = b"LSF1"
-SPEECH = 1
-
-
-@dataclass(frozen=True)
-class FrameMessage:
-    """One frame of a stream, from either header (a seed-mode frame is always speech and
-    has no due time: due_epoch_us 0)."""
-
-    index: int
-    pts_us: int
-    speech: bool
-    due_epoch_us: int
-    jpeg: bytes
-
-
-def frame_message(index: int, pts_us: int, jpeg: bytes) -> bytes:
-    return FRAME_HEADER.pack(FRAME_MAGIC, index, pts_us) + jpeg
-
-
-def live_frame_message(index: int, speech: bool, due_epoch_us: int, jpeg: bytes) -> bytes:
-    return LIVE_FRAME_HEADER.pack(LIVE_FRAME_MAGIC, index, SPEECH if speech else 0,
-                                  index * FRAME_US, due_epoch_us) + jpeg
-
-
-def parse_frame_message(data: bytes) -> FrameMessage:
-    """The frame in a binary message of either mode (ValueError if it is not one)."""
-    magic = bytes(data[:4])
-    if magic == FRAME_MAGIC and len(data) >= FRAME_HEADER.size:
-        _, index, pts_us = FRAME_HEADER.unpack_from(data)
-        return FrameMessage(index, pts_us, True, 0, bytes(data[FRAME_HEADER.size:]))
-    if magic == LIVE_FRAME_MAGIC and len(data) >= LIVE_FRAME_HEADER.size:
-        _, index, flags, pts_us, due = LIVE_FRAME_HEADER.unpack_from(data)
-        return FrameMessage(index, pts_us, bool(flags & SPEECH), due,
-                            bytes(data[LIVE_FRAME_HEADER.size:]))
-    raise ValueError("not a frame message")

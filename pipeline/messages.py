@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from pipeline.synctalk import SAMPLE_RATE
+
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
     """Base of every wire message (tagged, so one decoder reads any of them)."""
@@ -57,16 +59,17 @@ class InferRequest(Message, frozen=True):
     visual: TensorRef                   # [B,6,320,320] float32
     build_visual: bool = False          # visual is empty: build it from the avatar's frames
     audio: TensorRef | None = None      # [n] float32 PCM at sample_rate
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
     features: TensorRef | None = None   # deprecated: one frame's [32,16,16], replicated
     stream_offset: int = -1             # >= 0: a stream's frames start_frame_idx.., the audio
                                         # being its 16 kHz samples from this one on
     sent_ns: int = 0                    # time.monotonic_ns() at the frontend's send
-    backgrounds: tuple[int, ...] = ()   # frame i's background frame (a live session's walk);
+    background_indices: tuple[int, ...] = ()   # frame i's background frame (a live session's walk);
                                         # empty: start_frame_idx + i
+    live: bool = False                  # a live session's: served ahead of batch work
 
 
-class BackgroundFrames(Message, frozen=True):
+class BackgroundJpegs(Message, frozen=True):
     """The JPEGs of some of an avatar's background frames as they are, no mouth pasted: a
     live session's idle frames, encoded once per model by the compositors."""
 
@@ -98,6 +101,7 @@ class CompositeJob(Message, frozen=True):
     rect: tuple[int, int, int, int]     # x1, y1, x2, y2 (half-open)
     mode: Literal["synctalk", "stretch"]
     jpeg_quality: int
+    live: bool = False                  # a live session's frame: handed out first
 
 
 class ReleaseSegment(Message, frozen=True):
@@ -210,7 +214,7 @@ class RoleDown(Message, frozen=True):
     reason: str
 
 
-ToWorker = InferRequest | BackgroundFrames | LoadModel | UnloadModel
+ToWorker = InferRequest | BackgroundJpegs | LoadModel | UnloadModel
 ToWorkerJobs = Credit | RoleDown  # what a gpu_worker's jobs socket receives
 ToCompositor = CompositeJob | ReleaseSegment
 ToFrontend = (InferDone | InferFailed | FrameDone | FrameFailed | ControlReply | Heartbeat

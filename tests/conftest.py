@@ -16,6 +16,16 @@ from pipeline.demo.assets import build_demo_assets
 
 # Real data from the original server, in the shared/ folder beside the checkout (as in CI).
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference"
+# A SyncTalk-2D training run with random weights and SyncTalk-2D's own outputs, beside it.
+SYNCTALK2D = REFERENCE.parent / "synctalk2d"
+
+
+def synctalk2d_run() -> Path:
+    """The SyncTalk-2D training-run fixture; the calling test skips, saying why, when absent."""
+    if not (SYNCTALK2D / "reference" / "pred.npy").is_file():
+        pytest.skip(f"SyncTalk-2D fixture not found: {SYNCTALK2D} is absent "
+                    "(shared/ must sit beside the checkout)")
+    return SYNCTALK2D
 
 
 def reference_file(name: str) -> Path:

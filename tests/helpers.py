@@ -30,3 +30,21 @@ class FrameOracle:
 
     def frames(self, jpegs: list[bytes]) -> list[int]:
         return [self.frame(j) for j in jpegs]
+
+
+def write_silent_encoder(path: Path) -> Path:
+    """An audio encoder ONNX that hears silence in everything: [B,1,80,16] -> zeros [B,512]
+    (a model with it renders the demo UNet's closed mouth)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    zeros = numpy_helper.from_array(np.zeros((80 * 16, 512), np.float32), "zeros")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["mel"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "zeros"], ["features"])], "silent_encoder",
+        [helper.make_tensor_value_info("mel", TensorProto.FLOAT, ["batch", 1, 80, 16])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 512])], [zeros])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path

@@ -28,14 +28,10 @@ from pipeline.gpu_worker.batching import Inbox
 from pipeline.gpu_worker.device import Resolved, resolve_provider
 from pipeline.gpu_worker.engine import Engine
 from pipeline.gpu_worker.model_cache import ModelCache, load_finished, unet_rebuilt
+from pipeline.protocol import RequestLayout
 from pipeline.shm.arena import Arena
 from pipeline.shm.segment import SegmentCache, segment_name
-from pipeline.synctalk import (
-    PREDICTION_BYTES,
-    PREDICTION_SHAPE,
-    VISUAL_BYTES,
-    VISUAL_SHAPE,
-)
+from pipeline.synctalk import SAMPLE_RATE
 
 GPU_INDEX = 0
 
@@ -78,7 +74,7 @@ class InProcessEngine:
         self._control(msg.LoadModel(next(self._ids), os.getpid(), model_id))
         loaded = cache.get(model_id)
         assert loaded is not None
-        self.encoder, self.unet, self.avatar = self.engine.encoder, loaded.unet, loaded.avatar
+        self.encoder, self.unet, self.avatar = loaded.encoder, loaded.unet, loaded.avatar
 
     def _control(self, message: msg.LoadModel) -> None:
         self.emitted.clear()
@@ -131,17 +127,11 @@ class InProcessEngine:
         b = request.batch_size
         audio = np.frombuffer(request.raw_audio, "<f4")
         features = np.frombuffer(request.audio_features, "<f4")
-        sizes = {"visual": b * VISUAL_BYTES, "output": b * PREDICTION_BYTES,
-                 "audio": audio.nbytes, "features": features.nbytes}
+        layout = RequestLayout(b, audio.nbytes, features.nbytes)
         # a name never used before: the engine keeps what it mapped under an old one
         self.arena = arena = Arena.create(
-            segment_name(f"bench{os.getpid()}", f"requests{next(self._ids)}"),
-            sum(sizes.values()) + 4096)
-        refs, offset = {}, 0
-        for name, shape in (("visual", (b, *VISUAL_SHAPE)), ("output", (b, *PREDICTION_SHAPE)),
-                            ("audio", audio.shape), ("features", features.shape)):
-            refs[name] = msg.TensorRef(arena.name, offset, tuple(shape), "float32")
-            offset += sizes[name]
+            segment_name(f"bench{os.getpid()}", f"requests{next(self._ids)}"), layout.nbytes + 4096)
+        refs = layout.refs(arena.name, 0)
         if request.visual_frames:
             arena.ndarray(0, refs["visual"].shape, "float32")[...] = np.frombuffer(
                 request.visual_frames, "<f4").reshape(refs["visual"].shape)
@@ -152,9 +142,8 @@ class InProcessEngine:
             request_id=0, worker_pid=os.getpid(), model_id=self.model.model_id, batch_size=b,
             start_frame_idx=request.start_frame_idx, output=refs["output"],
             visual=refs["visual"], build_visual=not request.visual_frames,
-            audio=refs["audio"] if audio.size else None,
-            sample_rate=request.sample_rate or 16000,
-            features=refs["features"] if features.size and not audio.size else None)
+            audio=refs.get("audio"), sample_rate=request.sample_rate or SAMPLE_RATE,
+            features=refs.get("features") if not audio.size else None)
         self._written = (request, template)
         return template
 

@@ -4,15 +4,20 @@ table and an SVG plot of sessions against delivered frames/s and p99 latency."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench import live_load, stream_load
+from pipeline.bench import live_figures, live_load, stream_load
+from pipeline.bench.grpc_load import Clients
 from pipeline.bench.local_server import start_server
 from pipeline.bench.plot import sweep_svg
+from pipeline.client import build_request
 from pipeline.config import load_config
 from pipeline.runtime.addresses import Addresses
 
@@ -60,6 +65,42 @@ def largest_holding(rows: list[dict[str, Any]]) -> int:
                default=0)
 
 
+def with_batch_load(run: Callable[[], dict[str, Any]], grpc_address: str,
+                    args: argparse.Namespace) -> dict[str, Any]:
+    """`run` (a live run) while --batch-load gRPC clients send batches throughout: its result,
+    with the batch clients' figures and the share of the live speech frames shown."""
+    request = build_request(args.config, args.model, args.batch, start=0, client_visual=False)
+    clients = Clients(grpc_address, request, args.batch_load, warmup=1)
+    measured: list[Any] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            measured.append(clients.run(None, 1.0))
+
+    thread = threading.Thread(target=load, name="batch load")
+    thread.start()
+    try:
+        result = run()
+    finally:
+        stop.set()
+        thread.join()
+        clients.close()
+    frames = sum(m.frames for m in measured)
+    wall = sum(m.wall_s for m in measured)
+    shown = result["speech_frames"] / max(1, result["speech_frames"] + result["missed_speech"])
+    result["batch_load"] = {"clients": args.batch_load, "batch": args.batch,
+                            "fps": round(frames / wall, 1) if wall else 0.0,
+                            "errors": sum(len(m.errors) for m in measured)}
+    result["speech_shown_pct"] = round(100 * shown, 1)
+    if not args.json:
+        print(f"batch load: {args.batch_load} gRPC clients of {args.batch} frames, "
+              f"{result['batch_load']['fps']} frames/s, {result['batch_load']['errors']} errors; "
+              f"live sessions showed {result['speech_shown_pct']} % of their speech frames",
+              flush=True)
+    return result
+
+
 def run_stream_bench(args: argparse.Namespace) -> int:
     """0 when every run ran (whether or not 25 fps held), 1 on errors."""
     sizes = sweep_sizes(args.sweep, args.sessions)
@@ -67,24 +108,30 @@ def run_stream_bench(args: argparse.Namespace) -> int:
             or args.interrupts < 0:
         raise SystemExit("lipsync bench --stream: need --seconds > 0, --chunk-ms > 0, "
                          "0 <= --speaking <= 1, --interrupts >= 0")
+    if args.batch_load and not args.live:
+        raise SystemExit("lipsync bench --batch-load: with --stream --live")
     rows = []
     with ExitStack() as stack:
-        address = args.address or f"127.0.0.1:{start_server(stack, args.config).ws_port}"
-        ops = Addresses.of(load_config(args.config)).ops
+        cfg = load_config(args.config)
+        server = None if args.address else start_server(stack, args.config)
+        address = args.address or f"127.0.0.1:{server.ws_port}"  # type: ignore[union-attr]
+        grpc_address = f"{address.rpartition(':')[0]}:{server.grpc_port if server else cfg.server.port}"
+        ops = Addresses.of(cfg).ops
         url = stream_load.stream_url(address, args.model)
         for k, sessions in enumerate(sizes):
             if k:
                 time.sleep(SETTLE_S)
             if args.live:
-                result = live_load.run_live(url + "&mode=live", sessions, args.seconds,
-                                            args.speaking, args.interrupts, ops,
-                                            args.pauses_as_silence)
+                live = functools.partial(live_load.run_live, url + "&mode=live", sessions,
+                                         args.seconds, args.speaking, args.interrupts, ops,
+                                         args.pauses_as_silence)
+                result = with_batch_load(live, grpc_address, args) if args.batch_load else live()
             else:
                 result = stream_load.run_seed(url, sessions, args.seconds, args.chunk_ms,
                                               args.model, ops)
             rows.append(result)
             if not args.json:
-                print((live_load.table if args.live else stream_load.table)(result), flush=True)
+                print((live_figures.table if args.live else stream_load.table)(result), flush=True)
     if len(sizes) == 1:
         if args.json:
             print(json.dumps(rows[0]))

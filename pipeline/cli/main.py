@@ -1,5 +1,5 @@
-"""The `lipsync` command: serve, role, demo-assets, prepare-avatar, render, stats, bench,
-lb-config."""
+"""The `lipsync` command: serve, role, demo-assets, import-synctalk, prepare-avatar, render,
+stats, bench, lb-config."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.cli import lb_config, prepare_avatar, render, stats
+from pipeline.cli import import_synctalk, lb_config, prepare_avatar, render, stats
 from pipeline.client import add_security_arguments, apply_security_arguments
 from pipeline.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from pipeline.demo.ensure import ensure_demo_assets
@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "and size (12.2 M parameters, 9.8 GFLOPs/frame), for performance work")
     demo.set_defaults(func=cmd_demo_assets)
 
-    for register in (prepare_avatar.register, render.register, stats.register,
-                     standalone.register, lb_config.register):
+    for register in (import_synctalk.register, prepare_avatar.register, render.register,
+                     stats.register, standalone.register, lb_config.register):
         register(sub)
 
     bench = with_config(sub.add_parser("bench", help="measure frames/s and latency"))
@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--interrupts", type=int, default=0, metavar="N",
                        help="--live: one more session speaks and interrupts itself N times "
                             "(interrupt latency p50/p99)")
+    bench.add_argument("--batch-load", type=int, default=0, metavar="N",
+                       help="--live: N gRPC clients send --batch frame requests (server-built "
+                            "visual) all the while: do admitted live sessions keep their speech "
+                            "frames under batch load?")
     bench.add_argument("--sweep", metavar="S,S,...",
                        help="--stream: one run per session count against the same server; a "
                             "table, the largest count holding 25 fps, and a plot (--plot)")

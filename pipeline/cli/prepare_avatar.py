@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -22,6 +21,7 @@ import numpy as np
 import yaml
 
 from pipeline.gpu_worker.avatar import AvatarError, load_crop_rects
+from pipeline.runtime.files import copy_atomic, new_dir
 
 PROG = "lipsync prepare-avatar"
 FRAME_NAME = "frame_{:04d}.jpg"  # the loader's first pattern (pipeline/gpu_worker/avatar.py)
@@ -65,7 +65,7 @@ def prepare_avatar(video: Path, crop_rects: Path, out: Path, model_id: str | Non
         created = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".frames-", dir=out))
+            staging = new_dir(out, ".frames-")
         except OSError as exc:
             raise PrepareError(f"cannot create output directory {out}: {exc.strerror}") from exc
         installed = False
@@ -157,18 +157,11 @@ def _install(staging: Path, frames_dir: Path, crop_rects: Path, rects_dest: Path
     out = frames_dir.parent
     try:
         if crop_rects != rects_dest:
-            fd, tmp = tempfile.mkstemp(prefix=".crop_rects-", suffix=".json", dir=out)
-            os.close(fd)
-            try:
-                shutil.copyfile(crop_rects, tmp)
-                os.replace(tmp, rects_dest)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            copy_atomic(crop_rects, rects_dest)
         old = None
         if frames_dir.exists() or frames_dir.is_symlink():
             # Keep the old frames until the new ones are in place (force was checked).
-            old = Path(tempfile.mkdtemp(prefix=".frames-old-", dir=out))
+            old = new_dir(out, ".frames-old-")
             os.replace(frames_dir, old / "frames")
         os.replace(staging, frames_dir)
         if old is not None:
@@ -177,7 +170,7 @@ def _install(staging: Path, frames_dir: Path, crop_rects: Path, rects_dest: Path
         raise PrepareError(f"cannot install frames into {frames_dir}: {exc}") from exc
 
 
-def _scalar(value: str) -> str:
+def yaml_scalar(value: str) -> str:
     """`value` as a YAML scalar: plain when it reads back unchanged, else double-quoted."""
     try:
         if yaml.safe_load(f"k: {value}") == {"k": value} and "#" not in value:
@@ -191,11 +184,11 @@ def config_block(model_id: str, frames_dir: Path, crop_rects: Path, video: Path,
                  num_frames: int) -> str:
     """The `models:` entry for a prepared avatar, indented to sit under `models:`."""
     return "\n".join([
-        f"  {_scalar(model_id)}:",
-        f"    model_path: {_scalar(f'{model_id}/unet.onnx')}        # put the avatar's UNet here",
-        f"    background_dir: {_scalar(str(frames_dir))}",
-        f"    crop_rects_path: {_scalar(str(crop_rects))}",
-        f"    source_video: {_scalar(str(video))}",
+        f"  {yaml_scalar(model_id)}:",
+        f"    model_path: {yaml_scalar(f'{model_id}/unet.onnx')}        # put the avatar's UNet here",
+        f"    background_dir: {yaml_scalar(str(frames_dir))}",
+        f"    crop_rects_path: {yaml_scalar(str(crop_rects))}",
+        f"    source_video: {yaml_scalar(str(video))}",
         f"    num_frames: {num_frames}",
         "    preload_model: false",
         "    preload_backgrounds: false",

@@ -25,11 +25,12 @@ import numpy as np
 
 from pipeline.client import add_security_arguments, apply_security_arguments
 from pipeline.config import grpc_server_address
+from pipeline.synctalk import SAMPLE_RATE, VIDEO_FPS
 
 PROG = "lipsync render"
 DEFAULT_ADDRESS = "localhost:50053"
-FPS = 25
-SERVER_RATE = 16000          # the server's clock: frame i shows 16 kHz samples [640 i, 640 (i+1))
+FPS = VIDEO_FPS
+SERVER_RATE = SAMPLE_RATE    # the server's clock: frame i shows 16 kHz samples [640 i, 640 (i+1))
 FRAME_SAMPLES = SERVER_RATE // FPS
 CHUNK_S = 0.1                # audio per request message
 # The server refuses a session whose unrendered audio exceeds 60 s (MAX_BACKLOG_S in

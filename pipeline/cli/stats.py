@@ -89,10 +89,24 @@ def format_stats(stats: dict[str, Any]) -> str:
                      f"{_mb(m['memory_bytes']):>8}  " + "  ".join(means))
     a = stats["arena"]
     lines += ["", f"shared memory arena {a['name']}: {_mb(a['used_bytes'])} of "
-              f"{_mb(a['capacity_bytes'])} in {a['blocks']} block(s);  WebSocket sessions "
-              f"{stats['frontend']['websocket_sessions']};  requests in flight "
+              f"{_mb(a['capacity_bytes'])} in {a['blocks']} block(s);  requests in flight "
               f"{stats['frontend']['inflight_requests']}"]
+    lines += [_sessions_line(stats.get("streams", {})), _capacity_line(stats["capacity"])]
     return "\n".join(lines)
+
+
+def _sessions_line(streams: dict[str, int]) -> str:
+    by = ", ".join(f"{k} {v}" for k, v in sorted(streams.items()) if k != "sessions")
+    return f"stream sessions {streams.get('sessions', 0)}" + (f" ({by})" if by else "")
+
+
+def _capacity_line(c: dict[str, Any]) -> str:
+    """The live budget and what limits it (the same words a refused session is told)."""
+    budget = "not measured yet" if c["budget_fps"] is None else f"{c['budget_fps']:g} frames/s"
+    why = c["limit"] if c["limit"].startswith("streaming.") else \
+        f"{c['limit']}; streaming.capacity_fps overrides"
+    return (f"live capacity {budget} ({why}): {c['used_fps']:g} in use, {c['live_sessions']} "
+            f"live session(s) expected to need {c['expected_fps']:g}, {c['refused']} refused")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -223,6 +223,8 @@ class ModelConfig:
     crop_rects_path: Path             # JSON list of [x1, y1, x2, y2]
     num_frames: int = setting(_REQUIRED, lambda v: v >= 1, "must be >= 1")
     source_video: Path | None = None  # frames are extracted from it when background_dir is empty
+    # the model's own audio encoder (a training run's); None: the shared audio_encoder_path
+    audio_encoder_path: Path | None = None
     preload_model: bool = False
     preload_backgrounds: bool = False
     preferred_gpu: int = -1           # -1: least-loaded device
@@ -252,6 +254,10 @@ class Config:
     @property
     def jpeg_quality(self) -> int:
         return self.output.jpeg_quality or 75
+
+    def audio_encoder_of(self, model: ModelConfig) -> Path:
+        """The audio encoder `model` runs with: its own, else the shared one."""
+        return model.audio_encoder_path or self.audio_encoder_path
 
     def with_ports(self, grpc_port: int | None = None, ws_port: int | None = None,
                    metrics_port: int | None = None) -> Config:

@@ -1,33 +1,38 @@
-"""How many speech frames per second this box can render, and how many it renders now: the
-admission of live sessions (a new one needs 25 frames/s of headroom) and the figures an
-operator sees (`lipsync stats`, `/metrics`).
+"""What the box can take, and who gets in: the frame budget (how many speech frames per second
+this box renders, measured) and the admission of stream sessions (one act: a ticket).
 
-What is in use is the speech the box renders: the frames of the last WINDOW_S, plus 25
-frames/s for each utterance that began in the last RESERVE_S (its frames are not all in the
-window yet). A silent live session shows idle frames, encoded once per model, and renders
-nothing while silent. A new live session is refused when the speech under way leaves no room
-for 25 more frames/s, or when the open live sessions, each expected to speak
-streaming.live_speech_share of the time, would together need more than the budget: sessions
-that connect while all are silent would otherwise all fall behind once they speak. (0: only
-the speech under way counts, for boxes of mostly silent sessions.) A box whose sessions speak
-more than expected falls below real time, which each session is told of (`below_real_time`,
-streaming.low_fps_grace_s) and, with streaming.close_below_real_time, closed for.
+**The budget** is the CPU seconds every role spends per frame rendered, sampled each second
+from the processes' own counters by its own task (over intervals with enough frames to mean
+something), seeded at each model load from the warm-up's stage costs, so it is known before
+the first session; on CUDA workers also the UNet's time per frame on the device. The cores it
+divides are what the rest of the box leaves: the CPU spent beyond the roles (other services,
+a load generator on the same machine) is sampled too, smoothed over half a minute so a busy
+moment does not swing it, and not counted as the server's. `streaming.capacity_fps` overrides
+the measurement.
 
-The budget is measured while the server runs: the CPU seconds every role spends per frame
-rendered (sampled each second from the processes' own CPU counters, over intervals with
-enough frames to mean something), or before that the compute time of each request's stages
-per frame; on CUDA workers also the UNet's time per frame on the device. The cores it
-divides are what the rest of the box leaves: the CPU the box spends beyond the roles (other
-services, a load generator on the same machine) is sampled too and not counted as the
-server's.
-`streaming.capacity_fps` overrides the measurement.
+**Admission.** `Admission.admit()` checks and registers in one step and returns a `Ticket`
+that is released on every ending (a context manager): a refused session holds nothing and a
+granted one is never left uncounted. Every stream session needs one (WebSocket, StreamAudio,
+ProcessAudio alike): at most `streaming.max_clients` open, `max_sessions_per_address` from one
+address. A live session also needs room in the budget: 25 frames/s free now, and every open
+live session's expected speech (`streaming.live_speech_share` of 25 frames/s each) within the
+budget. What is in use is the live sessions' speech rendered in the last WINDOW_S (batch
+work goes after live work: it takes what live sessions leave, and does not count), plus,
+for each live session whose utterance has just begun, what its 25 frames/s exceed of its own frames measured
+so far (its frames are not all in the window yet); one session reserves at most one utterance,
+however often it is interrupted.
 """
 from __future__ import annotations
 
+import asyncio
+import math
 import os
 import time
-import weakref
 from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import psutil
 
 from pipeline.config import Config
 from pipeline.frontend.inflight import InferResult
@@ -35,35 +40,46 @@ from pipeline.synctalk import VIDEO_FPS
 
 USABLE = 0.85            # of the cores (and devices): what is left for the rest of the box
 WINDOW_S = 2.0           # frames/s in use: over this window
-RESERVE_S = 3.0          # an utterance begun counts 25 frames/s this long, before its
-                         # frames show in what is measured
+RESERVE_S = 3.0          # an utterance begun counts 25 frames/s this long at most
 MIN_SAMPLE_FRAMES = 25   # a CPU sample of fewer frames says more about idling than rendering
-EWMA = 0.3
+EWMA = 0.3               # of the per-frame costs, per sample
+OTHERS_TAU_S = 30.0      # the rest of the box's CPU, smoothed over about this long
+SAMPLE_S = 1.0
+OVERRIDE = "streaming.capacity_fps"
+
+
+class CapacityInputs(Protocol):
+    """What the budget samples besides its own observations: the roles' processes and
+    whether any worker runs on a GPU (the liveness view knows both)."""
+
+    def role_pids(self) -> list[int]: ...
+
+    def cuda(self) -> bool: ...
 
 
 class FrameBudget:
     def __init__(self, cfg: Config) -> None:
         self.fixed = cfg.streaming.capacity_fps
-        self.speech_share = cfg.streaming.live_speech_share
-        self._live: weakref.WeakSet[object] = weakref.WeakSet()  # open live sessions
         self.cores = os.cpu_count() or 1
         self.devices = cfg.gpus.count
-        self.cuda = False                      # set from the workers' heartbeats
+        self.cuda = False
         self.cpu_s_per_frame: float | None = None
         self.stage_s_per_frame: float | None = None
         self.unet_s_per_frame: float | None = None
-        self._rendered: deque[tuple[float, int]] = deque()
-        self._reserved: deque[float] = deque()  # utterances begun, not measured yet
-        self.refused = 0
-        self._last_sample: tuple[float, int] | None = None
-        self._last_box: tuple[float, float, float] | None = None  # (time, roles, box) CPU s
         self.other_cores: float | None = None  # busy cores of the box beyond the roles
         self.frames = 0
+        self._rendered: deque[tuple[float, int]] = deque()
+        self._last_sample: tuple[float, int] | None = None
+        self._last_box: tuple[float, float, float] | None = None  # (time, roles, box) CPU s
+        self._processes: dict[int, psutil.Process] = {}
 
-    # ---- what is measured ------------------------------------------------------------
+    # ---- what is measured --------------------------------------------------------------
 
-    def observe(self, result: InferResult) -> None:
-        """A request rendered `len(result.frames)` frames at these stage costs."""
+    def observe(self, result: InferResult, live: bool = False, warmup: bool = False) -> None:
+        """A request rendered `len(result.frames)` frames at these stage costs. Every
+        request measures the cost of a frame (a warm-up seeds it); only a live session's
+        frames are speech in use: batch work yields to live work, so it leaves the budget
+        to live sessions."""
         frames = len(result.frames)
         if not frames:
             return
@@ -72,34 +88,53 @@ class FrameBudget:
         stages = (done.audio_ns + done.visual_ns + result.paste_ns + result.jpeg_ns) / frames
         self.stage_s_per_frame = _ewma(self.stage_s_per_frame, (stages + unet) / 1e9)
         self.unet_s_per_frame = _ewma(self.unet_s_per_frame, unet / 1e9)
-        self.frames += frames
-        self._rendered.append((time.monotonic(), frames))
+        if not warmup:
+            self.frames += frames
+        if live:
+            self._rendered.append((time.monotonic(), frames))
 
     def sample_cpu(self, cpu_seconds: float, box_cpu_seconds: float,
                    now: float | None = None) -> None:
         """The roles' CPU seconds so far (all processes) and the whole box's busy CPU
-        seconds, once a second."""
+        seconds, about once a second."""
         at = time.monotonic() if now is None else now
         if self._last_box is not None and at > self._last_box[0]:
             t, roles, box = self._last_box
-            others = ((box_cpu_seconds - box) - (cpu_seconds - roles)) / (at - t)
-            self.other_cores = max(0.0, _ewma(self.other_cores, others))
+            others = max(0.0, ((box_cpu_seconds - box) - (cpu_seconds - roles)) / (at - t))
+            weight = 1 - math.exp(-(at - t) / OTHERS_TAU_S)
+            self.other_cores = others if self.other_cores is None else \
+                (1 - weight) * self.other_cores + weight * others
         self._last_box = (at, cpu_seconds, box_cpu_seconds)
-        self._sample_frames(cpu_seconds)
-
-    def _sample_frames(self, cpu_seconds: float) -> None:
-        now = (cpu_seconds, self.frames)
+        now_frames = (cpu_seconds, self.frames)
         if self._last_sample is not None:
-            cpu = now[0] - self._last_sample[0]
-            frames = now[1] - self._last_sample[1]
+            cpu = now_frames[0] - self._last_sample[0]
+            frames = now_frames[1] - self._last_sample[1]
             if frames < MIN_SAMPLE_FRAMES:
                 if frames == 0:
-                    self._last_sample = now  # idle: start the next interval afresh
+                    self._last_sample = now_frames  # idle: start the next interval afresh
                 return
             self.cpu_s_per_frame = _ewma(self.cpu_s_per_frame, cpu / frames)
-        self._last_sample = now
+        self._last_sample = now_frames
 
-    # ---- what it means ---------------------------------------------------------------
+    async def sample_forever(self, inputs: CapacityInputs) -> None:
+        """The budget's own task: the roles' and the box's CPU, once a second."""
+        while True:
+            self.cuda = inputs.cuda()
+            self.sample_cpu(self._cpu_seconds(inputs.role_pids()), box_cpu_seconds())
+            await asyncio.sleep(SAMPLE_S)
+
+    def _cpu_seconds(self, pids: list[int]) -> float:
+        total = 0.0
+        for pid in {os.getpid(), *pids}:
+            try:
+                proc = self._processes.get(pid) or self._processes.setdefault(pid, psutil.Process(pid))
+                cpu = proc.cpu_times()
+                total += cpu.user + cpu.system
+            except psutil.Error:
+                self._processes.pop(pid, None)
+        return total
+
+    # ---- what it means -----------------------------------------------------------------
 
     def budget_fps(self) -> float:
         """Speech frames per second the box sustains (inf until anything was measured)."""
@@ -108,61 +143,170 @@ class FrameBudget:
         per_frame = self.cpu_s_per_frame or self.stage_s_per_frame
         if per_frame is None or per_frame <= 0:
             return float("inf")
-        budget = USABLE * max(0.0, self.cores - (self.other_cores or 0.0)) / per_frame
+        budget = USABLE * self.free_cores() / per_frame
         if self.cuda and self.unet_s_per_frame:
             budget = min(budget, USABLE * self.devices / self.unet_s_per_frame)
         return budget
 
-    def used_fps(self) -> float:
-        """Frames rendered per second lately, plus 25 for each utterance begun in the last
-        RESERVE_S (not all measured yet)."""
+    def free_cores(self) -> float:
+        return max(0.0, self.cores - (self.other_cores or 0.0))
+
+    def limit(self) -> str:
+        """What sets the budget now, in numbers (said with every refusal)."""
+        if self.fixed:
+            return f"{OVERRIDE}: {self.fixed:g}"
+        per_frame = self.cpu_s_per_frame or self.stage_s_per_frame
+        if per_frame is None:
+            return "not measured yet"
+        cpu = f"{self.cores} cores"
+        if (self.other_cores or 0.0) >= 0.05:
+            cpu += f", {self.other_cores:.1f} busy elsewhere"
+        cpu += f", {per_frame * 1e3:.0f} ms/frame"
+        if self.cuda and self.unet_s_per_frame and \
+                USABLE * self.devices / self.unet_s_per_frame < USABLE * self.free_cores() / per_frame:
+            return f"{self.devices} GPU(s), {self.unet_s_per_frame * 1e3:.1f} ms UNet/frame"
+        return cpu
+
+    def rendered_fps(self) -> float:
+        """Live sessions' frames rendered per second over the last WINDOW_S."""
         now = time.monotonic()
         while self._rendered and self._rendered[0][0] < now - WINDOW_S:
             self._rendered.popleft()
-        while self._reserved and self._reserved[0] < now - RESERVE_S:
-            self._reserved.popleft()
-        rendered = sum(f for _, f in self._rendered) / WINDOW_S
-        return rendered + VIDEO_FPS * len(self._reserved)
+        return sum(f for _, f in self._rendered) / WINDOW_S
+
+    def snapshot(self) -> dict[str, Any]:
+        budget = self.budget_fps()
+        return {"budget_fps": None if budget == float("inf") else round(budget, 1),
+                "limit": self.limit(),
+                "other_cores": round(self.other_cores or 0.0, 2),
+                "cpu_ms_per_frame": _ms(self.cpu_s_per_frame),
+                "stage_ms_per_frame": _ms(self.stage_s_per_frame),
+                "unet_ms_per_frame": _ms(self.unet_s_per_frame)}
+
+
+class Refused(Exception):
+    """A session was not admitted; str() is the reason (said to the client)."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted stream session's place: counted from admission until released (on every
+    ending; releasing twice is harmless). A live session says when an utterance begins and
+    what it renders, so its speech is counted before it shows in the measured window."""
+
+    admission: Admission
+    address: str
+    live: bool
+    reserved_until: float = 0.0
+    released: bool = False
+    _rendered: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def speaking(self) -> None:
+        """An utterance begins: reserve 25 frames/s for it (one at a time, per session)."""
+        self.reserved_until = time.monotonic() + RESERVE_S
+
+    def quiet(self) -> None:
+        """Interrupted: the utterance reserved is not coming."""
+        self.reserved_until = 0.0
+
+    def rendered(self, frames: int) -> None:
+        if self.reserved_until:
+            self._rendered.append((time.monotonic(), frames))
+
+    def unmeasured_fps(self, now: float) -> float:
+        """What this session's utterance will need beyond what the window already shows."""
+        if now >= self.reserved_until:
+            self.reserved_until = 0.0
+            self._rendered.clear()
+            return 0.0
+        while self._rendered and self._rendered[0][0] < now - WINDOW_S:
+            self._rendered.popleft()
+        return max(0.0, VIDEO_FPS - sum(f for _, f in self._rendered) / WINDOW_S)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.admission.release(self)
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Admission:
+    """Stream sessions' tickets: the client caps for every session, the frame budget for
+    live ones."""
+
+    def __init__(self, cfg: Config, budget: FrameBudget) -> None:
+        self.settings = cfg.streaming
+        self.budget = budget
+        self.speech_share = cfg.streaming.live_speech_share
+        self.tickets: set[Ticket] = set()
+        self.refused = 0          # live sessions refused for want of capacity
+
+    def check(self, address: str) -> str | None:
+        """Why a new session from `address` would be refused by the client caps (None: it
+        would not); counts nothing (a WebSocket handshake asks before its upgrade)."""
+        if len(self.tickets) >= self.settings.max_clients:
+            return f"{self.settings.max_clients} clients connected (MAX_CLIENTS)"
+        limit = self.settings.max_sessions_per_address
+        if limit and sum(t.address == address for t in self.tickets) >= limit:
+            return f"{limit} sessions from this address (streaming.max_sessions_per_address)"
+        return None
+
+    def admit(self, address: str, live: bool) -> Ticket:
+        """A registered ticket, or Refused with the reason."""
+        reason = self.check(address)
+        if reason is None and live:
+            reason = self._live_refusal()
+            if reason is not None:
+                self.refused += 1
+        if reason is not None:
+            raise Refused(reason)
+        ticket = Ticket(self, address, live)
+        self.tickets.add(ticket)
+        return ticket
+
+    def release(self, ticket: Ticket) -> None:
+        self.tickets.discard(ticket)
+
+    def live_sessions(self) -> int:
+        return sum(t.live for t in self.tickets)
+
+    def used_fps(self) -> float:
+        now = time.monotonic()
+        return self.budget.rendered_fps() + sum(t.unmeasured_fps(now) for t in self.tickets
+                                                if t.live)
 
     def expected_fps(self, sessions: int) -> float:
         """Speech frames/s that `sessions` live sessions are expected to need."""
         return sessions * self.speech_share * VIDEO_FPS
 
-    def admit_live(self) -> str | None:
-        """None when a new live session fits: 25 frames/s are free for it now, and every
-        open live session's expected speech with its own fits; else why not."""
-        budget, used, live = self.budget_fps(), self.used_fps(), len(self._live)
+    def _live_refusal(self) -> str | None:
+        """Why a live session does not fit now, short enough for a WebSocket close reason
+        (123 bytes), naming what limits the budget and the setting that overrides it."""
+        budget, used, live = self.budget.budget_fps(), self.used_fps(), self.live_sessions()
+        why = self.budget.limit() if self.budget.fixed else f"{self.budget.limit()}; {OVERRIDE}"
         if used + VIDEO_FPS > budget:
-            self.refused += 1
-            return (f"server at capacity: {used:.0f} of {budget:.0f} frames/s in use, a live "
-                    f"session needs {VIDEO_FPS}")
+            return f"at capacity: {used:.0f} of {budget:.0f} fps in use, {VIDEO_FPS} more needed ({why})"
         if self.expected_fps(live + 1) > budget:
-            self.refused += 1
-            return (f"server at capacity: {live} live sessions expected to speak "
-                    f"{self.expected_fps(1):g} frames/s each, of {budget:.0f}")
+            return f"at capacity: {live} live x {self.expected_fps(1):g} fps expected of {budget:.0f} ({why})"
         return None
 
-    def opened(self, session: object) -> None:
-        """A live session was admitted; its expected speech counts until closed (or gone)."""
-        self._live.add(session)
+    def snapshot(self) -> dict[str, Any]:
+        live = self.live_sessions()
+        return {**self.budget.snapshot(), "used_fps": round(self.used_fps(), 1),
+                "refused": self.refused, "sessions": len(self.tickets), "live_sessions": live,
+                "expected_fps": round(self.expected_fps(live), 1)}
 
-    def closed(self, session: object) -> None:
-        self._live.discard(session)
 
-    def speaking(self) -> None:
-        """A live session began an utterance: count it before its frames are measured."""
-        self._reserved.append(time.monotonic())
-
-    def snapshot(self) -> dict[str, float | int | None]:
-        budget = self.budget_fps()
-        return {"budget_fps": None if budget == float("inf") else round(budget, 1),
-                "used_fps": round(self.used_fps(), 1), "refused": self.refused,
-                "live_sessions": len(self._live),
-                "expected_fps": round(self.expected_fps(len(self._live)), 1),
-                "other_cores": round(self.other_cores or 0.0, 2),
-                "cpu_ms_per_frame": _ms(self.cpu_s_per_frame),
-                "stage_ms_per_frame": _ms(self.stage_s_per_frame),
-                "unet_ms_per_frame": _ms(self.unet_s_per_frame)}
+def box_cpu_seconds() -> float:
+    """CPU seconds the whole box has been busy (every core, every process)."""
+    t = psutil.cpu_times()  # Linux: guest time is within user time already
+    return t.user + t.nice + t.system + sum(getattr(t, f, 0.0) for f in ("irq", "softirq",
+                                                                          "steal"))
 
 
 def _ewma(old: float | None, new: float) -> float:

@@ -20,6 +20,7 @@ from pipeline.frontend.models import ModelRegistry
 from pipeline.frontend.router import Router
 from pipeline.frontend.streaming.grpc_stream import StreamRpc
 from pipeline.frontend.validation import InvalidRequest, validate
+from pipeline.frontend.wire import CompositeRequestView
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 
@@ -48,7 +49,7 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
         async for response in self.streams.stream_audio(request_iterator, context):
             yield response
 
-    async def InferBatchComposite(self, request: pb.CompositeBatchRequest,
+    async def InferBatchComposite(self, request: CompositeRequestView,
                                   context: grpc.aio.ServicerContext) -> pb.CompositeBatchResponse:
         t0 = time.perf_counter_ns()
         try:

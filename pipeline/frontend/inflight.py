@@ -12,22 +12,38 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline import messages as msg
 from pipeline.config import Config
 from pipeline.frontend.errors import Failed, Overloaded, Unavailable
-from pipeline.frontend.liveness import Liveness
-from pipeline.frontend.validation import ValidRequest, copy_finite_visual
-from pipeline.frontend.worker_client import WorkerClient
+from pipeline.frontend.liveness import RoleView
+from pipeline.frontend.validation import InferInput, copy_finite_visual
+from pipeline.protocol import RequestLayout
+from pipeline.runtime.addresses import Addresses
 from pipeline.runtime.logs import request_id as log_request
 from pipeline.shm.arena import Arena, Block
-from pipeline.synctalk import PREDICTION_BYTES, PREDICTION_SHAPE, VISUAL_BYTES, VISUAL_SHAPE
 
 log = logging.getLogger(__name__)
 
-FLOAT = 4
 ARENA_SPACE_WAIT_S = 10.0
+
+
+class WorkerSend(Protocol):
+    """What the in-flight table needs of the worker client: its addresses (the arena's
+    name), request ids, and a send to a gpu_worker."""
+
+    addresses: Addresses
+
+    def next_id(self) -> int: ...
+
+    async def send(self, worker: int, message: bytes) -> None: ...
+
+
+class AliveWorkers(Protocol):
+    """What it needs of the liveness view: a worker's view when it is alive."""
+
+    def worker(self, index: int) -> RoleView | None: ...
 
 
 @dataclass
@@ -97,7 +113,7 @@ def create_arena(name: str, size: int) -> Arena:
 
 
 class InFlight:
-    def __init__(self, cfg: Config, client: WorkerClient, liveness: Liveness) -> None:
+    def __init__(self, cfg: Config, client: WorkerSend, liveness: AliveWorkers) -> None:
         self.client = client
         self.liveness = liveness
         self.arena = create_arena(client.addresses.request_arena(), cfg.runtime.arena_mb * 2**20)
@@ -106,18 +122,18 @@ class InFlight:
 
     # ---- one request ---------------------------------------------------------------------
 
-    async def submit(self, worker: int, req: ValidRequest, deadline: float) -> InferResult:
+    async def submit(self, worker: int, req: InferInput, deadline: float) -> InferResult:
         """Run one request on `worker`: its tensors into the arena, frames back in order."""
         b = req.batch_size
-        audio_len = 0 if req.audio is None else req.audio.nbytes
-        feature_len = 0 if req.features is None else req.features.nbytes
-        size = b * (VISUAL_BYTES + PREDICTION_BYTES) + audio_len + feature_len
+        layout = RequestLayout(b, 0 if req.audio is None else req.audio.nbytes,
+                               0 if req.features is None else req.features.nbytes)
+        size = layout.nbytes
         if size > self.arena.capacity:
             raise Overloaded(f"request needs {size} bytes of shared memory; the arena has "
                              f"{self.arena.capacity} (runtime.arena_mb)")
         block = await self._allocate(size, deadline)
         pending: Pending | None = None
-        refs = self._layout(block, b, audio_len, feature_len)
+        refs = layout.refs(block.segment, block.offset)
         if req.visual is None:  # audio alone: a copy of microseconds, done right here
             write = asyncio.get_running_loop().create_future()
             write.set_result(self._write_inputs(req, refs))
@@ -139,7 +155,7 @@ class InFlight:
                 visual=refs["visual"], build_visual=req.visual is None, audio=refs.get("audio"),
                 sample_rate=req.sample_rate, features=refs.get("features"),
                 stream_offset=req.stream_offset, sent_ns=time.monotonic_ns(),
-                backgrounds=req.backgrounds)))
+                background_indices=req.background_indices, live=req.live)))
             async with asyncio.timeout(deadline - time.monotonic()):
                 return await asyncio.shield(pending.future)
         except (TimeoutError, asyncio.CancelledError):
@@ -157,7 +173,7 @@ class InFlight:
             elif not pending.abandoned:
                 self._finish(pending)
 
-    async def backgrounds(self, worker: int, model_id: str, indices: tuple[int, ...],
+    async def background_jpegs(self, worker: int, model_id: str, indices: tuple[int, ...],
                           deadline: float) -> list[bytes]:
         """The JPEGs of these background frames of the model as they are (idle frames):
         no tensors, no arena block; the compositors encode them."""
@@ -169,7 +185,7 @@ class InFlight:
                           asyncio.get_running_loop().create_future())
         self.pending[request_id] = pending
         try:
-            await self.client.send(worker, msg.encode(msg.BackgroundFrames(
+            await self.client.send(worker, msg.encode(msg.BackgroundJpegs(
                 request_id, view.pid, model_id, indices)))
             async with asyncio.timeout(deadline - time.monotonic()):
                 result = await asyncio.shield(pending.future)
@@ -196,20 +212,7 @@ class InFlight:
         if self.pending.pop(pending.request_id, None) is not None and pending.block is not None:
             self._release(pending.block)
 
-    def _layout(self, block: Block, b: int, audio_len: int,
-                feature_len: int) -> dict[str, msg.TensorRef]:
-        offset = block.offset
-        refs = {}
-        for name, shape, nbytes in (("visual", (b, *VISUAL_SHAPE), b * VISUAL_BYTES),
-                                    ("output", (b, *PREDICTION_SHAPE), b * PREDICTION_BYTES),
-                                    ("audio", (audio_len // FLOAT,), audio_len),
-                                    ("features", (feature_len // FLOAT,), feature_len)):
-            if nbytes or name in ("visual", "output"):
-                refs[name] = msg.TensorRef(block.segment, offset, shape, "float32")
-            offset += nbytes
-        return refs
-
-    def _write_inputs(self, req: ValidRequest, refs: dict[str, msg.TensorRef]) -> int:
+    def _write_inputs(self, req: InferInput, refs: dict[str, msg.TensorRef]) -> int:
         """The one copy of the request's tensors: received message -> shared memory (ns)."""
         t0 = time.perf_counter_ns()
         for name, source in (("visual", req.visual), ("audio", req.audio),

@@ -3,6 +3,11 @@
 Pure state: each observation (a heartbeat, a RoleDown, a periodic check) returns the events
 it implies — a worker restarted or went silent, a compositor was lost, what a worker holds —
 and the frontend applies them to the in-flight table and the model registry.
+
+Silence is judged on the frontend's awake clock: the time it was itself running to hear a
+heartbeat. A frontend frozen by SIGSTOP, a long GC or a stalled event loop hears nobody
+meanwhile; on waking, that time is not its peers' silence (their heartbeats of the frozen
+time wait in its inbox).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ class RoleView:
     """One gpu_worker or compositor as its heartbeats describe it."""
 
     pid: int = 0
-    last_seen: float = 0.0
+    last_seen: float = 0.0    # on the awake clock
     silent: bool = False      # missed its heartbeats (or announced its death)
     restarts: int = 0         # pid changes seen
     device_memory_used_bytes: int = 0
@@ -38,9 +43,9 @@ class RoleView:
     cuda: bool = False
     backend: dict[str, Any] = field(default_factory=dict)  # a gpu_worker's: what runs it
 
-    def alive(self, now: float, heartbeat_s: float) -> bool:
+    def alive(self, awake: float, heartbeat_s: float) -> bool:
         return (self.pid != 0 and not self.silent
-                and now - self.last_seen < LIVENESS_BEATS * heartbeat_s)
+                and awake - self.last_seen < LIVENESS_BEATS * heartbeat_s)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,22 @@ class Liveness:
         self.workers = [RoleView() for _ in range(cfg.gpus.count)]
         self.compositors: dict[int, RoleView] = {}
         self.all_reported = asyncio.Event()  # every role has been heard from
+        self._tick = time.monotonic()        # the last periodic check
+        self._asleep = 0.0                   # seconds the frontend was stalled, so far
+
+    def awake(self) -> float:
+        """The awake clock: monotonic time less every stall of the frontend. A check runs
+        twice a heartbeat; a gap beyond a heartbeat was a stall — also the one that has not
+        ended in a check yet, so nothing is judged dead in the moment after waking."""
+        now = time.monotonic()
+        return now - self._asleep - max(0.0, now - self._tick - self.heartbeat_s)
+
+    def role_pids(self) -> list[int]:
+        """Every role's process as last heard (the capacity samples their CPU)."""
+        return [v.pid for v in (*self.workers, *self.compositors.values()) if v.pid]
+
+    def cuda(self) -> bool:
+        return any(w.cuda for w in self.workers)
 
     def heard(self, m: msg.Heartbeat) -> list[Event]:
         events: list[Event] = []
@@ -103,7 +124,7 @@ class Liveness:
             events.append(WorkerHolds(m.index, m.loaded_models))
         else:
             return events
-        view.pid, view.last_seen, view.silent = m.pid, time.monotonic(), False
+        view.pid, view.last_seen, view.silent = m.pid, self.awake(), False
         view.device_memory_used_bytes = m.device_memory_used_bytes
         view.queue_depth = m.queue_depth
         if not self.all_reported.is_set() and self.all_alive():
@@ -126,8 +147,11 @@ class Liveness:
         return []
 
     def check(self) -> list[Event]:
-        """Roles that went silent since the last check."""
-        now, events = time.monotonic(), list[Event]()
+        """Roles that went silent since the last check (called twice a heartbeat)."""
+        mono = time.monotonic()
+        self._asleep += max(0.0, mono - self._tick - self.heartbeat_s)
+        self._tick = mono
+        now, events = self.awake(), list[Event]()
         for i, w in enumerate(self.workers):
             if w.pid and not w.silent and not w.alive(now, self.heartbeat_s):
                 log.error("gpu_worker %d (pid %d) stopped answering", i, w.pid)
@@ -144,22 +168,22 @@ class Liveness:
     def worker(self, index: int) -> RoleView | None:
         """The worker's view when it is alive to take work, else None."""
         view = self.workers[index]
-        return view if view.alive(time.monotonic(), self.heartbeat_s) else None
+        return view if view.alive(self.awake(), self.heartbeat_s) else None
 
     def all_alive(self) -> bool:
-        now = time.monotonic()
+        now = self.awake()
         compositors = sum(c.alive(now, self.heartbeat_s) for c in self.compositors.values())
         return all(w.alive(now, self.heartbeat_s) for w in self.workers) \
             and compositors >= self.pool_size
 
     def healthy(self) -> bool:
         """Every worker and at least one compositor alive (what SERVING means)."""
-        now = time.monotonic()
+        now = self.awake()
         return (all(w.alive(now, self.heartbeat_s) for w in self.workers)
                 and any(c.alive(now, self.heartbeat_s) for c in self.compositors.values()))
 
     def snapshot(self) -> dict[str, list[dict[str, Any]]]:
-        now = time.monotonic()
+        now = self.awake()
 
         def view(index: int, v: RoleView) -> dict[str, Any]:
             return {"index": index, "pid": v.pid, "restarts": v.restarts,

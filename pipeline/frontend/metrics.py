@@ -57,9 +57,15 @@ class Metrics:
                               registry=r)
         self.refused = Gauge("lipsync_live_sessions_refused",
                              "Live sessions refused for want of capacity", registry=r)
+        self.warmups = Counter("lipsync_model_warmups", "Warm-up runs of models at load",
+                               ["model"], registry=r)
         self.loop_lag = Histogram("lipsync_event_loop_lag_seconds",
                                   "How late the frontend's event loop ran a 20 ms timer",
                                   buckets=STAGE_BUCKETS, registry=r)
+
+    def warmup_done(self, model_id: str) -> None:
+        """A model's warm-up at load ran through every stage (not a client's request)."""
+        self.warmups.labels(model_id).inc()
 
     def request_done(self, model_id: str, result: InferResult) -> None:
         done = result.done

@@ -15,24 +15,41 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import Any, Protocol
 
 from pipeline import messages as msg
 from pipeline.config import Config
 from pipeline.frontend.errors import Failed, Overloaded, Unavailable
-from pipeline.frontend.inflight import InFlight
-from pipeline.frontend.liveness import Liveness
+from pipeline.frontend.inflight import InferResult
+from pipeline.frontend.liveness import RoleView
 from pipeline.frontend.metrics import Metrics
-from pipeline.frontend.validation import ValidRequest
-from pipeline.frontend.worker_client import WorkerClient
-from pipeline.synctalk import FRAME_SAMPLES, SAMPLE_RATE
+from pipeline.frontend.validation import InferInput
 
 log = logging.getLogger(__name__)
 
 UNLOADED, LOADING, READY, UNLOADING, FAILED = "unloaded", "loading", "ready", "unloading", "failed"
-WARMUP_AUDIO = np.zeros(16 * FRAME_SAMPLES, np.float32)  # 640 ms of silence: a full context
+WARMUPS = 2  # the first run of a fresh model is slower: the second seeds the frame budget
+
+
+class WorkerControls(Protocol):
+    """LoadModel / UnloadModel calls to a worker (the worker client)."""
+
+    async def control(self, worker: int, worker_pid: int, kind: type, model_id: str,
+                      timeout: float) -> msg.ControlReply: ...
+
+
+class WorkerViews(Protocol):
+    """Which workers are alive and what they report (the liveness view)."""
+
+    workers: list[RoleView]
+
+    def worker(self, index: int) -> RoleView | None: ...
+
+
+class WarmUpRunner(Protocol):
+    """Runs a request on a given worker, admitted and measured (the router's runner)."""
+
+    async def run(self, worker: int, req: InferInput, deadline: float) -> InferResult: ...
 
 
 @dataclass(eq=False)
@@ -83,11 +100,11 @@ class Lease:
 
 
 class ModelRegistry:
-    def __init__(self, cfg: Config, client: WorkerClient, inflight: InFlight,
-                 liveness: Liveness, metrics: Metrics) -> None:
+    def __init__(self, cfg: Config, client: WorkerControls, runner: WarmUpRunner,
+                 liveness: WorkerViews, metrics: Metrics) -> None:
         self.cfg = cfg
         self.client = client
-        self.inflight = inflight
+        self.runner = runner
         self.liveness = liveness
         self.metrics = metrics
         self.models = {mid: ModelView(mid) for mid in cfg.models}
@@ -192,8 +209,9 @@ class ModelRegistry:
                 raise Failed(reply.error)
             model.memory_bytes = model.last_memory_bytes = reply.memory_bytes
             # ready only once a batch has gone through encoder, UNet and a compositor
-            await self.inflight.submit(worker, self._warmup_request(model.model_id),
-                                    time.monotonic() + self.cfg.runtime.start_timeout_s)
+            for _ in range(WARMUPS):
+                await self.runner.run(worker, InferInput.warmup_of(model.model_id),
+                                      time.monotonic() + self.cfg.runtime.start_timeout_s)
             # the measured size may exceed the estimate
             await self._make_room(worker, model, 0, deadline)
         except Exception as exc:
@@ -225,10 +243,6 @@ class ModelRegistry:
             raise Unavailable(f"gpu_worker {worker} is unavailable (restarting or not answering)")
         return await self.client.control(worker, view.pid, kind, model_id,
                                          self.cfg.runtime.start_timeout_s)
-
-    def _warmup_request(self, model_id: str) -> ValidRequest:
-        return ValidRequest(model_id=model_id, batch_size=1, start_frame_idx=0, visual=None,
-                            audio=WARMUP_AUDIO, sample_rate=SAMPLE_RATE, features=None)
 
     def _choose_worker(self, preferred: int) -> int:
         """The requested device, else the one whose models hold the least measured memory

@@ -1,69 +1,72 @@
-"""The request path, top to bottom: admission, the model's lease, the run through the
-worker tier, the statistics. Every transport (InferBatchComposite, the stream sessions)
-comes through `Router.infer`.
+"""The request path, top to bottom: the model's lease (`Router`), then admission, the run
+through the worker tier and the statistics (`Runner`). Every transport (InferBatchComposite,
+the stream sessions) comes through `Router.infer`; a model's warm-up at load goes through
+the `Runner` too (it has no lease yet: the model is not ready until it has run).
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Protocol
 
 from pipeline.config import Config
 from pipeline.frontend.capacity import FrameBudget
 from pipeline.frontend.errors import FAILURE_REASONS, Failed, Overloaded, Unavailable
-from pipeline.frontend.inflight import InferResult, InFlight
+from pipeline.frontend.inflight import InferResult
 from pipeline.frontend.metrics import Metrics
 from pipeline.frontend.models import Lease, ModelRegistry
-from pipeline.frontend.validation import ValidRequest
+from pipeline.frontend.validation import InferInput
 from pipeline.runtime.process import release_free_heap
 
 TRIM_AFTER_IDLE_S = 2.0
 
 
-class Router:
-    def __init__(self, cfg: Config, registry: ModelRegistry, inflight: InFlight,
-                 metrics: Metrics, budget: FrameBudget) -> None:
+class RequestTable(Protocol):
+    """What the runner needs of the in-flight table: a request run on a worker, and a
+    model's background frames from it."""
+
+    async def submit(self, worker: int, req: InferInput, deadline: float) -> InferResult: ...
+
+    async def background_jpegs(self, worker: int, model_id: str, indices: tuple[int, ...],
+                          deadline: float) -> list[bytes]: ...
+
+
+class Runner:
+    """One request on a given worker: admitted (or refused at once), run, measured."""
+
+    def __init__(self, cfg: Config, inflight: RequestTable, metrics: Metrics,
+                 budget: FrameBudget) -> None:
         self.cfg = cfg
-        self.budget = budget
-        self.registry = registry
         self.inflight = inflight
         self.metrics = metrics
+        self.budget = budget
         self.admitted = 0
         self.admitted_bytes = 0
         self._trim: asyncio.TimerHandle | None = None
 
-    async def infer(self, req: ValidRequest, timeout: float) -> tuple[InferResult, Lease]:
-        """Run one request on the worker holding its model (loading it first if needed)."""
+    async def run(self, worker: int, req: InferInput, deadline: float) -> InferResult:
         size = self._admit(req)
         try:
-            deadline = time.monotonic() + timeout
-            async with self.registry.lease(req.model_id, deadline) as lease:
-                result = await self.inflight.submit(lease.worker, req, deadline)
-            self.registry.count(req.model_id, result.done.inference_ns)
-            self.metrics.request_done(req.model_id, result)
-            self.budget.observe(result)
-            return result, lease
-        except (Failed, Overloaded, Unavailable, TimeoutError) as exc:
-            self.metrics.request_failed(FAILURE_REASONS[type(exc)])
-            raise
+            result = await self.inflight.submit(worker, req, deadline)
         finally:
             self._release(size)
+        if req.warmup:
+            self.metrics.warmup_done(req.model_id)
+        else:
+            self.metrics.request_done(req.model_id, result)
+        self.budget.observe(result, live=req.live, warmup=req.warmup)
+        return result
 
-    async def backgrounds(self, model_id: str, indices: tuple[int, ...],
-                          timeout: float) -> list[bytes]:
-        """JPEGs of the model's background frames as they are (a live session's idle
-        frames), from the worker that holds it (loaded first if needed)."""
-        deadline = time.monotonic() + timeout
-        async with self.registry.lease(model_id, deadline) as lease:
-            return await self.inflight.backgrounds(lease.worker, model_id, indices, deadline)
-
-    def _admit(self, req: ValidRequest) -> int:
-        """Count the request in, or refuse it at once: by requests and by tensor bytes
-        (one request alone is always admitted, whatever its size)."""
+    def _admit(self, req: InferInput) -> int:
+        """Count the request in, or refuse it at once: by requests and by tensor bytes (one
+        request alone is always admitted, whatever its size). A live session's request is
+        never refused for batch load: its session was admitted against the frame budget."""
         server = self.cfg.server
-        if self.admitted >= server.max_inflight_requests:
+        if not req.live and self.admitted >= server.max_inflight_requests:
             raise Overloaded(f"server busy: {self.admitted} requests in flight")
         size = req.nbytes
-        if self.admitted and self.admitted_bytes + size > server.max_inflight_mb * 2**20:
+        if not req.live and self.admitted and \
+                self.admitted_bytes + size > server.max_inflight_mb * 2**20:
             raise Overloaded(f"server busy: {self.admitted_bytes / 2**20:.0f} MB of requests in "
                              f"flight (server.max_inflight_mb {server.max_inflight_mb})")
         self.admitted += 1
@@ -84,3 +87,29 @@ class Router:
         request buffers back (kept warm for reuse while requests keep coming)."""
         self._trim = None
         asyncio.get_running_loop().run_in_executor(None, release_free_heap)
+
+
+class Router:
+    def __init__(self, registry: ModelRegistry, runner: Runner) -> None:
+        self.registry = registry
+        self.runner = runner
+
+    async def infer(self, req: InferInput, timeout: float) -> tuple[InferResult, Lease]:
+        """Run one request on the worker holding its model (loading it first if needed)."""
+        deadline = time.monotonic() + timeout
+        try:
+            async with self.registry.lease(req.model_id, deadline) as lease:
+                result = await self.runner.run(lease.worker, req, deadline)
+        except (Failed, Overloaded, Unavailable, TimeoutError) as exc:
+            self.runner.metrics.request_failed(FAILURE_REASONS[type(exc)])
+            raise
+        self.registry.count(req.model_id, result.done.inference_ns)
+        return result, lease
+
+    async def background_jpegs(self, model_id: str, indices: tuple[int, ...],
+                          timeout: float) -> list[bytes]:
+        """JPEGs of the model's background frames as they are (a live session's idle
+        frames), from the worker that holds it (loaded first if needed)."""
+        deadline = time.monotonic() + timeout
+        async with self.registry.lease(model_id, deadline) as lease:
+            return await self.runner.inflight.background_jpegs(lease.worker, model_id, indices, deadline)

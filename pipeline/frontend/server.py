@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pipeline import messages as msg
 from pipeline.config import Config, retired_environment
-from pipeline.frontend.capacity import FrameBudget
+from pipeline.frontend.capacity import Admission, FrameBudget
 from pipeline.frontend.drain import InflightCalls, wait_out_balancer
 from pipeline.frontend.errors import Unavailable
 from pipeline.frontend.grpc_service import MonolithicService
@@ -31,7 +31,7 @@ from pipeline.frontend.liveness import CompositorLost, Event, Liveness, WorkerHo
 from pipeline.frontend.metrics import Metrics
 from pipeline.frontend.models import ModelRegistry
 from pipeline.frontend.ports import bind, listeners
-from pipeline.frontend.router import Router
+from pipeline.frontend.router import Router, Runner
 from pipeline.frontend.security import TokenStore, ssl_context, warn_if_exposed
 from pipeline.frontend.services import (
     HEALTH,
@@ -47,6 +47,7 @@ from pipeline.frontend.services import (
 )
 from pipeline.frontend.streaming.grpc_stream import InferenceService, StreamRpc
 from pipeline.frontend.streaming.live import IdleFrames
+from pipeline.frontend.streaming.sessions import Sessions
 from pipeline.frontend.streaming.websocket import AudioSocketServer
 from pipeline.frontend.telemetry import Telemetry
 from pipeline.frontend.worker_client import WorkerClient
@@ -88,17 +89,18 @@ class Frontend:
     def __init__(self, cfg: Config, tokens: TokenStore, grpc_server: grpc.aio.Server,
                  ws_socket: socket.socket, client: WorkerClient, liveness: Liveness,
                  inflight: InFlight, metrics: Metrics, registry: ModelRegistry, router: Router,
-                 streams: StreamRpc, sockets: AudioSocketServer, telemetry: Telemetry,
-                 health: grpc_health.aio.HealthServicer, calls: InflightCalls) -> None:
+                 budget: FrameBudget, streams: StreamRpc, sockets: AudioSocketServer,
+                 telemetry: Telemetry, health: grpc_health.aio.HealthServicer,
+                 calls: InflightCalls) -> None:
         self.cfg, self.tokens, self.grpc, self.ws_socket = cfg, tokens, grpc_server, ws_socket
-        self.calls = calls
+        self.calls, self.budget = calls, budget
         self.client, self.liveness, self.inflight = client, liveness, inflight
         self.metrics, self.registry, self.router = metrics, registry, router
         self.streams, self.sockets, self.telemetry, self.health = streams, sockets, telemetry, health
         self.state = State.STARTING
         self._serving = NOT_SERVING
         self._health_lock = asyncio.Lock()
-        self._watch: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
     def create(cls, cfg: Config) -> Frontend:
@@ -117,21 +119,22 @@ class Frontend:
         inflight = InFlight(cfg, client, liveness)
         metrics = Metrics()
         budget = FrameBudget(cfg)
-        registry = ModelRegistry(cfg, client, inflight, liveness, metrics)
-        router = Router(cfg, registry, inflight, metrics, budget)
-        idle = IdleFrames(cfg, router)
-        streams = StreamRpc(cfg, router, idle, budget)
-        sockets = AudioSocketServer(cfg, router, tokens, idle, budget)
-        telemetry = Telemetry(cfg, metrics, liveness, inflight, registry, sockets.session_count,
-                              budget)
+        runner = Runner(cfg, inflight, metrics, budget)
+        registry = ModelRegistry(cfg, client, runner, liveness, metrics)
+        router = Router(registry, runner)
+        admission = Admission(cfg, budget)
+        sessions = Sessions(cfg, router, admission, IdleFrames(cfg, router))
+        streams = StreamRpc(cfg, sessions)
+        sockets = AudioSocketServer(cfg, tokens, sessions)
+        telemetry = Telemetry(cfg, metrics, liveness, inflight, registry, sessions, admission)
         health = grpc_health.aio.HealthServicer()
         add_services(grpc_server, cfg, {
             MONOLITHIC: MonolithicService(cfg, router, registry, liveness, metrics, streams),
-            INFERENCE: InferenceService(streams),
+            INFERENCE: InferenceService(cfg, sessions),
             HEALTH: health,
             REFLECTION: reflection.aio.ReflectionServicer(SERVICE_NAMES)})
         frontend = cls(cfg, tokens, grpc_server, ws_socket, client, liveness, inflight, metrics,
-                       registry, router, streams, sockets, telemetry, health, calls)
+                       registry, router, budget, streams, sockets, telemetry, health, calls)
         telemetry.start(client.addresses.ops, frontend.not_ready_reason)  # /readyz: 503 "starting"
         return frontend
 
@@ -143,7 +146,8 @@ class Frontend:
             msg.FrameDone: self.inflight.on_frame_done, msg.InferDone: self.inflight.on_infer_done,
             msg.InferFailed: self.inflight.on_failed, msg.FrameFailed: self.inflight.on_failed,
             msg.Heartbeat: self._on_heartbeat, msg.RoleDown: self._on_role_down})
-        self._watch = asyncio.create_task(self._watch_liveness())
+        self._tasks = [asyncio.create_task(self._watch_liveness()),
+                       asyncio.create_task(self.budget.sample_forever(self.liveness))]
         try:
             async with asyncio.timeout(cfg.runtime.start_timeout_s):
                 await self.liveness.all_reported.wait()
@@ -181,9 +185,9 @@ class Frontend:
             return
         self.state = State.CLOSED
         self.ws_socket.close()
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.sockets.drain(0)
         await self.grpc.stop(0)
         await self.registry.close()

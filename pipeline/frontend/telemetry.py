@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -21,13 +20,14 @@ import zmq
 import zmq.asyncio
 
 from pipeline.config import Config
-from pipeline.frontend.capacity import FrameBudget
+from pipeline.frontend.capacity import Admission
 from pipeline.frontend.inflight import InFlight
 from pipeline.frontend.liveness import Liveness
 from pipeline.frontend.metrics import Metrics
 from pipeline.frontend.models import ModelRegistry
 from pipeline.frontend.ops_http import NotReadyReason, OpsHttpServer
 from pipeline.frontend.ports import Listener
+from pipeline.frontend.streaming.sessions import Sessions
 from pipeline.runtime.sockets import make_socket
 
 log = logging.getLogger(__name__)
@@ -51,15 +51,14 @@ def _private_bytes(pid: int) -> int:
 
 class Telemetry:
     def __init__(self, cfg: Config, metrics: Metrics, liveness: Liveness, inflight: InFlight,
-                 registry: ModelRegistry, sessions: Callable[[], int],
-                 budget: FrameBudget) -> None:
+                 registry: ModelRegistry, sessions: Sessions, admission: Admission) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.liveness = liveness
         self.inflight = inflight
         self.registry = registry
         self.sessions = sessions
-        self.budget = budget
+        self.admission = admission
         self._processes: dict[int, psutil.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._http: OpsHttpServer | None = None
@@ -106,37 +105,30 @@ class Telemetry:
             "time": time.time(), "instance": self.cfg.runtime.instance,
             "frontend": {**self._process(os.getpid()), "restarts": 0,
                          "inflight_requests": inflight["inflight_requests"],
-                         "websocket_sessions": self.sessions(),
+                         "websocket_sessions": self.sessions.count("websocket"),
                          "loop_lag_max_ms": round(m.loop_lag_max_s * 1e3, 1),
                          "tasks": len(asyncio.all_tasks())},
             "gpu_workers": workers, "compositors": compositors, "models": models,
             "arena": inflight["arena"], "frames": m.frames, "evictions": m.evictions,
             "evictions_last_minute": m.evictions_since(time.monotonic() - 60),
-            "failures": dict(m.failures), "capacity": self.budget.snapshot(),
+            "failures": dict(m.failures), "capacity": self.admission.snapshot(),
+            "streams": self.sessions.snapshot(),
         }
 
     def refresh_gauges(self) -> None:
         m = self.metrics
-        roles = self.liveness.snapshot()
-        self.budget.cuda = any(w.get("cuda") for w in roles["gpu_workers"])
-        self.budget.sample_cpu(self._cpu_seconds(roles), _box_cpu_seconds())
-        budget = self.budget.budget_fps()
+        budget = self.admission.budget.budget_fps()
         m.budget_fps.set(budget if budget != float("inf") else 0)
-        m.used_fps.set(self.budget.used_fps())
-        m.refused.set(self.budget.refused)
+        m.used_fps.set(self.admission.used_fps())
+        m.refused.set(self.admission.refused)
         m.loaded.set(self.registry.loaded_count())
         inflight = self.inflight.snapshot()
         m.inflight.set(inflight["inflight_requests"])
-        m.sessions.set(self.sessions())
+        m.sessions.set(self.sessions.count("websocket"))
         m.arena.set(inflight["arena"]["used_bytes"])
         for view in self.liveness.snapshot()["gpu_workers"]:
             m.queue.labels(str(view["index"])).set(view["queue_depth"])
             m.memory.labels(str(view["index"])).set(view["device_memory_used_bytes"])
-
-    def _cpu_seconds(self, roles: dict[str, list[dict[str, Any]]]) -> float:
-        """CPU seconds every role has spent so far (the capacity's measure of a frame)."""
-        pids = [os.getpid()] + [v["pid"] for views in roles.values() for v in views if v["pid"]]
-        return sum(self._process(pid).get("cpu_s", 0.0) for pid in pids)
 
     # ---- endpoints ---------------------------------------------------------------------
 
@@ -203,9 +195,3 @@ class Telemetry:
             self.refresh_gauges()
             await asyncio.sleep(1.0)
 
-
-def _box_cpu_seconds() -> float:
-    """CPU seconds the whole box has been busy (every core, every process)."""
-    t = psutil.cpu_times()  # Linux: guest time is within user time already
-    return t.user + t.nice + t.system + sum(getattr(t, f, 0.0) for f in ("irq", "softirq",
-                                                                          "steal"))

@@ -1,6 +1,8 @@
-"""Validation of InferBatchComposite requests: the order and error strings of the original
-(spec/monolithic-api.md error table; reference-pipeline.md §5), plus the checks the
-original lacked (negative start index, partial samples, NaN/Inf, sample rate, length).
+"""The frontend's internal request (`InferInput`) and the one checked way to make it from a
+client's InferBatchComposite (`validate`): the order and error strings of the original
+server's error table, plus the checks the original lacked (negative start index, partial
+samples, NaN/Inf, sample rate, length). The server's own requests (a stream's batch, a
+model's warm-up) are made by named constructors from values it computed itself.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pipeline.frontend.wire import CompositeRequestView
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.synctalk import (
     FEATURE_BYTES,
+    FRAME_SAMPLES,
     MAX_BATCH,
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
@@ -29,8 +32,9 @@ class InvalidRequest(ValueError):
 
 
 @dataclass(frozen=True)
-class ValidRequest:
-    """A request that passed every check; arrays are views of the protobuf's bytes."""
+class InferInput:
+    """One request on its way to a worker; arrays are views of the received message's bytes
+    (or of the server's own buffers)."""
 
     model_id: str
     batch_size: int
@@ -41,12 +45,31 @@ class ValidRequest:
     sample_rate: int
     features: np.ndarray | None   # deprecated: 8192 float32
     stream_offset: int = -1       # a stream's batch: audio starts at this sample of the stream
-    backgrounds: tuple[int, ...] = ()  # a live stream's background frame of each frame
+    background_indices: tuple[int, ...] = ()  # a live stream's background frame of each frame
+    live: bool = False            # a live session's: goes ahead of batch work
+    warmup: bool = False          # a model's warm-up at load (admitted and measured, not a
+                                  # client's request)
+
+    @classmethod
+    def stream_batch(cls, model_id: str, first: int, batch: int, audio: np.ndarray,
+                     stream_offset: int, background_indices: tuple[int, ...], live: bool) -> InferInput:
+        """Frames [first, first + batch) of a stream, from its audio slice that starts at
+        stream sample `stream_offset`."""
+        return cls(model_id, batch, first, None, audio, SAMPLE_RATE, None,
+                   stream_offset=stream_offset, background_indices=background_indices, live=live)
+
+    @classmethod
+    def warmup_of(cls, model_id: str) -> InferInput:
+        """One frame of silence with its full audio context, through every stage."""
+        return cls(model_id, 1, 0, None, WARMUP_AUDIO, SAMPLE_RATE, None, warmup=True)
 
     @property
     def nbytes(self) -> int:
         """The tensors' bytes (the received message's size, give or take a few bytes)."""
         return sum(a.nbytes for a in (self.visual, self.audio, self.features) if a is not None)
+
+
+WARMUP_AUDIO = np.zeros(16 * FRAME_SAMPLES, np.float32)  # 640 ms of silence: a full context
 
 
 def _finite(values: np.ndarray) -> bool:
@@ -55,7 +78,7 @@ def _finite(values: np.ndarray) -> bool:
     return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
 
 
-def validate(req: pb.CompositeBatchRequest | CompositeRequestView, cfg: Config) -> ValidRequest:
+def validate(req: pb.CompositeBatchRequest | CompositeRequestView, cfg: Config) -> InferInput:
     if not req.model_id:
         raise InvalidRequest("model_id is required")
     b = req.batch_size
@@ -100,7 +123,7 @@ def validate(req: pb.CompositeBatchRequest | CompositeRequestView, cfg: Config) 
         raise InvalidRequest(f"Model '{req.model_id}' not found in configuration")
     if req.start_frame_idx < 0:
         raise InvalidRequest(f"start_frame_idx must be >= 0, got {req.start_frame_idx}")
-    return ValidRequest(req.model_id, b, req.start_frame_idx, visual, audio, sample_rate, features)
+    return InferInput(req.model_id, b, req.start_frame_idx, visual, audio, sample_rate, features)
 
 
 _CHECK_CHUNK = 1 << 18  # floats: 1 MiB, copied then checked while still in cache

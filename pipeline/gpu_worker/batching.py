@@ -9,9 +9,10 @@ and scatters the predictions back into each request's output block.
 """
 from __future__ import annotations
 
-import queue
+import heapq
+import itertools
+import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -19,63 +20,83 @@ import numpy as np
 from pipeline import messages as msg
 from pipeline.synctalk import AUDIO_SHAPE, PREDICTION_SHAPE, VISUAL_SHAPE
 
+LIVE, BATCH = 0, 1  # what the engine takes first: a live session's requests, then the rest
+Entry = tuple[int, int, object]  # (class, arrival, item)
+
+
+def _class(item: object) -> int:
+    return LIVE if isinstance(item, msg.InferRequest) and item.live else BATCH
+
 
 class Inbox:
-    """The engine's input. The shell's threads put into the queue; the engine alone takes
-    from it, and keeps the items a batch search took out but could not use in `backlog`,
-    served first and in their order."""
+    """The engine's input. The shell's threads put into it; the engine alone takes from it:
+    a live session's requests before anything else (latency-bound: a frame late is a frame
+    lost), everything else in the order it came. A batch search gives back what it took out
+    but could not use, in its place."""
 
     def __init__(self) -> None:
-        self.queue: queue.Queue[object] = queue.Queue()
-        self.backlog: deque[object] = deque()
+        self._heap: list[Entry] = []
+        self._arrivals = itertools.count()
+        self._ready = threading.Condition()
 
     def put(self, item: object) -> None:
-        self.queue.put(item)
+        with self._ready:
+            heapq.heappush(self._heap, (_class(item), next(self._arrivals), item))
+            self._ready.notify()
 
     def next(self, deadline: float) -> object | None:
         """The next item, waiting until `deadline` (monotonic) at most; None if none came."""
-        if self.backlog:
-            return self.backlog.popleft()
-        return self.wait(deadline)
+        entry = self.take(deadline)
+        return None if entry is None else entry[2]
 
-    def wait(self, deadline: float) -> object | None:
-        """The next item of the queue (not the backlog), waiting until `deadline` at most."""
-        try:
-            return self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            return None
+    def take(self, deadline: float) -> Entry | None:
+        with self._ready:
+            while not self._heap:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._ready.wait(left)
+            return heapq.heappop(self._heap)
+
+    def give_back(self, entries: list[Entry]) -> None:
+        """Entries taken out and not used: they keep their place (class and arrival)."""
+        with self._ready:
+            for entry in entries:
+                heapq.heappush(self._heap, entry)
+            if entries:
+                self._ready.notify()
 
     def depth(self) -> int:
         """Items waiting (read by the heartbeat thread: approximate by nature)."""
-        return self.queue.qsize() + len(self.backlog)
+        return len(self._heap)
 
 
 def coalesce(first: msg.InferRequest, inbox: Inbox, max_frames: int,
              delay_s: float) -> list[msg.InferRequest]:
-    """`first` and the requests of its model queued behind it, or arriving within `delay_s`,
-    up to `max_frames` frames. Other items keep their order in the backlog; a control
-    message, or a request of the model that does not fit, ends the search (a control
-    message is never overtaken, and the request that did not fit goes first next time)."""
+    """`first` and the requests of its model and class (live or batch) queued behind it, or
+    arriving within `delay_s`, up to `max_frames` frames. Other items keep their place; a
+    control message, a request of the other class, or a request of the model that does not
+    fit ends the search (a control message is never overtaken, and the request that did not
+    fit goes first next time)."""
     run, frames, set_aside = [first], first.batch_size, []
-    earlier = list(inbox.backlog)
-    inbox.backlog.clear()
     deadline = time.monotonic() + delay_s
     while frames < max_frames:
-        item = earlier.pop(0) if earlier else inbox.wait(deadline)
-        if item is None:
+        entry = inbox.take(deadline)
+        if entry is None:
             break
-        if not isinstance(item, msg.InferRequest):
-            set_aside.append(item)
+        item = entry[2]
+        if not isinstance(item, msg.InferRequest) or item.live != first.live:
+            set_aside.append(entry)
             break
         if item.model_id != first.model_id:
-            set_aside.append(item)
+            set_aside.append(entry)
             continue
         if frames + item.batch_size > max_frames:
-            set_aside.append(item)
+            set_aside.append(entry)
             break
         run.append(item)
         frames += item.batch_size
-    inbox.backlog.extend(set_aside + earlier)
+    inbox.give_back(set_aside)
     return run
 
 

@@ -2,7 +2,8 @@
 
 Each compositor grants this worker a few credits (jobs it may hold at once) and returns one
 with every finished job (msg.Credit). A job goes only to a compositor with a free credit, so
-a slow one is never handed more than it asked for; the rest wait here, in order. The
+a slow one is never handed more than it asked for; the rest wait here: a live session's
+frames first (a frame late is a frame lost), then the others, each in order. The
 dispatcher remembers which jobs each compositor holds (their encoded bytes: the prediction
 and background they point to stay valid in shared memory while the frontend waits for the
 frames), so when a compositor is lost its jobs go to the others and nothing fails:
@@ -78,12 +79,19 @@ class CreditDispatcher:
         self.silence_s = silence_s
         self.running = running
         self.members: dict[bytes, Member] = {}
-        self.waiting: deque[tuple[JobKey, bytes]] = deque()
+        # jobs waiting for a credit: a live session's, then the others (in order within each)
+        self._live: deque[tuple[JobKey, bytes]] = deque()
+        self._batch: deque[tuple[JobKey, bytes]] = deque()
         self.redispatched = 0
 
-    def submit(self, key: JobKey, job: bytes) -> None:
-        """A new job (its encoded CompositeJob), handed out in order."""
-        self.waiting.append((key, job))
+    def submit(self, key: JobKey, job: bytes, live: bool = False) -> None:
+        """A new job (its encoded CompositeJob), handed out in order (live ones first)."""
+        (self._live if live else self._batch).append((key, job))
+
+    @property
+    def waiting(self) -> list[tuple[JobKey, bytes]]:
+        """The jobs waiting, in the order they will be handed out."""
+        return [*self._live, *self._batch]
 
     def on_credit(self, identity: bytes, credit: msg.Credit, now: float) -> None:
         member = self.members.get(identity)
@@ -134,7 +142,7 @@ class CreditDispatcher:
         if forget:  # gone: what it finished last may not have left it (a frozen one keeps it)
             jobs[:0] = [(key, job) for t, key, job in member.recent
                         if t >= member.last_seen - RECENT_S]
-        self.waiting.extendleft(reversed(jobs))  # they are the oldest: first again
+        self._live.extendleft(reversed(jobs))  # they are the oldest and late: first again
         self.redispatched += len(jobs)
         if forget:
             del self.members[member.identity]
@@ -147,11 +155,11 @@ class CreditDispatcher:
     def assignments(self) -> Iterator[tuple[bytes, bytes]]:
         """(identity, job) for every waiting job that a compositor has room for now, each
         to the one with the most free credits (so a batch spreads over the pool)."""
-        while self.waiting:
+        while self._live or self._batch:
             member = max(self.members.values(), key=lambda m: m.free, default=None)
             if member is None or member.free == 0:
                 return
-            key, job = self.waiting.popleft()
+            key, job = (self._live or self._batch).popleft()
             member.held[key] = job
             member.handed += 1
             yield member.identity, job

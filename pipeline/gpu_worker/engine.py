@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -32,9 +31,6 @@ from pipeline.runtime.logs import logging_request
 from pipeline.runtime.process import RoleError
 from pipeline.shm.segment import SegmentCache
 from pipeline.synctalk import PREDICTION_BYTES, PREDICTION_SHAPE
-
-if TYPE_CHECKING:  # onnxruntime is imported only after the device is pinned
-    from pipeline.gpu_worker.unet import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +74,11 @@ class ConfigMismatch(RoleError):
 
 class Engine:
     def __init__(self, cfg: Config, gpu_index: int, provider: Resolved, inbox: Inbox,
-                 cache: ModelCache, encoder: Encoder, emit: Emit,
-                 start_load: StartLoad) -> None:
+                 cache: ModelCache, emit: Emit, start_load: StartLoad) -> None:
         self.cfg = cfg
         self.index = gpu_index
         self.inbox = inbox
         self.cache = cache
-        self.encoder = encoder
         self.emit = emit
         self.start_load = start_load
         self.max_batch_frames = cfg.batching.max_batch_frames or (32 if provider == "cuda" else 1)
@@ -95,7 +89,7 @@ class Engine:
         self.rebuilding: set[str] = set()
         self.handlers: dict[type, Callable[[object], None]] = {
             msg.InferRequest: self._on_infer,  # type: ignore[dict-item]
-            msg.BackgroundFrames: self._on_backgrounds,  # type: ignore[dict-item]
+            msg.BackgroundJpegs: self._on_background_jpegs,  # type: ignore[dict-item]
             msg.LoadModel: self._on_load,  # type: ignore[dict-item]
             msg.UnloadModel: self._on_unload,  # type: ignore[dict-item]
             LoadFinished: self._on_load_finished,  # type: ignore[dict-item]
@@ -105,15 +99,14 @@ class Engine:
     @classmethod
     def create(cls, cfg: Config, gpu_index: int, provider: Resolved, inbox: Inbox,
                cache: ModelCache, emit: Emit, start_load: StartLoad) -> Engine:
-        """An engine with its audio encoder built and warm (the first run allocates)."""
+        """An engine with the shared audio encoder built and warm, held for the worker's
+        life (the models that use it find it loaded)."""
         from pipeline.gpu_worker import audio
-        from pipeline.gpu_worker.unet import load_audio_encoder
 
         audio.warm_up()
         cv2.setNumThreads(1)  # building visual inputs: OpenCV's threads only cost on 320 px
-        encoder = load_audio_encoder(cfg.audio_encoder_path, provider, cache.backend.threads)
-        encoder.encode(np.full((1, 1, 80, 16), -4.0, np.float32))
-        return cls(cfg, gpu_index, provider, inbox, cache, encoder, emit, start_load)
+        cache.encoders.acquire(cfg.audio_encoder_path)
+        return cls(cfg, gpu_index, provider, inbox, cache, emit, start_load)
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -220,7 +213,7 @@ class Engine:
 
     # ---- inference ---------------------------------------------------------------------
 
-    def _on_backgrounds(self, req: msg.BackgroundFrames) -> None:
+    def _on_background_jpegs(self, req: msg.BackgroundJpegs) -> None:
         """A compositing job per frame with no prediction: the background's JPEG as it is."""
         model = self.cache.get(req.model_id)
         if model is None:
@@ -296,7 +289,7 @@ class Engine:
         def encode(windows: np.ndarray) -> np.ndarray:
             nonlocal encoder_ns
             start = time.monotonic_ns()
-            encoded = self.encoder.encode(windows)
+            encoded = model.encoder.encode(windows)
             encoder_ns += time.monotonic_ns() - start
             return encoded
 
@@ -317,7 +310,7 @@ class Engine:
             raise RequestError(f"Failed to encode audio features: {exc}") from exc
         t1 = time.monotonic_ns()
         if req.build_visual:
-            model.avatar.visual_inputs(_backgrounds(req), out=self._view(req.visual))
+            model.avatar.visual_inputs(_background_indices(req), out=self._view(req.visual))
         return Prepared(req, features, started_ns=t0, audio_ns=t1 - t0, encoder_ns=encoder_ns,
                         visual_ns=time.monotonic_ns() - t1 if req.build_visual else 0)
 
@@ -334,22 +327,23 @@ class Engine:
 
     def _emit_jobs(self, model: LoadedModel, req: msg.InferRequest) -> None:
         """One CompositeJob per frame: the compositors read prediction and background in place."""
-        for i, frame in enumerate(_backgrounds(req)):
+        for i, frame in enumerate(_background_indices(req)):
             self.emit(JOBS, msg.CompositeJob(
                 request_id=req.request_id, frame_index=i,
                 prediction=msg.TensorRef(req.output.segment,
                                          req.output.offset + i * PREDICTION_BYTES,
                                          PREDICTION_SHAPE, "float32"),
                 background=model.avatar.background_ref(frame), rect=model.avatar.rect(frame),
-                mode=model.config.composite_mode, jpeg_quality=self.cfg.jpeg_quality))
+                mode=model.config.composite_mode, jpeg_quality=self.cfg.jpeg_quality,
+                live=req.live))
 
     def _view(self, ref: msg.TensorRef) -> np.ndarray:
         return self.segments.ndarray(ref.segment, ref.offset, ref.shape, ref.dtype)
 
 
-def _backgrounds(req: msg.InferRequest) -> Sequence[int]:
+def _background_indices(req: msg.InferRequest) -> Sequence[int]:
     """The background frame of each of the request's frames."""
-    return req.backgrounds or range(req.start_frame_idx, req.start_frame_idx + req.batch_size)
+    return req.background_indices or range(req.start_frame_idx, req.start_frame_idx + req.batch_size)
 
 
 def _client_error(exc: Exception, req: msg.InferRequest) -> str:

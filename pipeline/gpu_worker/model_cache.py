@@ -1,5 +1,7 @@
 """The models a gpu_worker holds: each avatar's UNet session and decoded backgrounds, and
-the backend they run on (provider, precision, threads: `backend`, re-planned by `planner`).
+the backend they run on (provider, precision, threads: `backend`, re-planned by
+`planner`), and the audio encoders they run with (each distinct one loaded once and
+shared).
 
 Loads run on the shell's loader thread (`load_finished`), never on the engine's; the
 engine adopts the result when the `LoadFinished` comes back through its inbox, so a load
@@ -9,28 +11,72 @@ meeting a change mid-way.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pipeline.config import Config, ModelConfig
+from pipeline.gpu_worker.audio import SILENCE
 from pipeline.gpu_worker.device import DeviceMemory, Resolved
 from pipeline.gpu_worker.threads import ThreadPlanner, worker_cores
 from pipeline.gpu_worker.unet import Backend
 from pipeline.runtime.addresses import Addresses
 from pipeline.runtime.process import release_free_heap
+from pipeline.synctalk import MEL_WINDOW_SHAPE
 
 if TYPE_CHECKING:  # onnxruntime is imported only after the device is pinned
     from pipeline.gpu_worker.avatar import Avatar
-    from pipeline.gpu_worker.unet import UNetRunner
+    from pipeline.gpu_worker.unet import Encoder, UNetRunner
 
 log = logging.getLogger(__name__)
 
 # each load's backgrounds get a segment name of their own (process-wide: two caches of one
 # process, as in tests, must not meet either)
 _background_serial = itertools.count()
+
+
+class AudioEncoders:
+    """The audio encoders of a worker's models, one session per distinct file content (a
+    copy of the shared encoder in a model's folder is the shared encoder), held while a
+    model uses it. Acquired on the loader thread, released on the engine's."""
+
+    def __init__(self, provider: Resolved, intra_op_threads: int) -> None:
+        self.provider, self.intra_op_threads = provider, intra_op_threads
+        self.lock = threading.Lock()
+        self.held: dict[str, tuple[Encoder, int]] = {}  # content sha256: (session, users)
+
+    def acquire(self, path: Path) -> tuple[Encoder, str]:
+        """The encoder of `path`'s content (created and warmed on first use) and its key."""
+        from pipeline.gpu_worker.unet import load_audio_encoder
+
+        key = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        with self.lock:
+            held = self.held.get(key)
+            if held is not None:
+                self.held[key] = (held[0], held[1] + 1)
+                return held[0], key
+        # created outside the lock: a release on the engine's thread never waits for it
+        encoder = load_audio_encoder(path, self.provider, self.intra_op_threads)
+        encoder.encode(np.full((1, *MEL_WINDOW_SHAPE), SILENCE, np.float32))  # allocates
+        with self.lock:
+            encoder, users = self.held.get(key, (encoder, 0))
+            self.held[key] = (encoder, users + 1)
+        return encoder, key
+
+    def release(self, key: str) -> None:
+        with self.lock:
+            encoder, users = self.held[key]
+            if users > 1:
+                self.held[key] = (encoder, users - 1)
+            else:
+                del self.held[key]
 
 
 @dataclass
@@ -40,9 +86,13 @@ class LoadedModel:
     avatar: Avatar
     memory_bytes: int                   # measured: device (or private) memory + backgrounds
     load_ns: int
+    encoder: Encoder                    # the model's audio encoder, shared with others of it
+    encoders: AudioEncoders
+    encoder_key: str
 
     def close(self) -> None:
         self.avatar.close()
+        self.encoders.release(self.encoder_key)
 
 
 @dataclass(frozen=True)
@@ -82,6 +132,7 @@ class ModelCache:
                                   gpus.intra_op_threads or cores)
         self.planner = ThreadPlanner(cores, self.backend.threads,
                                      fixed=not cpu or gpus.intra_op_threads > 0)
+        self.encoders = AudioEncoders(provider, self.backend.threads)
         self.models: dict[str, LoadedModel] = {}
         self.loaded: dict[str, int] = {}
 
@@ -100,15 +151,21 @@ class ModelCache:
                 unet = self.build_unet(config)
             except Exception as exc:
                 raise LoadError(f"failed to create inferencer: failed to create session: {exc}") from exc
+            try:
+                encoder, key = self.encoders.acquire(self.cfg.audio_encoder_of(config))
+            except Exception as exc:
+                raise LoadError(f"failed to create audio encoder: {exc}") from exc
         name = Addresses.of(self.cfg).background_arena(self.index, next(_background_serial))
         try:
             avatar = load_avatar(config, name)
         except Exception as exc:
+            self.encoders.release(key)
             raise LoadError(f"Failed to get model data: {exc}") from exc
         # measured: the device's (or, on CPU, this process's private) memory growth over
         # the load, plus the backgrounds' shared-memory segment
         memory = max(0, self.memory.used_bytes() - before) + avatar.nbytes
-        return LoadedModel(config, unet, avatar, memory, time.monotonic_ns() - t0)
+        return LoadedModel(config, unet, avatar, memory, time.monotonic_ns() - t0, encoder,
+                           self.encoders, key)
 
     def build_unet(self, config: ModelConfig) -> UNetRunner:
         """`config`'s UNet on the current backend, warm."""

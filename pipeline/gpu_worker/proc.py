@@ -47,7 +47,7 @@ STOP_FLUSH_S = 0.5          # stopping: what is queued goes out by then, or neve
 CHECK_S = 0.1               # how often the link thread looks for exited or silent compositors
 LIVENESS_BEATS = 3          # a compositor silent this many heartbeats is frozen or gone
 ANNOUNCE_LINGER_MS = 1000   # how long the last words may take to leave
-JOB_KEY = struct.Struct("<qq")  # (request_id, frame_index) beside a job on the inproc hop
+JOB_KEY = struct.Struct("<qq?")  # (request_id, frame_index, live) beside a job on the inproc hop
 JOBS_INPROC = "inproc://jobs"
 
 
@@ -84,7 +84,7 @@ class GpuWorkerProc:
         """The engine's `emit`: queued for the sender thread, never a socket call here."""
         frames = [msg.encode(message)]
         if isinstance(message, msg.CompositeJob):
-            frames.insert(0, JOB_KEY.pack(message.request_id, message.frame_index))
+            frames.insert(0, JOB_KEY.pack(message.request_id, message.frame_index, message.live))
         self.outbox.put((target, frames))
 
     def _start_load(self, config: ModelConfig, rebuild: bool) -> None:
@@ -224,7 +224,8 @@ class GpuWorkerProc:
                     handlers[type(message)](identity, message, time.monotonic())
             if jobs_in in ready:
                 for key, job in _drain(jobs_in):
-                    self.credits.submit(JOB_KEY.unpack(key), job)
+                    request_id, frame_index, live = JOB_KEY.unpack(key)
+                    self.credits.submit((request_id, frame_index), job, live)
             if time.monotonic() >= next_check:
                 self.credits.check(time.monotonic())
                 next_check = time.monotonic() + CHECK_S

@@ -265,3 +265,26 @@ def test_demo_plays_a_wav_file_in_sync_and_interrupts(server, browser) -> None:
     assert before.get("errors") == 0 and before["anchors"] == 1 and in_sync(before), context
     assert after["errors"] == 0 and after["interrupts"] == 1, context
     assert after["anchors"] == 2 and in_sync(after), context
+
+
+def test_demo_shows_why_the_server_refused_the_session(server, start_server, browser) -> None:
+    """A page whose session is refused says why, visibly: an unknown model (refused at the
+    handshake, which a page sees only as 1006) and a box without room for a live session
+    (the reason names what limits it and the setting that overrides it)."""
+    devtools_url, _ = browser
+    full = start_server(**{"streaming.capacity_fps": 10})
+
+    async def refusal(port: int, query: str) -> tuple[str, str]:
+        async with connect(devtools_url, max_size=None) as ws:
+            devtools = DevTools(ws)
+            target, session = await devtools.open(f"http://127.0.0.1:{port}/demo?{query}")
+            stats = await devtools.stats_when(session, lambda s: s.get("errors", 0) >= 1,
+                                              timeout_s=15)
+            shown = await devtools.evaluate(session, "document.getElementById('status').textContent")
+            await devtools.call("Target.closeTarget", targetId=target)
+            return str(stats.get("lastError")), str(shown)
+
+    error, shown = asyncio.run(refusal(server.ws_port, "autostart=mic&model=nosuch"))
+    assert "model 'nosuch' is not configured" in error and "nosuch" in shown, (error, shown)
+    error, shown = asyncio.run(refusal(full.ws_port, "autostart=mic"))
+    assert "at capacity" in shown and "streaming.capacity_fps: 10" in shown, (error, shown)

@@ -18,7 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from pipeline.client import FrameMessage, channel, parse_frame_message, speech_like_audio
-from pipeline.frontend.streaming.live import ping_pong
+from pipeline.frontend.streaming.pacer import ping_pong
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from tests.conftest import SMALL_FRAMES, ops_stats
@@ -139,6 +139,7 @@ def test_an_interrupt_takes_effect_at_once_and_idle_goes_on(server) -> None:
             reader = asyncio.create_task(collect(ws, got, time.monotonic() + 4.0))
             await ws.send(pcm16(4.0, seed=2))
             while not any(f.speech for _, f in got.frames):
+                assert not reader.done(), "no speech frame in 4 s"
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.5)
             sent = time.monotonic()
@@ -205,7 +206,7 @@ def test_live_sessions_beyond_the_frame_budget_are_refused(start_server) -> None
         return closed.value.rcvd.code, closed.value.rcvd.reason
 
     code, reason = asyncio.run(expected_speech())
-    assert code == 1013 and "3 live sessions expected to speak 12.5 frames/s each" in reason
+    assert code == 1013 and "3 live x 12.5 fps expected of 40" in reason
 
     def grpc_live() -> grpc.StatusCode:
         with channel(srv.address) as ch:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,20 @@ def test_jpeg_quality_is_honoured(tmp_path: Path, video: Path, rects: Path) -> N
     hi = (tmp_path / "hi" / "frames" / "frame_0000.jpg").stat().st_size
     lo = (tmp_path / "lo" / "frames" / "frame_0000.jpg").stat().st_size
     assert lo < hi * 0.7
+
+
+def test_files_are_readable_by_another_user(tmp_path: Path, video: Path, rects: Path) -> None:
+    """The frames, their folder and the rects get the umask's modes (0755/0644 under 022),
+    not tempfile's private 0700/0600: a server running as another user can read them."""
+    out = tmp_path / "avatar"
+    old = os.umask(0o022)
+    try:
+        prepare_avatar(video, rects, out, progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((out / "frames").stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "crop_rects.json").stat().st_mode) == 0o644
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (out / "frames").iterdir()} == {0o644}
 
 
 def test_config_block_validates_and_avatar_loads(tmp_path: Path, video: Path, rects: Path,

@@ -1,7 +1,9 @@
 """The soak: 10 minutes (LIPSYNC_SOAK_S) of 4 gRPC clients and 2 WebSocket clients whose
-sessions open and close all the time, ending every way a session can end. Asserts no
-error, nothing leaked (sessions, arena blocks, tasks, shared-memory segments) and flat
-memory in every process; prints the figures (docs/benchmarks.md, "Soak").
+sessions open and close all the time, ending every way a session can end, beside 2 live
+sessions that speak half the time all along. Asserts no error, nothing leaked (sessions,
+arena blocks, tasks, shared-memory segments), flat memory in every process, and that the
+live sessions showed at least 98 % of their speech frames under the batch load (live work
+goes first); prints the figures (docs/benchmarks.md, "Soak").
 
 Not in CI: `pytest -m soak`.
 """
@@ -20,6 +22,7 @@ import pytest
 import yaml
 from websockets.asyncio.client import connect
 
+from pipeline.bench import live_load
 from pipeline.bench.local_server import ServerProcess
 from pipeline.client import channel, speech_like_audio
 from pipeline.rpc import monolithic_pb2 as pb
@@ -32,6 +35,8 @@ pytestmark = pytest.mark.soak
 SOAK_S = float(os.environ.get("LIPSYNC_SOAK_S", "600"))
 SAMPLE_S = 15.0
 MEMORY_SLACK_MB = 64.0  # growth allowed from the first quarter to the end, per process
+LIVE_SESSIONS = 2
+MIN_SPEECH_SHOWN = 0.98  # of the live sessions' speech frames, under the batch load
 
 
 class Load:
@@ -121,6 +126,19 @@ def ws_client(port: int, load: Load, seed: int) -> None:
     asyncio.run(run())
 
 
+def live_client(port: int, load: Load, into: list[dict]) -> None:
+    """LIVE_SESSIONS live sessions speaking half the time for the whole soak (the bench's
+    live driver): their figures, errors as the load's."""
+    seconds = max(1.0, load.until - time.monotonic() - live_load.TAIL_S - 1.0)
+    logs = asyncio.run(live_load.drive_live(f"ws://127.0.0.1:{port}/audio?mode=live",
+                                            LIVE_SESSIONS, seconds, 0.5))
+    result = live_load.aggregate(logs)
+    into.append(result)
+    for session in result["per_session"]:
+        for error in session["errors"] + ([session["refused"]] if session["refused"] else []):
+            load.error(f"live {session['session']}: {error}")
+
+
 def memory(config: Path) -> dict[str, float]:
     """Private resident memory of every process, in MB."""
     stats = ops_stats(config)
@@ -135,7 +153,8 @@ def test_soak(tmp_path: Path, small_models_root: Path) -> None:
     other = {"model_path": "demo/unet.onnx", "background_dir": "demo/frames",
              "crop_rects_path": "demo/crop_rects.json", "num_frames": 32}
     config = write_config(tmp_path / "config.yaml", small_models_root,
-                          **{"models.other": other, "streaming.max_clients": 16})
+                          **{"models.other": other, "streaming.max_clients": 16,
+                             "streaming.capacity_fps": 100})
     instance = yaml.safe_load(config.read_text())["runtime"]["instance"]
     with ServerProcess(config, log_path=tmp_path / "server.log") as srv:
         segments_before = len(list_segments(instance))
@@ -145,6 +164,8 @@ def test_soak(tmp_path: Path, small_models_root: Path) -> None:
                    for i in range(4)]
         threads += [threading.Thread(target=ws_client, args=(srv.ws_port, load, 100 + i))
                     for i in range(2)]
+        live: list[dict] = []
+        threads.append(threading.Thread(target=live_client, args=(srv.ws_port, load, live)))
         for t in threads:
             t.start()
         samples: list[tuple[float, dict[str, float]]] = []
@@ -163,6 +184,8 @@ def test_soak(tmp_path: Path, small_models_root: Path) -> None:
     end = samples[-1][1]
     growth = {name: round(end[name] - quarter[name], 1) for name in end}
     latencies = sorted(load.latencies)
+    (speech,) = live
+    shown = speech["speech_frames"] / max(1, speech["speech_frames"] + speech["missed_speech"])
     figures = {
         "seconds": SOAK_S, "grpc_requests": load.requests, "ws_sessions": load.sessions,
         "frames": load.frames, "errors": len(load.errors),
@@ -175,6 +198,9 @@ def test_soak(tmp_path: Path, small_models_root: Path) -> None:
         "tasks": [tasks_before, stats["frontend"]["tasks"]],
         "segments": [segments_before, segments_after], "models_loaded": loaded,
         "loop_lag_max_ms": stats["frontend"]["loop_lag_max_ms"],
+        "live_sessions": LIVE_SESSIONS, "live_speech_frames": speech["speech_frames"],
+        "live_speech_missed": speech["missed_speech"], "live_speech_shown": round(shown, 4),
+        "live_min_fps": speech["min_fps"],
     }
     print("SOAK " + json.dumps(figures))
     (tmp_path / "soak.json").write_text(json.dumps(figures, indent=2))
@@ -186,3 +212,4 @@ def test_soak(tmp_path: Path, small_models_root: Path) -> None:
     assert segments_before == 2  # the request arena and the preloaded model's backgrounds
     assert segments_after == 1 + loaded  # the arena and one per model loaded, nothing else
     assert all(g <= MEMORY_SLACK_MB for g in growth.values()), growth
+    assert shown >= MIN_SPEECH_SHOWN, figures

@@ -58,6 +58,13 @@ def test_roles_never_import_each_other() -> None:
     assert crossings == []
 
 
+def test_the_server_never_imports_its_client_library() -> None:
+    """What client and server share lives in pipeline.protocol (and synctalk, messages):
+    no role imports pipeline.client."""
+    users = sorted(m for m, imports in IMPORTS.items() if _role(m) and "pipeline.client" in imports)
+    assert users == []
+
+
 def test_shared_memory_imports_nothing_else_of_the_package() -> None:
     """pipeline.shm is self-contained: any role and tool may use it."""
     outside = sorted((m, i) for m, imports in IMPORTS.items() if m.startswith("pipeline.shm")

@@ -160,6 +160,19 @@ def test_with_ports_validates() -> None:
 # --- paths --------------------------------------------------------------------------------
 
 
+def test_a_model_may_name_its_own_audio_encoder() -> None:
+    """models.<id>.audio_encoder_path resolves under models_root and is that model's
+    encoder; a model without one runs with the shared audio_encoder_path."""
+    raw = _raw(audio_encoder_path="shared.onnx")
+    raw["models"]["own"] = {**MODEL, "audio_encoder_path": "own/audio_encoder.onnx"}
+    cfg = _parse(raw)
+    root = Path("/srv/lipsync/models")
+    assert cfg.models["own"].audio_encoder_path == root / "own" / "audio_encoder.onnx"
+    assert cfg.audio_encoder_of(cfg.models["own"]) == root / "own" / "audio_encoder.onnx"
+    assert cfg.models["demo"].audio_encoder_path is None
+    assert cfg.audio_encoder_of(cfg.models["demo"]) == root / "shared.onnx"
+
+
 def test_relative_paths_join_once(tmp_path: Path) -> None:
     """models_root resolves against the config's directory, model paths against models_root, once."""
     path = tmp_path / "conf" / "config.yaml"

@@ -18,8 +18,8 @@ TO_WORKER = [
                      features=msg.TensorRef("s", 0, (32, 16, 16), "float32")),
     msg.InferRequest(request_id=2, worker_pid=10, model_id="demo", batch_size=2, start_frame_idx=7,
                      output=REF, visual=REF, build_visual=True, stream_offset=0,
-                     backgrounds=(248, 249)),
-    msg.BackgroundFrames(request_id=3, worker_pid=10, model_id="demo", indices=(0, 1, 2, 249)),
+                     background_indices=(248, 249)),
+    msg.BackgroundJpegs(request_id=3, worker_pid=10, model_id="demo", indices=(0, 1, 2, 249)),
     msg.LoadModel(request_id=3, worker_pid=10, model_id="demo"),
     msg.UnloadModel(request_id=4, worker_pid=10, model_id="demo"),
 ]

@@ -7,19 +7,18 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from pipeline.bench.live_load import (
+from pipeline.bench.live_figures import (
     Frame,
     Interrupt,
     LiveLog,
     aggregate,
-    continuous_pcm,
     first_speech_ms,
     interrupt_ms,
     jitter_ms,
     summarize,
     table,
-    utterance_plan,
 )
+from pipeline.bench.live_load import continuous_pcm, utterance_plan
 from pipeline.bench.plot import sweep_svg
 from pipeline.bench.streams import largest_holding, sweep_sizes, sweep_table
 

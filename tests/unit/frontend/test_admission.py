@@ -16,8 +16,8 @@ from pipeline.frontend.inflight import InferResult
 from pipeline.frontend.liveness import Liveness
 from pipeline.frontend.metrics import Metrics
 from pipeline.frontend.models import ModelRegistry
-from pipeline.frontend.router import Router
-from pipeline.frontend.validation import ValidRequest
+from pipeline.frontend.router import Router, Runner
+from pipeline.frontend.validation import InferInput
 
 
 class HeldWorkers:
@@ -31,29 +31,32 @@ class HeldWorkers:
                       timeout: float) -> msg.ControlReply:
         return msg.ControlReply(0, ok=True, gpu_id=worker, memory_bytes=1)
 
-    async def submit(self, worker: int, req: ValidRequest, deadline: float) -> InferResult:
-        if req.visual is not None:  # the warm-up has no visual tensor
+    async def submit(self, worker: int, req: InferInput, deadline: float) -> InferResult:
+        if not req.warmup:
             await self.release.wait()
         done = msg.InferDone(0, 0, 0, 0, 0, 0, 0, False, 0, 0)
         return InferResult([b""] * req.batch_size, done, 0, 0, 0, 0, 0)
 
 
-def request(mb: int) -> ValidRequest:
+def request(mb: int, live: bool = False) -> InferInput:
     floats = mb * 2**20 // 4
-    return ValidRequest(model_id="demo", batch_size=1, start_frame_idx=0,
-                        visual=np.zeros(floats, np.float32), audio=np.zeros(16, np.float32),
-                        sample_rate=16000, features=None)
+    return InferInput(model_id="demo", batch_size=1, start_frame_idx=0,
+                      visual=np.zeros(floats, np.float32), audio=np.zeros(16, np.float32),
+                      sample_rate=16000, features=None, live=live)
 
 
-@pytest.mark.parametrize("budget_mb, sizes, admitted", [
-    (64, [20, 20, 20, 20], 3),        # the fourth would pass 64 MB
-    (64, [100], 1),                   # one request alone is never refused for its size
-    (1024, [20] * 6, 4),              # max_inflight_requests (4) binds first
+@pytest.mark.parametrize("budget_mb, sizes, admitted, live", [
+    (64, [20, 20, 20, 20], 3, False),  # the fourth would pass 64 MB
+    (64, [100], 1, False),             # one request alone is never refused for its size
+    (1024, [20] * 6, 4, False),        # max_inflight_requests (4) binds first
+    (64, [20] * 6, 6, True),           # a live session's requests: never refused for load
 ])
 def test_requests_are_admitted_by_count_and_bytes(tmp_path: Path, budget_mb: int,
-                                                  sizes: list[int], admitted: int) -> None:
+                                                  sizes: list[int], admitted: int,
+                                                  live: bool) -> None:
     """Requests over server.max_inflight_mb (beyond the first) or over
-    max_inflight_requests are refused at once with Overloaded; the rest are served."""
+    max_inflight_requests are refused at once with Overloaded; the rest are served. A live
+    session's requests are not refused for batch load (the session was admitted)."""
     cfg = parse_config({"server": {"max_inflight_mb": budget_mb, "max_inflight_requests": 4},
                         "models": {"demo": {"model_path": "u.onnx", "background_dir": "f",
                                             "crop_rects_path": "r.json", "num_frames": 4}}},
@@ -62,10 +65,11 @@ def test_requests_are_admitted_by_count_and_bytes(tmp_path: Path, budget_mb: int
     async def scenario() -> tuple[int, int]:
         workers, liveness, metrics = HeldWorkers(), Liveness(cfg), Metrics()
         liveness.heard(msg.Heartbeat(role="gpu_worker", index=0, pid=1))
-        registry = ModelRegistry(cfg, workers, workers, liveness, metrics)  # type: ignore[arg-type]
-        router = Router(cfg, registry, workers, metrics, FrameBudget(cfg))  # type: ignore[arg-type]
+        runner = Runner(cfg, workers, metrics, FrameBudget(cfg))  # type: ignore[arg-type]
+        registry = ModelRegistry(cfg, workers, runner, liveness, metrics)
+        router = Router(registry, runner)
         await registry.load("demo", None)
-        tasks = [asyncio.create_task(router.infer(request(mb), 30)) for mb in sizes]
+        tasks = [asyncio.create_task(router.infer(request(mb, live), 30)) for mb in sizes]
         await asyncio.sleep(0.05)
         workers.release.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)

@@ -8,8 +8,8 @@ import pytest
 
 from pipeline.config import Config, parse_config
 from pipeline.frontend.validation import (
+    InferInput,
     InvalidRequest,
-    ValidRequest,
     copy_finite_visual,
     validate,
 )
@@ -129,7 +129,7 @@ def test_valid_request_views(cfg: Config) -> None:
     visual = np.random.default_rng(0).random(2 * FRAME_FLOATS, dtype=np.float32)
     valid = validate(_request(batch_size=2, visual_frames=visual.tobytes(),
                               raw_audio=audio.tobytes(), start_frame_idx=7), cfg)
-    assert isinstance(valid, ValidRequest)
+    assert isinstance(valid, InferInput)
     assert valid.visual.shape == (2, 6, 320, 320) and valid.visual.dtype == np.float32
     np.testing.assert_array_equal(valid.visual.reshape(-1), visual)
     np.testing.assert_array_equal(valid.audio, audio)

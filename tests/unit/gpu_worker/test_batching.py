@@ -13,13 +13,22 @@ from pipeline.gpu_worker.batching import Inbox, StagingBatch, coalesce
 REF = msg.TensorRef("seg", 0, (1,), "float32")
 
 
-def _req(request_id: int, batch: int, model: str = "demo") -> msg.InferRequest:
+def _req(request_id: int, batch: int, model: str = "demo", live: bool = False) -> msg.InferRequest:
     return msg.InferRequest(request_id=request_id, worker_pid=0, model_id=model,
-                            batch_size=batch, start_frame_idx=0, output=REF, visual=REF)
+                            batch_size=batch, start_frame_idx=0, output=REF, visual=REF,
+                            live=live)
 
 
 def _ids(items: list) -> list[int]:
     return [i.request_id for i in items]
+
+
+def _left(inbox: Inbox) -> list[object]:
+    """Everything still in the inbox, in the order the engine would take it."""
+    items = []
+    while (item := inbox.next(time.monotonic())) is not None:
+        items.append(item)
+    return items
 
 
 def _inbox(*items: object) -> Inbox:
@@ -34,15 +43,14 @@ def test_queued_requests_of_the_model_join_up_to_the_frame_limit() -> None:
     inbox = _inbox(_req(2, 4), _req(3, 8, "other"), _req(4, 4), _req(5, 1), _req(6, 2))
     run = coalesce(_req(1, 4), inbox, 16, 0.0)
     assert _ids(run) == [1, 2, 4, 5, 6] and sum(r.batch_size for r in run) == 15
-    assert _ids(list(inbox.backlog)) == [3]  # the other model's request keeps its place
+    assert _ids(_left(inbox)) == [3]  # the other model's request keeps its place
 
 
 def test_a_request_that_does_not_fit_ends_the_run_and_goes_first_next() -> None:
     """A request of the model that would overflow the limit ends the run and leads the next."""
     inbox = _inbox(_req(2, 4), _req(3, 4), _req(4, 1))
     assert _ids(coalesce(_req(1, 4), inbox, 10, 0.0)) == [1, 2]
-    assert _ids(list(inbox.backlog)) == [3]
-    # the next run starts from the backlog, in order, then the queue
+    # the next run starts from the request set aside, in its place
     first = inbox.next(time.monotonic())
     assert _ids(coalesce(first, inbox, 10, 0.0)) == [3, 4]  # type: ignore[arg-type]
 
@@ -52,8 +60,8 @@ def test_a_control_message_is_never_overtaken() -> None:
     unload = msg.UnloadModel(request_id=9, worker_pid=0, model_id="demo")
     inbox = _inbox(_req(2, 1), unload, _req(3, 1))
     assert _ids(coalesce(_req(1, 1), inbox, 16, 0.0)) == [1, 2]
-    assert list(inbox.backlog) == [unload]
-    assert inbox.queue.get_nowait().request_id == 3  # type: ignore[attr-defined]
+    left = _left(inbox)
+    assert left[0] == unload and _ids(left[1:]) == [3]
 
 
 def test_the_queue_delay_waits_for_late_requests_and_no_longer() -> None:
@@ -80,14 +88,30 @@ def test_a_full_first_request_runs_alone_without_waiting() -> None:
     assert inbox.depth() == 1
 
 
-def test_inbox_serves_the_backlog_before_the_queue() -> None:
-    """Items set aside by a batch search come back first, in their order."""
-    inbox = _inbox(_req(3, 1))
-    inbox.backlog.extend([_req(1, 1), _req(2, 1)])
-    assert inbox.depth() == 3
-    got = [inbox.next(time.monotonic()) for _ in range(3)]
-    assert _ids(got) == [1, 2, 3]
+def test_the_inbox_serves_live_requests_first_and_the_rest_in_order() -> None:
+    """A live session's requests are taken before anything queued earlier (control messages
+    and batch requests keep their order among themselves); what a batch search sets aside
+    keeps its place."""
+    unload = msg.UnloadModel(request_id=9, worker_pid=0, model_id="other")
+    inbox = _inbox(_req(1, 1), unload, _req(2, 1), _req(3, 1, live=True), _req(4, 1, live=True))
+    assert inbox.depth() == 5
+    first = inbox.next(time.monotonic())
+    assert _ids([first]) == [3]  # type: ignore[list-item]
+    set_aside = inbox.take(time.monotonic())  # the next live one, given back unused
+    assert set_aside is not None
+    inbox.give_back([set_aside])
+    left = _left(inbox)
+    assert _ids(left[:1]) == [4] and _ids(left[1:2]) == [1] and left[2] == unload
+    assert _ids(left[3:]) == [2]
     assert inbox.next(time.monotonic() + 0.01) is None
+
+
+def test_live_and_batch_requests_never_share_a_run() -> None:
+    """A live request coalesces with the live requests of its model only: a batch request
+    would make it wait for a bigger run."""
+    inbox = _inbox(_req(2, 4), _req(3, 2, live=True), _req(4, 2, live=True))
+    assert _ids(coalesce(_req(1, 2, live=True), inbox, 16, 0.0)) == [1, 3, 4]
+    assert _ids(coalesce(inbox.next(time.monotonic()), inbox, 16, 0.0)) == [2]  # type: ignore[arg-type]
 
 
 def test_staging_gathers_runs_once_and_scatters_each_part_back() -> None:

@@ -45,6 +45,22 @@ def _held(d: CreditDispatcher, identity: bytes) -> int:
     return len(d.members[identity].held)
 
 
+def test_a_live_sessions_frames_are_handed_out_before_waiting_batch_frames() -> None:
+    """Batch frames wait for credits; a live session's frames submitted after them go first,
+    each kind in its order."""
+    d, _ = _dispatcher()
+    d.on_credit(A, _credit(0, credits=1), 0.0)
+    _submit(d, 1, 3)
+    d.submit((2, 0), b"live 2/0", live=True)
+    d.submit((2, 1), b"live 2/1", live=True)
+    assert [key for key, _ in d.waiting] == [(2, 0), (2, 1), (1, 0), (1, 1), (1, 2)]
+    assert _hand_out(d) == [(A, b"live 2/0")]
+    d.on_credit(A, _credit(0, credits=1, done=(2, 0)), 0.1)
+    assert _hand_out(d) == [(A, b"live 2/1")]
+    d.on_credit(A, _credit(0, credits=1, done=(2, 1)), 0.2)
+    assert _hand_out(d) == [(A, b"job 1/0")]
+
+
 def test_no_compositor_holds_more_than_its_credits() -> None:
     """Jobs beyond every compositor's credits wait, in order, until a credit comes back."""
     d, _ = _dispatcher()

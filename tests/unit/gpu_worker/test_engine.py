@@ -24,6 +24,7 @@ from pipeline.shm.arena import Arena
 from pipeline.shm.segment import SHM_DIR, segment_name
 from pipeline.synctalk import PREDICTION_BYTES, VISUAL_BYTES, VISUAL_SHAPE
 from tests.conftest import SMALL_FRAMES, write_config
+from tests.helpers import write_silent_encoder
 
 _arenas = itertools.count()
 BAD_MODEL = {"model_path": "demo/missing.onnx", "background_dir": "demo/frames",
@@ -111,8 +112,12 @@ class Harness:
 @pytest.fixture(scope="module")
 def config_path(tmp_path_factory: pytest.TempPathFactory, small_models_root: Path) -> Path:
     tmp = tmp_path_factory.mktemp("engine")
+    mute = {"model_path": "demo/unet.onnx", "background_dir": "demo/frames",
+            "crop_rects_path": "demo/crop_rects.json", "num_frames": SMALL_FRAMES,
+            "audio_encoder_path": str(write_silent_encoder(tmp / "silent.onnx"))}
     return write_config(tmp / "config.yaml", small_models_root,
-                        **{"gpus.intra_op_threads": 1, "models.broken": BAD_MODEL})
+                        **{"gpus.intra_op_threads": 1, "models.broken": BAD_MODEL,
+                           "models.mute": mute})
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +193,18 @@ def test_unload_releases_the_backgrounds(fresh: Harness) -> None:
     assert not (SHM_DIR / segment).exists() and fresh.cache.loaded == {}
     again = fresh.control(msg.UnloadModel, "demo")
     assert (again.ok, again.error) == (False, "Failed to unload model: model 'demo' not loaded")
+
+
+def test_a_model_runs_with_its_own_audio_encoder(fresh: Harness) -> None:
+    """A model's own audio_encoder_path gives its features: the same speech opens the demo
+    model's mouth, and leaves the reference face as it is on 'mute', whose encoder hears
+    only silence."""
+    assert fresh.control(msg.LoadModel, "demo").ok and fresh.control(msg.LoadModel, "mute").ok
+    demo, mute = fresh.request(2, 0, seed=3), fresh.request(2, 0, seed=3, model_id="mute")
+    fresh.handle(demo, mute)
+    reference = fresh.arena.ndarray(mute.visual.offset, mute.visual.shape, "float32")[:, :3]
+    np.testing.assert_array_equal(fresh.prediction(mute), np.clip(reference, 0, 1))
+    assert np.abs(fresh.prediction(demo) - fresh.prediction(mute)).max() > 0.1
 
 
 def test_a_model_outside_the_config_is_fatal(fresh: Harness) -> None:

@@ -91,5 +91,5 @@ def test_jobs_go_to_the_link_thread_with_their_key(shell: GpuWorkerProc) -> None
     shell._post(JOBS, job)
     shell._post("frontend", msg.InferFailed(1, "x"))
     (target, frames), (_, single) = shell.outbox.get_nowait(), shell.outbox.get_nowait()
-    assert target == JOBS and JOB_KEY.unpack(frames[0]) == (77, 5)
+    assert target == JOBS and JOB_KEY.unpack(frames[0]) == (77, 5, False)
     assert msg.compositor_decoder.decode(frames[1]) == job and len(single) == 1
