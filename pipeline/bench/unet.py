@@ -163,7 +163,7 @@ def precision_check(cfg_path: Path, model_id: str, provider: Resolved, batch: in
     cfg = load_config(cfg_path)
     model = cfg.models[model_id]
     # the features are the reference's (float32 on every backend): the UNet is compared
-    encoder = load_audio_encoder(cfg.audio_encoder_path, reference[0])
+    encoder = load_audio_encoder(cfg.audio_encoder_of(model), reference[0])
     samples = speech_like_audio((batch + 15) * 0.04)
     features = audio.request_features(encoder.encode, samples, audio.SAMPLE_RATE, batch)
     avatar = load_avatar(model, segment_name(f"prec{os.getpid()}", "bg"))
