@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlencode, urlsplit
 
@@ -61,6 +61,15 @@ class AvatarFrame:
     received: float = 0.0   # time.monotonic() when its message came (0: a held frame)
 
 
+@dataclass
+class SessionRecord:
+    """What a session's owner may want to look at afterwards (benchmarks, tests)."""
+
+    interrupt_acks: list[float] = field(default_factory=list)  # s from interrupt to its answer
+    speech_starts: list[int] = field(default_factory=list)     # the server's VAD: live frames
+    reconnects: int = 0
+
+
 OnFrame = Callable[[AvatarFrame], Awaitable[None]]
 OnError = Callable[[str], Awaitable[None]]
 
@@ -95,7 +104,7 @@ class LiveAvatar:
 
     def __init__(self, url: str, *, model: str | None = None, token: str | None = None,
                  sample_rate: int, image_format: ImageFormat = "RGB",
-                 on_frame: OnFrame, on_error: OnError) -> None:
+                 on_frame: OnFrame, on_error: OnError, record: SessionRecord | None = None) -> None:
         self.url = live_url(url, model)
         self.options = websocket_options()
         if token:
@@ -110,7 +119,7 @@ class LiveAvatar:
         self._last_audio = 0.0
         self._awaiting_ack = False
         self._interrupted_at = 0.0
-        self.interrupt_acks: list[float] = []   # s from an interrupt sent to its confirmation
+        self.record = record or SessionRecord()
         self._held: np.ndarray | None = None    # the last idle frame
         self._tasks: list[asyncio.Task[None]] = []
         self._holding: asyncio.Task[None] | None = None   # _hold, while the server is away
@@ -217,6 +226,8 @@ class LiveAvatar:
                             ready = json.loads(await ws.recv())
                         if ready.get("type") != "ready":
                             raise ConnectionError(f"unexpected first message {ready}")
+                        if self._holding is not None:
+                            self.record.reconnects += 1
                         await self._stop_holding()
                         failures = 0
                         await self._serve(ws)
@@ -266,7 +277,9 @@ class LiveAvatar:
         kind = status.get("type")
         if kind == "interrupted" and self._awaiting_ack:
             self._awaiting_ack = False
-            self.interrupt_acks.append(time.monotonic() - self._interrupted_at)
+            self.record.interrupt_acks.append(time.monotonic() - self._interrupted_at)
+        elif kind == "speech_start":
+            self.record.speech_starts.append(int(status.get("frame", -1)))
         elif kind == "error":
             await self.on_error(f"lipsync server: {status.get('message')}")
 

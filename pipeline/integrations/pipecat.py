@@ -30,7 +30,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-from pipeline.integrations.live import AvatarFrame, LiveAvatar
+from pipeline.integrations.live import AvatarFrame, LiveAvatar, SessionRecord
 
 
 class LipsyncVideoService(FrameProcessor):
@@ -46,7 +46,7 @@ class LipsyncVideoService(FrameProcessor):
         self._url, self._model, self._token = url, model, token
         self._avatar: LiveAvatar | None = None
         self._stops: deque[TTSStoppedFrame] = deque()  # each goes after its turn's last audio
-        self.interrupt_acks: list[float] = []  # s from each interrupt sent to the server's answer
+        self.record = SessionRecord()  # interrupt confirmations, the server's speech starts
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
@@ -54,8 +54,8 @@ class LipsyncVideoService(FrameProcessor):
             await self.push_frame(frame, direction)
             self._avatar = LiveAvatar(self._url, model=self._model, token=self._token,
                                       sample_rate=self._output_rate(frame),
-                                      on_frame=self._show, on_error=self._error)
-            self._avatar.interrupt_acks = self.interrupt_acks
+                                      on_frame=self._show, on_error=self._error,
+                                      record=self.record)
             await self._avatar.start()
         elif isinstance(frame, (EndFrame, CancelFrame)):
             await self._close()

@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 from pipecat.frames.frames import (
+    EndFrame,
     ErrorFrame,
     Frame,
     InterruptionFrame,
@@ -23,8 +24,10 @@ from pipecat.frames.frames import (
     TTSStoppedFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
+from pipecat.workers.runner import WorkerRunner
 
 from pipeline.client import speech_like_audio
 from pipeline.integrations.pipecat import LipsyncVideoService
@@ -119,6 +122,31 @@ async def run_pipeline(server, frames: Sequence[Frame]) -> tuple[LipsyncVideoSer
     return service, into, down, up
 
 
+def check_sync(down: Seen, audio: list[tuple[float, Frame]], spoken: np.ndarray,
+               speech_starts: list[int], judge: MouthJudge) -> None:
+    """The utterance `spoken` came back as `audio` (frames downstream), in sync with the video:
+    each 40 ms went out right after an image (the frame that shows it); the image with the first
+    voiced sample is the frame where the server's own voice-activity detector puts the speech's
+    start (within one frame: an independent check of which audio a frame shows); the speech frames
+    that took voiced audio show a mouth, and most voiced audio went with speech frames (the rest
+    with idle frames the server sent in place of speech frames not ready in time)."""
+    order = {id(f): i for i, (_, f) in enumerate(down.frames)}
+    shown = [down.frames[order[id(f)] - 1][1] for _, f in audio]
+    assert all(isinstance(f, OutputImageRawFrame) for f in shown)
+    onset = int(np.argmax(np.abs(spoken) >= 0.05 * 32768)) // int(TTS_RATE * FRAME_S)
+    onset_frame = shown[onset].metadata["lipsync"]["index"]
+    skew = min((s - onset_frame for s in speech_starts), key=abs)
+    voiced = [voiced_chunk(f.audio) for _, f in audio]
+    speech = [f.metadata["lipsync"]["speech"] for f in shown]
+    print(f"VAD skew {skew} frames; {sum(voiced)} voiced chunks, "
+          f"{sum(v and not s for v, s in zip(voiced, speech, strict=True))} with an idle frame")
+    assert abs(skew) <= 1
+    assert sum(voiced) >= 10
+    assert sum(v and s for v, s in zip(voiced, speech, strict=True)) >= 0.8 * sum(voiced)
+    assert all(judge.rendered(f) for f, v, s in zip(shown, voiced, speech, strict=True)  # type: ignore[arg-type]
+               if v and s)
+
+
 def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(times)]
 
@@ -137,8 +165,6 @@ def test_frames_audio_sync_interrupt_and_close(server, oracle, small_models_root
     audio_out = down.of(TTSAudioRawFrame)
     audio_in = into.of(TTSAudioRawFrame)
     interrupt_at = into.of(InterruptionFrame)[0][0]
-    print(f"{len(images)} frames; gaps max {max(gaps([t for t, _ in images])) * 1000:.0f} ms; "
-          f"interrupt confirmed in {[round(a * 1000, 1) for a in service.interrupt_acks]} ms")
 
     # 25 fps the whole time, every frame of the server's clock passed on at once; the gaps the
     # transport sees are printed (on a shared machine a stalled server shows there too)
@@ -148,9 +174,10 @@ def test_frames_audio_sync_interrupt_and_close(server, oracle, small_models_root
     print(f"{len(images)} frames, {len(images) / (times[-1] - times[0]):.1f} fps; gaps max "
           f"{max(gaps(times)) * 1000:.0f} ms, p99 {np.percentile(gaps(times), 99) * 1000:.0f} ms; "
           f"held in the service max {max(held):.1f} ms; interrupt confirmed in "
-          f"{[round(a * 1000, 1) for a in service.interrupt_acks]} ms")
+          f"{[round(a * 1000, 1) for a in service.record.interrupt_acks]} ms")
     assert [m["index"] for m in meta] == list(range(meta[0]["index"], meta[-1]["index"] + 1))
-    assert max(held) <= 100  # the service holds no frame (its JPEG decode included)
+    # the service holds no frame (its JPEG decode included; a stall of the shared machine aside)
+    assert np.percentile(held, 99) <= 60 and max(held) <= 250
     assert np.percentile(gaps(times), 99) <= 0.120 and max(gaps(times)) <= 0.5
     assert len(images) / (times[-1] - times[0]) >= 24.0
     before = [f for t, f in images if t < audio_in[0][0]]
@@ -165,12 +192,7 @@ def test_frames_audio_sync_interrupt_and_close(server, oracle, small_models_root
     assert back[:first.nbytes] == first.tobytes() and not any(back[first.nbytes:])
     assert len(back) == -(-first.nbytes // per_frame) * per_frame
     assert all(len(f.audio) == per_frame and f.sample_rate == TTS_RATE for _, f in first_out)
-    order = {id(f): i for i, (_, f) in enumerate(down.frames)}
-    with_audio = [down.frames[order[id(f)] - 1][1] for _, f in first_out]
-    assert all(isinstance(f, OutputImageRawFrame) for f in with_audio)
-    voiced = [voiced_chunk(f.audio) for _, f in first_out]
-    assert sum(voiced) >= 15
-    assert all(judge.rendered(f) for f, v in zip(with_audio, voiced, strict=True) if v)  # type: ignore[arg-type]
+    check_sync(down, first_out, first, service.record.speech_starts, judge)
     audio_times = [t for t, _ in first_out]
     # 40 ms a frame, at the frames' pace (not in a burst)
     assert len(audio_times) / (audio_times[-1] - audio_times[0] + FRAME_S) <= 26
@@ -191,3 +213,70 @@ def test_frames_audio_sync_interrupt_and_close(server, oracle, small_models_root
     while ops_stats(server.config)["frontend"]["websocket_sessions"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert ops_stats(server.config)["frontend"]["websocket_sessions"] == 0
+
+
+Send = Callable[[Frame], Awaitable[None]]
+
+
+async def drive(pipeline: Pipeline, script: Callable[[Send], Awaitable[None]]) -> None:
+    """Run `pipeline` as Pipecat's run_test does, frames sent by `script(send)` as it goes (a
+    conversation that waits on events, not a list fixed in advance), then EndFrame."""
+    worker = PipelineWorker(pipeline, cancel_on_idle_timeout=False)
+    started = asyncio.Event()
+
+    @worker.event_handler("on_pipeline_started")
+    async def _started(_worker: object, _frame: object) -> None:
+        started.set()
+
+    async def conversation() -> None:
+        await asyncio.wait_for(started.wait(), 10)
+        await script(worker.queue_frame)
+        await worker.queue_frame(EndFrame())
+
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    await asyncio.gather(runner.run(), conversation())
+
+
+def test_a_server_restart_mid_conversation_is_survived(start_server, oracle,
+                                                       small_models_root: Path) -> None:
+    """The server stops after the first utterance and comes back: an ErrorFrame goes upstream,
+    the last frame is repeated meanwhile (the video never stops), and the next utterance is
+    shown lip-synced by the new server with its audio back whole."""
+    server = start_server(**{"streaming.capacity_fps": 10_000})
+    first, second = utterance(1.5, seed=6), utterance(2.0, seed=7)
+    into, down, up = Seen(), Seen(), Seen()
+    spoke: list[float] = []
+
+    async def script(send: Send) -> None:
+        await asyncio.sleep(1.0)
+        for frame in [*tts_frames(first), TTSStoppedFrame()]:
+            await send(frame)
+        await asyncio.sleep(3.5)
+        await asyncio.to_thread(server.stop)
+        await asyncio.sleep(1.0)  # frames while it is away
+        await asyncio.to_thread(server.start)
+        await asyncio.sleep(2.0)  # the service's next attempt (backoff 0.5, 1, 2 s)
+        spoke.append(time.monotonic())
+        for frame in [*tts_frames(second), TTSStoppedFrame()]:
+            await send(frame)
+        await asyncio.sleep(4.0)
+
+    service = LipsyncVideoService(url=f"ws://127.0.0.1:{server.ws_port}")
+    asyncio.run(drive(Pipeline([Recorder(up, FrameDirection.UPSTREAM),
+                                Recorder(into, FrameDirection.DOWNSTREAM), service,
+                                Recorder(down, FrameDirection.DOWNSTREAM)]), script))
+    judge = MouthJudge(oracle, small_models_root)
+    images = down.of(OutputImageRawFrame)
+    times = [t for t, _ in images]
+    errors = up.of(ErrorFrame)
+    print(f"{len(images)} frames; gaps max {max(gaps(times)) * 1000:.0f} ms, p99 "
+          f"{np.percentile(gaps(times), 99) * 1000:.0f} ms; errors {[f.error for _, f in errors]}")
+    assert errors and "lost" in errors[0][1].error
+    assert np.percentile(gaps(times), 99) <= 0.120 and max(gaps(times)) <= 0.5
+    after = [(t, f) for t, f in down.of(TTSAudioRawFrame) if t > spoke[0]]
+    back = b"".join(f.audio for _, f in after)
+    assert back[:second.nbytes] == second.tobytes()
+    assert service.record.reconnects >= 1
+    check_sync(down, after[: -(-second.nbytes // (2 * int(TTS_RATE * FRAME_S)))], second,
+               service.record.speech_starts, judge)
