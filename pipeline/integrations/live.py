@@ -116,6 +116,8 @@ class LiveAvatar:
         self._ws: ClientConnection | None = None
         self._outbox: list[bytes | str] = []     # audio (bytes) and control messages (str)
         self._wake = asyncio.Event()
+        self._send_lock = asyncio.Lock()        # one message at a time, in order
+        self._generation = 0                    # bumped by an interrupt: older audio is not sent
         self._last_audio = 0.0
         self._awaiting_ack = False
         self._interrupted_at = 0.0
@@ -151,12 +153,15 @@ class LiveAvatar:
         """Drop the audio not shown yet and stop the utterance on the server."""
         self.timeline.reset()
         self._outbox.clear()
-        if self._ws is None:
+        self._generation += 1
+        ws = self._ws
+        if ws is None:
             return
         self._awaiting_ack = True
         self._interrupted_at = time.monotonic()
-        with contextlib.suppress(WebSocketException):
-            await self._ws.send(json.dumps({"type": "interrupt"}))
+        async with self._send_lock:  # after the message being sent, before any audio of before
+            with contextlib.suppress(WebSocketException):
+                await ws.send(json.dumps({"type": "interrupt"}))
 
     async def close(self) -> None:
         """End the session (idempotent)."""
@@ -180,15 +185,16 @@ class LiveAvatar:
     def _end_run(self) -> None:
         if self.timeline.open_run:
             self._queue(self.timeline.pad())
-            self._outbox.append(json.dumps({"type": "flush"}))
-            self._wake.set()
+            if self._ws is not None:
+                self._outbox.append(json.dumps({"type": "flush"}))
+                self._wake.set()
 
     async def _send(self) -> None:
         """The outbox in order, audio coalesced into one message per SEND_EVERY_S; a pause in
         the audio ends its run before the server's flush timeout would."""
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(GAP_S / 2):
+                async with asyncio.timeout(GAP_S / 4):
                     await self._wake.wait()
             self._wake.clear()
             if self.timeline.open_run and time.monotonic() - self._last_audio >= GAP_S:
@@ -196,18 +202,19 @@ class LiveAvatar:
             ws, batch, self._outbox = self._ws, self._outbox, []
             if ws is None or not batch:
                 continue
-            audio = bytearray()
+            generation = self._generation
+            messages: list[bytes | str] = []
+            for item in batch:  # consecutive audio as one message
+                if isinstance(item, bytes) and messages and isinstance(messages[-1], bytes):
+                    messages[-1] += item
+                else:
+                    messages.append(item)
             try:
-                for item in batch:
-                    if isinstance(item, str):
-                        if audio:
-                            await ws.send(bytes(audio))
-                            audio.clear()
-                        await ws.send(item)
-                    else:
-                        audio += item
-                if audio:
-                    await ws.send(bytes(audio))
+                async with self._send_lock:
+                    for message in messages:
+                        if generation != self._generation:
+                            break  # interrupted meanwhile: this audio is dropped
+                        await ws.send(message)
             except WebSocketException:
                 continue  # the receiver sees the connection end and reconnects
             await asyncio.sleep(SEND_EVERY_S)
@@ -233,6 +240,9 @@ class LiveAvatar:
                         await self._serve(ws)
                 except (OSError, WebSocketException, TimeoutError, ValueError) as exc:
                     reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                except Exception as exc:  # a bug costs this connection, never the pipeline
+                    log.exception("live session %s failed", self.url)
+                    reason = f"internal error: {exc!r}"
                 finally:
                     self._ws = None
                 if self._closed:

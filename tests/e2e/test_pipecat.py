@@ -20,6 +20,7 @@ from pipecat.frames.frames import (
     Frame,
     InterruptionFrame,
     OutputImageRawFrame,
+    TextFrame,
     TTSAudioRawFrame,
     TTSStoppedFrame,
 )
@@ -152,11 +153,12 @@ def gaps(times: list[float]) -> list[float]:
 
 
 def test_frames_audio_sync_interrupt_and_close(server, oracle, small_models_root: Path) -> None:
-    """Idle frames from the start, 25 fps with no gap over 120 ms; an utterance's TTS audio
-    comes back whole, 40 ms with each speech frame; after an interrupt no speech frame or audio
-    later than 100 ms; after EndFrame the server holds no session."""
+    """Idle frames from the start, then 25 fps (every frame of the server's clock, gaps of at
+    most 120 ms at p99); an utterance's TTS audio comes back whole, 40 ms after each frame, in
+    sync; other frames pass through; after an interrupt no speech frame or audio later than
+    100 ms; after EndFrame the server holds no session."""
     first, second = utterance(2.0, seed=1), utterance(3.0, seed=2)
-    frames = [SleepFrame(1.0), *tts_frames(first), TTSStoppedFrame(), SleepFrame(4.0),
+    frames = [SleepFrame(1.0), TextFrame("hello"), *tts_frames(first), TTSStoppedFrame(), SleepFrame(4.0),
               *tts_frames(second), TTSStoppedFrame(), SleepFrame(1.8), InterruptionFrame(),
               SleepFrame(1.5)]
     service, into, down, up = asyncio.run(run_pipeline(server, frames))
@@ -207,6 +209,7 @@ def test_frames_audio_sync_interrupt_and_close(server, oracle, small_models_root
     assert late_audio == [] and late_speech == []
     assert [t for t, f in images if t > interrupt_at + 0.2]  # the video goes on
     assert not up.of(ErrorFrame)
+    assert [f.text for _, f in down.of(TextFrame)] == ["hello"]  # other frames pass through
 
     # EndFrame closed the session
     deadline = time.monotonic() + 5
