@@ -14,8 +14,9 @@ every second one is interrupted 1 s after it was sent. Reported:
   idle and while speaking, and the JPEG decode's share of it (the avatar's own frames decoded
   again after the run: ms per frame);
 - the client side of a raw-pixel output instead of JPEG (`--raw-compare`): a local WebSocket
-  sender in another process sends the same frames at 25 fps as JPEG, then as raw RGB, twice
-  each, alternated; the receiving process's CPU per frame for each (decode vs copy).
+  sender in another process sends the same frames at 25 fps as JPEG, as raw RGB and as raw
+  I420, twice each, alternated; the receiving process's CPU per frame for each, the frame made
+  RGB as the Pipecat service needs it (JPEG decoded, RGB copied, I420 converted).
 """
 from __future__ import annotations
 
@@ -161,12 +162,13 @@ def decode_cost(jpegs: list[bytes]) -> float:
     return (time.process_time() - c0) / len(jpegs) * 1000
 
 
-def _sender(port: int, jpegs: list[bytes], raw: list[bytes], seconds: float, ready) -> None:
-    """Another process: serves `seconds` of frames at 25 fps to each client, JPEG or raw by path."""
+def _sender(port: int, kinds: dict[str, list[bytes]], seconds: float, ready) -> None:
+    """Another process: serves `seconds` of frames at 25 fps to each client, of the kind its
+    path names (/jpeg, /rgb, /i420)."""
     from websockets.sync.server import serve
 
     def handler(ws) -> None:
-        frames = raw if ws.request.path == "/raw" else jpegs
+        frames = kinds[ws.request.path.strip("/")]
         start = time.monotonic()
         n = 0
         while n * FRAME_S < seconds:
@@ -179,49 +181,60 @@ def _sender(port: int, jpegs: list[bytes], raw: list[bytes], seconds: float, rea
         server.serve_forever()
 
 
-async def _receive(url: str, decode: bool, shape: tuple[int, ...]) -> tuple[int, float]:
+async def _receive(url: str, kind: str, shape: tuple[int, ...]) -> tuple[int, float]:
+    import cv2
     from websockets.asyncio.client import connect
 
     from pipeline.integrations.live import decoder
 
-    to_rgb = decoder("RGB")
+    height, width = shape[:2]
+    to_rgb = {
+        "jpeg": decoder("RGB"),
+        "rgb": lambda m: np.frombuffer(m, np.uint8).reshape(shape).copy(),
+        "i420": lambda m: cv2.cvtColor(np.frombuffer(m, np.uint8).reshape(height * 3 // 2, width),
+                                       cv2.COLOR_YUV2RGB_I420),
+    }[kind]
     frames, c0 = 0, _cpu()
     async with connect(url, max_size=None) as ws:
         async for message in ws:
             assert isinstance(message, bytes)
-            image = to_rgb(message) if decode else np.frombuffer(message, np.uint8).reshape(shape).copy()
+            image = to_rgb(message)
             assert image.shape == shape
             frames += 1
     return frames, _cpu() - c0
 
 
 def raw_compare(jpegs: list[bytes], seconds: float = 8.0) -> dict:
-    """The receiving side's CPU per frame: JPEG (decoded) vs raw RGB (copied), alternated."""
+    """The receiving side's CPU per frame to get an RGB frame: JPEG (decoded), raw RGB (copied),
+    raw I420 (converted), alternated."""
+    import cv2
+
     from pipeline.bench.local_server import free_port
     from pipeline.integrations.live import decoder
 
     rgb = [decoder("RGB")(j) for j in jpegs]
-    raw = [image.tobytes() for image in rgb]
+    kinds = {"jpeg": jpegs, "rgb": [image.tobytes() for image in rgb],
+             "i420": [cv2.cvtColor(image, cv2.COLOR_RGB2YUV_I420).tobytes() for image in rgb]}
     port = free_port()
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
-    proc = ctx.Process(target=_sender, args=(port, jpegs, raw, seconds, ready), daemon=True)
+    proc = ctx.Process(target=_sender, args=(port, kinds, seconds, ready), daemon=True)
     proc.start()
     try:
         ready.wait(30)
-        result: dict[str, list[float]] = {"jpeg": [], "raw": []}
+        result: dict[str, list[float]] = {kind: [] for kind in kinds}
         for _ in range(2):
-            for kind in ("jpeg", "raw"):
-                frames, cpu = asyncio.run(_receive(f"ws://127.0.0.1:{port}/{kind}", kind == "jpeg",
+            for kind in kinds:
+                frames, cpu = asyncio.run(_receive(f"ws://127.0.0.1:{port}/{kind}", kind,
                                                    rgb[0].shape))
                 result[kind].append(cpu / frames * 1000)
     finally:
         proc.terminate()
         proc.join(10)
-    jpeg_ms, raw_ms = float(np.mean(result["jpeg"])), float(np.mean(result["raw"]))
-    return {"jpeg_ms_per_frame": jpeg_ms, "raw_ms_per_frame": raw_ms,
-            "jpeg_kb": float(np.mean([len(j) for j in jpegs])) / 1024,
-            "raw_kb": len(raw[0]) / 1024, "runs": result}
+    return {"ms_per_frame": {kind: float(np.mean(v)) for kind, v in result.items()},
+            "kb_per_frame": {kind: float(np.mean([len(f) for f in frames])) / 1024
+                             for kind, frames in kinds.items()},
+            "runs": result}
 
 
 def main() -> None:

@@ -288,8 +288,9 @@ class LiveAvatar:
         if kind == "interrupted" and self._awaiting_ack:
             self._awaiting_ack = False
             self.record.interrupt_acks.append(time.monotonic() - self._interrupted_at)
-        elif kind == "speech_start":
+        elif kind == "speech_start" and not self._awaiting_ack:
             self.record.speech_starts.append(int(status.get("frame", -1)))
+            self.timeline.speech_started(int(status.get("frame", -1)))
         elif kind == "error":
             await self.on_error(f"lipsync server: {status.get('message')}")
 

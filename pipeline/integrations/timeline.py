@@ -9,6 +9,12 @@ shows the first stream frame whose audio has not gone out. The audio of every st
 the one a live frame shows goes out with that frame, so a speech frame the server could not render
 in time (an idle frame goes in its place) still takes its audio along and the sound never stops.
 
+The first speech frame cannot tell when the server rendered an utterance's first frames too late
+(idle frames went in their place): the server's `speech_start` status can. It names the live
+frame that shows a speech onset, and `onsets.SpeechOnsets` finds the same onset in the samples we
+sent; when the two put the anchor earlier than the first speech frame does, the late frames'
+audio goes out with the idle frames that stood in for them.
+
 Two rules keep the server's stream and ours aligned frame for frame: audio is sent to the server
 resampled to 16 kHz, a run of audio is padded with silence to a whole frame before it is flushed
 (the server renders a flushed partial frame with silence), and a pause in the audio ends its run
@@ -22,6 +28,8 @@ from collections import deque
 
 import numpy as np
 import soxr
+
+from pipeline.integrations.onsets import SpeechOnsets
 
 SERVER_RATE = 16000
 SERVER_FRAME = 640          # 16 kHz samples per frame (40 ms)
@@ -48,6 +56,7 @@ class AudioTimeline:
     def __init__(self, rate: int) -> None:
         self.rate = rate
         self.per_frame = frame_samples(rate)
+        self.onsets = SpeechOnsets()
         self.reset()
 
     def reset(self) -> None:
@@ -57,6 +66,8 @@ class AudioTimeline:
         self.pending: dict[int, bytes] = {}     # stream frame -> its source audio, not out yet
         self.segment_ends: deque[int] = deque() # last stream frame of each ended segment
         self.anchor: int | None = None          # live frame - stream frame, while known
+        self.hints: deque[tuple[int, int]] = deque()  # (stream frame of an onset, its anchor)
+        self.onsets.reset()
         self._resampler: soxr.ResampleStream | None = None
         self._run_source = 0                    # source samples of the run (since the last pad)
         self._run_sent = 0                      # 16 kHz samples sent of the run
@@ -88,7 +99,11 @@ class AudioTimeline:
         resampled = self._resampler.resample_chunk(samples.astype(np.float32) / 32768.0)
         self._run_source += len(samples)
         self._run_sent += len(resampled)
-        return pcm16(resampled)
+        return self._sent(pcm16(resampled))
+
+    def _sent(self, pcm: bytes) -> bytes:
+        self.onsets.feed(pcm)
+        return pcm
 
     def pad(self) -> bytes:
         """End the run: its last frame filled with silence. Returns the 16 kHz bytes that bring
@@ -106,7 +121,9 @@ class AudioTimeline:
         rest = np.concatenate([rest, np.zeros(missing, np.float32)]) if missing >= 0 \
             else rest[:missing]
         self._resampler = None
-        return pcm16(rest)
+        sent = self._sent(pcm16(rest))
+        self.onsets.end()  # the flush that follows ends speech on the server too
+        return sent
 
     def end_segment(self) -> bool:
         """The speaker's turn is over (pad first). True when all its audio is out already."""
@@ -115,13 +132,34 @@ class AudioTimeline:
         self.segment_ends.append(self.next_frame - 1)
         return False
 
+    def speech_started(self, live_frame: int) -> None:
+        """The server's `speech_start`: live frame `live_frame` shows the next onset."""
+        if self.onsets.onsets:
+            frame = self.onsets.onsets.popleft() // SERVER_FRAME
+            self.hints.append((frame, live_frame - frame))
+
+    def _learn_anchor(self, live_frame: int, speech: bool) -> None:
+        first = min(self.pending)
+        while self.hints and self.hints[0][0] < first:  # an onset already shown
+            self.hints.popleft()
+        hinted = self.hints[0][1] if self.hints else None
+        if hinted is not None and hinted > live_frame - first and speech:
+            self.hints.clear()  # not this utterance's onset: the detectors disagreed
+            hinted = None
+        if speech:
+            seen = live_frame - first
+            # late first frames only ever make the first speech frame come later
+            self.anchor = hinted if hinted is not None and hinted < seen - 1 else seen
+        elif hinted is not None and live_frame - hinted >= first:
+            self.anchor = hinted  # this idle frame stands in for a speech frame not ready
+
     def shown(self, live_frame: int, speech: bool) -> tuple[bytes, int]:
         """Live frame `live_frame` goes out: the audio to hand downstream with it, and how many
         segments ended with that audio."""
+        if self.anchor is None and self.pending:
+            self._learn_anchor(live_frame, speech)
         if self.anchor is None:
-            if not speech or not self.pending:
-                return b"", 0
-            self.anchor = live_frame - min(self.pending)
+            return b"", 0
         last = live_frame - self.anchor
         out = [self.pending.pop(k) for k in sorted(k for k in self.pending if k <= last)]
         ended = 0

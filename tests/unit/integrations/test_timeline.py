@@ -121,3 +121,39 @@ def test_rates_without_whole_40_ms_frames_are_refused(rate: int) -> None:
     """A rate whose 40 ms is not a whole number of samples is a clear error."""
     with pytest.raises(ValueError, match="unsupported sample rate"):
         frame_samples(rate)
+
+
+def speech_after_silence() -> np.ndarray:
+    """0.3 s of silence, then 1 s of speech-like sound, int16 at 16 kHz."""
+    from pipeline.client import speech_like_audio
+
+    audio = np.concatenate([np.zeros(4800, np.float32), speech_like_audio(1.0, seed=8)])
+    return (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+
+
+def test_the_servers_speech_start_places_late_first_frames() -> None:
+    """The server says live frame 112 shows the speech onset (0.3 s in: stream frame 7 or 8):
+    the anchor is then known before any speech frame, so idle frames standing in for speech
+    frames not rendered in time take their audio, from live frame 105 = stream frame 0 on."""
+    timeline = AudioTimeline(16000)
+    audio = speech_after_silence()
+    timeline.add(audio)
+    timeline.pad()
+    (onset,) = timeline.onsets.onsets
+    assert 4320 <= onset <= 5760  # where the voice begins, to a 30 ms window
+    timeline.speech_started(105 + onset // SERVER_FRAME)
+    assert timeline.shown(104, False) == (b"", 0)
+    assert timeline.shown(105, False)[0] == audio[:SERVER_FRAME].tobytes()
+    assert timeline.shown(106, True)[0] == audio[SERVER_FRAME:2 * SERVER_FRAME].tobytes()
+
+
+def test_a_speech_start_that_cannot_be_this_utterances_is_ignored() -> None:
+    """A speech_start putting the anchor after the first speech frame (the detectors disagreed)
+    is dropped: the first speech frame anchors."""
+    timeline = AudioTimeline(16000)
+    audio = speech_after_silence()
+    timeline.add(audio)
+    timeline.pad()
+    timeline.speech_started(500)
+    assert timeline.shown(50, True)[0] == audio[:SERVER_FRAME].tobytes()
+    assert timeline.anchor == 50 and not timeline.hints
