@@ -7,7 +7,8 @@ utterances (2 s of speech-like audio at 24 kHz, sent at once as a TTS does, one 
 every second one is interrupted 1 s after it was sent. Reported:
 
 - first speech frame: from the utterance's first TTS audio entering the service to the first
-  speech frame leaving it (p50 / p99 over the utterances);
+  speech frame leaving it (p50 / p99 over the utterances; one with no speech frame before the
+  next is counted apart), and to its first audio leaving it (lips or not: playback starts);
 - interrupt: from the InterruptionFrame to the last speech frame or audio leaving the service
   after it (0 when none did), and to the server's confirmation;
 - CPU of this process (the agent's: Pipecat, the service, its JPEG decoding) per session, while
@@ -115,11 +116,18 @@ async def pipecat_run(url: str, utterances: int) -> dict:
 
     images = [(t, f) for t, f in out if isinstance(f, OutputImageRawFrame)]
     speech_images = [t for t, f in images if f.metadata.get("lipsync", {}).get("speech")]
-    latency = []
-    for t in marks["speak"]:
-        after = [s for s in speech_images if s > t]
-        if after:
-            latency.append(after[0] - t)
+    audio_out = [t for t, f in out if isinstance(f, TTSAudioRawFrame)]
+    latency, audio_latency, no_speech = [], [], 0
+    for i, t in enumerate(marks["speak"]):
+        end = marks["speak"][i + 1] if i + 1 < len(marks["speak"]) else float("inf")
+        first = [s for s in speech_images if t < s < end]
+        heard = [s for s in audio_out if t < s < end]
+        if first:
+            latency.append(first[0] - t)
+        else:
+            no_speech += 1
+        if heard:
+            audio_latency.append(heard[0] - t)
     interrupt = []
     for t in marks["interrupt"]:
         later = [s for s in speech_images if s > t] + \
@@ -140,7 +148,9 @@ async def pipecat_run(url: str, utterances: int) -> dict:
     return {
         "utterances": utterances,
         "first_speech_frame_ms": {"p50": _pct(latency, 50) * 1000, "p99": _pct(latency, 99) * 1000,
-                                  "n": len(latency)},
+                                  "n": len(latency), "utterances_without": no_speech},
+        "first_audio_out_ms": {"p50": _pct(audio_latency, 50) * 1000,
+                               "p99": _pct(audio_latency, 99) * 1000},
         "interrupt_last_speech_ms": {"max": max(interrupt, default=0.0) * 1000, "n": len(interrupt)},
         "interrupt_confirmed_ms": {"p50": _pct(service.record.interrupt_acks, 50) * 1000,
                                    "p99": _pct(service.record.interrupt_acks, 99) * 1000},
@@ -245,6 +255,7 @@ def main() -> None:
     parser.add_argument("--raw-compare", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     with ExitStack() as stack:
         url = args.server
         if url is None:
@@ -252,6 +263,8 @@ def main() -> None:
         figures = asyncio.run(pipecat_run(url, args.utterances))
         jpegs = asyncio.run(_idle_jpegs(url, 50))
     figures["jpeg_decode_ms"] = decode_cost(jpegs)
+    figures["load_average_at_end"] = os.getloadavg()[0]
+    figures["load_average_at_start"] = load_before
     if args.raw_compare:
         figures["raw_compare"] = raw_compare(jpegs)
     print(json.dumps(figures, indent=None if args.json else 2))
