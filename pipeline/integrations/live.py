@@ -163,6 +163,14 @@ class LiveAvatar:
             with contextlib.suppress(WebSocketException):
                 await ws.send(json.dumps({"type": "interrupt"}))
 
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """Until the audio taken has all gone out with its frames (a graceful end), at most the
+        audio's own length plus `timeout_s`."""
+        self._end_run()
+        deadline = time.monotonic() + len(self.timeline.pending) * FRAME_S + timeout_s
+        while not self.timeline.idle and time.monotonic() < deadline:
+            await asyncio.sleep(FRAME_S)
+
     async def close(self) -> None:
         """End the session (idempotent)."""
         self._closed = True

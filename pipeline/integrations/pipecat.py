@@ -9,7 +9,8 @@ With the pipeline's StartFrame it opens one live session; from then on it sends 
 the avatar's frames at 25 fps (idle frames while the bot is silent), and the TTS audio it is
 given comes out again together with the frames that show it (so a transport that plays both as
 they come keeps them in sync). `InterruptionFrame` / `UserStartedSpeakingFrame` drop the
-speech not shown yet; `EndFrame` / `CancelFrame` close the session. A lost server is an
+speech not shown yet; `EndFrame` closes the session once the audio it holds has gone out
+(a bot's last words), `CancelFrame` at once. A lost server is an
 ErrorFrame upstream and a reconnect: meanwhile the last frame is repeated and the TTS audio
 goes on without lips, so the pipeline never stalls.
 """
@@ -57,10 +58,16 @@ class LipsyncVideoService(FrameProcessor):
                                       on_frame=self._show, on_error=self._error,
                                       record=self.record)
             await self._avatar.start()
-        elif isinstance(frame, (EndFrame, CancelFrame)):
+        elif isinstance(frame, EndFrame):
+            if self._avatar is not None:
+                await self._avatar.drain()  # the last words are heard (and seen) first
             await self._close()
             await self.push_frame(frame, direction)
-        elif isinstance(frame, TTSAudioRawFrame) and self._avatar is not None:
+        elif isinstance(frame, CancelFrame):
+            await self._close()
+            await self.push_frame(frame, direction)
+        elif (isinstance(frame, TTSAudioRawFrame) and direction == FrameDirection.DOWNSTREAM
+              and self._avatar is not None):
             await self._avatar.push_audio(frame.audio, frame.sample_rate, frame.num_channels)
         elif isinstance(frame, TTSStoppedFrame) and self._avatar is not None:
             if await self._avatar.end_segment():

@@ -217,6 +217,18 @@ def test_frames_audio_sync_interrupt_and_close(server, oracle, small_models_root
     assert ops_stats(server.config)["frontend"]["websocket_sessions"] == 0
 
 
+def test_end_frame_lets_the_last_words_out_first(server) -> None:
+    """An EndFrame right after a turn's audio: the whole turn comes out (audio, then its
+    TTSStoppedFrame) before the EndFrame goes on."""
+    last = utterance(1.5, seed=9)
+    _, _, down, _ = asyncio.run(run_pipeline(server, [SleepFrame(0.5), *tts_frames(last),
+                                                     TTSStoppedFrame()]))
+    ended = next(t for t, f in down.frames if isinstance(f, EndFrame))
+    audio = down.of(TTSAudioRawFrame)
+    assert b"".join(f.audio for _, f in audio)[:last.nbytes] == last.tobytes()
+    assert audio[-1][0] <= next(t for t, _ in down.of(TTSStoppedFrame)) <= ended
+
+
 Send = Callable[[Frame], Awaitable[None]]
 
 
