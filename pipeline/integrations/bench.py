@@ -12,8 +12,7 @@ every second one is interrupted 1 s after it was sent. Reported:
 - interrupt: from the InterruptionFrame to the last speech frame or audio leaving the service
   after it (0 when none did), and to the server's confirmation;
 - CPU of this process (the agent's: Pipecat, the service, its JPEG decoding) per session, while
-  idle and while speaking, and the JPEG decode's share of it (the avatar's own frames decoded
-  again after the run: ms per frame);
+  idle and while speaking;
 - the client side of a raw-pixel output instead of JPEG (`--raw-compare`): a local WebSocket
   sender in another process sends the same frames at 25 fps as JPEG, as raw RGB and as raw
   I420, twice each, alternated; the receiving process's CPU per frame for each, the frame made
@@ -161,21 +160,6 @@ async def pipecat_run(url: str, utterances: int) -> dict:
     }
 
 
-def decode_cost(jpegs: list[bytes]) -> float:
-    """ms of CPU to decode one of these JPEGs to RGB, as the service does."""
-    from pipeline.integrations.live import decoder
-
-    decode = decoder("RGB")
-    decode(jpegs[0])  # OpenCV's first call sets itself up
-    passes = []
-    for _ in range(3):  # the least of three passes: what decoding costs, others' load aside
-        c0 = time.process_time()
-        for jpeg in jpegs:
-            decode(jpeg)
-        passes.append((time.process_time() - c0) / len(jpegs) * 1000)
-    return min(passes)
-
-
 def _sender(port: int, kinds: dict[str, list[bytes]], seconds: float, ready) -> None:
     """Another process: serves `seconds` of frames at 25 fps to each client, of the kind its
     path names (/jpeg, /rgb, /i420)."""
@@ -266,7 +250,6 @@ def main() -> None:
             url = f"ws://127.0.0.1:{_own_server(stack, args.config).ws_port}"
         figures = asyncio.run(pipecat_run(url, args.utterances))
         jpegs = asyncio.run(_idle_jpegs(url, 50))
-    figures["jpeg_decode_ms"] = decode_cost(jpegs)
     figures["load_average_at_end"] = os.getloadavg()[0]
     figures["load_average_at_start"] = load_before
     if args.raw_compare:
