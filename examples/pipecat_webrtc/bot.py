@@ -93,7 +93,8 @@ async def run_bot(connection: SmallWebRTCConnection, args: argparse.Namespace) -
         video_out_enabled=True, video_out_is_live=True, video_out_framerate=25,
         video_out_width=args.width, video_out_height=args.height))
     pipeline = Pipeline([WavSpeaker(audio, rate, args.every),
-                         LipsyncVideoService(url=args.server, model=args.model),
+                         LipsyncVideoService(url=args.server, model=args.model,
+                                             size=(args.width, args.height)),
                          transport.output()])
     worker = PipelineWorker(pipeline, params=PipelineParams(audio_out_sample_rate=rate))
 
@@ -140,8 +141,9 @@ def main() -> None:
     parser.add_argument("--model", help="the avatar (default: the server's default model)")
     parser.add_argument("--wav", type=Path, help="the bot's line (default: a built-in sound)")
     parser.add_argument("--every", type=float, default=6.0, help="seconds between its lines")
-    parser.add_argument("--width", type=int, default=1280, help="the avatar's frame width")
-    parser.add_argument("--height", type=int, default=720, help="the avatar's frame height")
+    parser.add_argument("--width", type=int, default=1280,
+                        help="the video's width (default: the demo avatar's)")
+    parser.add_argument("--height", type=int, default=720, help="the video's height")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args()

@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -183,15 +184,19 @@ async def _receive(url: str, kind: str, shape: tuple[int, ...]) -> tuple[int, fl
     import cv2
     from websockets.asyncio.client import connect
 
-    from pipeline.integrations.live import decoder
+    from pipeline.integrations.live import FrameDecoder
 
     height, width = shape[:2]
-    to_rgb = {
-        "jpeg": decoder("RGB"),
-        "rgb": lambda m: np.frombuffer(m, np.uint8).reshape(shape).copy(),
-        "i420": lambda m: cv2.cvtColor(np.frombuffer(m, np.uint8).reshape(height * 3 // 2, width),
-                                       cv2.COLOR_YUV2RGB_I420),
-    }[kind]
+    def copied(message: bytes) -> np.ndarray:
+        return np.frombuffer(message, np.uint8).reshape(shape).copy()
+
+    def converted(message: bytes) -> np.ndarray:
+        yuv = np.frombuffer(message, np.uint8).reshape(height * 3 // 2, width)
+        return cv2.cvtColor(yuv, cv2.COLOR_YUV2RGB_I420)
+
+    decoders: dict[str, Callable[[bytes], np.ndarray]] = \
+        {"jpeg": FrameDecoder("RGB"), "rgb": copied, "i420": converted}
+    to_rgb = decoders[kind]
     frames, c0 = 0, _cpu()
     async with connect(url, max_size=None) as ws:
         async for message in ws:
@@ -208,9 +213,9 @@ def raw_compare(jpegs: list[bytes], seconds: float = 8.0) -> dict:
     import cv2
 
     from pipeline.bench.local_server import free_port
-    from pipeline.integrations.live import decoder
+    from pipeline.integrations.live import FrameDecoder
 
-    rgb = [decoder("RGB")(j) for j in jpegs]
+    rgb = [FrameDecoder("RGB")(j) for j in jpegs]
     kinds = {"jpeg": jpegs, "rgb": [image.tobytes() for image in rgb],
              "i420": [cv2.cvtColor(image, cv2.COLOR_RGB2YUV_I420).tobytes() for image in rgb]}
     port = free_port()
