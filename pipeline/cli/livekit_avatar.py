@@ -10,14 +10,21 @@ import sys
 
 def cmd_livekit_avatar(args: argparse.Namespace) -> int:
     try:
+        from livekit import rtc
+
         from pipeline.integrations.livekit import LipsyncVideoGenerator, serve_room
     except ImportError as exc:
         sys.exit(f"lipsync livekit-avatar: {exc.name or exc} is missing: "
                  "pip install 'lipsync-server[livekit]'")
-    generator = LipsyncVideoGenerator(args.server, model=args.model,
-                                      token=args.server_token or os.environ.get("LIPSYNC_TOKEN"),
-                                      sample_rate=args.sample_rate)
-    asyncio.run(serve_room(args.url, args.token, generator, args.agent_identity))
+    try:
+        generator = LipsyncVideoGenerator(args.server, model=args.model,
+                                          token=args.server_token or os.environ.get("LIPSYNC_TOKEN"),
+                                          sample_rate=args.sample_rate)
+        asyncio.run(serve_room(args.url, args.token, generator, args.agent_identity))
+    except ValueError as exc:
+        sys.exit(f"lipsync livekit-avatar: {exc}")
+    except rtc.ConnectError as exc:
+        sys.exit(f"lipsync livekit-avatar: cannot join the room at {args.url}: {exc.message}")
     return 0
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -200,3 +202,19 @@ def test_worker_plays_an_utterance_and_answers_clear_buffer(server) -> None:
     assert interrupted["interrupted"] is True and at - cleared <= 0.1
     assert not [t for t, _ in audios if t > cleared + 0.1]
     assert [t for t in times if t > cleared + 0.5]  # the video goes on
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--server", "http://localhost:8080"], "not a WebSocket URL"),
+    (["--sample-rate", "44101"], "unsupported sample rate 44101"),
+    ([], "cannot join the room at ws://127.0.0.1:9"),
+])
+def test_the_command_says_what_is_wrong_in_one_line(extra: list[str], says: str) -> None:
+    """`lipsync livekit-avatar` with a bad server URL, a bad rate or a LiveKit server that is not
+    there: exit status 1 and one line naming the problem (no traceback)."""
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "livekit-avatar", "--url",
+                           "ws://127.0.0.1:9", "--token", "t", *extra],
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("lipsync")]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert len(lines) == 1 and says in lines[0], done.stderr
