@@ -31,7 +31,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-from pipeline.integrations.live import AvatarFrame, LiveAvatar, SessionRecord
+from pipeline.integrations.live import AvatarFrame, LiveAvatar, SessionRecord, live_url
 
 
 class LipsyncVideoService(FrameProcessor):
@@ -47,6 +47,7 @@ class LipsyncVideoService(FrameProcessor):
     def __init__(self, *, url: str, model: str | None = None, token: str | None = None,
                  size: tuple[int, int] | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
+        live_url(url, model)  # a URL that is not ws:// or wss:// is refused here, not later
         self._url, self._model, self._token, self._size = url, model, token, size
         self._avatar: LiveAvatar | None = None
         self._stops: deque[TTSStoppedFrame] = deque()  # each goes after its turn's last audio

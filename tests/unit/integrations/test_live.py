@@ -1,12 +1,12 @@
-"""pipeline.integrations.live.FrameDecoder: the server's JPEGs as pixels, at the avatar's size
-or scaled while decoded."""
+"""pipeline.integrations.live: the server's JPEGs as pixels (FrameDecoder, at the avatar's size
+or scaled while decoded), the live endpoint's URL."""
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
 
-from pipeline.integrations.live import FrameDecoder
+from pipeline.integrations.live import FrameDecoder, live_url
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +45,13 @@ def test_a_frame_that_is_not_a_jpeg_is_a_clear_error() -> None:
     """Bytes that do not decode: ValueError saying so."""
     with pytest.raises(ValueError, match="not a JPEG"):
         FrameDecoder("RGB")(b"LSF1 garbage")
+
+
+
+def test_the_live_endpoint_under_a_websocket_base() -> None:
+    """ws:// and wss:// bases (with or without /audio) give the live endpoint with the model;
+    anything else is refused."""
+    assert live_url("ws://h:8080", None) == "ws://h:8080/audio?mode=live"
+    assert live_url("wss://h/x/audio", "anna") == "wss://h/x/audio?mode=live&model=anna"
+    with pytest.raises(ValueError, match="not a WebSocket URL"):
+        live_url("h:8080", None)
