@@ -12,7 +12,8 @@ every second one is interrupted 1 s after it was sent. Reported:
 - interrupt: from the InterruptionFrame to the last speech frame or audio leaving the service
   after it (0 when none did), and to the server's confirmation;
 - CPU of this process (the agent's: Pipecat, the service, its JPEG decoding) per session, while
-  idle and while speaking;
+  idle and while speaking; the frames' rate and gaps as they leave the service, and how long
+  the service held each (from its message's arrival: the JPEG decode and the event loop);
 - the client side of a raw-pixel output instead of JPEG (`--raw-compare`): a local WebSocket
   sender in another process sends the same frames at 25 fps as JPEG, as raw RGB and as raw
   I420, twice each, alternated; the receiving process's CPU per frame for each, the frame made
@@ -145,6 +146,8 @@ async def pipecat_run(url: str, utterances: int) -> dict:
 
     times = [t for t, _ in images]
     gaps = np.diff(times) if len(times) > 1 else np.zeros(1)
+    held = [(t - f.metadata["lipsync"]["received"]) * 1000 for t, f in images
+            if f.metadata.get("lipsync", {}).get("received")]
     return {
         "utterances": utterances,
         "first_speech_frame_ms": {"p50": _pct(latency, 50) * 1000, "p99": _pct(latency, 99) * 1000,
@@ -157,6 +160,9 @@ async def pipecat_run(url: str, utterances: int) -> dict:
         "agent_cpu_pct": {"idle": share(phases["idle"]), "speaking": share(phases["speaking"])},
         "frames": len(images), "fps": len(images) / (times[-1] - times[0]) if len(times) > 1 else 0,
         "gap_ms": {"p99": float(np.percentile(gaps, 99)) * 1000, "max": float(gaps.max()) * 1000},
+        # from a frame's message arriving to the frame leaving the service (its decode included)
+        "held_in_service_ms": {"p50": _pct(held, 50), "p99": _pct(held, 99),
+                               "max": max(held, default=float("nan"))},
         "frame_size": jpeg_sizes[0] if jpeg_sizes else None,
     }
 
