@@ -1,5 +1,5 @@
 """The `lipsync` command: serve, role, demo-assets, import-synctalk, prepare-avatar, render,
-stats, bench, lb-config."""
+stats, bench, lb-config, livekit-avatar."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.cli import import_synctalk, lb_config, prepare_avatar, render, stats
+from pipeline.cli import import_synctalk, lb_config, livekit_avatar, prepare_avatar, render, stats
 from pipeline.client import add_security_arguments, apply_security_arguments
 from pipeline.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from pipeline.demo.ensure import ensure_demo_assets
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo_assets)
 
     for register in (import_synctalk.register, prepare_avatar.register, render.register,
-                     stats.register, standalone.register, lb_config.register):
+                     stats.register, standalone.register, lb_config.register,
+                     livekit_avatar.register):
         register(sub)
 
     bench = with_config(sub.add_parser("bench", help="measure frames/s and latency"))
