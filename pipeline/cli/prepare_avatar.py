@@ -22,6 +22,7 @@ import numpy as np
 import yaml
 
 from pipeline.gpu_worker.avatar import AvatarError, load_crop_rects
+from pipeline.runtime.files import staging_dir, staging_file
 
 PROG = "lipsync prepare-avatar"
 FRAME_NAME = "frame_{:04d}.jpg"  # the loader's first pattern (pipeline/gpu_worker/avatar.py)
@@ -65,7 +66,7 @@ def prepare_avatar(video: Path, crop_rects: Path, out: Path, model_id: str | Non
         created = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".frames-", dir=out))
+            staging = staging_dir(out, ".frames-")
         except OSError as exc:
             raise PrepareError(f"cannot create output directory {out}: {exc.strerror}") from exc
         installed = False
@@ -157,8 +158,7 @@ def _install(staging: Path, frames_dir: Path, crop_rects: Path, rects_dest: Path
     out = frames_dir.parent
     try:
         if crop_rects != rects_dest:
-            fd, tmp = tempfile.mkstemp(prefix=".crop_rects-", suffix=".json", dir=out)
-            os.close(fd)
+            tmp = staging_file(out, ".crop_rects-", ".json")
             try:
                 shutil.copyfile(crop_rects, tmp)
                 os.replace(tmp, rects_dest)
