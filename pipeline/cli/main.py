@@ -11,6 +11,7 @@ from pipeline.cli import lb_config, prepare_avatar, render, stats
 from pipeline.client import add_security_arguments, apply_security_arguments
 from pipeline.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from pipeline.demo.ensure import ensure_demo_assets
+from pipeline.demo.owned import DemoAssetsError
 from pipeline.launch import standalone
 from pipeline.runtime.logs import setup_logging
 
@@ -47,7 +48,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_demo_assets(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    if not ensure_demo_assets(cfg, force=args.force, bench_model=args.bench_model):
+    try:
+        built = ensure_demo_assets(cfg, force=args.force, bench_model=args.bench_model)
+    except DemoAssetsError as exc:
+        sys.exit(f"lipsync: {exc}")
+    if not built:
         print(f"demo assets already present in {cfg.models_root}")
     return 0
 

@@ -43,3 +43,46 @@ def test_demo_assets_command_builds_into_models_root(tmp_path: Path) -> None:
     bench = lipsync("demo-assets", "--config", str(config), "--bench-model")
     assert bench.returncode == 0, bench.stderr
     assert (root / "bench" / "unet.onnx").stat().st_size > 40e6  # 12.2 M float32 weights
+
+
+def test_serve_leaves_a_config_without_the_demo_alone(tmp_path: Path, small_models_root: Path,
+                                                     start_server) -> None:
+    """`lipsync serve` of a config with only the user's avatar and the user's own
+    models/audio_encoder.onnx (the default encoder path): the encoder is not overwritten,
+    no demo/ appears, and the user's model serves."""
+    import shutil
+
+    import onnx
+
+    from pipeline.client import build_request, channel
+    from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
+
+    root = tmp_path / "models"
+    shutil.copytree(small_models_root / "demo", root / "mine")
+    encoder = onnx.load(small_models_root / "audio_encoder.onnx")
+    encoder.doc_string = "the user's own encoder"
+    onnx.save(encoder, root / "audio_encoder.onnx")
+    mine = root / "audio_encoder.onnx"
+    before = mine.read_bytes()
+    server = start_server(models_root=root, models={"mine": {
+        "model_path": "mine/unet.onnx", "background_dir": "mine/frames",
+        "crop_rects_path": "mine/crop_rects.json", "num_frames": 32, "preload_model": True}})
+    with channel(server.address) as ch:
+        reply = pb_grpc.MonolithicServiceStub(ch).InferBatchComposite(
+            build_request(server.config, "mine", 2, start=0), timeout=60)
+    assert reply.success, reply.error
+    assert mine.read_bytes() == before
+    assert sorted(p.name for p in root.iterdir()) == ["audio_encoder.onnx", "mine"]
+
+
+def test_demo_assets_names_a_foreign_file_in_one_line(tmp_path: Path) -> None:
+    """`lipsync demo-assets` over a demo/ the server did not write stops with one line
+    naming it, and the file stays."""
+    root = tmp_path / "models"
+    (root / "demo").mkdir(parents=True)
+    (root / "demo" / "unet.onnx").write_bytes(b"the user's own unet")
+    config = write_config(tmp_path / "config.yaml", root)
+    result = lipsync("demo-assets", "--config", str(config))
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "lipsync did not write (unet.onnx)" in result.stderr
+    assert (root / "demo" / "unet.onnx").read_bytes() == b"the user's own unet"
