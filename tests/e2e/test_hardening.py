@@ -282,6 +282,35 @@ def test_a_bad_ops_request_gets_an_error_and_the_socket_keeps_serving(server) ->
     assert ops_stats(server.config)["frontend"]["pid"] > 0
 
 
+def test_malformed_zeromq_messages_leave_the_ops_socket_serving(server) -> None:
+    """A real DEALER sends what a REQ never would: a frame without the empty delimiter,
+    several frames, an empty message, a delimiter with nothing after it. Each gets an error
+    reply or nothing; a well-formed DEALER request and `lipsync stats` are answered after."""
+    import zmq
+
+    from pipeline.config import load_config
+    from pipeline.runtime.addresses import Addresses
+
+    endpoint = Addresses.of(load_config(server.config)).ops
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    try:
+        for frames in ([b'{"cmd": "ping"}'], [b"a", b"b", b"c"], [b""], [b"", b""],
+                       [b"", b"x", b"y"], [b"\xff" * 1000]):
+            dealer.send_multipart(frames)
+        time.sleep(0.5)
+        while dealer.poll(0):  # error replies to the malformed ones, if any
+            dealer.recv_multipart()
+        dealer.send_multipart([b"", b'{"cmd": "ping"}'])
+        assert dealer.poll(5000), "the ops socket stopped answering"
+        assert dealer.recv_multipart() == [b"", b'{"pong": true}']
+    finally:
+        dealer.close(0)
+    assert ops_stats(server.config)["frontend"]["pid"] > 0
+
+
 def test_memory_goes_back_after_bursts_of_large_requests(server) -> None:
     """Bursts of 8 concurrent 20 MB requests: once the server is idle, the frontend's
     private memory falls back (freed request buffers are trimmed) and does not grow from
