@@ -3,8 +3,9 @@ probes of balancers and orchestrators that cannot speak grpc.health.v1:
 
 - `GET /healthz`: 200 while the process is up (start-up and drain included);
 - `GET /readyz`: 200 only while the frontend serves (every gpu_worker and a compositor
-  alive, not draining), else 503 with the reason; it turns 503 the moment SIGTERM arrives,
-  before the drain, so a balancer stops sending new work while in-flight work finishes.
+  alive, no preloaded model failed, not draining), else 503 with the reason; it turns
+  503 the moment SIGTERM arrives, before the drain, so a balancer stops sending new work
+  while in-flight work finishes.
 
 It runs on its own threads (as prometheus_client's own server does), so a probe is
 answered even while the event loop is busy and never adds work to it; every other path
