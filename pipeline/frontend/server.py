@@ -26,6 +26,7 @@ from pipeline.frontend.capacity import FrameBudget
 from pipeline.frontend.drain import InflightCalls, wait_out_balancer
 from pipeline.frontend.errors import Unavailable
 from pipeline.frontend.grpc_service import MonolithicService
+from pipeline.frontend.heap import HeapTrim
 from pipeline.frontend.inflight import InFlight
 from pipeline.frontend.liveness import CompositorLost, Event, Liveness, WorkerHolds, WorkerLost
 from pipeline.frontend.metrics import Metrics
@@ -111,7 +112,8 @@ class Frontend:
         for line in retired_environment():
             log.warning("%s", line)
         # every port first: a taken one stops the start at once, naming the port
-        calls = InflightCalls()
+        heap = HeapTrim()
+        calls = InflightCalls(heap)
         grpc_server = bound_server(cfg, grpc_listener, tokens, calls)
         ws_socket = bind(ws_listener)
         client = WorkerClient(cfg)
@@ -120,7 +122,7 @@ class Frontend:
         metrics = Metrics()
         budget = FrameBudget(cfg)
         registry = ModelRegistry(cfg, client, inflight, liveness, metrics)
-        router = Router(cfg, registry, inflight, metrics, budget)
+        router = Router(cfg, registry, inflight, metrics, budget, heap)
         idle = IdleFrames(cfg, router)
         streams = StreamRpc(cfg, router, idle, budget)
         sockets = AudioSocketServer(cfg, router, tokens, idle, budget)
