@@ -129,3 +129,47 @@ def _role_down(sock: zmq.Socket[Any], payload: Any) -> msg.RoleDown:
         if isinstance(message, msg.RoleDown):
             return message
     raise AssertionError("no RoleDown within 10 s")
+
+
+def test_a_killed_gpu_worker_fails_its_requests_within_400_ms(server: ServerProcess,
+                                                               small_models_root: Path) -> None:
+    """gpu_worker 0 is SIGKILLed under load, three times over: it cannot say a word, but the
+    supervisor sees its process exit and tells the frontend at once, so the requests in
+    flight on it fail UNAVAILABLE, naming the kill, within 400 ms (heartbeat silence would
+    take 6 s here; a request whose worker part was done may still complete, with the right
+    frames); the restarted worker serves again each time, and no frame is wrong."""
+    import os
+    import signal
+
+    config: Path = server.config  # type: ignore[attr-defined]
+    kills: list[float] = []
+    with Load(server.address, FrameOracle.of(small_models_root, SMALL_FRAMES),
+              clients=4, batch=8) as load:
+        for _ in range(3):
+            deadline = time.monotonic() + 60
+            while True:  # the worker back, alive and busy
+                worker = ops_stats(config)["gpu_workers"][0]
+                if worker["alive"] and worker["inflight"] >= 1 and (
+                        not kills or any(o.kind == "ok" and o.started > kills[-1] + 0.5
+                                         for o in load.outcomes)):
+                    break
+                assert time.monotonic() < deadline, (worker, load.outcomes[-5:])
+                time.sleep(0.02)
+            kills.append(time.monotonic())
+            os.kill(worker["pid"], signal.SIGKILL)
+            time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while not any(o.kind == "ok" and o.started > kills[-1] + 0.5 for o in load.outcomes):
+            assert time.monotonic() < deadline, load.outcomes[-5:]  # serving again
+            time.sleep(0.2)
+    rounds = []
+    for killed in kills:
+        in_flight = [o for o in load.outcomes if o.started < killed < o.ended]
+        failed = [o for o in in_flight if o.kind != "ok"]
+        assert failed, f"no request failed at the kill: {in_flight}"
+        assert all(o.kind == "UNAVAILABLE" and "killed by SIGKILL" in o.detail
+                   for o in failed), failed
+        rounds.append(max(o.ended - killed for o in failed))
+    print("SIGKILL -> UNAVAILABLE ms, per round:", [round(r * 1000) for r in rounds])
+    assert max(rounds) < 0.4, rounds
+    assert not [o for o in load.problems() if o.kind == "wrong frames"]
