@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline import messages as msg
 from pipeline.runtime.logs import logging_request
+from pipeline.shm.segment import SegmentGone
 from pipeline.synctalk import CROP, INNER
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,12 @@ def composite_job(job: msg.CompositeJob, view: View, compositor: int) -> list[by
                 paste(background, view(job.prediction), job.rect, job.mode)
             t1 = time.perf_counter_ns()
             jpeg = encode_jpeg(frame, job.jpeg_quality)
+        except SegmentGone as exc:  # a dead frontend's arena, a dead worker's backgrounds:
+            if exc.first:           # one line per segment, not a traceback per frame
+                log.warning("%s: dropping the frames that use it", exc)
+            return [msg.encode(msg.FrameFailed(
+                job.request_id, job.frame_index,
+                f"failed to composite frame {job.frame_index}: {exc}"))]
         except Exception as exc:
             log.exception("compositing frame %d of request %d failed", job.frame_index,
                           job.request_id)

@@ -173,3 +173,33 @@ def test_a_killed_gpu_worker_fails_its_requests_within_400_ms(server: ServerProc
     print("SIGKILL -> UNAVAILABLE ms, per round:", [round(r * 1000) for r in rounds])
     assert max(rounds) < 0.4, rounds
     assert not [o for o in load.problems() if o.kind == "wrong frames"]
+
+
+def test_a_dead_frontends_arena_is_one_line_per_compositor(start_server,
+                                                          small_models_root: Path) -> None:
+    """The frontend is SIGKILLed under load: the jobs the worker still had for its arena
+    fail in the compositors with one line each per arena ('... is gone ...'), not a
+    traceback per frame; the restarted frontend serves."""
+    import collections
+    import os
+    import re
+    import signal
+
+    from pipeline.bench.local_server import wait_healthy
+    from tests.conftest import role_pids
+
+    srv = start_server()
+    try:
+        with Load(srv.address, FrameOracle.of(small_models_root, SMALL_FRAMES),
+                  clients=8, batch=16):
+            time.sleep(2)
+            (frontend,) = role_pids(srv.proc.pid, "frontend")
+            os.kill(frontend, signal.SIGKILL)
+            time.sleep(3)
+        assert wait_healthy(srv.address, 60, lambda: None)
+    finally:
+        srv.stop()
+    log = srv.log_path.read_text()  # type: ignore[union-attr]
+    assert "Traceback" not in log, log[log.index("Traceback") - 300:][:3000]
+    gone = collections.Counter(re.findall(r"\[(compositor \d+)\] .*segment (\S+) is gone", log))
+    assert all(n == 1 for n in gone.values()), gone
