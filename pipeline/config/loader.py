@@ -97,7 +97,9 @@ def _section(cls: type, name: str, raw: Any, base_dir: Path,
         elif not isinstance(spec.default_factory, dataclasses._MISSING_TYPE):
             default = spec.default_factory()
         if key not in raw:
-            values[key] = default
+            # a relative default path means what the same value in the file would
+            values[key] = ((paths_under or base_dir) / default).resolve() \
+                if isinstance(default, Path) and not default.is_absolute() else default
         else:
             values[key] = _coerce(where, raw[key], default, spec, paths_under or base_dir)
         _validate(where, spec, values[key])

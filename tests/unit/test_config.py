@@ -181,6 +181,16 @@ def test_relative_paths_join_once(tmp_path: Path) -> None:
     assert "models/models" not in str(demo.model_path)
 
 
+def test_a_config_without_runtime_dir_gets_the_documented_default(tmp_path: Path) -> None:
+    """runtime.dir left out is `run` beside the config file, as the README's table and the
+    shipped config.yaml say (the code's default was /tmp/lipsync)."""
+    path = tmp_path / "conf" / "config.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({"runtime": {"instance": "x"}}))
+    assert load_config(path).runtime.dir == tmp_path / "conf" / "run"
+    assert parse_config({}, base_dir=tmp_path).runtime.dir == tmp_path / "run"
+
+
 def test_absolute_paths_stay(tmp_path: Path) -> None:
     """Absolute models_root and model paths are used as given."""
     raw = _raw(models_root=str(tmp_path / "root"))
