@@ -1,6 +1,6 @@
 """Paste one predicted mouth crop into its background frame and encode the JPEG.
 
-Modes (spec/reference-pipeline.md §3; DESIGN "Compositing"):
+Modes (`composite_mode` of a model):
 - synctalk (default, how SyncTalk-2D was trained): the background's rect is cubic-resized
   to 328x328, the 320x320 prediction replaces its [4:324, 4:324] interior, and the crop is
   cubic-resized back to the rect and pasted.
@@ -67,7 +67,7 @@ def prediction_to_bgr(prediction: np.ndarray) -> np.ndarray:
 
 
 def go_bilinear_resize(image: np.ndarray, w: int, h: int) -> np.ndarray:
-    """The Go server's resize (reference-pipeline.md §3 step 4), reproduced exactly.
+    """The Go server's bilinear resize of the prediction over the rect, reproduced exactly.
 
     Unlike cv2/PIL it has no half-pixel centre offset: source x = dx * (src_w / w), float32
     math, neighbours clamped to the last pixel, the result truncated to uint8.

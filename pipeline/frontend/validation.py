@@ -1,6 +1,7 @@
 """Validation of InferBatchComposite requests: the order and error strings of the original
-(spec/monolithic-api.md error table; reference-pipeline.md §5), plus the checks the
-original lacked (negative start index, partial samples, NaN/Inf, sample rate, length).
+Go server (its documented error table, and its own messages where the table is silent),
+plus the checks the original lacked (negative start index, partial samples, NaN/Inf,
+sample rate, length).
 """
 from __future__ import annotations
 

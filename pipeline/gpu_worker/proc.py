@@ -1,7 +1,7 @@
 """The gpu_worker process: the shell around the engine, one per device, pinned to it.
 
-The engine (engine.py) computes on this process's main thread and never touches a socket
-(DESIGN, data-path rule 5). Around it:
+The engine (engine.py) computes on this process's main thread and never touches a socket:
+a compute loop that waited on a socket could stall every request of the device. Around it:
 - the receiver thread bridges the inbox socket into the engine's inbox;
 - the loader thread builds models and puts each outcome into the inbox (LoadFinished);
 - the sender thread carries what the engine emits to the frontend and the compositors'
