@@ -61,6 +61,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench.main import run_bench
 
     apply_security_arguments(args)
+    load_config(args.config)  # a bad one stops here (main says why), before any server starts
     return run_bench(args)
 
 
@@ -158,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging("lipsync")
-    sys.exit(args.func(args))
+    try:
+        sys.exit(args.func(args))
+    except ConfigError as exc:  # any command's --config: one line, not a traceback
+        sys.exit(f"lipsync {args.command}: bad config: {exc}")
+    except DemoAssetsError as exc:
+        sys.exit(f"lipsync {args.command}: {exc}")
 
 
 if __name__ == "__main__":

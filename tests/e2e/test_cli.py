@@ -29,6 +29,25 @@ def test_unknown_key_fails_at_start(tmp_path: Path, models_root: Path) -> None:
     assert "capacity: unknown key 'max_modles'" in result.stderr
 
 
+def test_every_command_with_a_config_answers_a_bad_one_in_one_line(tmp_path: Path) -> None:
+    """Each command that takes --config, given a missing file, broken YAML, a misspelt key
+    or a binary file, exits non-zero with one line naming the problem, no traceback (bench
+    printed one, and started a server first for --stream)."""
+    (tmp_path / "broken.yaml").write_text("server: [\n")
+    (tmp_path / "misspelt.yaml").write_text("capacity:\n  max_modles: 3\n")
+    cases = [("serve", "missing.yaml", "cannot read config"),
+             ("demo-assets", "broken.yaml", "is not valid YAML"),
+             ("bench", "misspelt.yaml", "unknown key 'max_modles'"),
+             ("bench --stream", "missing.yaml", "cannot read config"),
+             ("bench --stages", "broken.yaml", "is not valid YAML"),
+             ("stats", "misspelt.yaml", "unknown key 'max_modles'"),
+             ("role gpu-worker", sys.executable, "is not UTF-8 text")]
+    for command, config, message in cases:
+        result = lipsync(*command.split(), "--config", str(tmp_path / config), timeout=60)
+        assert result.returncode != 0, command
+        assert result.stderr.count("\n") == 1 and message in result.stderr, (command, result.stderr)
+
+
 def test_demo_assets_command_builds_into_models_root(tmp_path: Path) -> None:
     """`lipsync demo-assets` writes the demo avatar where the config's models_root points."""
     root = tmp_path / "models"

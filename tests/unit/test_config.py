@@ -73,6 +73,22 @@ def test_repo_config_loads() -> None:
     assert cfg.jpeg_quality == 75
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b"server: [\n", r"is not valid YAML: expected the node content, but found '<stream end>' "
+                     r"at line 2, column 1$"),
+    (b"\x7fELF\x02\x01\xd0\xd0", r"is not UTF-8 text \(byte 6\)$"),
+    (b"#" * (2**20 + 1), r"is larger than 1 MiB$"),
+])
+def test_a_config_that_is_not_yaml_text_is_one_line(tmp_path: Path, content: bytes,
+                                                   message: str) -> None:
+    """Broken YAML, a binary file and an endless one each give a one-line ConfigError."""
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path)
+    assert "\n" not in str(err.value)
+
+
 def test_missing_file_is_config_error(tmp_path: Path) -> None:
     """A config path that does not exist gives ConfigError naming the path."""
     missing = tmp_path / "nope.yaml"
