@@ -106,6 +106,21 @@ def exit_reason(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
+def exit_status(pid: int) -> int | None:
+    """The exit status of a child that has exited but is not reaped yet, as
+    multiprocessing's exitcode (negative: the signal that killed it), read from /proc;
+    None while it runs (or where /proc cannot tell). A killed process is a zombie with its
+    status set within milliseconds, long before the kernel has freed its memory."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] not in ("Z", "X"):
+            return None
+        code = int(fields[-1])  # exit_code, in waitpid's format (Linux >= 3.5)
+    except (OSError, IndexError, ValueError):
+        return None
+    return -(code & 0x7F) if code & 0x7F else (code >> 8) & 0xFF
+
+
 def announce_death(endpoint: str, down: msg.RoleDown) -> None:
     """Send `down` to `endpoint` (the frontend's inbox) on a socket of its own, waiting at
     most ANNOUNCE_LINGER_MS for it to leave."""

@@ -203,3 +203,25 @@ def test_a_dead_frontends_arena_is_one_line_per_compositor(start_server,
     assert "Traceback" not in log, log[log.index("Traceback") - 300:][:3000]
     gone = collections.Counter(re.findall(r"\[(compositor \d+)\] .*segment (\S+) is gone", log))
     assert all(n == 1 for n in gone.values()), gone
+
+
+def test_an_exit_is_read_before_the_child_is_reaped() -> None:
+    """exit_status: None while a child runs; its exit code, or minus the signal that killed
+    it, as soon as it is a zombie (what the supervisor's watch reads before the sentinel)."""
+    import signal
+
+    from pipeline.runtime.process import exit_status
+
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    exiting = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    try:
+        assert exit_status(running.pid) is None
+        running.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while exit_status(running.pid) is None or exit_status(exiting.pid) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert (exit_status(running.pid), exit_status(exiting.pid)) == (-signal.SIGKILL, 3)
+    finally:
+        running.kill()
+        assert (running.wait(), exiting.wait()) == (-signal.SIGKILL, 3)
