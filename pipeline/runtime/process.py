@@ -144,7 +144,9 @@ class Readiness:
     start (start-up, which may load models for minutes, included) until the process ends.
 
     Its death too: `down(exc)` sends the role's RoleDown to `announce_to` (the frontend's
-    inbox), once, as early as the role knows it is going to exit.
+    inbox), once, as early as the role knows it is going to exit, if it was ever ready (one
+    that failed to start is the supervisor's or systemd's to report, and may not even hold
+    its role: another process of the instance does, which the frontend knows).
     """
 
     def __init__(self, conn: Connection | None, role: str = "",
@@ -152,6 +154,7 @@ class Readiness:
         self._conn = conn
         self._role = role or "role"
         self._announce_to = announce_to
+        self._served = False
         self._systemd = conn is None and bool(os.environ.get("NOTIFY_SOCKET"))
         interval = watchdog_interval_s() if self._systemd else None
         if interval is not None:
@@ -159,6 +162,7 @@ class Readiness:
                              daemon=True).start()
 
     def ready(self) -> None:
+        self._served = True
         self._send(("ready", os.getpid()))
         self._notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._role} serving")
 
@@ -168,7 +172,7 @@ class Readiness:
 
     def down(self, exc: BaseException) -> None:
         """Announce that this role exits because of `exc` (the first call only)."""
-        if self._announce_to is not None:
+        if self._announce_to is not None and self._served:
             announce_death(self._announce_to, role_down(self._role, os.getpid(),
                                                         failure_reason(exc)))
             self._announce_to = None
