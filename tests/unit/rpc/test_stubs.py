@@ -14,7 +14,7 @@ STR, BYTES, I32, I64, F32, BOOL, MSG = (F.TYPE_STRING, F.TYPE_BYTES, F.TYPE_INT3
                                         F.TYPE_FLOAT, F.TYPE_BOOL, F.TYPE_MESSAGE)
 REPEATED = True
 
-# spec/reference-pipeline.md §0: message -> {field: (number, type, repeated)}
+# the seed's proto: message -> {field: (number, type, repeated)}
 SEED_MESSAGES: dict[str, dict[str, tuple[int, int, bool]]] = {
     "CompositeBatchRequest": {
         "model_id": (1, STR, False), "visual_frames": (2, BYTES, False),
