@@ -21,10 +21,10 @@ import msgspec
 
 from pipeline import messages as msg
 from pipeline.config import Config
+from pipeline.runtime.process import LIVENESS_BEATS
 
 log = logging.getLogger(__name__)
 
-LIVENESS_BEATS = 3  # a role silent this many heartbeats is dead: its requests fail in < 2 s
 
 
 @dataclass

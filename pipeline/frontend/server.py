@@ -127,7 +127,7 @@ class Frontend:
         registry = ModelRegistry(cfg, client, runner, liveness, metrics)
         router = Router(registry, runner)
         admission = Admission(cfg, budget)
-        sessions = Sessions(cfg, router, admission, IdleFrames(cfg, router))
+        sessions = Sessions(cfg, router, admission, IdleFrames(cfg, router), tokens)
         streams = StreamRpc(cfg, sessions)
         sockets = AudioSocketServer(cfg, tokens, sessions)
         telemetry = Telemetry(cfg, metrics, liveness, inflight, registry, sessions, admission)
