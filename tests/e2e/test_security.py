@@ -4,6 +4,7 @@ on every WebSocket, tokens re-read on SIGHUP, mutual TLS, idle and per-address l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -69,7 +70,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, small_models_root: Path, pk
         "server.tls": {"cert_file": str(pki["server"]), "key_file": str(pki["server_key"])},
         "server.auth": {"tokens_file": str(tokens)},
         "streaming.idle_timeout_s": 1.5, "streaming.max_sessions_per_address": 2,
-        "compositor.pool_size": 1})
+        "streaming.capacity_fps": 1000, "compositor.pool_size": 1})
     with ServerProcess(config, log_path=tmp / "server.log", tls_ca=pki["ca"]) as srv:
         srv.tokens = tokens  # type: ignore[attr-defined]
         yield srv
@@ -234,6 +235,48 @@ def test_revoking_a_token_ends_the_sessions_opened_with_it(server, pki) -> None:
                 kept.close()
     finally:
         _reload(server, f"{TOKEN}\n")
+
+
+def test_revoking_a_token_ends_its_websocket_sessions_too(server, pki) -> None:
+    """A live WebSocket session admitted with a token is closed 1008 "token revoked" within
+    2 s of a reload that drops the token; one admitted with another token goes on."""
+    context = ssl.create_default_context(cafile=str(pki["ca"]))
+    base = f"wss://127.0.0.1:{server.ws_port}/audio?mode=live&token="
+    _reload(server, f"{TOKEN}\n{NEW_TOKEN}\n")
+
+    async def run() -> tuple[int | None, str | None, float, int]:
+        async with connect(base + TOKEN, ssl=context) as old, \
+                connect(base + NEW_TOKEN, ssl=context) as new:
+            for ws in (old, new):
+                assert json.loads(await ws.recv())["type"] == "ready"
+
+            async def keep_alive() -> None:  # idle_timeout_s is 1.5 s here
+                while True:
+                    for ws in (old, new):
+                        with contextlib.suppress(ConnectionClosed):
+                            await ws.send(json.dumps({"type": "ping"}))
+                    await asyncio.sleep(0.3)
+
+            pinger = asyncio.create_task(keep_alive())
+            server.tokens.write_text(f"{NEW_TOKEN}\n")
+            sighup = time.monotonic()
+            server.proc.send_signal(signal.SIGHUP)
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(old.recv(), 5)
+            ended_after = time.monotonic() - sighup
+            frames = 0
+            while frames < 10:  # the other session's video goes on
+                frames += isinstance(await asyncio.wait_for(new.recv(), 5), bytes)
+            pinger.cancel()
+            return old.close_code, old.close_reason, ended_after, frames
+
+    try:
+        code, reason, ended_after, frames = asyncio.run(run())
+    finally:
+        _reload(server, f"{TOKEN}\n")
+    assert (code, reason) == (1008, "token revoked") and ended_after < 2.0, (code, reason)
+    assert frames == 10
 
 
 def test_an_empty_tokens_file_keeps_the_tokens(server, pki) -> None:
