@@ -49,7 +49,7 @@ MASK_RECT = (5, 5, 310, 305)
 def visual_input(frame: np.ndarray, rect: tuple[int, int, int, int],
                  out: np.ndarray | None = None) -> np.ndarray:
     """[6,320,320] float32 for a BGR uint8 frame and its crop rect (x1, y1, x2, y2), as a
-    client following the convention builds it (reference-pipeline §2): crop, cubic resize
+    client following the SyncTalk-2D convention builds it: crop, cubic resize
     to 328, inner 320, stacked with a copy whose mouth region is black; BGR / 255, CHW."""
     x1, y1, x2, y2 = rect
     crop = cv2.resize(frame[y1:y2, x1:x2], (CROP, CROP), interpolation=cv2.INTER_CUBIC)

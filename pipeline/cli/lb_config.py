@@ -17,17 +17,29 @@ What it writes, and why:
 - Timeouts: 60 s requests (server.request_timeout_s) fit within `timeout server`; a
   WebSocket session lives under `timeout tunnel`. Buffers and the HTTP/2 window are sized
   for messages of megabytes.
+- The log: `option httplog`'s line with the request's path, not its URI: a browser's
+  WebSocket carries its token in the query string.
 - The stats page, and HAProxy's own Prometheus exporter at its `/metrics`.
 """
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import re
 import sys
 from dataclasses import dataclass
 
 PROG = "lipsync lb-config"
 CHECK = "check port {metrics} check-proto h1 inter 500ms fastinter 250ms fall 2 rise 2"
+# HAProxy's `option httplog` format with "%HM %HPO %HV" (method, path, version) for its
+# quoted request line (%r), which would log the query string
+HTTP_LOG_FORMAT = ('"%ci:%cp [%tr] %ft %b/%s %TR/%Tw/%Tc/%Tr/%Ta %ST %B %CC %CS %tsc '
+                   '%ac/%fc/%bc/%sc/%rc %sq/%bq %hr %hs \\"%HM %HPO %HV\\""')
+# Everything written into the config is checked against these first: a newline or a `#`
+# in an argument would add directives or comment out the rest of the line
+_PORT = re.compile(r"[0-9]{1,5}")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")  # a DNS name or an IPv4 address
 
 
 class SpecError(ValueError):
@@ -47,9 +59,17 @@ class Box:
 
 
 def _port(text: str, what: str, spec: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not _PORT.fullmatch(text) or not 1 <= int(text) <= 65535:
         raise SpecError(f"{spec!r}: {what} must be a port number 1-65535, got {text!r}")
     return int(text)
+
+
+def _host(host: str, spec: str, wildcard: bool = False) -> str:
+    """`host` when it is a DNS name, an IPv4 address, a bracketed IPv6 address (checked
+    by _split_host) or, with `wildcard`, `*`."""
+    if host.startswith("[") or (wildcard and host == "*") or _HOST.fullmatch(host):
+        return host
+    raise SpecError(f"{spec!r}: {host!r} is not a host name or address")
 
 
 def _split_host(spec: str) -> tuple[str, list[str]]:
@@ -71,12 +91,13 @@ def _split_host(spec: str) -> tuple[str, list[str]]:
 
 def parse_box(spec: str) -> Box:
     """HOST:GRPC_PORT:WS_PORT:METRICS_PORT (IPv6 as [::1]:...)."""
-    host, ports = _split_host(spec.strip())
+    host, ports = _split_host(spec)
     if len(ports) != 3:
         raise SpecError(f"{spec!r}: expected HOST:GRPC_PORT:WS_PORT:METRICS_PORT "
                         "(the box's server.port, server.ws_port and ops.metrics_port)")
-    if not host or any(c.isspace() for c in host):
+    if not host:
         raise SpecError(f"{spec!r}: the host is empty")
+    _host(host, spec)
     grpc_port = _port(ports[0], "GRPC_PORT", spec)
     ws_port = _port(ports[1], "WS_PORT", spec)
     metrics_port = _port(ports[2], "METRICS_PORT", spec)
@@ -100,12 +121,12 @@ def parse_boxes(specs: list[str]) -> list[Box]:
 
 def parse_listen(spec: str, default_host: str, what: str) -> tuple[str, int]:
     """[HOST:]PORT -> (host, port); HOST may be '*' or '[::]'."""
-    if spec.isdigit():
+    if ":" not in spec:
         return default_host, _port(spec, what, spec)
     host, ports = _split_host(spec)
     if len(ports) != 1 or not host:
         raise SpecError(f"{spec!r}: {what} must be PORT or HOST:PORT")
-    return host, _port(ports[0], what, spec)
+    return _host(host, spec, wildcard=True), _port(ports[0], what, spec)
 
 
 def _bind(address: tuple[str, int]) -> str:
@@ -136,7 +157,9 @@ def haproxy_config(boxes: list[Box], listen_grpc: tuple[str, int], listen_ws: tu
         "defaults",
         "    mode http",
         "    log global",
-        "    option httplog",
+        "    # option httplog's line, with the path in place of the URI: a browser's WebSocket",
+        "    # carries its token in the query (?token=), which must not reach the log",
+        f"    log-format {HTTP_LOG_FORMAT}",
         "    option dontlognull",
         "    timeout connect 2s",
         f"    timeout client {server_timeout}s",
@@ -204,8 +227,9 @@ def run(args: argparse.Namespace) -> int:
     except SpecError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
-    if args.request_timeout_s <= 0:
-        print(f"{PROG}: --request-timeout-s must be > 0", file=sys.stderr)
+    if not 0 < args.request_timeout_s <= 86400:  # NaN too
+        print(f"{PROG}: --request-timeout-s must be > 0 and at most 86400, got "
+              f"{args.request_timeout_s:g}", file=sys.stderr)
         return 2
     sys.stdout.write(haproxy_config(boxes, grpc_listen, ws_listen, stats, args.request_timeout_s))
     return 0

@@ -1,5 +1,5 @@
 """The `lipsync` command: serve, role, demo-assets, import-synctalk, prepare-avatar, render,
-stats, bench, lb-config."""
+stats, bench, lb-config, livekit-avatar."""
 from __future__ import annotations
 
 import argparse
@@ -7,10 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.cli import import_synctalk, lb_config, prepare_avatar, render, stats
+from pipeline.cli import import_synctalk, lb_config, livekit_avatar, prepare_avatar, render, stats
 from pipeline.client import add_security_arguments, apply_security_arguments
 from pipeline.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from pipeline.demo.ensure import ensure_demo_assets
+from pipeline.demo.owned import DemoAssetsError
 from pipeline.launch import standalone
 from pipeline.runtime.logs import setup_logging
 
@@ -47,7 +48,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_demo_assets(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    if not ensure_demo_assets(cfg, force=args.force, bench_model=args.bench_model):
+    try:
+        built = ensure_demo_assets(cfg, force=args.force, bench_model=args.bench_model)
+    except DemoAssetsError as exc:
+        sys.exit(f"lipsync: {exc}")
+    if not built:
         print(f"demo assets already present in {cfg.models_root}")
     return 0
 
@@ -56,6 +61,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench.main import run_bench
 
     apply_security_arguments(args)
+    load_config(args.config)  # a bad one stops here (main says why), before any server starts
     return run_bench(args)
 
 
@@ -83,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo_assets)
 
     for register in (import_synctalk.register, prepare_avatar.register, render.register,
-                     stats.register, standalone.register, lb_config.register):
+                     stats.register, standalone.register, lb_config.register,
+                     livekit_avatar.register):
         register(sub)
 
     bench = with_config(sub.add_parser("bench", help="measure frames/s and latency"))
@@ -164,7 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging("lipsync")
-    sys.exit(args.func(args))
+    try:
+        sys.exit(args.func(args))
+    except ConfigError as exc:  # any command's --config: one line, not a traceback
+        sys.exit(f"lipsync {args.command}: bad config: {exc}")
+    except DemoAssetsError as exc:
+        sys.exit(f"lipsync {args.command}: {exc}")
 
 
 if __name__ == "__main__":

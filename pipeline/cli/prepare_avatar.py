@@ -1,8 +1,8 @@
 """`lipsync prepare-avatar`: turn an avatar's source video and crop rects into the files a
 model entry of config.yaml points at.
 
-The original server extracted frames on first use, as `frame_%06d.jpg`, a name its own loader
-never looks for (spec/reference-pipeline.md §4.4). This writes `frame_%04d.jpg` (the loader's
+The original Go server extracted frames on first use, as `frame_%06d.jpg`, a name its own
+loader never looked for. This writes `frame_%04d.jpg` (the loader's
 first pattern; frame 12345 is `frame_12345.jpg` either way) at the original extractor's JPEG
 quality, checks the rects against the frames before the server ever sees them, and prints the
 config block to paste.

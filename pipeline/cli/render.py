@@ -33,8 +33,8 @@ FPS = VIDEO_FPS
 SERVER_RATE = SAMPLE_RATE    # the server's clock: frame i shows 16 kHz samples [640 i, 640 (i+1))
 FRAME_SAMPLES = SERVER_RATE // FPS
 CHUNK_S = 0.1                # audio per request message
-# The server refuses a session whose unrendered audio exceeds 60 s (MAX_BACKLOG_S in
-# pipeline/frontend/streaming.py); sending "as fast as it takes it" means staying under that.
+# The server refuses a session whose unrendered audio exceeds 60 s (its stream sessions'
+# backlog limit); sending "as fast as it takes it" means staying under that.
 MAX_AHEAD_S = 20.0
 
 

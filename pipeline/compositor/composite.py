@@ -1,6 +1,6 @@
 """Paste one predicted mouth crop into its background frame and encode the JPEG.
 
-Modes (spec/reference-pipeline.md §3; DESIGN "Compositing"):
+Modes (`composite_mode` of a model):
 - synctalk (default, how SyncTalk-2D was trained): the background's rect is cubic-resized
   to 328x328, the 320x320 prediction replaces its [4:324, 4:324] interior, and the crop is
   cubic-resized back to the rect and pasted.
@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline import messages as msg
 from pipeline.runtime.logs import logging_request
+from pipeline.shm.segment import SegmentGone
 from pipeline.synctalk import CROP, INNER
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,12 @@ def composite_job(job: msg.CompositeJob, view: View, compositor: int) -> list[by
                 paste(background, view(job.prediction), job.rect, job.mode)
             t1 = time.perf_counter_ns()
             jpeg = encode_jpeg(frame, job.jpeg_quality)
+        except SegmentGone as exc:  # a dead frontend's arena, a dead worker's backgrounds:
+            if exc.first:           # one line per segment, not a traceback per frame
+                log.warning("%s: dropping the frames that use it", exc)
+            return [msg.encode(msg.FrameFailed(
+                job.request_id, job.frame_index,
+                f"failed to composite frame {job.frame_index}: {exc}"))]
         except Exception as exc:
             log.exception("compositing frame %d of request %d failed", job.frame_index,
                           job.request_id)
@@ -60,7 +67,7 @@ def prediction_to_bgr(prediction: np.ndarray) -> np.ndarray:
 
 
 def go_bilinear_resize(image: np.ndarray, w: int, h: int) -> np.ndarray:
-    """The Go server's resize (reference-pipeline.md §3 step 4), reproduced exactly.
+    """The Go server's bilinear resize of the prediction over the rect, reproduced exactly.
 
     Unlike cv2/PIL it has no half-pixel centre offset: source x = dx * (src_w / w), float32
     math, neighbours clamped to the last pixel, the result truncated to uint8.

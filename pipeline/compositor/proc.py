@@ -9,7 +9,9 @@ heartbeat period, is also this compositor's heartbeat to the worker, which hands
 of a silent or dead compositor to the others.
 
 Death is announced: if the loop raises (e.g. a message it cannot decode: a worker of
-another version), msg.RoleDown goes to the frontend and to every worker before it exits.
+another version), msg.RoleDown goes to the frontend (`Readiness.down`) and to every
+worker on this compositor's own connections (the jobs it held go to the others) before it
+exits.
 """
 from __future__ import annotations
 
@@ -29,7 +31,13 @@ from pipeline import messages as msg
 from pipeline.compositor.composite import composite_job
 from pipeline.config import Config
 from pipeline.runtime.addresses import Addresses
-from pipeline.runtime.process import Readiness, run_role
+from pipeline.runtime.process import (
+    ANNOUNCE_LINGER_MS,
+    Readiness,
+    failure_reason,
+    role_down,
+    run_role,
+)
 from pipeline.runtime.sockets import make_socket
 from pipeline.shm.segment import SegmentCache
 
@@ -41,15 +49,15 @@ log = logging.getLogger(__name__)
 # let a slow or frozen compositor sit on frames the others could make. Not a setting:
 # nothing about a deployment changes that reasoning.
 CREDITS = 2
-ANNOUNCE_LINGER_MS = 1000
 
 
 def run_compositor_process(cfg: Config, index: int, ready: Connection | None = None) -> None:
     """Entry point of compositor `index` (spawned, or run by systemd)."""
     role = f"compositor {index}"
+    addresses = Addresses.of(cfg)
     run_role(role, ready,
              lambda readiness, stop: CompositorProc(cfg, index).serve(readiness, stop),
-             lock=Addresses.of(cfg).role_lock(role))
+             lock=addresses.role_lock(role), announce_to=addresses.frontend_inbox)
 
 
 class CompositorProc:
@@ -94,10 +102,10 @@ class CompositorProc:
                     message = msg.compositor_decoder.decode(sock.recv())
                     self.handlers[type(message)](message, sock)
         except Exception as exc:
+            readiness.down(exc)
             linger = ANNOUNCE_LINGER_MS
-            down = msg.encode(msg.RoleDown(role="compositor", index=self.index, pid=self.pid,
-                                           reason=f"{type(exc).__name__}: {exc}"))
-            for sock in (results, *workers):
+            down = msg.encode(role_down(f"compositor {self.index}", self.pid, failure_reason(exc)))
+            for sock in workers:
                 self._send(sock, [down])
             raise
         finally:

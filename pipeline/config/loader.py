@@ -13,17 +13,33 @@ import yaml
 from pipeline.config.environment import ENV_OVERRIDES
 from pipeline.config.schema import DEFAULT_CONFIG_PATH, Config, ConfigError, ModelConfig, _check, _int, _port
 
+MAX_CONFIG_BYTES = 2**20
+
 
 def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
     """Read and validate a config file; raise ConfigError naming the bad key."""
     path = Path(path).resolve()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        with open(path, "rb") as f:  # bounded: --config /dev/zero must not fill the memory
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB")
+        raw = yaml.safe_load(data.decode()) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {exc.start})") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config {path} is not valid YAML: {_one_line(exc)}") from exc
     return parse_config(raw, base_dir=path.parent, path=path)
+
+
+def _one_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's message (several lines, with a caret under the spot) as one line."""
+    problem = getattr(exc, "problem", None) or str(exc)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(str(problem).split()) + where
 
 
 _SECTIONS: dict[str, type] = {
@@ -97,7 +113,9 @@ def _section(cls: type, name: str, raw: Any, base_dir: Path,
         elif not isinstance(spec.default_factory, dataclasses._MISSING_TYPE):
             default = spec.default_factory()
         if key not in raw:
-            values[key] = default
+            # a relative default path means what the same value in the file would
+            values[key] = ((paths_under or base_dir) / default).resolve() \
+                if isinstance(default, Path) and not default.is_absolute() else default
         else:
             values[key] = _coerce(where, raw[key], default, spec, paths_under or base_dir)
         _validate(where, spec, values[key])

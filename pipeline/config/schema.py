@@ -199,7 +199,7 @@ class OpsConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    dir: Path = Path("/tmp/lipsync")  # ipc:// sockets live here
+    dir: Path = Path("run")  # ipc:// sockets live here (relative: to the config's directory)
     # names the ipc endpoints and shared-memory arenas
     instance: str = setting("default", lambda v: v.replace("_", "").isalnum(),
                             "must be letters, digits or _ (it is part of segment and socket names)")

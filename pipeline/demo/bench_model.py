@@ -16,11 +16,13 @@ make the server's throughput and latency measurable on the real network's cost.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.demo import owned
 from pipeline.demo.graphs import _set_metadata
 from pipeline.networks.builder import RandomWeights
 from pipeline.networks.synctalk2d import build_unet
@@ -80,9 +82,17 @@ def bench_model_path(models_root: Path) -> Path:
 
 
 def write_bench_model(path: Path) -> Path:
-    """Write the bench UNet to `path` (atomically); returns the path."""
+    """Write the bench UNet to `path` (atomically, recorded in the build.json beside it);
+    returns the path. DemoAssetsError when a file the server did not write is there."""
+    data = build_bench_unet().SerializeToString()
+    recorded = owned.read_manifest(path.parent).get("files", {})
+    if os.path.lexists(path) and not owned.matches(path, recorded.get(path.name)) and not (
+            path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
+        raise owned.DemoAssetsError(f"{path} was not written by lipsync: not replacing it "
+                                    "with the bench model; move it away")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(build_bench_unet().SerializeToString())
+    tmp.write_bytes(data)
     tmp.replace(path)
+    owned.write_manifest(path.parent, {"model": BENCH_MODEL_ID}, [path])
     return path

@@ -25,6 +25,8 @@ from typing import Any
 
 import grpc
 
+from pipeline.frontend.heap import HeapTrim
+
 log = logging.getLogger(__name__)
 
 # after the last call ended: its trailers may still be in the transport's buffers
@@ -33,10 +35,12 @@ SETTLE_S = 0.1
 
 class InflightCalls(grpc.aio.ServerInterceptor):
     """Counts the calls in flight, from their arrival to their end (status sent or
-    cancelled), with an event set while there are none."""
+    cancelled), with an event set while there are none; every end settles `heap` (a call
+    refused after its message arrived leaves its buffers to trim too)."""
 
-    def __init__(self) -> None:
+    def __init__(self, heap: HeapTrim) -> None:
         self.count = 0
+        self.heap = heap
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -49,6 +53,7 @@ class InflightCalls(grpc.aio.ServerInterceptor):
         self.count -= 1
         if self.count == 0:
             self.idle.set()
+        self.heap.settle()
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],

@@ -21,10 +21,10 @@ import msgspec
 
 from pipeline import messages as msg
 from pipeline.config import Config
+from pipeline.runtime.process import LIVENESS_BEATS
 
 log = logging.getLogger(__name__)
 
-LIVENESS_BEATS = 3  # a role silent this many heartbeats is dead: its requests fail in < 2 s
 
 
 @dataclass
@@ -132,7 +132,12 @@ class Liveness:
         return events
 
     def announced(self, m: msg.RoleDown) -> list[Event]:
-        """A role said it is exiting: it is dead now, not after its heartbeats stop."""
+        """A role said it is exiting, or the supervisor saw it exit: it is dead now, not
+        after its heartbeats stop (told once: a role that raised is announced by both)."""
+        views = self.compositors if m.role == "compositor" else dict(enumerate(self.workers))
+        view = views.get(m.index)
+        if view is not None and view.exited_pid == m.pid:
+            return []
         log.error("%s %d (pid %d) is exiting: %s", m.role, m.index, m.pid, m.reason)
         if m.role == "compositor":
             view = self.compositors.get(m.index)

@@ -5,20 +5,17 @@ the `Runner` too (it has no lease yet: the model is not ready until it has run).
 """
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Protocol
 
 from pipeline.config import Config
 from pipeline.frontend.capacity import FrameBudget
 from pipeline.frontend.errors import FAILURE_REASONS, Failed, Overloaded, Unavailable
+from pipeline.frontend.heap import HeapTrim
 from pipeline.frontend.inflight import InferResult
 from pipeline.frontend.metrics import Metrics
 from pipeline.frontend.models import Lease, ModelRegistry
 from pipeline.frontend.validation import InferInput
-from pipeline.runtime.process import release_free_heap
-
-TRIM_AFTER_IDLE_S = 2.0
 
 
 class RequestTable(Protocol):
@@ -35,14 +32,14 @@ class Runner:
     """One request on a given worker: admitted (or refused at once), run, measured."""
 
     def __init__(self, cfg: Config, inflight: RequestTable, metrics: Metrics,
-                 budget: FrameBudget) -> None:
+                 budget: FrameBudget, heap: HeapTrim | None = None) -> None:
         self.cfg = cfg
         self.inflight = inflight
         self.metrics = metrics
         self.budget = budget
         self.admitted = 0
         self.admitted_bytes = 0
-        self._trim: asyncio.TimerHandle | None = None
+        self.heap = heap or HeapTrim()  # buffers kept warm while requests are admitted
 
     async def run(self, worker: int, req: InferInput, deadline: float) -> InferResult:
         size = self._admit(req)
@@ -71,22 +68,13 @@ class Runner:
                              f"flight (server.max_inflight_mb {server.max_inflight_mb})")
         self.admitted += 1
         self.admitted_bytes += size
-        if self._trim is not None:
-            self._trim.cancel()
-            self._trim = None
+        self.heap.hold()
         return size
 
     def _release(self, size: int) -> None:
         self.admitted -= 1
         self.admitted_bytes -= size
-        if self.admitted == 0:
-            self._trim = asyncio.get_running_loop().call_later(TRIM_AFTER_IDLE_S, self._trim_heap)
-
-    def _trim_heap(self) -> None:
-        """After a burst, once nothing has been in flight for a moment: give the freed
-        request buffers back (kept warm for reuse while requests keep coming)."""
-        self._trim = None
-        asyncio.get_running_loop().run_in_executor(None, release_free_heap)
+        self.heap.release()
 
 
 class Router:

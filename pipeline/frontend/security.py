@@ -9,10 +9,12 @@ read again on SIGHUP, so tokens rotate without a restart.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
+import inspect
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +39,50 @@ def _read(path: Path, what: str) -> bytes:
         raise SecurityError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
+class TokenWatch:
+    """One session's hold on the token it was admitted with: `on_revoked` runs once, on the
+    thread that reloads the tokens (the frontend's event loop: its SIGHUP handler), when a
+    reload no longer accepts that token. `close()` (or leaving the `with` block) ends the
+    watch; a session closes it when it ends."""
+
+    def __init__(self, store: TokenStore | None, token: bytes,
+                 on_revoked: Callable[[], None]) -> None:
+        self._store, self.token, self._on_revoked = store, token, on_revoked
+        self.revoked = False
+
+    def _revoke(self) -> None:
+        self.revoked, self._store = True, None
+        try:
+            self._on_revoked()
+        except Exception:  # one session's bad callback must not keep the others running
+            log.exception("ending a session of a revoked token failed")
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store._unwatch(self)
+            self._store = None
+
+    def __enter__(self) -> TokenWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class TokenStore:
-    """The accepted tokens, from `server.auth.tokens_file`; `enabled` False when unset."""
+    """The accepted tokens, from `server.auth.tokens_file`; `enabled` False when unset.
+
+    Sessions outlive the check that admitted them: a transport that keeps a session open
+    watches its token (`watch`), and a reload that drops the token ends the session."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._tokens: tuple[bytes, ...] = ()
+        self._watches: dict[bytes, set[TokenWatch]] = {}
         if path is not None:
             self._tokens = self._load(path)
+            if not self._tokens:
+                log.warning("%s holds no token: every authenticated call will be refused", path)
 
     @property
     def enabled(self) -> bool:
@@ -53,22 +91,33 @@ class TokenStore:
     @staticmethod
     def _load(path: Path) -> tuple[bytes, ...]:
         lines = _read(path, "server.auth.tokens_file").decode(errors="replace").splitlines()
-        tokens = tuple(line.strip().encode() for line in lines
-                       if line.strip() and not line.lstrip().startswith("#"))
-        if not tokens:
-            log.warning("%s holds no token: every authenticated call will be refused", path)
-        return tokens
+        return tuple(line.strip().encode() for line in lines
+                     if line.strip() and not line.lstrip().startswith("#"))
 
     def reload(self) -> None:
-        """SIGHUP: read the file again; a file that cannot be read keeps the old tokens."""
+        """SIGHUP: read the file again, and end the sessions of every token it no longer
+        holds. A file that cannot be read, or holds no token (an editor or a deploy caught
+        mid-write), keeps the old tokens: an empty list would refuse everyone."""
         if self.path is None:
             return
         try:
-            self._tokens = self._load(self.path)
+            tokens = self._load(self.path)
         except SecurityError as exc:
             log.error("tokens not reloaded (the previous ones stay valid): %s", exc)
             return
-        log.info("reloaded %d token(s) from %s", len(self._tokens), self.path)
+        if not tokens:
+            log.error("tokens not reloaded: %s holds no token (caught mid-write?); the previous "
+                      "%d stay valid", self.path, len(self._tokens))
+            return
+        self._tokens = tokens
+        revoked = [t for t in self._watches if t not in set(tokens)]
+        ended = 0
+        for token in revoked:
+            for watch in self._watches.pop(token):
+                watch._revoke()
+                ended += 1
+        log.info("reloaded %d token(s) from %s%s", len(tokens), self.path,
+                 f"; ended {ended} session(s) of revoked tokens" if ended else "")
 
     def accepts(self, token: str | None) -> bool:
         """Whether `token` is one of the tokens (always, when auth is off). Compared in
@@ -81,6 +130,25 @@ class TokenStore:
             found |= hmac.compare_digest(given, known)
         return bool(given) and found
 
+    def watch(self, token: str | None, on_revoked: Callable[[], None]) -> TokenWatch:
+        """Call `on_revoked()` once if a reload drops `token` (an accepted one) before the
+        returned watch is closed. With auth off nothing is revoked: the watch never fires."""
+        watch = TokenWatch(self if self.enabled else None, (token or "").encode(), on_revoked)
+        if self.enabled:
+            self._watches.setdefault(watch.token, set()).add(watch)
+        return watch
+
+    def watching(self) -> int:
+        """Sessions watching a token now (open watches)."""
+        return sum(len(w) for w in self._watches.values())
+
+    def _unwatch(self, watch: TokenWatch) -> None:
+        watches = self._watches.get(watch.token)
+        if watches is not None:
+            watches.discard(watch)
+            if not watches:
+                del self._watches[watch.token]
+
 
 def bearer(value: str | None) -> str | None:
     """The token of an `Authorization: Bearer <token>` value."""
@@ -89,8 +157,15 @@ def bearer(value: str | None) -> str | None:
     return None
 
 
+REVOKED = "the token of this call was revoked"
+REQUIRED = "a valid token is required: metadata 'authorization: Bearer <token>'"
+
+
 class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED for any RPC without an accepted bearer token (health checks aside)."""
+    """UNAUTHENTICATED for any RPC without an accepted bearer token (health checks aside),
+    answered from the metadata alone: the request message is never read, so a refused
+    call costs no parse and no buffer of its size. An accepted call ends UNAUTHENTICATED
+    when a reload revokes its token."""
 
     def __init__(self, tokens: TokenStore) -> None:
         self.tokens = tokens
@@ -102,25 +177,105 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(UNAUTHENTICATED_PREFIXES):
             return handler
         metadata = dict(details.invocation_metadata or ())
-        if self.tokens.accepts(bearer(metadata.get("authorization"))):
-            return handler
-        return _refusal_like(handler, details.method)
+        token = bearer(metadata.get("authorization"))
+        if self.tokens.accepts(token):
+            return _ended_on_revocation(handler, self.tokens, token)
+        return _refusal(handler, details.method)
 
 
-def _refusal_like(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+def _refusal(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """A handler that answers UNAUTHENTICATED without reading the request: registered as
+    request-streaming with no deserializer, so grpc.aio reads no message before it runs
+    (a unary handler's request is received and parsed first, to 100 MiB)."""
+    async def refuse(context: grpc.aio.ServicerContext) -> None:
         log.warning("refused %s from %s: no valid bearer token", method, context.peer())
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                            "a valid token is required: metadata 'authorization: Bearer <token>'")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, REQUIRED)
 
-    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
-             (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler,
-             (True, True): grpc.stream_stream_rpc_method_handler}
-    make = kinds[handler.request_streaming, handler.response_streaming]
-    return make(refuse, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    if handler.response_streaming:
+        async def refuse_stream(_: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await refuse(context)
+            yield  # an async generator: grpc.aio's mark of a streaming handler
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
+
+    async def refuse_unary(_: Any, context: grpc.aio.ServicerContext) -> None:
+        await refuse(context)
+    return grpc.stream_unary_rpc_method_handler(refuse_unary)
+
+
+def _ended_on_revocation(handler: grpc.RpcMethodHandler, tokens: TokenStore,
+                         token: str | None) -> grpc.RpcMethodHandler:
+    """`handler` with its behaviour ended UNAUTHENTICATED when `token` is revoked: the
+    call's task is cancelled while it is inside the behaviour (never while grpc.aio writes a
+    response: then the next step ends it), and the cancellation becomes the status."""
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            return handler._replace(**{kind: _revocable(behavior, tokens, token)})
+    return handler
+
+
+class _Revocation:
+    """The revocation of one call's token, as its task sees it."""
+
+    def __init__(self) -> None:
+        self.task = asyncio.current_task()
+        self.inside = False      # the task is in the behaviour: a cancel lands there
+        self.cancelled = False
+
+    def revoke(self) -> None:
+        if self.inside and self.task is not None and not self.cancelled:
+            self.cancelled = True
+            self.task.cancel()
+
+    def absorb(self) -> None:
+        """The cancellation we caused is over: the task may await again."""
+        if self.cancelled and self.task is not None:
+            self.task.uncancel()
+
+
+def _revocable(behavior: Callable[..., Any], tokens: TokenStore,
+               token: str | None) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = _Revocation()
+            with tokens.watch(token, call.revoke) as watch:
+                responses = behavior(request, context)
+                try:
+                    while not watch.revoked:
+                        call.inside = True
+                        try:
+                            response = await anext(responses)
+                        except StopAsyncIteration:
+                            return
+                        except asyncio.CancelledError:
+                            if not call.cancelled:
+                                raise
+                            call.absorb()
+                            break
+                        finally:
+                            call.inside = False
+                        yield response
+                finally:
+                    await responses.aclose()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, REVOKED)
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = _Revocation()
+        with tokens.watch(token, call.revoke) as watch:
+            call.inside = True
+            try:
+                result = await behavior(request, context)
+            except asyncio.CancelledError:
+                if not call.cancelled:
+                    raise
+                call.absorb()
+            finally:
+                call.inside = False
+            if not watch.revoked:
+                return result
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, REVOKED)
+    return unary
 
 
 def grpc_credentials(tls: TlsConfig) -> grpc.ServerCredentials:

@@ -26,10 +26,11 @@ from pipeline.frontend.capacity import Admission, FrameBudget
 from pipeline.frontend.drain import InflightCalls, wait_out_balancer
 from pipeline.frontend.errors import Unavailable
 from pipeline.frontend.grpc_service import MonolithicService
+from pipeline.frontend.heap import HeapTrim
 from pipeline.frontend.inflight import InFlight
 from pipeline.frontend.liveness import CompositorLost, Event, Liveness, WorkerHolds, WorkerLost
 from pipeline.frontend.metrics import Metrics
-from pipeline.frontend.models import ModelRegistry
+from pipeline.frontend.models import FAILED, ModelRegistry
 from pipeline.frontend.ports import bind, listeners
 from pipeline.frontend.router import Router, Runner
 from pipeline.frontend.security import TokenStore, ssl_context, warn_if_exposed
@@ -98,7 +99,9 @@ class Frontend:
         self.metrics, self.registry, self.router = metrics, registry, router
         self.streams, self.sockets, self.telemetry, self.health = streams, sockets, telemetry, health
         self.state = State.STARTING
-        self._serving = NOT_SERVING
+        # what the health service was last told (None: nothing yet; it answers SERVING then)
+        self._serving: int | None = None
+        self._unready: str | None = "not checked yet"  # why not SERVING while RUNNING
         self._health_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -111,7 +114,8 @@ class Frontend:
         for line in retired_environment():
             log.warning("%s", line)
         # every port first: a taken one stops the start at once, naming the port
-        calls = InflightCalls()
+        heap = HeapTrim()
+        calls = InflightCalls(heap)
         grpc_server = bound_server(cfg, grpc_listener, tokens, calls)
         ws_socket = bind(ws_listener)
         client = WorkerClient(cfg)
@@ -119,11 +123,11 @@ class Frontend:
         inflight = InFlight(cfg, client, liveness)
         metrics = Metrics()
         budget = FrameBudget(cfg)
-        runner = Runner(cfg, inflight, metrics, budget)
+        runner = Runner(cfg, inflight, metrics, budget, heap)
         registry = ModelRegistry(cfg, client, runner, liveness, metrics)
         router = Router(registry, runner)
         admission = Admission(cfg, budget)
-        sessions = Sessions(cfg, router, admission, IdleFrames(cfg, router))
+        sessions = Sessions(cfg, router, admission, IdleFrames(cfg, router), tokens)
         streams = StreamRpc(cfg, sessions)
         sockets = AudioSocketServer(cfg, tokens, sessions)
         telemetry = Telemetry(cfg, metrics, liveness, inflight, registry, sessions, admission)
@@ -202,9 +206,18 @@ class Frontend:
             return "starting"
         if self.state is not State.RUNNING:
             return "draining"
-        if self._serving != SERVING:
+        return self._unready
+
+    def _unready_reason(self) -> str | None:
+        """Why a running frontend cannot serve (None: it can). A preloaded model that failed
+        to load counts: the box cannot serve what it was configured to hold, so a balancer
+        must not send it traffic, until the model loads (LoadModel, or a request for it)."""
+        if not self.liveness.healthy():
             return "a gpu_worker or every compositor is not alive"
-        return None
+        failed = [f"preloaded model '{m.model_id}' failed to load: {m.error}"
+                  for m in self.registry.views()
+                  if m.state == FAILED and self.cfg.models[m.model_id].preload_model]
+        return "; ".join(failed) or None
 
     # ---- what the roles report ---------------------------------------------------------
 
@@ -234,7 +247,14 @@ class Frontend:
                 log.warning("%s; its jobs go to the other compositors", event.reason)
             elif isinstance(event, WorkerHolds):
                 self.registry.reconcile(event.index, event.models)
-        status = SERVING if self.state is State.RUNNING and self.liveness.healthy() else NOT_SERVING
+        if self.state is State.RUNNING:
+            unready = self._unready_reason()
+            if unready != self._unready and (unready or "").startswith("preloaded"):
+                log.error("not ready: %s (LoadModel makes it ready again)", unready)
+            elif unready is None and (self._unready or "").startswith("preloaded"):
+                log.info("ready again: no preloaded model has failed")
+            self._unready = unready
+        status = SERVING if self.state is State.RUNNING and self._unready is None else NOT_SERVING
         if status != self._serving:
             self._serving = status
             asyncio.get_running_loop().create_task(self._set_health(status))

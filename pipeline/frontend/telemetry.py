@@ -134,7 +134,7 @@ class Telemetry:
 
     def start(self, endpoint: str, not_ready: NotReadyReason) -> None:
         """Bind the HTTP endpoint (its own threads: probes are answered however busy the
-        event loop is) and the ops socket (ZMQ REP, JSON); a bind that fails stops the start
+        event loop is) and the ops socket (ZMQ ROUTER, JSON); a bind that fails stops the start
         with its reason. `not_ready` says why /readyz is 503 (None: 200)."""
         host, port = self.cfg.ops.metrics_host, self.cfg.ops.metrics_port
         if port:
@@ -143,7 +143,7 @@ class Telemetry:
             except OSError as exc:
                 raise Listener("metrics", host, port, "ops.metrics_port (0 turns it off)",
                                "--metrics-port").taken(exc.strerror or exc) from None
-        sock = make_socket(zmq.asyncio.Context.instance(), zmq.REP, bind=endpoint)
+        sock = make_socket(zmq.asyncio.Context.instance(), zmq.ROUTER, bind=endpoint)
         sock.setsockopt(zmq.MAXMSGSIZE, OPS_MAX_REQUEST_BYTES)  # larger: the peer is dropped
         log.info("ops socket on %s", endpoint)
         self._tasks = [asyncio.create_task(self._serve(sock)),
@@ -159,19 +159,34 @@ class Telemetry:
             self._http.close()
 
     async def _serve(self, sock: zmq.asyncio.Socket) -> None:
+        """A ROUTER, not a REP: a REP raises (and so would stop) on a message without the
+        empty delimiter a REQ adds, which any DEALER can send. Here the envelope is read by
+        hand, and whatever a peer sends gets one reply or none."""
         try:
             while True:
-                raw = await sock.recv()
+                frames = await sock.recv_multipart()
+                envelope, body = _split_envelope(frames)
+                if len(body) != 1:
+                    reply: dict[str, Any] = {"error": f"bad request: {len(body)} frames after "
+                                                      "the envelope, expected 1"}
+                else:
+                    reply = self._reply(body[0])
                 try:
-                    reply = self._answer(raw)
-                except Exception as exc:  # RecursionError of a nested document, a bug: the
-                    # socket must answer (a REP that does not reply is stuck for good)
-                    log.warning("ops socket: bad request (%d bytes): %s: %s", len(raw),
-                                type(exc).__name__, str(exc)[:200])
-                    reply = {"error": f"bad request: {type(exc).__name__}: {str(exc)[:200]}"}
-                await sock.send(json.dumps(reply).encode())
+                    await sock.send_multipart([*envelope, json.dumps(reply).encode()],
+                                              zmq.NOBLOCK)
+                except zmq.ZMQError:  # the peer is gone (or not reading): no reply
+                    pass
         finally:
             sock.close(0)
+
+    def _reply(self, raw: bytes) -> dict[str, Any]:
+        try:
+            return self._answer(raw)
+        except Exception as exc:  # RecursionError of a nested document, a bug: the
+            # socket must answer and go on
+            log.warning("ops socket: bad request (%d bytes): %s: %s", len(raw),
+                        type(exc).__name__, str(exc)[:200])
+            return {"error": f"bad request: {type(exc).__name__}: {str(exc)[:200]}"}
 
     def _answer(self, raw: bytes) -> dict[str, Any]:
         request = json.loads(raw) if raw.strip() else {}
@@ -194,4 +209,14 @@ class Telemetry:
         while True:
             self.refresh_gauges()
             await asyncio.sleep(1.0)
+
+
+def _split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """(routing envelope, request frames) of what a ROUTER received: the envelope ends at
+    the first empty frame (REQ, or a DEALER that adds it); without one, it is the peer's
+    routing id alone (a DEALER that sends the request bare gets its reply bare)."""
+    for i, frame in enumerate(frames[1:], start=1):
+        if not frame:
+            return frames[:i + 1], frames[i + 1:]
+    return frames[:1], frames[1:]
 

@@ -1,8 +1,9 @@
 """The frontend's internal request (`InferInput`) and the one checked way to make it from a
-client's InferBatchComposite (`validate`): the order and error strings of the original
-server's error table, plus the checks the original lacked (negative start index, partial
-samples, NaN/Inf, sample rate, length). The server's own requests (a stream's batch, a
-model's warm-up) are made by named constructors from values it computed itself.
+client's InferBatchComposite (`validate`): the order and error strings of the original Go
+server (its documented error table, and its own messages where the table is silent), plus
+the checks the original lacked (negative start index, partial samples, NaN/Inf, sample
+rate, length). The server's own requests (a stream's batch, a model's warm-up) are made by
+named constructors from values it computed itself.
 """
 from __future__ import annotations
 

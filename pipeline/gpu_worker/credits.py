@@ -149,8 +149,11 @@ class CreditDispatcher:
         else:
             member.alive = False
             member.held = dict.fromkeys(member.held)
-        log.warning("compositor %d (pid %d) %s: %d job(s) handed to the others", member.index,
-                    member.pid, why, len(jobs))
+        # a loss only when jobs moved: one that held nothing (it stopped with the server, or
+        # its death is logged by whoever saw it) is a note
+        log.log(logging.WARNING if jobs else logging.INFO,
+                "compositor %d (pid %d) %s: %d job(s) handed to the others", member.index,
+                member.pid, why, len(jobs))
 
     def assignments(self) -> Iterator[tuple[bytes, bytes]]:
         """(identity, job) for every waiting job that a compositor has room for now, each

@@ -1,7 +1,7 @@
 """The gpu_worker process: the shell around the engine, one per device, pinned to it.
 
-The engine (engine.py) computes on this process's main thread and never touches a socket
-(DESIGN, data-path rule 5). Around it:
+The engine (engine.py) computes on this process's main thread and never touches a socket:
+a compute loop that waited on a socket could stall every request of the device. Around it:
 - the receiver thread bridges the inbox socket into the engine's inbox;
 - the loader thread builds models and puts each outcome into the inbox (LoadFinished);
 - the sender thread carries what the engine emits to the frontend and the compositors'
@@ -12,8 +12,10 @@ The engine (engine.py) computes on this process's main thread and never touches 
   socket factory's send timeout) can delay a heartbeat and get a live worker declared dead.
 
 Death is announced: when the engine or an IO thread raises, the shell sends msg.RoleDown
-to the frontend (after the last heartbeat, on the same socket) before the process exits,
-so the frontend fails this worker's requests at once instead of after heartbeats go silent.
+to the frontend (`Readiness.down`: the message of the role's prologue) before it cleans
+up and exits, so the frontend fails this worker's requests at once instead of after
+heartbeats go silent. A worker killed outright is announced by the supervisor that saw
+its process exit.
 """
 from __future__ import annotations
 
@@ -38,15 +40,13 @@ from pipeline.gpu_worker.device import Resolved, pin_to_device
 from pipeline.gpu_worker.engine import EVENTS, FRONTEND, JOBS, Engine
 from pipeline.gpu_worker.model_cache import ModelCache, load_finished, unet_rebuilt
 from pipeline.runtime.addresses import Addresses
-from pipeline.runtime.process import Readiness, RoleError, run_role
+from pipeline.runtime.process import LIVENESS_BEATS, Readiness, run_role
 from pipeline.runtime.sockets import make_socket
 
 log = logging.getLogger(__name__)
 
 STOP_FLUSH_S = 0.5          # stopping: what is queued goes out by then, or never
 CHECK_S = 0.1               # how often the link thread looks for exited or silent compositors
-LIVENESS_BEATS = 3          # a compositor silent this many heartbeats is frozen or gone
-ANNOUNCE_LINGER_MS = 1000   # how long the last words may take to leave
 JOB_KEY = struct.Struct("<qq?")  # (request_id, frame_index, live) beside a job on the inproc hop
 JOBS_INPROC = "inproc://jobs"
 
@@ -56,9 +56,10 @@ def run_gpu_worker_process(cfg: Config, gpu_index: int, provider: Resolved,
     """Entry point of gpu_worker `gpu_index` (spawned, or run by systemd)."""
     pin_to_device(provider, gpu_index)  # before onnxruntime is imported anywhere
     role = f"gpu_worker {gpu_index}"
+    addresses = Addresses.of(cfg)
     run_role(role, ready,
              lambda readiness, stop: GpuWorkerProc(cfg, gpu_index, provider).serve(readiness, stop),
-             lock=Addresses.of(cfg).role_lock(role))
+             lock=addresses.role_lock(role), announce_to=addresses.frontend_inbox)
 
 
 class GpuWorkerProc:
@@ -122,15 +123,15 @@ class GpuWorkerProc:
             name, cause = self.failure
             failure = RuntimeError(f"the {name} thread failed: {type(cause).__name__}: {cause}")
             failure.__cause__ = cause
-        if failure is not None:
-            self._announce(beat, failure)
+        if failure is not None:  # now, not after the clean-up: a load may hold it for seconds
+            readiness.down(failure)
         for t in threads:
             t.join()
         self.loader.shutdown(wait=True, cancel_futures=True)
         self.engine.close()
         for sock in [inbox, jobs_in, router, *out.values()]:
             sock.close(0)
-        beat.close(ANNOUNCE_LINGER_MS if failure is not None else 0)
+        beat.close(0)
         ctx.term()
         if failure is not None:
             raise failure
@@ -149,17 +150,6 @@ class GpuWorkerProc:
                 stop.set()
 
         return threading.Thread(target=guarded, name=name)
-
-    def _announce(self, beat: zmq.Socket[Any], failure: Exception) -> None:
-        """RoleDown to the frontend, after the last heartbeat on the same socket (so no
-        heartbeat can follow it and make the dying worker look alive again)."""
-        reason = (str(failure) if isinstance(failure, RoleError)
-                  else f"{type(failure).__name__}: {failure}")
-        try:
-            beat.send(msg.encode(msg.RoleDown(role="gpu_worker", index=self.index,
-                                              pid=os.getpid(), reason=reason)), zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            log.error("could not announce this worker's death: %s", exc)
 
     # ---- IO threads --------------------------------------------------------------------
 

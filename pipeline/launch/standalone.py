@@ -3,7 +3,7 @@
 It runs exactly the entry function `lipsync serve` spawns for that role, with no pipe to a
 parent: the role rendezvouses with the others through the config only (ipc:// endpoints
 in runtime.dir, arena names from runtime.instance), reports readiness to systemd
-(sd_notify, see pipeline/process.py) and stops on SIGTERM. Roles may start in any order:
+(sd_notify, see pipeline/runtime/process.py) and stops on SIGTERM. Roles may start in any order:
 the frontend waits for every role's heartbeat, and workers and compositors connect to
 endpoints that appear when their peer binds.
 """

@@ -1,6 +1,12 @@
 """`lipsync serve`: start every role with the spawn context, serve once all are ready,
 restart a dead role with backoff, and on SIGINT/SIGTERM stop everything and leave no
 process and no shared-memory segment behind.
+
+A role that dies is seen at once (its exit status, then its sentinel), however it died. A
+gpu_worker or compositor killed by a signal cannot announce its own death: the supervisor
+does (the RoleDown of the role's prologue, saying which signal), so a SIGKILLed worker's
+requests fail at once, not after its heartbeats go silent; one that raised has announced
+itself, with the cause.
 """
 from __future__ import annotations
 
@@ -15,6 +21,9 @@ from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+import zmq
+
+from pipeline import messages as msg
 from pipeline.compositor.proc import run_compositor_process
 from pipeline.config import Config
 from pipeline.frontend.server import run_frontend_process
@@ -22,12 +31,20 @@ from pipeline.gpu_worker.device import resolve_provider
 from pipeline.gpu_worker.proc import run_gpu_worker_process
 from pipeline.gpu_worker.unet import Backend
 from pipeline.launch.common import prepare_runtime
+from pipeline.runtime.addresses import Addresses
+from pipeline.runtime.process import exit_reason, exit_status, role_down
+from pipeline.runtime.sockets import make_socket
 from pipeline.shm.segment import sweep_stale_segments
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 4.0         # after the frontend's drain: SIGTERM, then SIGKILL
 STABLE_AFTER_S = 60.0        # a role up this long has its backoff reset
+# A killed process's sentinel fires only once the kernel has torn it down (its last thread
+# gone, its memory freed: measured 0.1-0.9 s for a 0.5 GB worker on a busy 2-core box),
+# though it is a zombie, its exit status set, within milliseconds: the watch also reads
+# that status this often
+WATCH_S = 0.05
 
 
 @dataclass
@@ -40,6 +57,7 @@ class Role:
     started_at: float = 0.0
     restarts: int = 0
     pids: list[int] = field(default_factory=list)
+    announced: bool = True       # its death goes to the frontend (not the frontend's own)
 
 
 class Supervisor:
@@ -56,8 +74,9 @@ class Supervisor:
              for i in range(cfg.compositor.pool_size)]
             + [Role(f"gpu_worker {i}", run_gpu_worker_process, (cfg, i, provider))
                for i in range(cfg.gpus.count)]
-            + [Role("frontend", run_frontend_process, (cfg,))])
+            + [Role("frontend", run_frontend_process, (cfg,), announced=False)])
         self._stopping = False
+        self._frontend: zmq.Socket[bytes] | None = None  # where deaths are announced
 
     def _start(self, role: Role) -> None:
         parent_conn, child_conn = self.ctx.Pipe(duplex=False)
@@ -75,6 +94,8 @@ class Supervisor:
             signal.signal(sig, lambda *_: self._request_stop())
         signal.signal(signal.SIGHUP, lambda *_: self._forward_reload())
         prepare_runtime(self.cfg)  # before any role is spawned: they inherit its settings
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._frontend = make_socket(ctx, zmq.PUSH, connect=[Addresses.of(self.cfg).frontend_inbox])
         try:
             for role in self.roles:
                 self._start(role)
@@ -85,6 +106,8 @@ class Supervisor:
             return 0
         finally:
             self._stop_all()
+            self._frontend.close(0)
+            ctx.term()
 
     def _request_stop(self) -> None:
         self._stopping = True
@@ -116,26 +139,50 @@ class Supervisor:
         return not self._stopping
 
     def _watch(self) -> None:
+        """Each death as it happens: announced, its segments swept, its restart due after
+        its backoff; the other roles stay watched meanwhile."""
+        restarts: dict[str, tuple[float, Role]] = {}  # name -> (when, role)
         while not self._stopping:
-            sentinels = {r.process.sentinel: r for r in self.roles}
-            for sentinel in wait(list(sentinels), timeout=0.2):
-                role = sentinels[sentinel]
+            now = time.monotonic()
+            for name, (when, role) in list(restarts.items()):
+                if when <= now:
+                    del restarts[name]
+                    role.process.join()  # reaped (torn down by now, or shortly)
+                    self._start(role)
+            watched = {r.process.sentinel: r for r in self.roles if r.name not in restarts}
+            timeout = min([WATCH_S, *(max(0.0, when - now) for when, _ in restarts.values())])
+            ready = {watched[s].name for s in wait(list(watched), timeout=timeout)}
+            for role in watched.values():
                 if self._stopping:
                     break
-                role.process.join()
-                log.error("%s (pid %d) died with exit code %s", role.name, role.process.pid,
-                          role.process.exitcode)
-                sweep_stale_segments(self.cfg.runtime.instance, pids={role.process.pid})
-                if time.monotonic() - role.started_at > STABLE_AFTER_S:
-                    role.restarts = 0
-                delay = min(0.5 * 2 ** min(role.restarts, 16), self.cfg.runtime.restart_backoff_max_s)
-                role.restarts += 1
-                log.info("restarting %s in %.1f s", role.name, delay)
-                end = time.monotonic() + delay
-                while time.monotonic() < end and not self._stopping:
-                    time.sleep(0.05)
-                if not self._stopping:
-                    self._start(role)
+                code = exit_status(role.process.pid)
+                if code is None and role.name in ready:  # its descriptors closed: exiting
+                    role.process.join()
+                    code = role.process.exitcode
+                if code is not None:
+                    restarts[role.name] = (time.monotonic() + self._died(role, code), role)
+
+    def _died(self, role: Role, exitcode: int | None) -> float:
+        """Handle `role`'s death (its exit status as multiprocessing gives it); returns
+        the backoff before its restart."""
+        pid, reason = role.process.pid, exit_reason(exitcode)
+        # killed by a signal, it could not say a word; one that exited with a status ran
+        # its own code, which announced any error first (run_role) with its cause: a second
+        # notice here could overtake that one (another connection) and blur the cause
+        killed = exitcode is not None and exitcode < 0
+        if role.announced and killed and self._frontend is not None:
+            try:
+                self._frontend.send(msg.encode(role_down(role.name, pid, reason)), zmq.NOBLOCK)
+            except zmq.ZMQError:  # no frontend to tell (restarting): it learns from silence
+                pass
+        log.error("%s (pid %d) died: %s", role.name, pid, reason)
+        sweep_stale_segments(self.cfg.runtime.instance, pids={pid})
+        if time.monotonic() - role.started_at > STABLE_AFTER_S:
+            role.restarts = 0
+        delay = min(0.5 * 2 ** min(role.restarts, 16), self.cfg.runtime.restart_backoff_max_s)
+        role.restarts += 1
+        log.info("restarting %s in %.1f s", role.name, delay)
+        return delay
 
     def _stop_all(self) -> None:
         """The frontend first (it drains: no new work, in-flight work finishes on the other

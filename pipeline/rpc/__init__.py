@@ -1,1 +1,1 @@
-"""gRPC stubs generated from proto/ (committed; tests/rpc/test_stubs.py fails when they drift)."""
+"""gRPC stubs generated from proto/ (committed; tests/unit/rpc/test_stubs.py fails when they drift)."""

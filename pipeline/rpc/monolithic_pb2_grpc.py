@@ -5,7 +5,7 @@ import warnings
 
 from pipeline.rpc import monolithic_pb2 as monolithic__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class MonolithicServiceStub:
+class MonolithicServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -71,7 +71,7 @@ class MonolithicServiceStub:
                 _registered_method=True)
 
 
-class MonolithicServiceServicer:
+class MonolithicServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def InferBatchComposite(self, request, context):
@@ -167,7 +167,7 @@ def add_MonolithicServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class MonolithicService:
+class MonolithicService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

@@ -45,7 +45,7 @@ class Addresses:
 
     @property
     def ops(self) -> str:
-        """REP, bound by the frontend: JSON stats for operators (`lipsync stats`)."""
+        """ROUTER, bound by the frontend: JSON stats for operators (`lipsync stats`, any REQ)."""
         return self.ops_endpoint or self._ipc("ops")
 
     def role_lock(self, role: str) -> Path:

@@ -19,14 +19,22 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Literal
 
 import setproctitle
+import zmq
 
+from pipeline import messages as msg
 from pipeline.runtime.logs import setup_logging
+from pipeline.runtime.sockets import make_socket
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# A role silent this many heartbeats (runtime.heartbeat_s) is taken for frozen or dead:
+# only the deaths nobody announces wait for this
+LIVENESS_BEATS = 3
+ANNOUNCE_LINGER_MS = 1000  # how long a death notice may take to leave
 
 def die_with_parent() -> None:
     """Ask the kernel for SIGTERM when the parent dies; exit now if it already has."""
@@ -71,6 +79,62 @@ def watchdog_interval_s() -> float | None:
     return int(usec) / 2e6
 
 
+def role_down(role: str, pid: int, reason: str) -> msg.RoleDown:
+    """The one death message of role `role` ("gpu_worker 0", "compositor 1"), whoever
+    sends it: the role that raises (run_role), or the supervisor that saw it exit."""
+    kind, _, index = role.partition(" ")
+    kinds: dict[str, Literal["gpu_worker", "compositor"]] = {
+        "gpu_worker": "gpu_worker", "compositor": "compositor"}
+    if kind not in kinds:
+        raise ValueError(f"no death message for role {role!r}")
+    return msg.RoleDown(role=kinds[kind], index=int(index), pid=pid, reason=reason)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What a RoleDown says of an error: an operator's matter in its own words, a bug by
+    its type too."""
+    return str(exc) if isinstance(exc, RoleError) else f"{type(exc).__name__}: {exc}"
+
+
+def exit_reason(exitcode: int | None) -> str:
+    """What a RoleDown says of a process that exited (multiprocessing's exitcode)."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def exit_status(pid: int) -> int | None:
+    """The exit status of a child that has exited but is not reaped yet, as
+    multiprocessing's exitcode (negative: the signal that killed it), read from /proc;
+    None while it runs (or where /proc cannot tell). A killed process is a zombie with its
+    status set within milliseconds, long before the kernel has freed its memory."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] not in ("Z", "X"):
+            return None
+        code = int(fields[-1])  # exit_code, in waitpid's format (Linux >= 3.5)
+    except (OSError, IndexError, ValueError):
+        return None
+    return -(code & 0x7F) if code & 0x7F else (code >> 8) & 0xFF
+
+
+def announce_death(endpoint: str, down: msg.RoleDown) -> None:
+    """Send `down` to `endpoint` (the frontend's inbox) on a socket of its own, waiting at
+    most ANNOUNCE_LINGER_MS for it to leave."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = make_socket(ctx, zmq.PUSH, connect=[endpoint])
+    try:
+        sock.send(msg.encode(down), zmq.NOBLOCK)
+    except zmq.ZMQError as exc:
+        log.error("could not announce this %s's death: %s", down.role, exc)
+    finally:
+        sock.close(ANNOUNCE_LINGER_MS)
+        ctx.term()
+
+
 class Readiness:
     """Tells whoever started this role that it is ready (or why it failed).
 
@@ -78,11 +142,19 @@ class Readiness:
     started us as a Type=notify service ($NOTIFY_SOCKET), systemd is told, and when
     WatchdogSec= is set a daemon thread pings WATCHDOG=1 every WATCHDOG_USEC/2 from the
     start (start-up, which may load models for minutes, included) until the process ends.
+
+    Its death too: `down(exc)` sends the role's RoleDown to `announce_to` (the frontend's
+    inbox), once, as early as the role knows it is going to exit, if it was ever ready (one
+    that failed to start is the supervisor's or systemd's to report, and may not even hold
+    its role: another process of the instance does, which the frontend knows).
     """
 
-    def __init__(self, conn: Connection | None, role: str = "") -> None:
+    def __init__(self, conn: Connection | None, role: str = "",
+                 announce_to: str | None = None) -> None:
         self._conn = conn
         self._role = role or "role"
+        self._announce_to = announce_to
+        self._served = False
         self._systemd = conn is None and bool(os.environ.get("NOTIFY_SOCKET"))
         interval = watchdog_interval_s() if self._systemd else None
         if interval is not None:
@@ -90,12 +162,20 @@ class Readiness:
                              daemon=True).start()
 
     def ready(self) -> None:
+        self._served = True
         self._send(("ready", os.getpid()))
         self._notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._role} serving")
 
     def failed(self, reason: str) -> None:
         self._send(("failed", reason))
         self._notify(f"STATUS=failed: {reason}")
+
+    def down(self, exc: BaseException) -> None:
+        """Announce that this role exits because of `exc` (the first call only)."""
+        if self._announce_to is not None and self._served:
+            announce_death(self._announce_to, role_down(self._role, os.getpid(),
+                                                        failure_reason(exc)))
+            self._announce_to = None
 
     def stopping(self) -> None:
         """Tell systemd that the stop it asked for is under way (no-op under a supervisor)."""
@@ -186,7 +266,7 @@ def release_free_heap() -> None:
 
 def run_role(role: str, ready_conn: Connection | None,
              body: Callable[[Readiness, threading.Event], None],
-             lock: Path | None = None) -> None:
+             lock: Path | None = None, announce_to: str | None = None) -> None:
     """Run a role's body under the common prologue; never returns normally with an error.
 
     `body(readiness, stop)` must call readiness.ready() once it serves, and return soon
@@ -194,7 +274,9 @@ def run_role(role: str, ready_conn: Connection | None,
     ignored: the supervisor orchestrates shutdown. A role run on its own (`ready_conn`
     None: `lipsync role`, a systemd unit) has no parent to die with — under systemd its
     parent is pid 1, which die_with_parent would take for "orphaned" — and stops on
-    SIGINT as on SIGTERM.
+    SIGINT as on SIGTERM. A body that raises is announced (`role_down`) to `announce_to`,
+    the frontend's inbox, before the process exits (a body may do it sooner, before its
+    own clean-up: `readiness.down(exc)`).
     """
     standalone = ready_conn is None
     if not standalone:
@@ -203,7 +285,7 @@ def run_role(role: str, ready_conn: Connection | None,
     setup_logging(role)
     keep_freed_memory()
     stop = threading.Event()
-    readiness = Readiness(ready_conn, role)
+    readiness = Readiness(ready_conn, role, announce_to)
 
     def on_stop_signal(*_: object) -> None:
         if not stop.is_set():
@@ -218,14 +300,13 @@ def run_role(role: str, ready_conn: Connection | None,
         if lock is not None:
             hold_role_lock(lock)
         body(readiness, stop)
-    except RoleError as exc:
-        log.error("%s", exc)
-        readiness.failed(f"{role}: {exc}")
-        logging.shutdown()
-        os._exit(1)
     except Exception as exc:
-        log.exception("%s failed", role)
-        readiness.failed(f"{role}: {type(exc).__name__}: {exc}")
+        if isinstance(exc, RoleError):
+            log.error("%s", exc)
+        else:
+            log.exception("%s failed", role)
+        readiness.failed(f"{role}: {failure_reason(exc)}")
+        readiness.down(exc)
         logging.shutdown()
         os._exit(1)
     logging.shutdown()

@@ -134,17 +134,38 @@ class SharedSegment:
                 pass
 
 
+class SegmentGone(FileNotFoundError):
+    """A segment that no longer exists: its creator unlinked it, or died and was swept.
+    `first`: this cache had not met its absence before (say so once, not per use)."""
+
+    def __init__(self, name: str, first: bool) -> None:
+        super().__init__(f"shared-memory segment {name} is gone (its creator released it "
+                         "or exited)")
+        self.name, self.first = name, first
+
+
 class SegmentCache:
     """Reader side: attach segments by name on first use and keep them mapped."""
 
+    MAX_GONE = 1024  # names remembered as gone (each names a dead creator's pid: few)
+
     def __init__(self) -> None:
         self._segments: dict[str, SharedSegment] = {}
+        self._gone: set[str] = set()
 
     def get(self, name: str) -> SharedSegment:
+        """The segment, attached on first use; SegmentGone when it no longer exists."""
         segment = self._segments.get(name)
         if segment is None:
             self._forget_replaced(name)
-            segment = self._segments[name] = SharedSegment.attach(name)
+            try:
+                segment = self._segments[name] = SharedSegment.attach(name)
+            except FileNotFoundError:
+                first = name not in self._gone
+                if len(self._gone) >= self.MAX_GONE:
+                    self._gone.clear()
+                self._gone.add(name)
+                raise SegmentGone(name, first) from None
         return segment
 
     def _forget_replaced(self, name: str) -> None:

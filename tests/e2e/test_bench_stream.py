@@ -13,13 +13,13 @@ from tests.conftest import write_config
 
 
 def bench_args(config, server: ServerProcess, **overrides: object) -> argparse.Namespace:
-    """What `lipsync bench --stream` parses, with its defaults."""
-    return argparse.Namespace(**{
-        "config": config, "address": f"127.0.0.1:{server.ws_port}", "model": "demo",
-        "sessions": 1, "seconds": 3.0, "chunk_ms": 40.0, "json": True, "live": False,
-        "speaking": 0.5, "interrupts": 0, "sweep": None, "plot": "stream-sweep.svg",
-        "pauses_as_silence": False,
-        **overrides})
+    """What `lipsync bench --stream` parses (the CLI's own parser: its defaults), with
+    `overrides`."""
+    from pipeline.cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", "--stream", "--config", str(config), "--address",
+                                      f"127.0.0.1:{server.ws_port}", "--seconds", "3", "--json"])
+    return argparse.Namespace(**{**vars(args), **overrides})
 
 
 def test_one_real_session_of_3_s(tmp_path, small_models_root, capsys):

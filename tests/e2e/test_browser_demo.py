@@ -234,7 +234,9 @@ def test_demo_draws_live_frames_in_sync_with_the_microphone(server, browser, tmp
 
 def test_demo_plays_a_wav_file_in_sync_and_interrupts(server, browser) -> None:
     """A WAV file chosen in the page is streamed and played in sync (A/V offset within 40 ms);
-    Interrupt is answered once, and the audio that follows anchors a new segment, in sync too."""
+    Interrupt is answered once and stops the file: for the next 2 s only silence is sent
+    (the speech used to resume a second later) while idle frames go on; the file chosen
+    again anchors a new segment, in sync too."""
     devtools_url, wav = browser
     url = f"http://127.0.0.1:{server.ws_port}/demo"
 
@@ -251,20 +253,32 @@ def test_demo_plays_a_wav_file_in_sync_and_interrupts(server, browser) -> None:
             before = await devtools.stats_when(session, lambda s: s.get("avOffsetCount", 0) >= 25,
                                                timeout_s=15)
             await devtools.evaluate(session, "document.getElementById('interrupt').click()")
-            measured = before["avOffsetCount"]
+            interrupted = await devtools.stats_when(session, lambda s: s.get("interrupts") == 1,
+                                                    timeout_s=5)
+            await asyncio.sleep(0.3)  # chunks already in the capture's hands
+            quiet_from = dict(await devtools.evaluate(session, "window.demoStats"))
+            await asyncio.sleep(2.0)
+            quiet_to = dict(await devtools.evaluate(session, "window.demoStats"))
+            await devtools.call("DOM.setFileInputFiles", session, files=[str(wav)],
+                                nodeId=node["nodeId"])
+            measured, anchored = quiet_to["avOffsetCount"], quiet_to["anchors"]
             after = await devtools.stats_when(
-                session, lambda s: s.get("anchors", 0) >= 2 and s["avOffsetCount"] >= measured + 25,
-                timeout_s=15)
+                session, lambda s: s.get("anchors", 0) > anchored
+                and s["avOffsetCount"] >= measured + 25, timeout_s=15)
             await devtools.call("Target.closeTarget", targetId=target)
-            return before, after, devtools.events
+            return before, (interrupted, quiet_from, quiet_to), after, devtools.events
 
-    before, after, console = asyncio.run(run())
+    before, (interrupted, quiet_from, quiet_to), after, console = asyncio.run(run())
     print("demoStats before the interrupt:", json.dumps(before))
     print("demoStats after:", json.dumps(after))
-    context = f"{before}\n{after}\nconsole: {console}"
+    context = f"{before}\n{quiet_from}\n{quiet_to}\n{after}\nconsole: {console}"
     assert before.get("errors") == 0 and before["anchors"] == 1 and in_sync(before), context
-    assert after["errors"] == 0 and after["interrupts"] == 1, context
-    assert after["anchors"] == 2 and in_sync(after), context
+    assert interrupted.get("interrupts") == 1, context
+    assert quiet_to["audioVoicedMs"] == quiet_from["audioVoicedMs"], context  # the file stopped
+    assert quiet_to["audioSentMs"] > quiet_from["audioSentMs"] + 1500, context  # silence goes on
+    assert quiet_to["framesDrawn"] > quiet_from["framesDrawn"] + 40, context  # so does the video
+    assert after["errors"] == 0 and after["interrupts"] == 2, context  # a new file: a new segment
+    assert after["anchors"] == quiet_to["anchors"] + 1 and in_sync(after), context
 
 
 def test_demo_shows_why_the_server_refused_the_session(server, start_server, browser) -> None:

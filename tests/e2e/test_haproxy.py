@@ -114,6 +114,30 @@ def test_websocket_through_the_balancer_follows_the_same_box(cluster: LocalClust
     assert placement(cluster)["carla"] == before and len(before) == 1
 
 
+def test_the_balancer_logs_the_path_without_the_token(cluster: LocalCluster) -> None:
+    """A browser's WebSocket carries its token in the URL (?token=): HAProxy's log line of
+    the session names the path, never the query and its token."""
+    assert cluster.balancer is not None
+    secret = "url-token-that-must-not-be-logged"
+
+    async def session() -> None:
+        url = f"ws://{cluster.balancer.ws_address}/audio?model=dev&token={secret}"
+        async with connect(url) as ws:
+            assert json.loads(await ws.recv())["type"] == "ready"
+
+    asyncio.run(session())
+    deadline = time.monotonic() + 10
+    while True:  # HAProxy writes a tunnel's line when it ends
+        lines = [line for line in cluster.balancer.log_path.read_text().splitlines()
+                 if "websocket" in line and "/audio" in line]
+        if lines:
+            break
+        assert time.monotonic() < deadline, cluster.balancer.log_path.read_text()[-2000:]
+        time.sleep(0.1)
+    assert secret not in cluster.balancer.log_path.read_text()
+    assert '"GET /audio HTTP/1.1"' in lines[-1], lines[-1]
+
+
 def test_a_call_without_the_header_is_served_by_the_least_busy_box(cluster: LocalCluster) -> None:
     """A client built from the seed's proto (no x-model-id, no retry policy) is served, via
     the least-connections backend."""

@@ -282,6 +282,35 @@ def test_a_bad_ops_request_gets_an_error_and_the_socket_keeps_serving(server) ->
     assert ops_stats(server.config)["frontend"]["pid"] > 0
 
 
+def test_malformed_zeromq_messages_leave_the_ops_socket_serving(server) -> None:
+    """A real DEALER sends what a REQ never would: a frame without the empty delimiter,
+    several frames, an empty message, a delimiter with nothing after it. Each gets an error
+    reply or nothing; a well-formed DEALER request and `lipsync stats` are answered after."""
+    import zmq
+
+    from pipeline.config import load_config
+    from pipeline.runtime.addresses import Addresses
+
+    endpoint = Addresses.of(load_config(server.config)).ops
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    try:
+        for frames in ([b'{"cmd": "ping"}'], [b"a", b"b", b"c"], [b""], [b"", b""],
+                       [b"", b"x", b"y"], [b"\xff" * 1000]):
+            dealer.send_multipart(frames)
+        time.sleep(0.5)
+        while dealer.poll(0):  # error replies to the malformed ones, if any
+            dealer.recv_multipart()
+        dealer.send_multipart([b"", b'{"cmd": "ping"}'])
+        assert dealer.poll(5000), "the ops socket stopped answering"
+        assert dealer.recv_multipart() == [b"", b'{"pong": true}']
+    finally:
+        dealer.close(0)
+    assert ops_stats(server.config)["frontend"]["pid"] > 0
+
+
 def test_memory_goes_back_after_bursts_of_large_requests(server) -> None:
     """Bursts of 8 concurrent 20 MB requests: once the server is idle, the frontend's
     private memory falls back (freed request buffers are trimmed) and does not grow from
@@ -315,3 +344,31 @@ def test_memory_goes_back_after_bursts_of_large_requests(server) -> None:
     assert idle[-1] < baseline + (max(peaks) - baseline) / 2, (baseline, peaks, idle)
     # levelling off (grpcio keeps some buffers of its own): the last burst adds little
     assert idle[-1] < idle[-2] + 64, (baseline, peaks, idle)
+
+
+def test_memory_goes_back_after_bursts_of_refused_requests(server) -> None:
+    """Bursts of 8 concurrent 20 MB messages that are refused once received (over the
+    64 KiB limit of LoadModel: INVALID_ARGUMENT): once the server is quiet the frontend's
+    private memory falls back, as after admitted requests; it used to keep it all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    message = b"\x0a\x04demo" + b"\x1a\x86\x80\x80\x0a" + bytes(20 * 2**20 + 6)  # field 3
+
+    def private_mb() -> float:
+        return ops_stats(server.config)["frontend"]["private_bytes"] / 2**20
+
+    def send(_: int) -> grpc.StatusCode:
+        with channel(server.address) as ch:
+            return raw_call(ch, "/monolithic.MonolithicService/LoadModel", message)
+
+    baseline, peaks, idle = private_mb(), [], []
+    for _ in range(3):
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(send, range(8))) == {grpc.StatusCode.INVALID_ARGUMENT}
+        peaks.append(private_mb())
+        time.sleep(3.5)  # quiet: the frontend trims 2 s after the last call ended
+        idle.append(private_mb())
+    print(f"REFUSED BURSTS private MB: baseline {baseline:.0f}, peaks {[round(p) for p in peaks]}, "
+          f"after idle {[round(i) for i in idle]}")
+    assert max(peaks) > baseline + 100  # the bursts did take memory
+    assert idle[-1] < baseline + (max(peaks) - baseline) / 2, (baseline, peaks, idle)

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from pipeline.bench.local_cluster import find_haproxy
-from pipeline.cli.lb_config import Box, SpecError, haproxy_config, parse_box, parse_boxes
+from pipeline.cli.lb_config import (
+    Box,
+    SpecError,
+    haproxy_config,
+    parse_box,
+    parse_boxes,
+    parse_listen,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 THREE_BOXES = ["10.0.0.11:50053:8080:9464", "10.0.0.12:50053:8080:9464",
@@ -46,6 +53,11 @@ def directives(text: str) -> list[str]:
     ("box:50053:50053:9464", "ports must differ"),
     ("[::1:50053:8080:9464", "needs its closing ']'"),
     ("[box]:50053:8080:9464", "is not an IPv6 address"),
+    ("box#1:50053:8080:9464", "'box#1' is not a host name or address"),
+    ("box\n    stats enable:50053:8080:9464", "is not a host name or address"),
+    ("bad host:50053:8080:9464", "is not a host name or address"),
+    ("box:５００５３:8080:9464", "GRPC_PORT must be a port number"),
+    ("box:²:8080:9464", "GRPC_PORT must be a port number"),
 ])
 def test_a_bad_box_spec_is_refused_saying_why(spec: str, message: str) -> None:
     """Each malformed --box names itself and what is wrong with it."""
@@ -94,6 +106,39 @@ def test_the_config_hashes_the_model_and_falls_back_to_least_connections() -> No
         ["box1", "10.0.0.11:50053"], ["box2", "10.0.0.12:50053"], ["box3", "10.0.0.13:50053"]]
     assert all(f" id {s.split()[1][3:]} " in s for s in servers)  # same ids everywhere
     assert sum("track grpc_by_model/" in s for s in servers) == 9
+
+
+@pytest.mark.parametrize("spec", [
+    "8080\n    stats enable", "127.0.0.1:8080\n    option httpclose", "host\nx:8080",
+    "ho#st:8080", "*#:8080", "８０８０", "8080 ", " 8080", "[::1]:80\n", ":8080",
+])
+def test_a_bad_listen_address_is_refused(spec: str) -> None:
+    """--listen-grpc, --listen-ws and --stats-port take [HOST:]PORT only: a newline, a `#`,
+    spaces or other digits never reach the config."""
+    with pytest.raises(SpecError):
+        parse_listen(spec, "*", "--listen-ws")
+
+
+def test_an_injected_directive_never_reaches_the_output() -> None:
+    """The command refuses a newline in --listen-ws / --stats-port, a `#` in a box host and
+    a timeout that is not a number of seconds, printing nothing to stdout, exit 2, one line
+    on stderr."""
+    for args in (["--listen-ws", "8080\n    stats enable"],
+                 ["--listen-ws", "8080", "--stats-port", "8404\n    stats auth a:b"],
+                 ["--listen-ws", "8080", "--box", "10.0.0.1#:1:2:3"],
+                 ["--listen-ws", "8080", "--request-timeout-s", "nan"],
+                 ["--listen-ws", "8080", "--request-timeout-s", "inf"]):
+        out = lb_config("--listen-grpc", "50053", *args, "--box", THREE_BOXES[0])
+        assert out.returncode == 2 and out.stdout == "", out.stdout
+        assert out.stderr.count("\n") == 1, out.stderr
+
+
+def test_listen_addresses_that_are_good_parse() -> None:
+    """PORT, HOST:PORT, *:PORT, [v6]:PORT and host names parse."""
+    assert parse_listen("8080", "*", "--listen-ws") == ("*", 8080)
+    assert parse_listen("*:8080", "127.0.0.1", "--listen-ws") == ("*", 8080)
+    assert parse_listen("[::]:8080", "*", "--listen-ws") == ("[::]", 8080)
+    assert parse_listen("lb-1.example.org:443", "*", "--listen-ws") == ("lb-1.example.org", 443)
 
 
 def test_haproxy_accepts_the_generated_config(tmp_path: Path) -> None:

@@ -47,8 +47,9 @@ def grpcurl(server: ServerProcess, *args: str) -> dict:
     return json.loads(out.stdout)
 
 
-def test_the_api_references_grpcurl_lines_work_verbatim(server) -> None:
-    """Health, ListModels and LoadModel exactly as spec/monolithic-api.md writes them."""
+def test_the_readmes_grpcurl_lines_work_verbatim(server) -> None:
+    """Health, ListModels, LoadModel, UnloadModel and GetModelStats with grpcurl and server
+    reflection, as the README writes them (no proto file)."""
     host = f"localhost:{server.grpc_port}"
     health = grpcurl(server, host, "monolithic.MonolithicService/Health")
     assert health["healthy"] is True and health["max_models"] == 40

@@ -359,3 +359,21 @@ def test_cli_unreadable_video_in_subprocess(tmp_path: Path, rects: Path) -> None
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"lipsync prepare-avatar: cannot open video {fake}: "
                                         "not a format OpenCV can read"]
+
+
+@pytest.mark.parametrize(("umask", "dirs", "files"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)],
+                         ids=["umask-022", "umask-027"])
+def test_output_is_readable_as_the_umask_allows(tmp_path: Path, video: Path, rects: Path,
+                                                umask: int, dirs: int, files: int) -> None:
+    """frames/, its JPEGs and crop_rects.json get the modes the umask gives (root prepares,
+    the service user serves), not a temporary file's 0700 / 0600."""
+    out = tmp_path / "avatar"
+    old = os.umask(umask)
+    try:
+        prepare_avatar(video, rects, out, progress=False)
+        prepare_avatar(video, rects, out, progress=False, force=True)  # the replacing path too
+    finally:
+        os.umask(old)
+    assert (out / "frames").stat().st_mode & 0o777 == dirs
+    assert (out / "crop_rects.json").stat().st_mode & 0o777 == files
+    assert {p.stat().st_mode & 0o777 for p in (out / "frames").iterdir()} == {files}

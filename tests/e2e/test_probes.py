@@ -70,3 +70,62 @@ def test_readiness_follows_start_serving_and_sigterm(tmp_path: Path, models_root
         assert probe(port, "/healthz")[0] == 0  # the process is gone, and its port with it
     finally:
         srv.stop()
+
+
+def test_a_failed_preload_is_not_ready_until_the_model_loads(tmp_path: Path,
+                                                            small_models_root: Path) -> None:
+    """A preloaded model that fails to load (a corrupt UNet) makes /readyz 503 naming it and
+    gRPC health NOT_SERVING, as ListModels shows it FAILED; the reason is logged. Once the
+    file is fixed and LoadModel loads it, /readyz is 200 and health SERVING again."""
+    import shutil
+    import subprocess
+    import sys
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from pipeline.rpc import monolithic_pb2 as pb
+
+    root = tmp_path / "models"
+    shutil.copytree(small_models_root, root)
+    (root / "broken").mkdir()
+    unet = root / "broken" / "unet.onnx"
+    unet.write_bytes(b"not an ONNX graph")
+    port, grpc_port = free_port(), free_port()
+    config = write_config(tmp_path / "config.yaml", root, **{
+        "ops.metrics_port": port, "models.broken": {
+            "model_path": "broken/unet.onnx", "background_dir": "demo/frames",
+            "crop_rects_path": "demo/crop_rects.json", "num_frames": 32, "preload_model": True}})
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "serve", "--config", str(config),
+             "--grpc-port", str(grpc_port), "--ws-port", str(free_port())],
+            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while probe(port, "/readyz")[1] in ("not ready: starting\n",) or probe(port, "/readyz")[0] == 0:
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        status, body = probe(port, "/readyz")
+        assert status == 503 and "preloaded model 'broken' failed to load" in body, body
+        address = f"127.0.0.1:{grpc_port}"
+        with channel(address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            stub = pb_grpc.MonolithicServiceStub(ch)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status \
+                == health_pb2.HealthCheckResponse.NOT_SERVING
+            states = {m.model_id: m.state for m in stub.ListModels(pb.ListModelsRequest()).models}
+            assert states == {"demo": pb.MODEL_STATE_READY, "broken": pb.MODEL_STATE_FAILED}
+            assert "not ready: preloaded model 'broken' failed to load" in log_path.read_text()
+            shutil.copyfile(root / "demo" / "unet.onnx", unet)
+            loaded = stub.LoadModel(pb.LoadModelRequest(model_id="broken"), timeout=60)
+            assert loaded.success, loaded.error
+            deadline = time.monotonic() + 2
+            while probe(port, "/readyz") != (200, "ready\n"):
+                assert time.monotonic() < deadline, probe(port, "/readyz")
+                time.sleep(0.05)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status \
+                == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0

@@ -129,3 +129,99 @@ def _role_down(sock: zmq.Socket[Any], payload: Any) -> msg.RoleDown:
         if isinstance(message, msg.RoleDown):
             return message
     raise AssertionError("no RoleDown within 10 s")
+
+
+def test_a_killed_gpu_worker_fails_its_requests_within_400_ms(server: ServerProcess,
+                                                               small_models_root: Path) -> None:
+    """gpu_worker 0 is SIGKILLed under load, three times over: it cannot say a word, but the
+    supervisor sees its process exit and tells the frontend at once, so the requests in
+    flight on it fail UNAVAILABLE, naming the kill, within 400 ms (heartbeat silence would
+    take 6 s here; a request whose worker part was done may still complete, with the right
+    frames); the restarted worker serves again each time, and no frame is wrong."""
+    import os
+    import signal
+
+    config: Path = server.config  # type: ignore[attr-defined]
+    kills: list[float] = []
+    with Load(server.address, FrameOracle.of(small_models_root, SMALL_FRAMES),
+              clients=4, batch=8) as load:
+        for _ in range(3):
+            deadline = time.monotonic() + 60
+            while True:  # the worker back, alive and busy
+                worker = ops_stats(config)["gpu_workers"][0]
+                if worker["alive"] and worker["inflight"] >= 1 and (
+                        not kills or any(o.kind == "ok" and o.started > kills[-1] + 0.5
+                                         for o in load.outcomes)):
+                    break
+                assert time.monotonic() < deadline, (worker, load.outcomes[-5:])
+                time.sleep(0.02)
+            kills.append(time.monotonic())
+            os.kill(worker["pid"], signal.SIGKILL)
+            time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while not any(o.kind == "ok" and o.started > kills[-1] + 0.5 for o in load.outcomes):
+            assert time.monotonic() < deadline, load.outcomes[-5:]  # serving again
+            time.sleep(0.2)
+    rounds = []
+    for killed in kills:
+        in_flight = [o for o in load.outcomes if o.started < killed < o.ended]
+        failed = [o for o in in_flight if o.kind != "ok"]
+        assert failed, f"no request failed at the kill: {in_flight}"
+        assert all(o.kind == "UNAVAILABLE" and "killed by SIGKILL" in o.detail
+                   for o in failed), failed
+        rounds.append(max(o.ended - killed for o in failed))
+    print("SIGKILL -> UNAVAILABLE ms, per round:", [round(r * 1000) for r in rounds])
+    assert max(rounds) < 0.4, rounds
+    assert not [o for o in load.problems() if o.kind == "wrong frames"]
+
+
+def test_a_dead_frontends_arena_is_one_line_per_compositor(start_server,
+                                                          small_models_root: Path) -> None:
+    """The frontend is SIGKILLed under load: the jobs the worker still had for its arena
+    fail in the compositors with one line each per arena ('... is gone ...'), not a
+    traceback per frame; the restarted frontend serves."""
+    import collections
+    import os
+    import re
+    import signal
+
+    from pipeline.bench.local_server import wait_healthy
+    from tests.conftest import role_pids
+
+    srv = start_server()
+    try:
+        with Load(srv.address, FrameOracle.of(small_models_root, SMALL_FRAMES),
+                  clients=8, batch=16):
+            time.sleep(2)
+            (frontend,) = role_pids(srv.proc.pid, "frontend")
+            os.kill(frontend, signal.SIGKILL)
+            time.sleep(3)
+        assert wait_healthy(srv.address, 60, lambda: None)
+    finally:
+        srv.stop()
+    log = srv.log_path.read_text()  # type: ignore[union-attr]
+    assert "Traceback" not in log, log[log.index("Traceback") - 300:][:3000]
+    gone = collections.Counter(re.findall(r"\[(compositor \d+)\] .*segment (\S+) is gone", log))
+    assert all(n == 1 for n in gone.values()), gone
+
+
+def test_an_exit_is_read_before_the_child_is_reaped() -> None:
+    """exit_status: None while a child runs; its exit code, or minus the signal that killed
+    it, as soon as it is a zombie (what the supervisor's watch reads before the sentinel)."""
+    import signal
+
+    from pipeline.runtime.process import exit_status
+
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    exiting = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    try:
+        assert exit_status(running.pid) is None
+        running.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while exit_status(running.pid) is None or exit_status(exiting.pid) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert (exit_status(running.pid), exit_status(exiting.pid)) == (-signal.SIGKILL, 3)
+    finally:
+        running.kill()
+        assert (running.wait(), exiting.wait()) == (-signal.SIGKILL, 3)

@@ -4,6 +4,7 @@ on every WebSocket, tokens re-read on SIGHUP, mutual TLS, idle and per-address l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -69,7 +70,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, small_models_root: Path, pk
         "server.tls": {"cert_file": str(pki["server"]), "key_file": str(pki["server_key"])},
         "server.auth": {"tokens_file": str(tokens)},
         "streaming.idle_timeout_s": 1.5, "streaming.max_sessions_per_address": 2,
-        "compositor.pool_size": 1})
+        "streaming.capacity_fps": 1000, "compositor.pool_size": 1})
     with ServerProcess(config, log_path=tmp / "server.log", tls_ca=pki["ca"]) as srv:
         srv.tokens = tokens  # type: ignore[attr-defined]
         yield srv
@@ -160,6 +161,165 @@ def test_tokens_are_reloaded_on_sighup(server, pki) -> None:
         server.tokens.write_text(f"{TOKEN}\n")
         server.proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
+
+
+def _reload(server, content: str) -> None:
+    """Write the tokens file, SIGHUP the server, and give the frontend a moment to read it."""
+    server.tokens.write_text(content)
+    server.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+
+
+class FedStream:
+    """A StreamAudio call fed 0.2 s of speech every 0.2 s from a thread; counts its frames
+    and keeps the status it ended with."""
+
+    def __init__(self, ch: grpc.Channel) -> None:
+        import threading
+
+        self.frames, self.code, self.details = 0, None, ""
+        self.stop = threading.Event()
+        chunk = (speech_like_audio(0.2) * 32767).astype("<i2").tobytes()
+
+        def requests():
+            yield pb.StreamAudioRequest(config=pb.StreamConfig(model_id="demo"))
+            while not self.stop.wait(0.2):
+                yield pb.StreamAudioRequest(audio=chunk)
+
+        self.call = pb_grpc.MonolithicServiceStub(ch).StreamAudio(requests(), timeout=60)
+        self.reader = threading.Thread(target=self._read)
+        self.reader.start()
+
+    def _read(self) -> None:
+        try:
+            for response in self.call:
+                self.frames += response.WhichOneof("message") == "frame"
+        except grpc.RpcError as exc:
+            self.code, self.details = exc.code(), exc.details()
+
+    def wait_frames(self, more_than: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while self.frames <= more_than:
+            assert time.monotonic() < deadline and self.code is None, (self.code, self.details)
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.call.cancel()
+        self.reader.join(10)
+
+
+def test_revoking_a_token_ends_the_sessions_opened_with_it(server, pki) -> None:
+    """Two StreamAudio sessions, each with its own token: a reload without the first token
+    ends its session at once with UNAUTHENTICATED (a call in flight, not just new ones); the
+    other session keeps streaming frames."""
+    _reload(server, f"{TOKEN}\n{NEW_TOKEN}\n")
+    try:
+        with tls_channel(server, pki, token=TOKEN) as old, \
+                tls_channel(server, pki, token=NEW_TOKEN) as new:
+            revoked, kept = FedStream(old), FedStream(new)
+            try:
+                revoked.wait_frames(0)
+                kept.wait_frames(0)
+                server.tokens.write_text(f"{NEW_TOKEN}\n")
+                sighup = time.monotonic()
+                server.proc.send_signal(signal.SIGHUP)
+                revoked.reader.join(10)
+                ended_after = time.monotonic() - sighup
+                assert revoked.code == grpc.StatusCode.UNAUTHENTICATED, revoked.details
+                assert "revoked" in revoked.details and ended_after < 2.0
+                frames = kept.frames
+                kept.wait_frames(frames + 5)  # the other session goes on
+            finally:
+                revoked.close()
+                kept.close()
+    finally:
+        _reload(server, f"{TOKEN}\n")
+
+
+def test_revoking_a_token_ends_its_websocket_sessions_too(server, pki) -> None:
+    """A live WebSocket session admitted with a token is closed 1008 "token revoked" within
+    2 s of a reload that drops the token; one admitted with another token goes on."""
+    context = ssl.create_default_context(cafile=str(pki["ca"]))
+    base = f"wss://127.0.0.1:{server.ws_port}/audio?mode=live&token="
+    _reload(server, f"{TOKEN}\n{NEW_TOKEN}\n")
+
+    async def run() -> tuple[int | None, str | None, float, int]:
+        async with connect(base + TOKEN, ssl=context) as old, \
+                connect(base + NEW_TOKEN, ssl=context) as new:
+            for ws in (old, new):
+                assert json.loads(await ws.recv())["type"] == "ready"
+
+            async def keep_alive() -> None:  # idle_timeout_s is 1.5 s here
+                while True:
+                    for ws in (old, new):
+                        with contextlib.suppress(ConnectionClosed):
+                            await ws.send(json.dumps({"type": "ping"}))
+                    await asyncio.sleep(0.3)
+
+            pinger = asyncio.create_task(keep_alive())
+            server.tokens.write_text(f"{NEW_TOKEN}\n")
+            sighup = time.monotonic()
+            server.proc.send_signal(signal.SIGHUP)
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(old.recv(), 5)
+            ended_after = time.monotonic() - sighup
+            frames = 0
+            while frames < 10:  # the other session's video goes on
+                frames += isinstance(await asyncio.wait_for(new.recv(), 5), bytes)
+            pinger.cancel()
+            return old.close_code, old.close_reason, ended_after, frames
+
+    try:
+        code, reason, ended_after, frames = asyncio.run(run())
+    finally:
+        _reload(server, f"{TOKEN}\n")
+    assert (code, reason) == (1008, "token revoked") and ended_after < 2.0, (code, reason)
+    assert frames == 10
+
+
+def test_an_empty_tokens_file_keeps_the_tokens(server, pki) -> None:
+    """A reload of an empty tokens file (caught mid-write) keeps the tokens valid, and the
+    log says why."""
+    try:
+        _reload(server, "")
+        with tls_channel(server, pki, token=TOKEN) as ch:
+            assert infer(ch).success
+        assert "holds no token (caught mid-write?)" in server.log_path.read_text()
+    finally:
+        _reload(server, f"{TOKEN}\n")
+
+
+def test_unauthenticated_calls_are_refused_before_their_message_is_read(server, pki) -> None:
+    """Bursts of unauthenticated 95 MiB calls are refused UNAUTHENTICATED from the metadata
+    alone: the frontend's private memory stays within 150 MB of where it was (it grew by
+    gigabytes when each message was received and parsed first)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import ops_stats
+
+    size = 95 * 2**20
+    message = b"\x12" + bytes([0x80 | (size & 0x7F), 0x80 | (size >> 7 & 0x7F),
+                               0x80 | (size >> 14 & 0x7F), size >> 21]) + bytes(size)
+
+    def private_mb() -> float:
+        return ops_stats(server.config)["frontend"]["private_bytes"] / 2**20
+
+    def send(_: int) -> grpc.StatusCode:
+        with tls_channel(server, pki) as ch:
+            call = ch.unary_unary("/monolithic.MonolithicService/InferBatchComposite",
+                                  request_serializer=None, response_deserializer=None)
+            return code_of(lambda: call(message, timeout=60))
+
+    baseline, after = private_mb(), []
+    for _ in range(2):
+        with ThreadPoolExecutor(4) as pool:
+            assert set(pool.map(send, range(4))) == {grpc.StatusCode.UNAUTHENTICATED}
+        after.append(private_mb())
+    print(f"UNAUTHENTICATED 4 x 95 MiB bursts, frontend private MB: baseline {baseline:.0f}, "
+          f"after each {[round(a) for a in after]}")
+    assert max(after) < baseline + 150, (baseline, after)
 
 
 def test_render_takes_token_and_tls_ca(server, pki, tmp_path: Path) -> None:

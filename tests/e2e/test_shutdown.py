@@ -136,3 +136,22 @@ def test_sigterm_during_streams_and_renders_ends_each_cleanly(tmp_path: Path,
     assert [p.name for p in tmp_path.iterdir() if ".part" in p.name] == []
     assert "killing it" not in log
     assert "Traceback" not in log, log[log.index("Traceback") - 2000:][:4000]
+
+
+def test_a_clean_stop_logs_no_warning(tmp_path: Path, small_models_root: Path) -> None:
+    """SIGTERM after some work: the roles stop in order and nothing is logged at WARNING or
+    above (a compositor that stops with the rest is not a loss; that race is rare, and
+    tests/unit/gpu_worker/test_credits.py pins its rule)."""
+    from tests.e2e.load import Load
+    from tests.helpers import FrameOracle
+
+    config = write_config(tmp_path / "config.yaml", small_models_root)
+    log_path = tmp_path / "server.log"
+    with ServerProcess(config, log_path=log_path) as srv:
+        with Load(srv.address, FrameOracle.of(small_models_root, 32), clients=2, batch=4) as load:
+            time.sleep(1.0)
+        assert load.outcomes and not load.problems()
+        assert srv.stop() == 0
+    loud = [line for line in log_path.read_text().splitlines()
+            if " WARNING " in line or " ERROR " in line or " CRITICAL " in line]
+    assert loud == [], loud

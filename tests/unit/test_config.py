@@ -73,6 +73,22 @@ def test_repo_config_loads() -> None:
     assert cfg.jpeg_quality == 75
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b"server: [\n", r"is not valid YAML: expected the node content, but found '<stream end>' "
+                     r"at line 2, column 1$"),
+    (b"\x7fELF\x02\x01\xd0\xd0", r"is not UTF-8 text \(byte 6\)$"),
+    (b"#" * (2**20 + 1), r"is larger than 1 MiB$"),
+])
+def test_a_config_that_is_not_yaml_text_is_one_line(tmp_path: Path, content: bytes,
+                                                   message: str) -> None:
+    """Broken YAML, a binary file and an endless one each give a one-line ConfigError."""
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path)
+    assert "\n" not in str(err.value)
+
+
 def test_missing_file_is_config_error(tmp_path: Path) -> None:
     """A config path that does not exist gives ConfigError naming the path."""
     missing = tmp_path / "nope.yaml"
@@ -192,6 +208,16 @@ def test_relative_paths_join_once(tmp_path: Path) -> None:
     assert demo.source_video == root / "demo" / "video.mp4"
     assert cfg.runtime.dir == tmp_path / "conf" / "run"
     assert "models/models" not in str(demo.model_path)
+
+
+def test_a_config_without_runtime_dir_gets_the_documented_default(tmp_path: Path) -> None:
+    """runtime.dir left out is `run` beside the config file, as the README's table and the
+    shipped config.yaml say (the code's default was /tmp/lipsync)."""
+    path = tmp_path / "conf" / "config.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({"runtime": {"instance": "x"}}))
+    assert load_config(path).runtime.dir == tmp_path / "conf" / "run"
+    assert parse_config({}, base_dir=tmp_path).runtime.dir == tmp_path / "run"
 
 
 def test_absolute_paths_stay(tmp_path: Path) -> None:

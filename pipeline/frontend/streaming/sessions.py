@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.frontend.capacity import Admission
+from pipeline.frontend.security import TokenStore
 from pipeline.frontend.streaming.audio import AudioFormat
 from pipeline.frontend.streaming.events import EventSink, Session
 from pipeline.frontend.streaming.live import IdleFrames, LiveSession
@@ -69,11 +70,13 @@ class RateLimit:
 
 
 class Sessions:
-    def __init__(self, cfg: Config, router: FrameSource, admission: Admission, idle: IdleFrames) -> None:
+    def __init__(self, cfg: Config, router: FrameSource, admission: Admission, idle: IdleFrames,
+                 tokens: TokenStore) -> None:
         self.cfg = cfg
         self.router = router
         self.admission = admission
         self.idle = idle
+        self.tokens = tokens
         self.settings = cfg.streaming
         self.open_sessions: set[OpenSession] = set()
         self._ending: set[asyncio.Task[None]] = set()
@@ -86,9 +89,11 @@ class Sessions:
     @asynccontextmanager
     async def open(self, spec: SessionSpec, sink: EventSink,
                    end: EndConnection) -> AsyncIterator[Session]:
-        """The session, admitted and started; closed and its ticket released on leaving.
-        Raises capacity.Refused (not admitted) or StreamError (bad request, failed start)."""
-        with self.admission.admit(spec.address, spec.live) as ticket:
+        """The session, admitted and started; closed and its ticket released on leaving; ended
+        (1008) when a reload of the tokens revokes the one it was admitted with. Raises
+        capacity.Refused (not admitted) or StreamError (bad request, failed start)."""
+        with self.admission.admit(spec.address, spec.live) as ticket, \
+                self.tokens.watch(spec.token, lambda: self._end(end, "token revoked")):
             session: Session
             if spec.live:
                 session = LiveSession(self.cfg, self.router, self.idle, ticket, spec.client_id,
@@ -111,14 +116,11 @@ class Sessions:
                 log.info("client %s disconnected (%s, %d frames)", session.client_id,
                          spec.transport, session.frames_sent)
 
-    def end_with_token(self, token: str, reason: str) -> int:
-        """End every session admitted with `token` (revoked); how many."""
-        ending = [s for s in self.open_sessions if s.spec.token == token]
-        for entry in ending:
-            task = asyncio.get_running_loop().create_task(entry.end(1008, reason))
-            self._ending.add(task)
-            task.add_done_callback(self._ending.discard)
-        return len(ending)
+    def _end(self, end: EndConnection, reason: str) -> None:
+        """End a session from outside its own task (a token revoked by a reload)."""
+        task = asyncio.get_running_loop().create_task(end(1008, reason))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     def count(self, transport: str | None = None) -> int:
         return sum(transport is None or s.spec.transport == transport for s in self.open_sessions)

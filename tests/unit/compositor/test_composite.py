@@ -141,7 +141,7 @@ def test_jpeg_round_trip() -> None:
 
 
 def _go_resize_loop(image: np.ndarray, w: int, h: int) -> np.ndarray:
-    """reference-pipeline.md §3 step 4 transliterated pixel by pixel (float32 math, truncation)."""
+    """The Go server's bilinear resize, transliterated pixel by pixel (float32 math, truncation)."""
     src_h, src_w = image.shape[:2]
     out = np.zeros((h, w, image.shape[2]), np.uint8)
     scale_x, scale_y = np.float32(src_w) / np.float32(w), np.float32(src_h) / np.float32(h)

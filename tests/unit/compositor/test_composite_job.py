@@ -48,3 +48,26 @@ def test_a_job_that_cannot_be_composited_fails_alone() -> None:
     failed = msg.frontend_decoder.decode(only)
     assert isinstance(failed, msg.FrameFailed) and (failed.request_id, failed.frame_index) == (5, 2)
     assert failed.error.startswith("failed to composite frame 2: no segment")
+
+
+def test_a_gone_segment_is_said_once_without_a_traceback(caplog) -> None:
+    """Frames of a dead frontend's arena: each gives its FrameFailed, and the log gets one
+    line naming the segment (its first job), not a traceback per frame."""
+    import logging
+
+    from pipeline.shm.segment import SegmentGone
+
+    seen: set[str] = set()
+
+    def view(ref: msg.TensorRef) -> np.ndarray:
+        first = ref.segment not in seen
+        seen.add(ref.segment)
+        raise SegmentGone(ref.segment, first)
+
+    with caplog.at_level(logging.INFO):
+        replies = [composite_job(_job(), view, 0) for _ in range(5)]
+    assert all(isinstance(msg.frontend_decoder.decode(r[0]), msg.FrameFailed) for r in replies)
+    assert [r.getMessage() for r in caplog.records] == [
+        "shared-memory segment bg is gone (its creator released it or exited): dropping the "
+        "frames that use it"]
+    assert not any(r.exc_info for r in caplog.records)

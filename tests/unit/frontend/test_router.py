@@ -13,9 +13,10 @@ import pytest
 
 from pipeline import messages as msg
 from pipeline.config import Config
-from pipeline.frontend import router as router_module
+from pipeline.frontend import heap as heap_module
 from pipeline.frontend.capacity import FrameBudget
 from pipeline.frontend.errors import Failed, Overloaded, Unavailable
+from pipeline.frontend.heap import HeapTrim
 from pipeline.frontend.inflight import InferResult
 from pipeline.frontend.metrics import Metrics
 from pipeline.frontend.models import ModelRegistry
@@ -53,10 +54,10 @@ class Table:
 class RequestPath:
     """A router over the real registry and runner, the worker tier faked."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, heap: HeapTrim | None = None) -> None:
         self.table, self.metrics = Table(), Metrics()
         table: RequestTable = self.table
-        self.runner = Runner(cfg, table, self.metrics, FrameBudget(cfg))
+        self.runner = Runner(cfg, table, self.metrics, FrameBudget(cfg), heap)
         self.registry = ModelRegistry(cfg, Workers([]), self.runner, Views(cfg.gpus.count),
                                       self.metrics)
         self.router = Router(self.registry, self.runner)
@@ -123,12 +124,11 @@ def test_the_freed_heap_is_trimmed_only_once_the_server_is_idle(
     idle for a moment; a request arriving in that moment puts the trim off until it ends,
     and one finishing beside it does not bring it back."""
     trims: list[float] = []
-    monkeypatch.setattr(router_module, "TRIM_AFTER_IDLE_S", 0.1)
-    monkeypatch.setattr(router_module, "release_free_heap", lambda: trims.append(time.time()))
+    monkeypatch.setattr(heap_module, "release_free_heap", lambda: trims.append(time.time()))
     cfg = config(tmp_path)
 
     async def scenario() -> None:
-        p = RequestPath(cfg)
+        p = RequestPath(cfg, HeapTrim(0.1))
         await p.registry.load("a", None)
         await until(lambda: len(trims) == 1)     # the warm-ups' own
         await p.router.infer(request(), 10)

@@ -18,6 +18,7 @@ from pipeline import messages as msg
 from pipeline.config import Config, parse_config
 from pipeline.frontend import liveness as liveness_module
 from pipeline.frontend.liveness import Liveness
+from pipeline.frontend.models import FAILED, READY, ModelView
 from pipeline.frontend.server import Frontend, State
 from pipeline.frontend.services import INFERENCE, MONOLITHIC, NOT_SERVING, SERVING
 from tests.unit.frontend.fakes import run
@@ -39,6 +40,7 @@ class Parts:
 
     def __init__(self) -> None:
         self.journal: list[str] = []
+        self.models: list[ModelView] = []
 
     def fail_worker(self, index: int, reason: str, restarted: bool) -> None:
         self.journal.append(f"requests of {index} failed: {reason} (restarted={restarted})")
@@ -51,6 +53,9 @@ class Parts:
 
     def reconcile(self, worker: int, held: dict[str, int]) -> None:
         self.journal.append(f"{worker} holds {held}")
+
+    def views(self) -> list[ModelView]:
+        return self.models
 
 
 class Clock:
@@ -72,7 +77,10 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 def config(tmp_path: Path) -> Config:
     return parse_config({"gpus": {"count": 1}, "compositor": {"pool_size": 2},
-                         "runtime": {"heartbeat_s": 0.5}, "models": {}}, base_dir=tmp_path)
+                         "runtime": {"heartbeat_s": 0.5},
+                         "models": {"a": {"model_path": "u.onnx", "background_dir": "f",
+                                          "crop_rects_path": "r.json", "num_frames": 4,
+                                          "preload_model": True}}}, base_dir=tmp_path)
 
 
 def beat(role: str, index: int, pid: int, **fields: object) -> msg.Heartbeat:
@@ -228,3 +236,24 @@ def test_health_is_serving_only_while_running(tmp_path: Path, clock: Clock) -> N
         return reasons
 
     assert run(scenario) == ["starting", None, "draining"]
+
+
+def test_a_failed_preloaded_model_makes_the_box_not_ready_until_it_loads(tmp_path: Path,
+                                                                        clock: Clock) -> None:
+    """Every role alive but the preloaded model FAILED: NOT_SERVING, the reason naming the
+    model and its error; once it is ready (a LoadModel), SERVING again."""
+    parts = Parts()
+
+    async def scenario() -> tuple[str | None, str | None]:
+        f = frontend(config(tmp_path), parts)
+        parts.models = [ModelView("a", state=FAILED, error="bad UNet")]
+        f._apply([])
+        await health_is(f, NOT_SERVING)
+        why = f.not_ready_reason()
+        parts.models = [ModelView("a", state=READY, worker=0)]
+        f._apply([])
+        await health_is(f, SERVING)
+        return why, f.not_ready_reason()
+
+    why, after = run(scenario)
+    assert why == "preloaded model 'a' failed to load: bad UNet" and after is None

@@ -16,6 +16,7 @@ from pipeline.config import Config, parse_config
 from pipeline.frontend.capacity import Admission, FrameBudget, Refused
 from pipeline.frontend.inflight import InferResult
 from pipeline.frontend.models import Lease
+from pipeline.frontend.security import TokenStore
 from pipeline.frontend.streaming.audio import AudioBuffer, AudioFormat, StreamError
 from pipeline.frontend.streaming.events import Event, FrameReady, Session, SessionEnds
 from pipeline.frontend.streaming.live import IdleFrames, LiveSession
@@ -253,11 +254,15 @@ def test_an_interrupt_flood_keeps_one_reservation(tmp_path: Path) -> None:
 
 def test_sessions_are_admitted_built_and_released_in_one_place(tmp_path: Path) -> None:
     """A refused session holds nothing; one that cannot start releases its ticket; an open
-    one is counted by transport and said "ready"; revoking its token ends it."""
+    one is counted by transport and said "ready"; a reload of the tokens that revokes its
+    token ends it (1008), and a closed one watches its token no more."""
     cfg = config(tmp_path, capacity_fps=25, live_speech_share=1.0)
     router = Frames()
     admission = Admission(cfg, FrameBudget(cfg))
-    sessions = Sessions(cfg, router, admission, IdleFrames(cfg, router))
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text("secret\nother\n")
+    tokens = TokenStore(tokens_file)
+    sessions = Sessions(cfg, router, admission, IdleFrames(cfg, router), tokens)
     ended: list[tuple[int, str]] = []
 
     async def end(code: int, reason: str) -> None:
@@ -274,13 +279,14 @@ def test_sessions_are_admitted_built_and_released_in_one_place(tmp_path: Path) -
             with pytest.raises(Refused):
                 async with sessions.open(spec(True), Sink(), end):
                     pass
-            assert len(admission.tickets) == 1
-            assert sessions.end_with_token("secret", "token revoked") == 1
+            assert len(admission.tickets) == 1 and tokens.watching() == 1
+            tokens_file.write_text("other\n")
+            tokens.reload()  # SIGHUP: "secret" is revoked
             await asyncio.sleep(0)
             assert ended == [(1008, "token revoked")]
             await control(session, "ping", sink)
             assert sink.of(Pong) == [Pong()]
-        assert len(admission.tickets) == 0 and sessions.count() == 0
+        assert len(admission.tickets) == 0 and sessions.count() == 0 and tokens.watching() == 0
         with pytest.raises(StreamError, match="not found"):
             async with sessions.open(spec(False, "nosuch"), Sink(), end):
                 pass

@@ -228,3 +228,20 @@ def test_a_frozen_compositor_keeps_its_last_jobs_until_it_dies() -> None:
     pids.dead.add(1000)
     d.check(4.0)
     assert [key for key, _ in d.waiting] == [(1, 0), (1, 1)] and d.redispatched == 2
+
+
+def test_a_compositor_that_leaves_holding_nothing_is_no_warning(caplog) -> None:
+    """A compositor that exits holding no job (it stopped with the rest of the server) is
+    noted at INFO; one whose jobs go to the others is a WARNING."""
+    import logging
+
+    d, pids = _dispatcher()
+    d.on_credit(A, _credit(0), 0.0)
+    d.on_credit(B, _credit(1), 0.0)
+    _submit(d, 7, 1)
+    assert _hand_out(d) == [(A, b"job 7/0")]
+    pids.dead |= {1000, 1001}
+    with caplog.at_level(logging.INFO, logger="pipeline.gpu_worker.credits"):
+        d.check(0.1)
+    levels = {r.getMessage().split(" (")[0]: r.levelname for r in caplog.records}
+    assert levels == {"compositor 0": "WARNING", "compositor 1": "INFO"}, caplog.text

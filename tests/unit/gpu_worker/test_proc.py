@@ -14,6 +14,7 @@ from pipeline import messages as msg
 from pipeline.config import load_config
 from pipeline.gpu_worker.engine import JOBS, ConfigMismatch
 from pipeline.gpu_worker.proc import JOB_KEY, GpuWorkerProc
+from pipeline.runtime.process import failure_reason, role_down
 from tests.conftest import write_config
 
 
@@ -52,16 +53,15 @@ def test_an_io_thread_that_raises_stops_the_worker(shell: GpuWorkerProc) -> None
     assert name == "sender" and str(exc) == "socket gone"
 
 
-def test_the_announcement_names_the_role_and_the_cause(shell: GpuWorkerProc) -> None:
-    """RoleDown carries this worker's index and pid and the reason: a RoleError's own
-    text, any other error with its type."""
-    sock = FakeSocket()
-    shell._announce(sock, ConfigMismatch("configs differ"))  # type: ignore[arg-type]
-    shell._announce(sock, KeyError("x"))  # type: ignore[arg-type]
-    downs = [msg.frontend_decoder.decode(data) for data in sock.sent]
-    assert [(d.role, d.index, d.reason) for d in downs] == [  # type: ignore[union-attr]
+def test_the_announcement_names_the_role_and_the_cause() -> None:
+    """The RoleDown a worker sends (Readiness.down) carries its index and pid and the
+    reason: a config mismatch (a RoleError) in its own words, any other error with its
+    type."""
+    downs = [role_down("gpu_worker 0", os.getpid(), failure_reason(exc))
+             for exc in (ConfigMismatch("configs differ"), KeyError("x"))]
+    assert [(d.role, d.index, d.reason) for d in downs] == [
         ("gpu_worker", 0, "configs differ"), ("gpu_worker", 0, "KeyError: 'x'")]
-    assert all(d.pid == os.getpid() for d in downs)  # type: ignore[union-attr]
+    assert all(d.pid == os.getpid() for d in downs)
 
 
 def test_a_heartbeat_says_what_the_worker_holds_and_hands_out(shell: GpuWorkerProc) -> None:

@@ -1,6 +1,8 @@
 """The committed gRPC stubs: no drift from proto/, and the seed's wire contract kept."""
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ STR, BYTES, I32, I64, F32, BOOL, MSG = (F.TYPE_STRING, F.TYPE_BYTES, F.TYPE_INT3
                                         F.TYPE_FLOAT, F.TYPE_BOOL, F.TYPE_MESSAGE)
 REPEATED = True
 
-# spec/reference-pipeline.md §0: message -> {field: (number, type, repeated)}
+# the seed's proto: message -> {field: (number, type, repeated)}
 SEED_MESSAGES: dict[str, dict[str, tuple[int, int, bool]]] = {
     "CompositeBatchRequest": {
         "model_id": (1, STR, False), "visual_frames": (2, BYTES, False),
@@ -134,3 +136,28 @@ def test_inference_service_keeps_the_seed_fields() -> None:
     assert fields["AudioRequest"] == {"client_id": 1, "audio_chunks": 2, "timestamp": 3}
     assert fields["AudioResponse"] == {"client_id": 1, "result": 2, "status_code": 3,
                                        "message": 4, "frames": 5}
+
+
+def _gencode_version(stub: str) -> tuple[int, int, int]:
+    text = (generate.STUB_DIR / stub).read_text()
+    found = re.search(r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,"
+                      r"\s*(\d+),\s*(\d+),\s*(\d+),", text)
+    assert found, f"{stub}: no gencode version check"
+    major, minor, patch = (int(g) for g in found.groups())
+    return major, minor, patch
+
+
+def test_protobuf_pin_admits_the_stubs_gencode_and_both_runtime_majors() -> None:
+    """pyproject's protobuf pin starts no lower than the stubs' gencode (an older runtime refuses
+    them) and admits 6.x (what pipecat-ai's protobuf<7 leaves) and 7.x alike."""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((generate.PROTO_DIR.parent / "pyproject.toml").read_text())["project"]
+    (pin,) = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "protobuf"]
+    gencodes = {_gencode_version(s) for s in ("monolithic_pb2.py", "inference_pb2.py")}
+    assert len(gencodes) == 1
+    major, minor, patch = gencodes.pop()
+    assert pin.specifier.contains(f"{major}.{minor}.{patch}")
+    assert not pin.specifier.contains(f"{major}.{minor}.{patch - 1}" if patch
+                                      else f"{major}.{minor - 1}.99")
+    assert pin.specifier.contains("6.33.6") and pin.specifier.contains("7.36.2")

@@ -186,6 +186,23 @@ def test_cache_attaches_lazily_and_reuses(instance: str) -> None:
         owner.close()
 
 
+def test_a_gone_segment_is_reported_first_once(instance: str) -> None:
+    """A segment that was unlinked (its creator died) raises SegmentGone, a FileNotFoundError
+    that says whether this cache meets its absence for the first time."""
+    from pipeline.shm.segment import SegmentGone
+
+    name = segment_name(instance, "arena")
+    SharedSegment.create(name, 4096).close()  # created and unlinked
+    cache = SegmentCache()
+    firsts = []
+    for _ in range(3):
+        with pytest.raises(SegmentGone) as gone:
+            cache.get(name)
+        assert isinstance(gone.value, FileNotFoundError) and gone.value.name == name
+        firsts.append(gone.value.first)
+    assert firsts == [True, False, False]
+
+
 def test_cache_replaces_segment_of_new_creator(instance: str) -> None:
     """A segment of the same instance+tag from another pid replaces the old one, whose mapping is dropped."""
     old_name = segment_name(instance, "bg", pid=_dead_pid())
