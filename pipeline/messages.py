@@ -17,7 +17,7 @@ exits (to the frontend; a compositor also to its gpu_workers).
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -123,6 +123,7 @@ class Credit(Message, frozen=True):
     credits: Annotated[int, msgspec.Meta(ge=0)]
     request_id: int = -1
     frame_index: int = -1
+    cpu_ns: int = 0                     # the finished job's CPU (paste + JPEG; 0: not measured)
 
 
 class CompositorLink(msgspec.Struct, array_like=True, frozen=True):
@@ -193,6 +194,14 @@ class Heartbeat(Message, frozen=True):
     jobs_redispatched: int = 0          # gpu_worker: jobs of lost compositors handed again
     compositors: list[CompositorLink] = []  # gpu_worker: the compositors it hands jobs to
     cuda: bool = False                  # gpu_worker: runs the CUDA execution provider
+    # gpu_worker: what runs its networks ("openvino", "onnxruntime-cpu", "onnxruntime-cuda"),
+    # the UNet's precision (fp32, tf32, fp16, bf16) and its CPU threads (0: not CPU-bound)
+    backend: str = ""
+    precision: str = ""
+    threads: int = 0
+    # gpu_worker on a CPU: the measured CPU per frame of its stages and the threads they
+    # call for (gpu_worker/threads.py: ThreadPlanner.snapshot)
+    thread_plan: dict[str, Any] = {}
 
 
 class RoleDown(Message, frozen=True):

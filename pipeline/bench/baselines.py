@@ -82,7 +82,7 @@ def stage_timings(cfg_path: Path, model_id: str, batch: int, repeats: int = 20) 
     from pipeline.gpu_worker import audio
 
     cfg = load_config(cfg_path)
-    stages = InProcessEngine(cfg_path, model_id, "cpu", cfg.gpus.intra_op_threads)
+    stages = InProcessEngine(cfg_path, model_id, None, cfg.gpus.intra_op_threads)
     encoder, unet, avatar = stages.encoder, stages.unet, stages.avatar
     mode = stages.model.composite_mode
     try:

@@ -27,7 +27,7 @@ from pipeline.frontend.wire import CompositeRequestView
 from pipeline.gpu_worker.batching import Inbox
 from pipeline.gpu_worker.device import Resolved, resolve_provider
 from pipeline.gpu_worker.engine import Engine
-from pipeline.gpu_worker.model_cache import ModelCache, load_finished
+from pipeline.gpu_worker.model_cache import ModelCache, load_finished, unet_rebuilt
 from pipeline.protocol import RequestLayout
 from pipeline.shm.arena import Arena
 from pipeline.shm.segment import SegmentCache, segment_name
@@ -65,7 +65,8 @@ class InProcessEngine:
         cache = ModelCache(cfg, GPU_INDEX, provider)
         self.engine = Engine.create(cfg, GPU_INDEX, provider, inbox, cache,
                                     lambda target, m: self.emitted.append((target, m)),
-                                    lambda config: inbox.put(load_finished(cache, config)))
+                                    lambda config, rebuild: inbox.put(
+                                        (unet_rebuilt if rebuild else load_finished)(cache, config)))
         self.segments = SegmentCache()  # the compositor's side of shared memory
         self.arena: Arena | None = None
         self._written: tuple[CompositeRequestView, msg.InferRequest] | None = None

@@ -41,6 +41,10 @@ def grpc_address(stack: ExitStack, args: argparse.Namespace) -> str:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.providers:
+        from pipeline.bench.providers import run_providers
+
+        return run_providers(args)
     if "," in args.model and (args.stream or args.stages or args.load_cycles):
         raise SystemExit("lipsync bench: several --model ids are for gRPC batch runs only")
     if args.stream:

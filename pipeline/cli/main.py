@@ -115,8 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ort-seconds", type=float, default=5.0, metavar="S",
                        help="--compare ort: seconds of UNet runs measured")
     bench.add_argument("--rounds", type=int, default=3,
-                       help="--compare inprocess: alternate pipeline and baseline this many "
-                            "times over the requests")
+                       help="--compare inprocess / --providers: alternate the pipeline and "
+                            "what it is compared with this many times")
+    bench.add_argument("--providers", metavar="P,P,...",
+                       help="one server per provider (cpu, openvino, cuda), measured in "
+                            "--rounds alternating rounds of --duration / rounds (or the live "
+                            "sweep, with --stream --live); ratios to the first")
+    bench.add_argument("--precision", default="",
+                       help="--providers: gpus.unet_precision of every server (default: "
+                            "the config's)")
     bench.add_argument("--probe", type=int, default=10, metavar="N",
                        help="then N requests one at a time: latency minus stage compute "
                             "(0: skip)")

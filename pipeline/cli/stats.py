@@ -43,6 +43,22 @@ def _process_row(role: str, p: dict[str, Any]) -> str:
             f"{p.get('uptime_s', 0):>9.0f}s {p.get('restarts', 0):>8}")
 
 
+def _backend(worker: dict[str, Any]) -> str:
+    """E.g. "openvino bf16 ×2" (x threads on a CPU worker)."""
+    if not worker.get("backend"):
+        return "-"
+    threads = f" ×{worker['threads']}" if worker.get("threads") and not worker.get("cuda") else ""
+    return f"{worker['backend']} {worker['precision']}{threads}"
+
+
+def _thread_plan(index: int, plan: dict[str, Any]) -> str:
+    cpu = plan.get("cpu_ms_per_frame", {})
+    measured = "  ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in cpu.items())
+    return (f"gpu_worker {index} threads {plan.get('threads')} of {plan.get('cores')} cores "
+            f"({'fixed' if plan.get('fixed') else 'planned ' + str(plan.get('planned') or '-')}"
+            f"; CPU ms per frame: {measured})")
+
+
 def format_stats(stats: dict[str, Any]) -> str:
     """The stats as tables for a terminal."""
     lines = [f"lipsync instance {stats['instance']}  frames {stats['frames']}  "
@@ -52,10 +68,15 @@ def format_stats(stats: dict[str, Any]) -> str:
              _process_row("frontend", stats["frontend"])]
     lines += [_process_row(f"gpu_worker {w['index']}", w) for w in stats["gpu_workers"]]
     lines += [_process_row(f"compositor {c['index']}", c) for c in stats["compositors"]]
-    lines += ["", f"{'gpu_worker':<11} {'queue':>6} {'inflight':>9} {'memory':>9}  models"]
+    lines += ["", f"{'gpu_worker':<11} {'queue':>6} {'inflight':>9} {'memory':>9}  "
+              f"{'backend':<26} models"]
     for w in stats["gpu_workers"]:
         lines.append(f"{w['index']:<11} {w['queue_depth']:>6} {w['inflight']:>9} "
-                     f"{_mb(w['device_memory_used_bytes']):>9}  {', '.join(w['models']) or '-'}")
+                     f"{_mb(w['device_memory_used_bytes']):>9}  {_backend(w):<26} "
+                     f"{', '.join(w['models']) or '-'}")
+    for w in stats["gpu_workers"]:
+        if w.get("thread_plan"):
+            lines.append(_thread_plan(w["index"], w["thread_plan"]))
     stages = ("queue", "audio", "encoder", "visual", "unet", "composite", "jpeg")
     lines += ["", f"{'model':<12} {'state':<9} {'gpu':>3} {'requests':>8} {'memory':>8}  "
               + "  ".join(f"{s:>9}" for s in stages) + "   (mean ms per request)"]

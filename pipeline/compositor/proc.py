@@ -116,10 +116,14 @@ class CompositorProc:
 
     def _on_job(self, job: msg.CompositeJob, worker: zmq.Socket[Any]) -> None:
         assert self.results is not None
-        self._send(self.results, composite_job(job, self._view, self.index))
+        cpu0 = time.thread_time_ns()
+        frames = composite_job(job, self._view, self.index)
+        # a rendered frame's CPU, for the worker's thread split (an idle frame is no measure)
+        cpu_ns = time.thread_time_ns() - cpu0 if job.prediction is not None else 0
+        self._send(self.results, frames)
         # after the frames: once the credit is back, the worker forgets the job
         self._send(worker, [msg.encode(msg.Credit(self.index, self.pid, CREDITS,
-                                                  job.request_id, job.frame_index))])
+                                                  job.request_id, job.frame_index, cpu_ns))])
 
     def _on_release(self, release: msg.ReleaseSegment, _: zmq.Socket[Any]) -> None:
         self.segments.forget(release.segment)

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "config.yaml"
 
-Provider = Literal["auto", "cuda", "cpu"]
-UnetPrecision = Literal["fp32", "tf32", "fp16"]
+Provider = Literal["auto", "cuda", "cpu", "openvino"]
+UnetPrecision = Literal["auto", "fp32", "tf32", "fp16", "bf16"]
 CompositeMode = Literal["synctalk", "stretch"]
 
 
@@ -88,13 +88,18 @@ class ServerConfig:
 @dataclass(frozen=True)
 class GpusConfig:
     count: int = setting(1, lambda v: 1 <= v <= 64, "must be 1-64")  # one gpu_worker per device
-    # auto: CUDA when a device is present, else CPU workers
-    provider: Provider = setting("auto", choices=("auto", "cuda", "cpu"))
-    # ONNX Runtime CPU threads per session (0 = ORT default)
+    # auto: CUDA when a device is present, else CPU workers on OpenVINO when it is
+    # installed, else on ONNX Runtime's CPU provider (cpu)
+    provider: Provider = setting("auto", choices=("auto", "cuda", "cpu", "openvino"))
+    # CPU threads of a CPU worker's UNet runs (0: chosen from the measured CPU per frame of
+    # the UNet against the other stages, gpu_worker/threads.py)
     intra_op_threads: int = setting(0, lambda v: v >= 0, "must be >= 0")
-    # fp32: exact float32 (TF32 off on CUDA); tf32: CUDA's TF32 matrix units for float32;
-    # fp16: the UNet converted to float16 at load, its inputs and output kept float32
-    unet_precision: UnetPrecision = setting("fp32", choices=("fp32", "tf32", "fp16"))
+    # auto: fp32, but bf16 on OpenVINO where the CPU has bf16 units; fp32: exact float32
+    # (TF32 off on CUDA); tf32: CUDA's TF32 matrix units for float32; fp16: the UNet
+    # converted to float16 at load, its inputs and output kept float32; bf16: OpenVINO on a
+    # CPU with bf16 units (refused elsewhere)
+    unet_precision: UnetPrecision = setting("auto", choices=("auto", "fp32", "tf32", "fp16",
+                                                             "bf16"))
     cuda_graphs: bool = False        # CUDA graphs for the UNet (CUDA only; ignored on the CPU)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -95,15 +96,24 @@ class MonolithicService(pb_grpc.MonolithicServiceServicer):
             max_models=self.cfg.capacity.max_models,
             gpu_ids=[w["index"] for w in workers],
             gpu_memory_used_gb=[w["device_memory_used_bytes"] / 2**30 for w in workers],
+            backends=[w.get("backend", "") for w in workers],
+            precisions=[w.get("precision", "") for w in workers],
         )
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        workers = self.liveness.snapshot()["gpu_workers"]
+
+        def runs(m: Any, key: str) -> str:  # the backend of the worker holding a ready model
+            ready = m.state == "ready" and 0 <= m.worker < len(workers)
+            return str(workers[m.worker].get(key, "")) if ready else ""
+
         return pb.ListModelsResponse(models=[
             pb.ModelInfo(model_id=m.model_id, loaded=m.state == "ready", gpu_id=m.worker,
                          memory_mb=m.memory_bytes // 2**20, request_count=m.request_count,
                          avg_inference_ms=_avg_ms(m.total_inference_ns, m.request_count),
-                         state=STATES[m.state], error=m.error)
+                         state=STATES[m.state], error=m.error,
+                         backend=runs(m, "backend"), precision=runs(m, "precision"))
             for m in self.models.views()])
 
     async def GetModelStats(self, request: pb.GetModelStatsRequest,

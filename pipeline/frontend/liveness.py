@@ -41,6 +41,7 @@ class RoleView:
     exited_pid: int = 0       # announced its exit: its last heartbeats are not believed
     jobs: dict[str, Any] = field(default_factory=dict)  # a gpu_worker's compositor jobs
     cuda: bool = False
+    backend: dict[str, Any] = field(default_factory=dict)  # a gpu_worker's: what runs it
 
     def alive(self, awake: float, heartbeat_s: float) -> bool:
         return (self.pid != 0 and not self.silent
@@ -116,6 +117,8 @@ class Liveness:
                 log.warning("gpu_worker %d restarted (pid %d -> %d)", m.index, view.pid, m.pid)
                 events.append(WorkerLost(m.index, f"gpu_worker {m.index} restarted", True))
             view.models, view.cuda = m.loaded_models, m.cuda
+            view.backend = {"backend": m.backend, "precision": m.precision,
+                            "threads": m.threads, "thread_plan": m.thread_plan}
             view.jobs = {"waiting": m.jobs_waiting, "redispatched": m.jobs_redispatched,
                          "compositors": [msgspec.structs.asdict(c) for c in m.compositors]}
             events.append(WorkerHolds(m.index, m.loaded_models))
@@ -192,6 +195,7 @@ class Liveness:
                     "alive": v.alive(now, self.heartbeat_s), "queue_depth": v.queue_depth,
                     "device_memory_used_bytes": v.device_memory_used_bytes}
 
-        return {"gpu_workers": [{**view(i, w), "compositor_jobs": w.jobs, "cuda": w.cuda}
+        return {"gpu_workers": [{**view(i, w), "compositor_jobs": w.jobs, "cuda": w.cuda,
+                                 **w.backend}
                                 for i, w in enumerate(self.workers)],
                 "compositors": [view(i, c) for i, c in sorted(self.compositors.items())]}

@@ -26,7 +26,7 @@ from pipeline import messages as msg
 from pipeline.config import Config, ModelConfig
 from pipeline.gpu_worker.batching import Inbox, StagingBatch, coalesce
 from pipeline.gpu_worker.device import Resolved
-from pipeline.gpu_worker.model_cache import LoadedModel, LoadFinished, ModelCache
+from pipeline.gpu_worker.model_cache import LoadedModel, LoadFinished, ModelCache, UNetRebuilt
 from pipeline.runtime.logs import logging_request
 from pipeline.runtime.process import RoleError
 from pipeline.shm.segment import SegmentCache
@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 # where an emitted message goes
 FRONTEND, JOBS, EVENTS = "frontend", "jobs", "events"
 Emit = Callable[[str, msg.Message], None]
-StartLoad = Callable[[ModelConfig], None]  # runs a load elsewhere; LoadFinished comes back
+# runs a load (rebuild False) or a loaded model's UNet rebuild elsewhere; LoadFinished or
+# UNetRebuilt comes back through the inbox
+StartLoad = Callable[[ModelConfig, bool], None]
 
 
 @dataclass
@@ -84,12 +86,14 @@ class Engine:
         self.staging: StagingBatch | None = None
         self.segments = SegmentCache()          # the frontend's request arena, attached lazily
         self.loading: dict[str, Loading] = {}
+        self.rebuilding: set[str] = set()
         self.handlers: dict[type, Callable[[object], None]] = {
             msg.InferRequest: self._on_infer,  # type: ignore[dict-item]
             msg.BackgroundJpegs: self._on_background_jpegs,  # type: ignore[dict-item]
             msg.LoadModel: self._on_load,  # type: ignore[dict-item]
             msg.UnloadModel: self._on_unload,  # type: ignore[dict-item]
             LoadFinished: self._on_load_finished,  # type: ignore[dict-item]
+            UNetRebuilt: self._on_rebuilt,  # type: ignore[dict-item]
         }
 
     @classmethod
@@ -147,7 +151,7 @@ class Engine:
                     "config does not have: they run different configs; exiting, to be "
                     "started again with the current one")
             loading = self.loading[req.model_id] = Loading()
-            self.start_load(config)
+            self.start_load(config, False)
         loading.waiting.append(req)
 
     def _on_load_finished(self, done: LoadFinished) -> None:
@@ -162,8 +166,9 @@ class Engine:
                 self._reply(req, False, error=f"Failed to load model '{done.model_id}': {error}")
             return
         self.cache.add(model)
-        log.info("loaded %s in %.0f ms (%d frames, %.1f MB)", done.model_id, model.load_ns / 1e6,
-                 model.avatar.num_frames, model.memory_bytes / 2**20)
+        log.info("loaded %s in %.0f ms (%d frames, %.1f MB, %s)", done.model_id,
+                 model.load_ns / 1e6, model.avatar.num_frames, model.memory_bytes / 2**20,
+                 self.cache.backend.label())
         for req in loading.waiting:
             self._reply(req, True, gpu_id=self.index, elapsed_ns=model.load_ns,
                         memory_bytes=model.memory_bytes)
@@ -181,6 +186,30 @@ class Engine:
         self.emit(EVENTS, msg.ReleaseSegment(segment))
         self._reply(req, True, gpu_id=self.index, elapsed_ns=time.monotonic_ns() - t0)
         log.info("unloaded %s", req.model_id)
+
+    def _rethread(self) -> None:
+        """Rebuild the loaded UNets with the threads the measured stage CPU calls for
+        (threads.py), on the loader thread; new loads use them at once."""
+        threads = self.cache.planner.due()
+        if threads is None:
+            return
+        log.info("inference threads %d -> %d (CPU ms per frame: %s)", self.cache.backend.threads,
+                 threads, self.cache.planner.cpu.as_ms())
+        self.cache.backend = self.cache.backend.with_threads(threads)
+        self.cache.planner.threads = threads
+        for model_id, model in self.cache.models.items():
+            if model_id not in self.rebuilding:
+                self.rebuilding.add(model_id)
+                self.start_load(model.config, True)
+
+    def _on_rebuilt(self, done: UNetRebuilt) -> None:
+        self.rebuilding.discard(done.model_id)
+        model = self.cache.get(done.model_id)
+        if done.unet is None:
+            log.warning("rebuilding %s with %d threads failed (it keeps its UNet): %s",
+                        done.model_id, done.threads, done.error)
+        elif model is not None:  # else unloaded meanwhile: the new UNet goes with this item
+            model.unet = done.unet
 
     # ---- inference ---------------------------------------------------------------------
 
@@ -212,6 +241,7 @@ class Engine:
     def _infer(self, model: LoadedModel, run: list[msg.InferRequest]) -> None:
         """One UNet run for the requests of `run` (one model); each is answered on its own."""
         prepared = []
+        cpu0 = time.thread_time()
         for req in run:
             with logging_request(req.request_id):
                 try:
@@ -220,7 +250,10 @@ class Engine:
                     self.emit(FRONTEND, msg.InferFailed(req.request_id, _client_error(exc, req)))
         if not prepared:
             return
-        t0 = time.monotonic_ns()
+        frames = sum(p.req.batch_size for p in prepared)
+        planner = self.cache.planner
+        planner.prepare(frames, time.thread_time() - cpu0)
+        t0, cpu0 = time.monotonic_ns(), time.process_time()
         try:
             self._run_unet(model, prepared)
         except Exception as exc:
@@ -228,7 +261,8 @@ class Engine:
                 self.emit(FRONTEND, msg.InferFailed(p.req.request_id, f"Inference failed: {exc}"))
             return
         t1 = time.monotonic_ns()
-        frames = sum(p.req.batch_size for p in prepared)
+        planner.unet(frames, time.process_time() - cpu0)  # every thread of the run
+        self._rethread()
         for p in prepared:
             with logging_request(p.req.request_id):
                 try:

@@ -1,5 +1,7 @@
 """The models a gpu_worker holds: each avatar's UNet session and decoded backgrounds, and
-the audio encoders they run with (each distinct one loaded once and shared).
+the backend they run on (provider, precision, threads: `backend`, re-planned by
+`planner`), and the audio encoders they run with (each distinct one loaded once and
+shared).
 
 Loads run on the shell's loader thread (`load_finished`), never on the engine's; the
 engine adopts the result when the `LoadFinished` comes back through its inbox, so a load
@@ -23,13 +25,15 @@ import numpy as np
 from pipeline.config import Config, ModelConfig
 from pipeline.gpu_worker.audio import SILENCE
 from pipeline.gpu_worker.device import DeviceMemory, Resolved
+from pipeline.gpu_worker.threads import ThreadPlanner, worker_cores
+from pipeline.gpu_worker.unet import Backend
 from pipeline.runtime.addresses import Addresses
 from pipeline.runtime.process import release_free_heap
 from pipeline.synctalk import MEL_WINDOW_SHAPE
 
 if TYPE_CHECKING:  # onnxruntime is imported only after the device is pinned
     from pipeline.gpu_worker.avatar import Avatar
-    from pipeline.gpu_worker.sessions import AudioEncoder, UNet
+    from pipeline.gpu_worker.unet import Encoder, UNetRunner
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +50,11 @@ class AudioEncoders:
     def __init__(self, provider: Resolved, intra_op_threads: int) -> None:
         self.provider, self.intra_op_threads = provider, intra_op_threads
         self.lock = threading.Lock()
-        self.held: dict[str, tuple[AudioEncoder, int]] = {}  # content sha256: (session, users)
+        self.held: dict[str, tuple[Encoder, int]] = {}  # content sha256: (session, users)
 
-    def acquire(self, path: Path) -> tuple[AudioEncoder, str]:
+    def acquire(self, path: Path) -> tuple[Encoder, str]:
         """The encoder of `path`'s content (created and warmed on first use) and its key."""
-        from pipeline.gpu_worker.sessions import AudioEncoder
+        from pipeline.gpu_worker.unet import load_audio_encoder
 
         key = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         with self.lock:
@@ -59,7 +63,7 @@ class AudioEncoders:
                 self.held[key] = (held[0], held[1] + 1)
                 return held[0], key
         # created outside the lock: a release on the engine's thread never waits for it
-        encoder = AudioEncoder.create(path, self.provider, self.intra_op_threads)
+        encoder = load_audio_encoder(path, self.provider, self.intra_op_threads)
         encoder.encode(np.full((1, *MEL_WINDOW_SHAPE), SILENCE, np.float32))  # allocates
         with self.lock:
             encoder, users = self.held.get(key, (encoder, 0))
@@ -78,11 +82,11 @@ class AudioEncoders:
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    unet: UNet
+    unet: UNetRunner                    # replaced whole when its threads are re-planned
     avatar: Avatar
     memory_bytes: int                   # measured: device (or private) memory + backgrounds
     load_ns: int
-    encoder: AudioEncoder               # the model's audio encoder, shared with others of it
+    encoder: Encoder                    # the model's audio encoder, shared with others of it
     encoders: AudioEncoders
     encoder_key: str
 
@@ -100,6 +104,16 @@ class LoadFinished:
     error: str = ""                     # the client-facing reason when `model` is None
 
 
+@dataclass(frozen=True)
+class UNetRebuilt:
+    """A loaded model's UNet built again with the current threads (threads.py)."""
+
+    model_id: str
+    unet: UNetRunner | None
+    threads: int
+    error: str = ""
+
+
 class LoadError(Exception):
     """A model failed to load; the message is the client-facing reason."""
 
@@ -110,7 +124,15 @@ class ModelCache:
         self.index = gpu_index
         self.provider = provider
         self.memory = DeviceMemory(provider, gpu_index)
-        self.encoders = AudioEncoders(provider, cfg.gpus.intra_op_threads)
+        gpus = cfg.gpus
+        cpu = provider != "cuda"
+        cores = worker_cores(gpus.count) if cpu else 0
+        # ValueError for a precision this provider or CPU cannot run (checked at start)
+        self.backend = Backend.of(provider, gpus.unet_precision,
+                                  gpus.intra_op_threads or cores)
+        self.planner = ThreadPlanner(cores, self.backend.threads,
+                                     fixed=not cpu or gpus.intra_op_threads > 0)
+        self.encoders = AudioEncoders(provider, self.backend.threads)
         self.models: dict[str, LoadedModel] = {}
         self.loaded: dict[str, int] = {}
 
@@ -121,18 +143,14 @@ class ModelCache:
         """Sessions, backgrounds, one warm-up batch. Runs on the loader thread."""
         from pipeline.gpu_worker.avatar import load_avatar
         from pipeline.gpu_worker.cuda_graphs import CAPTURE_LOCK
-        from pipeline.gpu_worker.unet import load_unet
 
         t0 = time.monotonic_ns()
         before = self.memory.used_bytes()
-        gpus = self.cfg.gpus
         with CAPTURE_LOCK:  # a CUDA graph capture on the compute loop must not meet these
             try:            # allocations (cuda_graphs.py)
-                unet = load_unet(config.model_path, self.provider, gpus.intra_op_threads,
-                                   gpus.unet_precision, gpus.cuda_graphs)
+                unet = self.build_unet(config)
             except Exception as exc:
                 raise LoadError(f"failed to create inferencer: failed to create session: {exc}") from exc
-            unet.warm_up()
             try:
                 encoder, key = self.encoders.acquire(self.cfg.audio_encoder_of(config))
             except Exception as exc:
@@ -148,6 +166,16 @@ class ModelCache:
         memory = max(0, self.memory.used_bytes() - before) + avatar.nbytes
         return LoadedModel(config, unet, avatar, memory, time.monotonic_ns() - t0, encoder,
                            self.encoders, key)
+
+    def build_unet(self, config: ModelConfig) -> UNetRunner:
+        """`config`'s UNet on the current backend, warm."""
+        from pipeline.gpu_worker.unet import load_unet
+
+        b = self.backend
+        unet = load_unet(config.model_path, b.provider, b.threads, b.precision,
+                         self.cfg.gpus.cuda_graphs)
+        unet.warm_up()
+        return unet
 
     def add(self, model: LoadedModel) -> None:
         self.models[model.config.model_id] = model
@@ -179,3 +207,12 @@ def load_finished(cache: ModelCache, config: ModelConfig) -> LoadFinished:
     except Exception as exc:
         error = str(exc) if isinstance(exc, LoadError) else f"{type(exc).__name__}: {exc}"
         return LoadFinished(config.model_id, None, error)
+
+
+def unet_rebuilt(cache: ModelCache, config: ModelConfig) -> UNetRebuilt:
+    """`config`'s UNet built again with the cache's current threads, as an inbox item."""
+    threads = cache.backend.threads
+    try:
+        return UNetRebuilt(config.model_id, cache.build_unet(config), threads)
+    except Exception as exc:
+        return UNetRebuilt(config.model_id, None, threads, f"{type(exc).__name__}: {exc}")

@@ -1,4 +1,9 @@
-"""The UNet's numeric precision: the graph ONNX Runtime is given, and how to compare two.
+"""The UNet's numeric precision: which one a worker runs, the graph ONNX Runtime is given,
+and how to compare two.
+
+`gpus.unet_precision: auto` is float32 on ONNX Runtime (CUDA and CPU) and, on OpenVINO, bf16
+where the CPU has bf16 units and float32 where it has not; `fp32` and `bf16` force either
+(bf16 is OpenVINO's, and refused, never emulated, on a CPU without the units).
 
 `gpus.unet_precision: fp16` converts the avatar's float32 UNet to float16 when it is loaded,
 with onnxconverter-common (the converter the ONNX project maintains). Its inputs and output
@@ -14,6 +19,7 @@ float32; nothing else needs blocking for the SyncTalk-2D graph.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +29,38 @@ import numpy as np
 if TYPE_CHECKING:
     import onnx
 
-PRECISIONS = ("fp32", "tf32", "fp16")
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "tf32", "fp16")   # what ONNX Runtime runs
+_RUNS = {"cuda": ("fp32", "tf32", "fp16"), "cpu": ("fp32", "tf32", "fp16"),
+         "openvino": ("fp32", "bf16")}
+
+
+def resolve_precision(requested: str, provider: str, bf16_units: bool | None = None) -> str:
+    """The precision a worker on `provider` runs for `gpus.unet_precision: requested`;
+    ValueError, naming the setting, for one it cannot run. `bf16_units`: whether this CPU
+    has them (None: ask OpenVINO and the CPU's flags)."""
+    if provider == "openvino" and requested in ("auto", "bf16"):
+        if bf16_units is None:
+            from pipeline.gpu_worker.openvino_runtime import bf16_units as probe
+
+            bf16_units = probe()
+        if requested == "auto":
+            return "bf16" if bf16_units else "fp32"
+        if not bf16_units:
+            raise ValueError("gpus.unet_precision is bf16, but this CPU has no bf16 units "
+                             "(AVX512-BF16 or AMX): set fp32 (or auto, which picks it here)")
+        return "bf16"
+    if requested == "auto":
+        return "fp32"
+    runs = _RUNS.get(provider, ())
+    if requested not in runs:
+        raise ValueError(f"gpus.unet_precision is {requested}, which the {provider} provider "
+                         f"does not run (it runs {', '.join(runs)}; bf16 is OpenVINO's)")
+    if requested == "tf32" and provider != "cuda":
+        log.warning("gpus.unet_precision tf32 applies to CUDA only: the CPU computes fp32")
+        return "fp32"
+    return requested
 
 
 def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -38,7 +38,7 @@ from pipeline.gpu_worker.batching import Inbox
 from pipeline.gpu_worker.credits import CreditDispatcher
 from pipeline.gpu_worker.device import Resolved, pin_to_device
 from pipeline.gpu_worker.engine import EVENTS, FRONTEND, JOBS, Engine
-from pipeline.gpu_worker.model_cache import ModelCache, load_finished
+from pipeline.gpu_worker.model_cache import ModelCache, load_finished, unet_rebuilt
 from pipeline.runtime.addresses import Addresses
 from pipeline.runtime.process import LIVENESS_BEATS, Readiness, run_role
 from pipeline.runtime.sockets import make_socket
@@ -88,8 +88,9 @@ class GpuWorkerProc:
             frames.insert(0, JOB_KEY.pack(message.request_id, message.frame_index, message.live))
         self.outbox.put((target, frames))
 
-    def _start_load(self, config: ModelConfig) -> None:
-        self.loader.submit(lambda: self.inbox.put(load_finished(self.cache, config)))
+    def _start_load(self, config: ModelConfig, rebuild: bool) -> None:
+        work = unet_rebuilt if rebuild else load_finished
+        self.loader.submit(lambda: self.inbox.put(work(self.cache, config)))
 
     # ---- the process -------------------------------------------------------------------
 
@@ -109,7 +110,7 @@ class GpuWorkerProc:
         heartbeat = threading.Thread(target=self._beat, args=(beat, stop), name="heartbeat")
         for t in [*threads, heartbeat]:
             t.start()
-        log.info("ready (%s, device %d)", self.provider, i)
+        log.info("ready (%s, device %d)", self.cache.backend.label(), i)
         readiness.ready()
         failure: Exception | None = None
         try:
@@ -190,7 +191,7 @@ class GpuWorkerProc:
               stop: threading.Event) -> None:
         """Jobs in from the sender, out to compositors with credits; credits and deaths in."""
         handlers: dict[type, Callable[[bytes, Any, float], None]] = {
-            msg.Credit: self.credits.on_credit,
+            msg.Credit: self._on_credit,
             msg.RoleDown: lambda identity, down, now: self.credits.on_down(identity, down)}
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
@@ -226,6 +227,11 @@ class GpuWorkerProc:
                 except zmq.ZMQError:  # EHOSTUNREACH: gone (EAGAIN: full, which credits rule out)
                     self.credits.unreachable(identity)
 
+    def _on_credit(self, identity: bytes, credit: msg.Credit, now: float) -> None:
+        self.credits.on_credit(identity, credit, now)
+        if credit.cpu_ns > 0:
+            self.cache.planner.composite(credit.cpu_ns / 1e9)
+
     def _beat(self, sock: zmq.Socket[Any], stop: threading.Event) -> None:
         while True:
             links, waiting, redispatched = self.link_view
@@ -234,7 +240,9 @@ class GpuWorkerProc:
                 device_memory_used_bytes=self.cache.memory.used_bytes(),
                 loaded_models=self.cache.loaded, queue_depth=self.inbox.depth(),
                 jobs_waiting=waiting, jobs_redispatched=redispatched, compositors=links,
-                cuda=self.provider == "cuda")
+                cuda=self.provider == "cuda", backend=self.cache.backend.runtime,
+                precision=self.cache.backend.precision, threads=self.cache.backend.threads,
+                thread_plan=self.cache.planner.snapshot() if self.provider != "cuda" else {})
             try:
                 sock.send(msg.encode(beat), zmq.NOBLOCK)
             except zmq.Again:

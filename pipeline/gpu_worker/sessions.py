@@ -95,8 +95,6 @@ def unet_session(path: Path, provider: Resolved, intra_op_threads: int = 0,
     for CUDA graph capture when `graphs` (pipeline/gpu_worker/unet.py decides when)."""
     from pipeline.gpu_worker.precision import unet_model
 
-    if precision == "tf32" and provider != "cuda":
-        log.warning("gpus.unet_precision tf32 applies to CUDA only: the CPU computes fp32")
     options = {"use_tf32": "1" if precision == "tf32" else "0"}
     if graphs:
         options["enable_cuda_graph"] = "1"

@@ -29,6 +29,7 @@ from pipeline.config import Config
 from pipeline.frontend.server import run_frontend_process
 from pipeline.gpu_worker.device import resolve_provider
 from pipeline.gpu_worker.proc import run_gpu_worker_process
+from pipeline.gpu_worker.unet import Backend
 from pipeline.launch.common import prepare_runtime
 from pipeline.runtime.addresses import Addresses
 from pipeline.runtime.process import exit_reason, exit_status, role_down
@@ -64,8 +65,10 @@ class Supervisor:
         self.cfg = cfg
         self.ctx = mp.get_context("spawn")
         provider = resolve_provider(cfg.gpus.provider, cfg.gpus.count)
-        log.info("%d %s gpu_worker(s), %d compositor(s)", cfg.gpus.count, provider,
-                 cfg.compositor.pool_size)
+        # a precision the provider or this CPU cannot run stops the start here, by name
+        backend = Backend.of(provider, cfg.gpus.unet_precision)
+        log.info("%d %s gpu_worker(s) (%s), %d compositor(s)", cfg.gpus.count, provider,
+                 backend.precision, cfg.compositor.pool_size)
         self.roles = (
             [Role(f"compositor {i}", run_compositor_process, (cfg, i))
              for i in range(cfg.compositor.pool_size)]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10monolithic.proto\x12\nmonolithic\"\xad\x01\n\x15\x43ompositeBatchRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rvisual_frames\x18\x02 \x01(\x0c\x12\x11\n\traw_audio\x18\x03 \x01(\x0c\x12\x16\n\x0e\x61udio_features\x18\x04 \x01(\x0c\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x17\n\x0fstart_frame_idx\x18\x06 \x01(\x05\x12\x13\n\x0bsample_rate\x18\x07 \x01(\x05\"\xa9\x02\n\x16\x43ompositeBatchResponse\x12\x19\n\x11\x63omposited_frames\x18\x01 \x03(\x0c\x12\x19\n\x11inference_time_ms\x18\x02 \x01(\x02\x12\x19\n\x11\x63omposite_time_ms\x18\x03 \x01(\x02\x12\x15\n\rtotal_time_ms\x18\x04 \x01(\x02\x12\x1b\n\x13\x61udio_processing_ms\x18\x05 \x01(\x02\x12\x14\n\x0cmodel_loaded\x18\x06 \x01(\x08\x12\x1a\n\x12model_load_time_ms\x18\x07 \x01(\x02\x12\x0f\n\x07success\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06gpu_id\x18\n \x01(\x05\x12(\n\x06stages\x18\x0b \x01(\x0b\x32\x18.monolithic.StageTimings\"\xed\x01\n\x0cStageTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x10\n\x08\x61udio_ms\x18\x02 \x01(\x02\x12\x12\n\nencoder_ms\x18\x03 \x01(\x02\x12\x11\n\tvisual_ms\x18\x04 \x01(\x02\x12\x0f\n\x07unet_ms\x18\x05 \x01(\x02\x12\x10\n\x08paste_ms\x18\x06 \x01(\x02\x12\x0f\n\x07jpeg_ms\x18\x07 \x01(\x02\x12\x1d\n\x15\x63omposite_critical_ms\x18\x08 \x01(\x02\x12\x12\n\nrun_frames\x18\t \x01(\x05\x12\x14\n\x0crun_requests\x18\n \x01(\x05\x12\x15\n\rinput_copy_ms\x18\x0b \x01(\x02\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.monolithic.ModelInfo\"\xb7\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x0e\n\x06gpu_id\x18\x03 \x01(\x05\x12\x11\n\tmemory_mb\x18\x04 \x01(\x03\x12\x15\n\rrequest_count\x18\x05 \x01(\x05\x12\x18\n\x10\x61vg_inference_ms\x18\x06 \x01(\x02\x12%\n\x05state\x18\x07 \x01(\x0e\x32\x16.monolithic.ModelState\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"R\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1a\n\rpreferred_gpu\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x10\n\x0e_preferred_gpu\"Y\n\x11LoadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0e\n\x06gpu_id\x18\x03 \x01(\x05\x12\x14\n\x0cload_time_ms\x18\x04 \x01(\x02\"&\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"5\n\x13UnloadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x16\n\x14GetModelStatsRequest\"?\n\x15GetModelStatsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.monolithic.ModelStats\"\xf1\x01\n\nModelStats\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x0e\n\x06gpu_id\x18\x03 \x01(\x05\x12\x11\n\tmemory_mb\x18\x04 \x01(\x03\x12\x15\n\rrequest_count\x18\x05 \x01(\x05\x12\x1a\n\x12total_inference_ms\x18\x06 \x01(\x03\x12\x18\n\x10\x61vg_inference_ms\x18\x07 \x01(\x02\x12\x1b\n\x13last_used_timestamp\x18\x08 \x01(\x03\x12%\n\x05state\x18\t \x01(\x0e\x32\x16.monolithic.ModelState\x12\r\n\x05\x65rror\x18\n \x01(\t\"\x0f\n\rHealthRequest\"y\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x15\n\rloaded_models\x18\x02 \x01(\x05\x12\x12\n\nmax_models\x18\x03 \x01(\x05\x12\x0f\n\x07gpu_ids\x18\x04 \x03(\x05\x12\x1a\n\x12gpu_memory_used_gb\x18\x05 \x03(\x02\"\x8a\x01\n\x12StreamAudioRequest\x12*\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x18.monolithic.StreamConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x12,\n\x07\x63ontrol\x18\x03 \x01(\x0e\x32\x19.monolithic.StreamControlH\x00\x42\t\n\x07message\"f\n\x0cStreamConfig\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x05\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0c\n\x04mode\x18\x05 \x01(\t\"a\n\x13StreamAudioResponse\x12(\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x17.monolithic.StreamFrameH\x00\x12\x15\n\x0bstatus_json\x18\x02 \x01(\tH\x00\x42\t\n\x07message\"f\n\x0bStreamFrame\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x03\x12\x0e\n\x06pts_us\x18\x02 \x01(\x03\x12\x0c\n\x04jpeg\x18\x03 \x01(\x0c\x12\x0e\n\x06speech\x18\x04 \x01(\x08\x12\x14\n\x0c\x64ue_epoch_us\x18\x05 \x01(\x03*\x89\x01\n\nModelState\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x04*\x82\x01\n\rStreamControl\x12\x1e\n\x1aSTREAM_CONTROL_UNSPECIFIED\x10\x00\x12\x18\n\x14STREAM_CONTROL_FLUSH\x10\x01\x12\x19\n\x15STREAM_CONTROL_CANCEL\x10\x02\x12\x1c\n\x18STREAM_CONTROL_INTERRUPT\x10\x03\x32\xc3\x04\n\x11MonolithicService\x12\\\n\x13InferBatchComposite\x12!.monolithic.CompositeBatchRequest\x1a\".monolithic.CompositeBatchResponse\x12K\n\nListModels\x12\x1d.monolithic.ListModelsRequest\x1a\x1e.monolithic.ListModelsResponse\x12H\n\tLoadModel\x12\x1c.monolithic.LoadModelRequest\x1a\x1d.monolithic.LoadModelResponse\x12N\n\x0bUnloadModel\x12\x1e.monolithic.UnloadModelRequest\x1a\x1f.monolithic.UnloadModelResponse\x12T\n\rGetModelStats\x12 .monolithic.GetModelStatsRequest\x1a!.monolithic.GetModelStatsResponse\x12?\n\x06Health\x12\x19.monolithic.HealthRequest\x1a\x1a.monolithic.HealthResponse\x12R\n\x0bStreamAudio\x12\x1e.monolithic.StreamAudioRequest\x1a\x1f.monolithic.StreamAudioResponse(\x01\x30\x01\x42\x1cZ\x1ago-monolithic-server/protob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10monolithic.proto\x12\nmonolithic\"\xad\x01\n\x15\x43ompositeBatchRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rvisual_frames\x18\x02 \x01(\x0c\x12\x11\n\traw_audio\x18\x03 \x01(\x0c\x12\x16\n\x0e\x61udio_features\x18\x04 \x01(\x0c\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x17\n\x0fstart_frame_idx\x18\x06 \x01(\x05\x12\x13\n\x0bsample_rate\x18\x07 \x01(\x05\"\xa9\x02\n\x16\x43ompositeBatchResponse\x12\x19\n\x11\x63omposited_frames\x18\x01 \x03(\x0c\x12\x19\n\x11inference_time_ms\x18\x02 \x01(\x02\x12\x19\n\x11\x63omposite_time_ms\x18\x03 \x01(\x02\x12\x15\n\rtotal_time_ms\x18\x04 \x01(\x02\x12\x1b\n\x13\x61udio_processing_ms\x18\x05 \x01(\x02\x12\x14\n\x0cmodel_loaded\x18\x06 \x01(\x08\x12\x1a\n\x12model_load_time_ms\x18\x07 \x01(\x02\x12\x0f\n\x07success\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06gpu_id\x18\n \x01(\x05\x12(\n\x06stages\x18\x0b \x01(\x0b\x32\x18.monolithic.StageTimings\"\xed\x01\n\x0cStageTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x10\n\x08\x61udio_ms\x18\x02 \x01(\x02\x12\x12\n\nencoder_ms\x18\x03 \x01(\x02\x12\x11\n\tvisual_ms\x18\x04 \x01(\x02\x12\x0f\n\x07unet_ms\x18\x05 \x01(\x02\x12\x10\n\x08paste_ms\x18\x06 \x01(\x02\x12\x0f\n\x07jpeg_ms\x18\x07 \x01(\x02\x12\x1d\n\x15\x63omposite_critical_ms\x18\x08 \x01(\x02\x12\x12\n\nrun_frames\x18\t \x01(\x05\x12\x14\n\x0crun_requests\x18\n \x01(\x05\x12\x15\n\rinput_copy_ms\x18\x0b \x01(\x02\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.monolithic.ModelInfo\"\xdb\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x0e\n\x06gpu_id\x18\x03 \x01(\x05\x12\x11\n\tmemory_mb\x18\x04 \x01(\x03\x12\x15\n\rrequest_count\x18\x05 \x01(\x05\x12\x18\n\x10\x61vg_inference_ms\x18\x06 \x01(\x02\x12%\n\x05state\x18\x07 \x01(\x0e\x32\x16.monolithic.ModelState\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x11\n\tprecision\x18\n \x01(\t\"R\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1a\n\rpreferred_gpu\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x10\n\x0e_preferred_gpu\"Y\n\x11LoadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0e\n\x06gpu_id\x18\x03 \x01(\x05\x12\x14\n\x0cload_time_ms\x18\x04 \x01(\x02\"&\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"5\n\x13UnloadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x16\n\x14GetModelStatsRequest\"?\n\x15GetModelStatsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.monolithic.ModelStats\"\xf1\x01\n\nModelStats\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x0e\n\x06gpu_id\x18\x03 \x01(\x05\x12\x11\n\tmemory_mb\x18\x04 \x01(\x03\x12\x15\n\rrequest_count\x18\x05 \x01(\x05\x12\x1a\n\x12total_inference_ms\x18\x06 \x01(\x03\x12\x18\n\x10\x61vg_inference_ms\x18\x07 \x01(\x02\x12\x1b\n\x13last_used_timestamp\x18\x08 \x01(\x03\x12%\n\x05state\x18\t \x01(\x0e\x32\x16.monolithic.ModelState\x12\r\n\x05\x65rror\x18\n \x01(\t\"\x0f\n\rHealthRequest\"\x9f\x01\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x15\n\rloaded_models\x18\x02 \x01(\x05\x12\x12\n\nmax_models\x18\x03 \x01(\x05\x12\x0f\n\x07gpu_ids\x18\x04 \x03(\x05\x12\x1a\n\x12gpu_memory_used_gb\x18\x05 \x03(\x02\x12\x10\n\x08\x62\x61\x63kends\x18\x06 \x03(\t\x12\x12\n\nprecisions\x18\x07 \x03(\t\"\x8a\x01\n\x12StreamAudioRequest\x12*\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x18.monolithic.StreamConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x12,\n\x07\x63ontrol\x18\x03 \x01(\x0e\x32\x19.monolithic.StreamControlH\x00\x42\t\n\x07message\"f\n\x0cStreamConfig\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x05\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0c\n\x04mode\x18\x05 \x01(\t\"a\n\x13StreamAudioResponse\x12(\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x17.monolithic.StreamFrameH\x00\x12\x15\n\x0bstatus_json\x18\x02 \x01(\tH\x00\x42\t\n\x07message\"f\n\x0bStreamFrame\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x03\x12\x0e\n\x06pts_us\x18\x02 \x01(\x03\x12\x0c\n\x04jpeg\x18\x03 \x01(\x0c\x12\x0e\n\x06speech\x18\x04 \x01(\x08\x12\x14\n\x0c\x64ue_epoch_us\x18\x05 \x01(\x03*\x89\x01\n\nModelState\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x04*\x82\x01\n\rStreamControl\x12\x1e\n\x1aSTREAM_CONTROL_UNSPECIFIED\x10\x00\x12\x18\n\x14STREAM_CONTROL_FLUSH\x10\x01\x12\x19\n\x15STREAM_CONTROL_CANCEL\x10\x02\x12\x1c\n\x18STREAM_CONTROL_INTERRUPT\x10\x03\x32\xc3\x04\n\x11MonolithicService\x12\\\n\x13InferBatchComposite\x12!.monolithic.CompositeBatchRequest\x1a\".monolithic.CompositeBatchResponse\x12K\n\nListModels\x12\x1d.monolithic.ListModelsRequest\x1a\x1e.monolithic.ListModelsResponse\x12H\n\tLoadModel\x12\x1c.monolithic.LoadModelRequest\x1a\x1d.monolithic.LoadModelResponse\x12N\n\x0bUnloadModel\x12\x1e.monolithic.UnloadModelRequest\x1a\x1f.monolithic.UnloadModelResponse\x12T\n\rGetModelStats\x12 .monolithic.GetModelStatsRequest\x1a!.monolithic.GetModelStatsResponse\x12?\n\x06Health\x12\x19.monolithic.HealthRequest\x1a\x1a.monolithic.HealthResponse\x12R\n\x0bStreamAudio\x12\x1e.monolithic.StreamAudioRequest\x1a\x1f.monolithic.StreamAudioResponse(\x01\x30\x01\x42\x1cZ\x1ago-monolithic-server/protob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,10 +32,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'monolithic_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\032go-monolithic-server/proto'
-  _globals['_MODELSTATE']._serialized_start=2208
-  _globals['_MODELSTATE']._serialized_end=2345
-  _globals['_STREAMCONTROL']._serialized_start=2348
-  _globals['_STREAMCONTROL']._serialized_end=2478
+  _globals['_MODELSTATE']._serialized_start=2283
+  _globals['_MODELSTATE']._serialized_end=2420
+  _globals['_STREAMCONTROL']._serialized_start=2423
+  _globals['_STREAMCONTROL']._serialized_end=2553
   _globals['_COMPOSITEBATCHREQUEST']._serialized_start=33
   _globals['_COMPOSITEBATCHREQUEST']._serialized_end=206
   _globals['_COMPOSITEBATCHRESPONSE']._serialized_start=209
@@ -47,33 +47,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=769
   _globals['_LISTMODELSRESPONSE']._serialized_end=828
   _globals['_MODELINFO']._serialized_start=831
-  _globals['_MODELINFO']._serialized_end=1014
-  _globals['_LOADMODELREQUEST']._serialized_start=1016
-  _globals['_LOADMODELREQUEST']._serialized_end=1098
-  _globals['_LOADMODELRESPONSE']._serialized_start=1100
-  _globals['_LOADMODELRESPONSE']._serialized_end=1189
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1191
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1229
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1231
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1284
-  _globals['_GETMODELSTATSREQUEST']._serialized_start=1286
-  _globals['_GETMODELSTATSREQUEST']._serialized_end=1308
-  _globals['_GETMODELSTATSRESPONSE']._serialized_start=1310
-  _globals['_GETMODELSTATSRESPONSE']._serialized_end=1373
-  _globals['_MODELSTATS']._serialized_start=1376
-  _globals['_MODELSTATS']._serialized_end=1617
-  _globals['_HEALTHREQUEST']._serialized_start=1619
-  _globals['_HEALTHREQUEST']._serialized_end=1634
-  _globals['_HEALTHRESPONSE']._serialized_start=1636
-  _globals['_HEALTHRESPONSE']._serialized_end=1757
-  _globals['_STREAMAUDIOREQUEST']._serialized_start=1760
-  _globals['_STREAMAUDIOREQUEST']._serialized_end=1898
-  _globals['_STREAMCONFIG']._serialized_start=1900
-  _globals['_STREAMCONFIG']._serialized_end=2002
-  _globals['_STREAMAUDIORESPONSE']._serialized_start=2004
-  _globals['_STREAMAUDIORESPONSE']._serialized_end=2101
-  _globals['_STREAMFRAME']._serialized_start=2103
-  _globals['_STREAMFRAME']._serialized_end=2205
-  _globals['_MONOLITHICSERVICE']._serialized_start=2481
-  _globals['_MONOLITHICSERVICE']._serialized_end=3060
+  _globals['_MODELINFO']._serialized_end=1050
+  _globals['_LOADMODELREQUEST']._serialized_start=1052
+  _globals['_LOADMODELREQUEST']._serialized_end=1134
+  _globals['_LOADMODELRESPONSE']._serialized_start=1136
+  _globals['_LOADMODELRESPONSE']._serialized_end=1225
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1227
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1265
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1267
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1320
+  _globals['_GETMODELSTATSREQUEST']._serialized_start=1322
+  _globals['_GETMODELSTATSREQUEST']._serialized_end=1344
+  _globals['_GETMODELSTATSRESPONSE']._serialized_start=1346
+  _globals['_GETMODELSTATSRESPONSE']._serialized_end=1409
+  _globals['_MODELSTATS']._serialized_start=1412
+  _globals['_MODELSTATS']._serialized_end=1653
+  _globals['_HEALTHREQUEST']._serialized_start=1655
+  _globals['_HEALTHREQUEST']._serialized_end=1670
+  _globals['_HEALTHRESPONSE']._serialized_start=1673
+  _globals['_HEALTHRESPONSE']._serialized_end=1832
+  _globals['_STREAMAUDIOREQUEST']._serialized_start=1835
+  _globals['_STREAMAUDIOREQUEST']._serialized_end=1973
+  _globals['_STREAMCONFIG']._serialized_start=1975
+  _globals['_STREAMCONFIG']._serialized_end=2077
+  _globals['_STREAMAUDIORESPONSE']._serialized_start=2079
+  _globals['_STREAMAUDIORESPONSE']._serialized_end=2176
+  _globals['_STREAMFRAME']._serialized_start=2178
+  _globals['_STREAMFRAME']._serialized_end=2280
+  _globals['_MONOLITHICSERVICE']._serialized_start=2556
+  _globals['_MONOLITHICSERVICE']._serialized_end=3135
 # @@protoc_insertion_point(module_scope)

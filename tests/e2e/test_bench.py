@@ -85,3 +85,30 @@ def test_the_bench_model_is_built_and_served(tmp_path: Path, small_models_root: 
     assert (small_models_root / "bench" / "unet.onnx").is_file()
     assert result["errors"] == 0 and result["model"] == "bench"
     assert result["stage_ms"]["unet"] > 5 * result["stage_ms"]["audio"]  # a real network's cost
+
+
+def test_providers_are_compared_in_alternating_rounds(small_models_root: Path,
+                                                      tmp_path: Path) -> None:
+    """--providers cpu,openvino:1 starts one server per entry, measures both in the same
+    rounds, names what each worker ran and gives the ratio of their frames/s."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    config = write_config(tmp_path / "config.yaml", small_models_root)
+    result = bench("--config", str(config), "--model", "demo", "--providers", "cpu,openvino:1",
+                   "--duration", "3", "--rounds", "2", "--batch", "2", "--concurrency", "1")
+    assert result["providers"] == ["cpu", "openvino:1"] and result["rounds"] == 2
+    for entry, backend in (("cpu", "onnxruntime-cpu fp32"), ("openvino:1", "openvino ")):
+        assert result[entry]["errors"] == 0 and result[entry]["fps"] > 0
+        assert len(result[entry]["fps_per_round"]) == 2
+        assert result[entry]["backend"].startswith(backend)
+    assert result["openvino:1"]["backend"].split(" (")[0].endswith("x1")
+    assert result["ratio_openvino:1_vs_cpu"] == pytest.approx(
+        result["openvino:1"]["fps"] / result["cpu"]["fps"], rel=1e-2)
+
+
+def test_bad_provider_entries_are_refused() -> None:
+    """A repeated, unknown or non-numeric entry is a one-line error before any server starts."""
+    for entries in ("cpu,cpu", "cpu,tpu", "cpu,openvino:x", "cpu"):
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "--providers",
+                               entries, "--duration", "1"], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode != 0 and "--providers" in done.stderr, (entries, done.stderr)

@@ -204,3 +204,23 @@ def test_a_reimport_is_served_after_unload_and_load(run: Path, imported: tuple[P
         after = _frame(stub, COPY, frame, features)
     assert _psnr(before[y1:y2, x1:x2], want[y1:y2, x1:x2]) >= 35.0
     assert _psnr(after[y1:y2, x1:x2], want[y1:y2, x1:x2]) < 30.0
+
+
+def test_openvino_bf16_frames_within_40_db_on_the_imported_avatar(
+        imported: tuple[Path, dict], small_models_root: Path, tmp_path: Path) -> None:
+    """On the imported SyncTalk-2D avatar (its own audio encoder), OpenVINO f32 equals ONNX
+    Runtime fp32 within 1e-4 and bf16's composited frames are >= 40 dB from fp32's."""
+    ov_runtime = pytest.importorskip("pipeline.gpu_worker.openvino_runtime",
+                                     reason="the openvino extra is not installed")
+    from pipeline.bench.unet import precision_check
+
+    config = write_config(tmp_path / "config.yaml", small_models_root,
+                          **{f"models.{MODEL}": imported[1]})
+    f32 = precision_check(config, MODEL, "cpu", 4, reference=("cpu", "fp32"),
+                          candidate=("openvino", "fp32"))
+    assert f32["prediction_max_abs_diff"] <= 1e-4, f32
+    if not ov_runtime.bf16_units():
+        pytest.skip("this CPU has no bf16 units: bf16 is never chosen here")
+    bf16 = precision_check(config, MODEL, "cpu", 4, reference=("cpu", "fp32"),
+                           candidate=("openvino", "bf16"))
+    assert bf16["psnr_db_min"] >= 40.0, bf16

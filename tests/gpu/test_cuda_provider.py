@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.gpu_worker.device import resolve_provider
+from pipeline.gpu_worker.device import openvino_installed, resolve_provider
 from pipeline.gpu_worker.sessions import AudioEncoder, nodes_by_provider
 from pipeline.gpu_worker.unet import load_unet
 from tests.gpu.support import requires_gpu
@@ -16,8 +16,12 @@ def _ep(provider: str) -> str:
 
 
 def test_auto_resolves_to_the_device(provider: str) -> None:
-    """gpus.provider auto picks CUDA where ONNX Runtime has the CUDA EP and NVML a device."""
-    assert resolve_provider("auto", 1) == provider
+    """gpus.provider auto picks CUDA where ONNX Runtime has the CUDA EP and NVML a device
+    (in the CPU dry run: the CPU workers' provider, OpenVINO when it is installed)."""
+    expected = provider
+    if provider == "cpu" and openvino_installed():
+        expected = "openvino"
+    assert resolve_provider("auto", 1) == expected
 
 
 def test_every_node_of_unet_and_encoder_runs_on_the_provider(

@@ -297,7 +297,7 @@ def test_wrong_types(raw: dict[str, Any], message: str) -> None:
     (_raw(output={"jpeg_quality": -1}), "output.jpeg_quality: must be 0-100"),
     (_raw(gpus={"count": 0}), "gpus.count: must be 1-64"),
     (_raw(gpus={"count": 65}), "gpus.count: must be 1-64"),
-    (_raw(gpus={"provider": "gpu"}), "gpus.provider: must be auto, cuda or cpu"),
+    (_raw(gpus={"provider": "gpu"}), "gpus.provider: must be auto, cuda, cpu or openvino"),
     (_raw(gpus={"intra_op_threads": -1}), "gpus.intra_op_threads: must be >= 0"),
     (_raw(server={"max_message_size_mb": 0}), "server.max_message_size_mb: must be 1-2047"),
     (_raw(server={"request_timeout_s": 0}), "server.request_timeout_s: must be > 0"),
@@ -365,14 +365,15 @@ def test_parse_does_not_mutate_raw() -> None:
 
 
 def test_unet_precision_and_cuda_graphs() -> None:
-    """gpus.unet_precision is fp32 by default and one of fp32/tf32/fp16; cuda_graphs a bool."""
+    """gpus.unet_precision is auto by default and one of auto/fp32/tf32/fp16/bf16;
+    cuda_graphs a bool."""
     defaults = _parse(_raw()).gpus
-    assert (defaults.unet_precision, defaults.cuda_graphs) == ("fp32", False)
-    for precision in ("fp32", "tf32", "fp16"):
+    assert (defaults.unet_precision, defaults.cuda_graphs) == ("auto", False)
+    for precision in ("auto", "fp32", "tf32", "fp16", "bf16"):
         gpus = _parse(_raw(gpus={"unet_precision": precision, "cuda_graphs": True})).gpus
         assert (gpus.unet_precision, gpus.cuda_graphs) == (precision, True)
     assert _error(_raw(gpus={"unet_precision": "fp8"})) == \
-        "gpus.unet_precision: must be fp32, tf32 or fp16"
+        "gpus.unet_precision: must be auto, fp32, tf32, fp16 or bf16"
     assert _error(_raw(gpus={"unet_precision": 16})).startswith(
         "gpus.unet_precision: expected a non-empty string")
     assert _error(_raw(gpus={"cuda_graphs": "yes"})).startswith(

@@ -15,9 +15,11 @@ import pytest
 from pipeline import messages as msg
 from pipeline.client import speech_like_audio
 from pipeline.config import Config, ModelConfig, load_config
+from pipeline.gpu_worker import threads
 from pipeline.gpu_worker.batching import Inbox
+from pipeline.gpu_worker.device import Resolved
 from pipeline.gpu_worker.engine import EVENTS, FRONTEND, JOBS, ConfigMismatch, Engine
-from pipeline.gpu_worker.model_cache import ModelCache, load_finished
+from pipeline.gpu_worker.model_cache import ModelCache, load_finished, unet_rebuilt
 from pipeline.shm.arena import Arena
 from pipeline.shm.segment import SHM_DIR, segment_name
 from pipeline.synctalk import PREDICTION_BYTES, VISUAL_BYTES, VISUAL_SHAPE
@@ -32,21 +34,26 @@ BAD_MODEL = {"model_path": "demo/missing.onnx", "background_dir": "demo/frames",
 class Harness:
     """An Engine, what it emitted, the loads it asked for, and a request arena."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, provider: Resolved = "cpu") -> None:
         self.cfg = cfg
         self.emitted: list[tuple[str, msg.Message]] = []
         self.loads: list[str] = []
+        self.rebuilds: list[str] = []
         self.deferred: list[ModelConfig] | None = None  # a list: loads wait for finish_loads()
         self.inbox = Inbox()
-        self.cache = ModelCache(cfg, 0, "cpu")
-        self.engine = Engine.create(cfg, 0, "cpu", self.inbox, self.cache,
+        self.cache = ModelCache(cfg, 0, provider)
+        self.engine = Engine.create(cfg, 0, provider, self.inbox, self.cache,
                                     lambda target, m: self.emitted.append((target, m)),
                                     self._start_load)
         self.arena = Arena.create(segment_name(cfg.runtime.instance, f"requests{next(_arenas)}"),
                                   256 * 2**20)
         self.next_id = 1
 
-    def _start_load(self, config: ModelConfig) -> None:
+    def _start_load(self, config: ModelConfig, rebuild: bool) -> None:
+        if rebuild:
+            self.rebuilds.append(config.model_id)
+            self.inbox.put(unet_rebuilt(self.cache, config))
+            return
         self.loads.append(config.model_id)
         if self.deferred is not None:
             self.deferred.append(config)
@@ -274,3 +281,55 @@ def test_coalesced_requests_share_a_run_and_get_their_own_frames(config_path: Pa
             np.testing.assert_allclose(harness.prediction(req), single, atol=1e-5)
     finally:
         harness.close()
+
+
+def test_the_inference_threads_follow_the_measured_stage_cpu(
+        tmp_path: Path, small_models_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With gpus.intra_op_threads auto, once enough frames were measured the loaded UNet is
+    rebuilt on the loader with the threads the measured CPU per frame calls for (here the
+    compositing outweighs the UNet: 1 of 2 cores), the next request runs on it, and it
+    answers as before."""
+    monkeypatch.setattr(threads, "PLAN_FRAMES", 1)
+    harness = Harness(load_config(write_config(tmp_path / "config.yaml", small_models_root)))
+    try:
+        cache = harness.cache
+        cache.planner.cores = cache.planner.threads = 2
+        cache.backend = cache.backend.with_threads(2)
+        assert not cache.planner.fixed and harness.control(msg.LoadModel, "demo").ok
+        before = cache.models["demo"].unet
+        assert before.session.get_session_options().intra_op_num_threads == 2  # type: ignore[attr-defined]
+        cache.planner.composite(10.0)  # a compositor's job measured far above the UNet's frame
+        first = harness.request(2, 0)
+        harness.handle(first)
+        assert harness.rebuilds == ["demo"] and cache.backend.threads == 1
+        after = cache.models["demo"].unet
+        assert after is not before
+        assert after.session.get_session_options().intra_op_num_threads == 1  # type: ignore[attr-defined]
+        again = harness.request(2, 0)
+        out = harness.handle(again)
+        assert any(isinstance(m, msg.InferDone) for _, m in out)
+        assert np.array_equal(harness.prediction(again), harness.prediction(first))
+    finally:
+        harness.close()
+
+
+def test_the_engine_runs_on_openvino(config_path: Path) -> None:
+    """The same engine on OpenVINO: a request gives its jobs and InferDone, and at fp32 the
+    prediction equals ONNX Runtime's within 1e-4."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    cfg = load_config(config_path)
+    cfg = dataclasses.replace(cfg, gpus=dataclasses.replace(cfg.gpus, unet_precision="fp32"))
+    predictions = []
+    for provider in ("cpu", "openvino"):
+        harness = Harness(cfg, provider)  # type: ignore[arg-type]
+        try:
+            assert harness.control(msg.LoadModel, "demo").ok
+            req = harness.request(3, 5)
+            out = harness.handle(req)
+            assert [type(m) for _, m in out] == [msg.CompositeJob] * 3 + [msg.InferDone]
+            predictions.append(harness.prediction(req))
+            assert harness.cache.backend.runtime == (
+                "openvino" if provider == "openvino" else "onnxruntime-cpu")
+        finally:
+            harness.close()
+    assert float(np.max(np.abs(predictions[0] - predictions[1]))) <= 1e-4
