@@ -179,9 +179,8 @@ class DeviceCompositor:
         session = self.sessions[mode]
         binding = session.io_binding()
         backgrounds.bind(binding, "backgrounds")
-        binding.bind_cpu_input("frames", np.asarray(frames, np.int64))
         binding.bind_cpu_input("prediction", np.ascontiguousarray(prediction, np.float32))
-        for name, array in paste_feeds(mode, list(rects), height, width).items():
+        for name, array in paste_feeds(mode, frames, rects, height, width).items():
             binding.bind_cpu_input(name, array)
         binding.bind_output(OUTPUT, self.device)
         session.run_with_iobinding(binding)

@@ -7,14 +7,15 @@ It computes what a compositor's `paste` computes, frame by frame:
 - stretch: the prediction stretched over the rect with the Go server's bilinear formula.
 Pixels as the compositor converts them: x255, NaN -> 0, clamp to [0, 255], truncate.
 
-Rects differ from frame to frame, so no resize has one shape for the batch. Every resize
-is therefore laid out as gathers of source rows or columns at tap indices and a weighted
-sum over the taps; the host computes the taps (`paste_feeds`: a few kB per frame, cached
-per rect size), the graph only gathers, multiplies and adds. The rect's pixels are first
-gathered into a window of the batch's largest rect (`Sh` x `Sw`), and the pasted window is
-put back into the full frame by one more pair of gathers and a select. Only Gather,
-Transpose, Reshape, Mul, ReduceSum, Round/Floor, Clip, Where and friends: every one has a
-kernel on the CUDA provider, for uint8 as for float.
+Rects differ from frame to frame, so no resize has one shape for the batch. Each frame's
+rect is gathered into a window of the batch's largest rect size (`Sh` x `Sw`, placed
+inside the frame over the rect), and every resize is laid out as one gather of source
+pixels or rows per tap, times the tap's weight, added up: the host computes the taps
+(`paste_feeds`: a few kB per frame, cached per rect size), the graph only gathers,
+multiplies and adds (no reduction, no transpose of a frame). The pasted window goes back
+into a copy of the background frame by one ScatterND. Only Gather, Mul, Add, Concat,
+Slice, Round/Floor, Clip, Cast, Where, ScatterND and friends: every one has a kernel on
+the CUDA provider, and the GPU suite checks that every node runs there.
 
 The cubic weights are OpenCV's (a = -0.75, half-pixel centres, replicated border), in
 float32; OpenCV's own 8-bit resize (Intel IPP inside the wheels) rounds differently, so a
@@ -24,6 +25,7 @@ order of operations, so those frames are equal.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -78,53 +80,83 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _resize_taps(mode: str, src: int, dst: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Taps of the paste's resize to `dst` pixels, padded to `size` outputs (weight 0)."""
+def _resize_taps(mode: str, src: int, dst: int, offset: int,
+                 size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Taps of the paste's resize to `dst` pixels placed at `offset` in `size` outputs (the
+    others weigh 0: the window's background shows there)."""
     index, weights = cubic_taps(src, dst) if mode == "synctalk" else go_bilinear_taps(src, dst)
-    pad = ((0, size - dst), (0, 0))
+    pad = ((offset, size - dst - offset), (0, 0))
     return np.pad(index, pad), np.pad(weights, pad)
 
 
-def paste_feeds(mode: str, rects: list[Rect], height: int,
+def paste_feeds(mode: str, frames: Sequence[int], rects: Sequence[Rect], height: int,
                 width: int) -> dict[str, np.ndarray]:
-    """The graph's per-batch inputs for frames with these rects (clipped to a frame of
-    height x width, non-empty), besides `backgrounds`, `frames` and `prediction`."""
+    """The graph's per-batch inputs for output frames on these backgrounds (indices into the
+    model's frames) with these rects (clipped to a frame of height x width, non-empty),
+    besides `backgrounds` and `prediction`."""
     if mode not in MODES:
         raise ValueError(f"composite mode must be one of {MODES}, got {mode!r}")
     b = len(rects)
     r = np.asarray(rects, np.int64).reshape(b, 4)
     x1, y1, x2, y2 = r.T
     w, h = x2 - x1, y2 - y1
-    if b == 0 or (w < 1).any() or (h < 1).any() or (x1 < 0).any() or (y1 < 0).any() \
-            or (x2 > width).any() or (y2 > height).any():
-        raise ValueError(f"rects must be non-empty and inside the {width}x{height} frame")
+    if b == 0 or len(frames) != b or (w < 1).any() or (h < 1).any() or (x1 < 0).any() \
+            or (y1 < 0).any() or (x2 > width).any() or (y2 > height).any():
+        raise ValueError(f"one frame per rect; rects must be non-empty and inside the "
+                         f"{width}x{height} frame")
+    # the window: the batch's largest rect size, placed inside the frame over each rect
     sw, sh = int(w.max()), int(h.max())
+    ox, oy = np.minimum(x1, width - sw), np.minimum(y1, height - sh)
+    dx, dy = x1 - ox, y1 - oy                            # the rect inside its window
     src = CROP if mode == "synctalk" else MOUTH
-    base = np.arange(b)[:, None]
-    feeds: dict[str, np.ndarray] = {}
+    batch = np.arange(b)
+    frame = np.asarray(frames, np.int64)
+    rows, cols = oy[:, None] + np.arange(sh), ox[:, None] + np.arange(sw)  # [B,Sh], [B,Sw]
+    feeds: dict[str, np.ndarray] = {
+        "frames": frame,
+        # flat pixel indices of the window in the backgrounds viewed as [N*H*W, 3]
+        "window_rows": ((frame[:, None] * height + rows) * width)[:, :, None],
+        "window_cols": cols[:, None, :],
+        # where the pasted window goes: ScatterND's (batch, row, column)
+        "batch_ids": batch.reshape(b, 1, 1, 1),
+        "scatter_rows": rows[:, :, None, None], "scatter_cols": cols[:, None, :, None],
+        "inside_y": _span(dy, h, sh)[:, :, None, None],
+        "inside_x": np.repeat(_span(dx, w, sw)[:, None, :, None], 3, axis=3),
+        "source_rows": ((batch[:, None] * src + np.arange(src)) * src)[:, :, None],
+    }
     if mode == "synctalk":
-        # the rect's pixels into the window (rows/columns past the rect repeat its last one)
-        feeds["window_rows"] = base * height + y1[:, None] + np.minimum(np.arange(sh), h[:, None] - 1)
-        feeds["window_cols"] = base * width + x1[:, None] + np.minimum(np.arange(sw), w[:, None] - 1)
         crop_x = [cubic_taps(int(n), CROP) for n in w]
         crop_y = [cubic_taps(int(n), CROP) for n in h]
-        feeds["crop_x"] = base[:, :, None] * sw + np.stack([t[0] for t in crop_x])
-        feeds["crop_x_w"] = np.stack([t[1] for t in crop_x])[..., None, None]
-        feeds["crop_y"] = base[:, :, None] * sh + np.stack([t[0] for t in crop_y])
-        feeds["crop_y_w"] = np.stack([t[1] for t in crop_y])[..., None, None]
-    paste_x = [_resize_taps(mode, src, int(n), sw) for n in w]
-    paste_y = [_resize_taps(mode, src, int(n), sh) for n in h]
-    feeds["paste_x"] = base[:, :, None] * src + np.stack([t[0] for t in paste_x])
-    feeds["paste_x_w"] = np.stack([t[1] for t in paste_x])[..., None, None]
-    feeds["paste_y"] = base[:, :, None] * src + np.stack([t[0] for t in paste_y])
-    feeds["paste_y_w"] = np.stack([t[1] for t in paste_y])[..., None, None]
-    # back into the frame: frame pixel (y, x) reads window pixel (y - y1, x - x1) in the rect
-    xs, ys = np.arange(width), np.arange(height)
-    feeds["place_x"] = base * sw + np.clip(xs - x1[:, None], 0, sw - 1)
-    feeds["place_y"] = base * sh + np.clip(ys - y1[:, None], 0, sh - 1)
-    feeds["inside_x"] = ((xs >= x1[:, None]) & (xs < x2[:, None]))[:, None, :, None]
-    feeds["inside_y"] = ((ys >= y1[:, None]) & (ys < y2[:, None]))[:, :, None, None]
+        feeds["window_row_base"] = ((batch[:, None] * sh + np.arange(sh)) * sw)[:, :, None]
+        feeds["crop_x"] = _taps_first(dx[:, None, None] + np.stack([t[0] for t in crop_x]))[:, :, None]
+        feeds["crop_x_w"] = _per_channel(_taps_first(np.stack([t[1] for t in crop_x]))[:, :, None])
+        feeds["crop_y"] = _taps_first(batch[:, None, None] * sh + dy[:, None, None]
+                                      + np.stack([t[0] for t in crop_y]))
+        feeds["crop_y_w"] = _taps_first(np.stack([t[1] for t in crop_y]))[..., None, None]
+    paste_x = [_resize_taps(mode, src, int(n), int(d), sw) for n, d in zip(w, dx, strict=True)]
+    paste_y = [_resize_taps(mode, src, int(n), int(d), sh) for n, d in zip(h, dy, strict=True)]
+    feeds["paste_x"] = _taps_first(np.stack([t[0] for t in paste_x]))[:, :, None]
+    feeds["paste_x_w"] = _per_channel(_taps_first(np.stack([t[1] for t in paste_x]))[:, :, None])
+    feeds["paste_y"] = _taps_first(batch[:, None, None] * src + np.stack([t[0] for t in paste_y]))
+    feeds["paste_y_w"] = _taps_first(np.stack([t[1] for t in paste_y]))[..., None, None]
     return {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+
+
+def _span(start: np.ndarray, length: np.ndarray, size: int) -> np.ndarray:
+    """[B, size] float32: 1 on [start, start + length) of each row, else 0."""
+    at = np.arange(size)
+    return ((at >= start[:, None]) & (at < (start + length)[:, None])).astype(np.float32)
+
+
+def _per_channel(weights: np.ndarray) -> np.ndarray:
+    """[..., m] -> [..., m, 3]: a weight per pixel's channel, so the products it meets are
+    of one shape in their last two axes (ONNX Runtime's CPU kernels are fast for those)."""
+    return np.repeat(weights[..., None], 3, axis=-1)
+
+
+def _taps_first(a: np.ndarray) -> np.ndarray:
+    """[B, n, K] -> [K, B, n]: the graph takes one tap at a time."""
+    return np.moveaxis(a, 2, 0)
 
 
 # ---- the graph ---------------------------------------------------------------------------
@@ -138,15 +170,41 @@ def _merge01(g: GraphBuilder, x: str) -> str:
                                     axis=0)])
 
 
-def _swap12(g: GraphBuilder, x: str) -> str:
-    return g.op("Transpose", [x], perm=[0, 2, 1, 3])
+def _pixels(g: GraphBuilder, x: str) -> str:
+    """x [..., 3] -> [n, 3]: one row per pixel, for gathers at flat pixel indices."""
+    return g.op("Reshape", [x, g.constant("pixel_rows", np.array([-1, 3]))])
 
 
-def _resample(g: GraphBuilder, source: str, taps: str, weights: str) -> str:
-    """source [B, n, m, 3]: out[b, i, :, :] = sum_k weights[b,i,k] * source[b, taps[b,i,k]]."""
-    gathered = g.op("Gather", [_merge01(g, source), taps], axis=0)  # [B, dst, K, m, 3]
-    return g.op("ReduceSum", [g.op("Mul", [gathered, weights]), g.constant("axis2", np.array([2]))],
-                keepdims=0)
+def _tap(g: GraphBuilder, taps: str, k: int) -> str:
+    """Tap k of a [K, ...] taps or weights input."""
+    return g.op("Gather", [taps, g.constant(f"tap{k}", np.array(k))], axis=0)
+
+
+def _weighted_sum(g: GraphBuilder, k_taps: int, gather: Callable[[int], str], weights: str) -> str:
+    """The sum over k of gather(k) * weights[k], added tap after tap: elementwise kernels,
+    no reduction (fast on every provider), in the float order of the formulas copied."""
+    total = ""
+    for k in range(k_taps):
+        term = g.op("Mul", [gather(k), _tap(g, weights, k)])
+        total = term if not total else g.op("Add", [total, term])
+    return total
+
+
+def _resample_x(g: GraphBuilder, source: str, row_base: str, taps: str, weights: str,
+                k_taps: int) -> str:
+    """Along the columns: source [B,n,m,3], row_base [B,n,1] (flat index of each row's first
+    pixel), taps [K,B,1,m'], weights [K,B,1,m',3] -> [B,n,m',3]."""
+    pixels = _pixels(g, source)
+    return _weighted_sum(g, k_taps, lambda k: g.op("Gather", [pixels, g.op(
+        "Add", [row_base, _tap(g, taps, k)])], axis=0), weights)
+
+
+def _resample_y(g: GraphBuilder, source: str, taps: str, weights: str, k_taps: int) -> str:
+    """Along the rows: source [B,n,m,3], taps [K,B,n'] (offset by batch * n), weights
+    [K,B,n',1,1] -> [B,n',m,3]."""
+    rows = _merge01(g, source)
+    return _weighted_sum(g, k_taps, lambda k: g.op("Gather", [rows, _tap(g, taps, k)], axis=0),
+                         weights)
 
 
 def _to_pixels(g: GraphBuilder, x: str, rounding: str) -> str:
@@ -154,10 +212,15 @@ def _to_pixels(g: GraphBuilder, x: str, rounding: str) -> str:
                          g.constant("u8max", np.array(255, np.float32))])
 
 
+def _slice(g: GraphBuilder, x: str, axis: int, start: int, stop: int) -> str:
+    return g.op("Slice", [x, g.constant(f"at{start}", np.array([start])),
+                          g.constant(f"at{stop}", np.array([stop])),
+                          g.constant(f"axis{axis}", np.array([axis]))])
+
+
 def paste_graph(mode: str) -> onnx.ModelProto:
     """The batch paste of `mode`: backgrounds [N,H,W,3] uint8 (all of a model's frames),
-    frames [B] int64 (which background each output frame is on), prediction [B,3,320,320]
-    float32 and the `paste_feeds` -> frames_out [B,H,W,3] uint8."""
+    prediction [B,3,320,320] float32 and the `paste_feeds` -> frames_out [B,H,W,3] uint8."""
     from onnx import TensorProto, checker, helper
 
     from pipeline.networks.builder import GraphBuilder
@@ -165,53 +228,69 @@ def paste_graph(mode: str) -> onnx.ModelProto:
     if mode not in MODES:
         raise ValueError(f"composite mode must be one of {MODES}, got {mode!r}")
     g = GraphBuilder()
-    bg = g.op("Gather", ["backgrounds", "frames"], axis=0)                     # [B,H,W,3] u8
+    # the window over each rect, from the backgrounds as they are (uint8)
+    window_u8 = g.op("Gather", [_pixels(g, "backgrounds"),
+                                g.op("Add", ["window_rows", "window_cols"])], axis=0)  # [B,Sh,Sw,3]
     # the prediction as the compositor converts it, HWC
     scaled = g.op("Mul", ["prediction", g.constant("u8scale", np.array(255, np.float32))])
-    finite = g.op("Where", [g.op("IsNaN", [scaled]), g.constant("zero", np.array(0, np.float32)), scaled])
+    finite = g.op("Where", [g.op("IsNaN", [scaled]), g.constant("zero", np.array(0, np.float32)),
+                            scaled])
     mouth = g.op("Transpose", [_to_pixels(g, finite, "Floor")], perm=[0, 2, 3, 1])  # [B,320,320,3]
     if mode == "synctalk":
-        window = g.op("Gather", [_merge01(g, bg), "window_rows"], axis=0)        # [B,Sh,W,3]
-        window = g.op("Gather", [_merge01(g, _swap12(g, window)), "window_cols"], axis=0)
-        window = g.op("Cast", [window], to=TensorProto.FLOAT)                    # [B,Sw,Sh,3]
-        crop = _resample(g, window, "crop_x", "crop_x_w")                        # [B,328,Sh,3]
-        crop = _resample(g, _swap12(g, crop), "crop_y", "crop_y_w")              # [B,328,328,3]
-        crop = _to_pixels(g, crop, "Round")
-        border = INNER.start
-        placed = g.op("Pad", [mouth, g.constant("inner_pads", np.array(
-            [0, border, border, 0, 0, CROP - INNER.stop, CROP - INNER.stop, 0]))])
-        inner = np.zeros((1, CROP, CROP, 1), bool)
-        inner[:, INNER, INNER] = True
-        source = g.op("Where", [g.constant("inner", inner), placed, crop])       # [B,328,328,3]
+        window = g.op("Cast", [window_u8], to=TensorProto.FLOAT)
+        crop = _resample_x(g, window, "window_row_base", "crop_x", "crop_x_w", 4)  # [B,Sh,328,3]
+        crop = _to_pixels(g, _resample_y(g, crop, "crop_y", "crop_y_w", 4), "Round")  # [B,328,328,3]
+        a, z = INNER.start, INNER.stop
+        middle = _slice(g, crop, 1, a, z)
+        middle = g.op("Concat", [_slice(g, middle, 2, 0, a), mouth, _slice(g, middle, 2, z, CROP)],
+                      axis=2)
+        source = g.op("Concat", [_slice(g, crop, 1, 0, a), middle, _slice(g, crop, 1, z, CROP)],
+                      axis=1)                                                  # [B,328,328,3]
     else:
         source = mouth
-    patch = _resample(g, _swap12(g, source), "paste_x", "paste_x_w")             # [B,Sw,S,3]
-    patch = _resample(g, _swap12(g, patch), "paste_y", "paste_y_w")              # [B,Sh,Sw,3]
-    patch = g.op("Cast", [_to_pixels(g, patch, "Round" if mode == "synctalk" else "Floor")],
-                 to=TensorProto.UINT8)
-    full = g.op("Gather", [_merge01(g, _swap12(g, patch)), "place_x"], axis=0)   # [B,W,Sh,3]
-    full = g.op("Gather", [_merge01(g, _swap12(g, full)), "place_y"], axis=0)    # [B,H,W,3]
-    inside = g.op("And", ["inside_y", "inside_x"])                               # [B,H,W,1]
-    g.nodes.append(helper.make_node("Where", [inside, full, bg], [OUTPUT], name=OUTPUT))
+    taps, src = (4, CROP) if mode == "synctalk" else (2, MOUTH)
+    patch = _resample_x(g, source, "source_rows", "paste_x", "paste_x_w", taps)  # [B,S,Sw,3]
+    patch = _resample_y(g, patch, "paste_y", "paste_y_w", taps)                   # [B,Sh,Sw,3]
+    # the rect's pixels pasted (the patch is 0 outside the rect: its taps weigh 0 there), the
+    # rest of the window as it was
+    inside = g.op("Mul", ["inside_y", "inside_x"])                              # [B,Sh,Sw,3]
+    outside = g.op("Sub", [g.constant("one_f", np.array(1, np.float32)), inside])
+    if mode != "synctalk":
+        window = g.op("Cast", [window_u8], to=TensorProto.FLOAT)
+    patch = g.op("Add", [patch, g.op("Mul", [window, outside])])
+    pasted = g.op("Cast", [_to_pixels(g, patch, "Round" if mode == "synctalk" else "Floor")],
+                  to=TensorProto.UINT8)
+    ones = g.op("Concat", [_slice(g, g.op("Shape", [pasted]), 0, 0, 3),
+                           g.constant("one", np.array([1]))], axis=0)
+    where = g.op("Concat", [g.op("Expand", [name, ones]) for name in
+                            ("batch_ids", "scatter_rows", "scatter_cols")], axis=3)  # [B,Sh,Sw,3]
+    frames = g.op("Gather", ["backgrounds", "frames"], axis=0)                  # [B,H,W,3]
+    g.nodes.append(helper.make_node("ScatterND", [frames, where, pasted], [OUTPUT], name=OUTPUT))
 
     def tensor(name: str, kind: int, shape: list[str | int]) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, kind, shape)
 
     i64, f32, u8 = TensorProto.INT64, TensorProto.FLOAT, TensorProto.UINT8
-    inputs = [tensor("backgrounds", u8, ["N", "H", "W", 3]), tensor("frames", i64, ["B"]),
-              tensor("prediction", f32, ["B", *PREDICTION_SHAPE])]
+    inputs = [tensor("backgrounds", u8, ["N", "H", "W", 3]),
+              tensor("prediction", f32, ["B", *PREDICTION_SHAPE]),
+              tensor("frames", i64, ["B"]),
+              tensor("window_rows", i64, ["B", "Sh", 1]), tensor("window_cols", i64, ["B", 1, "Sw"]),
+              tensor("batch_ids", i64, ["B", 1, 1, 1]),
+              tensor("scatter_rows", i64, ["B", "Sh", 1, 1]),
+              tensor("scatter_cols", i64, ["B", 1, "Sw", 1]),
+              tensor("inside_y", f32, ["B", "Sh", 1, 1]),
+              tensor("inside_x", f32, ["B", 1, "Sw", 3]),
+              tensor("source_rows", i64, ["B", src, 1])]
     if mode == "synctalk":
-        inputs += [tensor("window_rows", i64, ["B", "Sh"]), tensor("window_cols", i64, ["B", "Sw"]),
-                   tensor("crop_x", i64, ["B", CROP, 4]), tensor("crop_x_w", f32, ["B", CROP, 4, 1, 1]),
-                   tensor("crop_y", i64, ["B", CROP, 4]), tensor("crop_y_w", f32, ["B", CROP, 4, 1, 1])]
-    taps = 4 if mode == "synctalk" else 2
-    inputs += [tensor("paste_x", i64, ["B", "Sw", taps]),
-               tensor("paste_x_w", f32, ["B", "Sw", taps, 1, 1]),
-               tensor("paste_y", i64, ["B", "Sh", taps]),
-               tensor("paste_y_w", f32, ["B", "Sh", taps, 1, 1]),
-               tensor("place_x", i64, ["B", "W"]), tensor("place_y", i64, ["B", "H"]),
-               tensor("inside_x", TensorProto.BOOL, ["B", 1, "W", 1]),
-               tensor("inside_y", TensorProto.BOOL, ["B", "H", 1, 1])]
+        inputs += [tensor("window_row_base", i64, ["B", "Sh", 1]),
+                   tensor("crop_x", i64, [4, "B", 1, CROP]),
+                   tensor("crop_x_w", f32, [4, "B", 1, CROP, 3]),
+                   tensor("crop_y", i64, [4, "B", CROP]),
+                   tensor("crop_y_w", f32, [4, "B", CROP, 1, 1])]
+    inputs += [tensor("paste_x", i64, [taps, "B", 1, "Sw"]),
+               tensor("paste_x_w", f32, [taps, "B", 1, "Sw", 3]),
+               tensor("paste_y", i64, [taps, "B", "Sh"]),
+               tensor("paste_y_w", f32, [taps, "B", "Sh", 1, 1])]
     model = g.model(f"paste_{mode}", inputs, [tensor(OUTPUT, u8, ["B", "H", "W", 3])],
                     doc=f"lipsync: the compositor's {mode} paste over a batch of frames")
     model.producer_name = "lipsync-server-paste"

@@ -37,9 +37,8 @@ def sessions() -> Iterator[dict[str, ort.InferenceSession]]:
 def _run(session: ort.InferenceSession, mode: str, backgrounds: np.ndarray, frames: list[int],
          rects: list[tuple[int, int, int, int]], prediction: np.ndarray) -> np.ndarray:
     (out,) = session.run([OUTPUT], {
-        "backgrounds": backgrounds, "frames": np.asarray(frames, np.int64),
-        "prediction": prediction,
-        **paste_feeds(mode, rects, backgrounds.shape[1], backgrounds.shape[2])})
+        "backgrounds": backgrounds, "prediction": prediction,
+        **paste_feeds(mode, frames, rects, backgrounds.shape[1], backgrounds.shape[2])})
     return out
 
 
@@ -116,11 +115,13 @@ def test_cubic_taps_are_opencvs_kernel_with_replicated_edges() -> None:
 
 
 @pytest.mark.parametrize("rect, error", [
-    ((10, 10, 10, 20), "rects must be non-empty"), ((-1, 0, 10, 10), "inside the 1280x720"),
+    ((10, 10, 10, 20), "must be non-empty"), ((-1, 0, 10, 10), "inside the 1280x720"),
     ((1200, 700, 1281, 720), "inside the 1280x720")])
 def test_bad_rects_are_refused_with_a_reason(rect: tuple[int, int, int, int], error: str) -> None:
     """An empty rect, or one outside the frame, is a clear error, not a wrong frame."""
     with pytest.raises(ValueError, match=error):
-        paste_feeds("synctalk", [rect], H, W)
+        paste_feeds("synctalk", [0], [rect], H, W)
+    with pytest.raises(ValueError, match="one frame per rect"):
+        paste_feeds("synctalk", [0, 1], [(0, 0, 5, 5)], H, W)
     with pytest.raises(ValueError, match="composite mode must be one of"):
-        paste_feeds("bilinear", [(0, 0, 5, 5)], H, W)
+        paste_feeds("bilinear", [0], [(0, 0, 5, 5)], H, W)
