@@ -71,7 +71,8 @@ def _predictions(n: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("mode", ["synctalk", "stretch"])
 def test_bench_geometry_rects_of_every_size_and_edge_in_one_batch(
-        sessions: dict[str, ort.InferenceSession], mode: str) -> None:
+        sessions: dict[str, ort.InferenceSession], mode: str,
+        record_property: pytest.RecordProperty) -> None:
     """One batch of 1280x720 frames whose rects differ in size (upscaled, downscaled, 1 px)
     and touch every frame edge: each frame is the compositor's paste (stretch: equal)."""
     rng = np.random.default_rng(3)
@@ -81,12 +82,14 @@ def test_bench_geometry_rects_of_every_size_and_edge_in_one_batch(
     prediction = _predictions(len(BENCH_RECTS), seed=4)
     out = _run(sessions[mode], mode, backgrounds, frames, BENCH_RECTS, prediction)
     assert out.shape == (len(BENCH_RECTS), H, W, 3) and out.dtype == np.uint8
-    _check(mode, out, backgrounds, frames, BENCH_RECTS, prediction)
+    record_property("worst_psnr_db", min(200.0, *_check(mode, out, backgrounds, frames,
+                                                        BENCH_RECTS, prediction)))
 
 
 @pytest.mark.parametrize("mode", ["synctalk", "stretch"])
 def test_demo_avatar_frames_with_its_unet_predictions(
-        sessions: dict[str, ort.InferenceSession], small_models_root: Path, mode: str) -> None:
+        sessions: dict[str, ort.InferenceSession], small_models_root: Path, mode: str,
+        record_property: pytest.RecordProperty) -> None:
     """The demo avatar's own frames, crop rects and UNet predictions (mouth open): each
     pasted frame is the compositor's."""
     demo = small_models_root / "demo"
@@ -101,7 +104,8 @@ def test_demo_avatar_frames_with_its_unet_predictions(
     (prediction,) = unet.run(None, {"input": visual, "audio": audio})
     frames = list(range(len(indices)))
     out = _run(sessions[mode], mode, backgrounds, frames, rects, prediction)  # type: ignore[arg-type]
-    _check(mode, out, backgrounds, frames, rects, prediction)  # type: ignore[arg-type]
+    record_property("worst_psnr_db", min(200.0, *_check(mode, out, backgrounds, frames, rects,  # type: ignore[arg-type]
+                                                        prediction)))
 
 
 def test_cubic_taps_are_opencvs_kernel_with_replicated_edges() -> None:
