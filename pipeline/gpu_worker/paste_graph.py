@@ -25,7 +25,7 @@ order of operations, so those frames are equal.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -122,22 +122,27 @@ def paste_feeds(mode: str, frames: Sequence[int], rects: Sequence[Rect], height:
         "scatter_rows": rows[:, :, None, None], "scatter_cols": cols[:, None, :, None],
         "inside_y": _span(dy, h, sh)[:, :, None, None],
         "inside_x": np.repeat(_span(dx, w, sw)[:, None, :, None], 3, axis=3),
-        "source_rows": ((batch[:, None] * src + np.arange(src)) * src)[:, :, None],
+        "window_range": np.arange(sw).reshape(1, 1, sw),
     }
+    # every resize pass is a gather at flat pixel indices, row part + column part per tap:
+    # along x, [B,n,1] row starts + [K,B,1,m'] tap columns; along y, [K,B,n',1] tap rows'
+    # starts + [1,1,m] columns
     if mode == "synctalk":
         crop_x = [cubic_taps(int(n), CROP) for n in w]
         crop_y = [cubic_taps(int(n), CROP) for n in h]
-        feeds["window_row_base"] = ((batch[:, None] * sh + np.arange(sh)) * sw)[:, :, None]
+        feeds["window_row_starts"] = ((batch[:, None] * sh + np.arange(sh)) * sw)[:, :, None]
         feeds["crop_x"] = _taps_first(dx[:, None, None] + np.stack([t[0] for t in crop_x]))[:, :, None]
         feeds["crop_x_w"] = _per_channel(_taps_first(np.stack([t[1] for t in crop_x]))[:, :, None])
-        feeds["crop_y"] = _taps_first(batch[:, None, None] * sh + dy[:, None, None]
-                                      + np.stack([t[0] for t in crop_y]))
+        feeds["crop_y"] = _taps_first((batch[:, None, None] * sh + dy[:, None, None]
+                                       + np.stack([t[0] for t in crop_y])) * CROP)[..., None]
         feeds["crop_y_w"] = _taps_first(np.stack([t[1] for t in crop_y]))[..., None, None]
     paste_x = [_resize_taps(mode, src, int(n), int(d), sw) for n, d in zip(w, dx, strict=True)]
     paste_y = [_resize_taps(mode, src, int(n), int(d), sh) for n, d in zip(h, dy, strict=True)]
+    feeds["source_row_starts"] = ((batch[:, None] * src + np.arange(src)) * src)[:, :, None]
     feeds["paste_x"] = _taps_first(np.stack([t[0] for t in paste_x]))[:, :, None]
     feeds["paste_x_w"] = _per_channel(_taps_first(np.stack([t[1] for t in paste_x]))[:, :, None])
-    feeds["paste_y"] = _taps_first(batch[:, None, None] * src + np.stack([t[0] for t in paste_y]))
+    feeds["paste_y"] = _taps_first((batch[:, None, None] * src
+                                    + np.stack([t[0] for t in paste_y])) * sw)[..., None]
     feeds["paste_y_w"] = _taps_first(np.stack([t[1] for t in paste_y]))[..., None, None]
     return {k: np.ascontiguousarray(v) for k, v in feeds.items()}
 
@@ -161,17 +166,9 @@ def _taps_first(a: np.ndarray) -> np.ndarray:
 
 # ---- the graph ---------------------------------------------------------------------------
 
-def _merge01(g: GraphBuilder, x: str) -> str:
-    """x [a, b, ...] -> [a*b, ...], so a Gather on axis 0 takes per-batch indices
-    (offset by batch * b on the host)."""
-    tail = g.op("Slice", [g.op("Shape", [x]), g.constant("two", np.array([2])),
-                          g.constant("big", np.array([2**62]))])
-    return g.op("Reshape", [x, g.op("Concat", [g.constant("minus_one", np.array([-1])), tail],
-                                    axis=0)])
-
-
 def _pixels(g: GraphBuilder, x: str) -> str:
-    """x [..., 3] -> [n, 3]: one row per pixel, for gathers at flat pixel indices."""
+    """x [..., 3] -> [n, 3]: one row per pixel, for gathers at flat pixel indices (a constant
+    shape: no shape arithmetic in the graph, which ONNX Runtime would place on the CPU)."""
     return g.op("Reshape", [x, g.constant("pixel_rows", np.array([-1, 3]))])
 
 
@@ -180,31 +177,20 @@ def _tap(g: GraphBuilder, taps: str, k: int) -> str:
     return g.op("Gather", [taps, g.constant(f"tap{k}", np.array(k))], axis=0)
 
 
-def _weighted_sum(g: GraphBuilder, k_taps: int, gather: Callable[[int], str], weights: str) -> str:
-    """The sum over k of gather(k) * weights[k], added tap after tap: elementwise kernels,
-    no reduction (fast on every provider), in the float order of the formulas copied."""
+def _resample(g: GraphBuilder, source: str, rows: str, cols: str, weights: str,
+              k_taps: int, per_tap: str) -> str:
+    """out[b, i, j] = sum over k of weights[k] * the source pixel at flat index
+    rows[...] + cols[...] (`per_tap` names which of the two holds the K taps); added tap
+    after tap: elementwise kernels, no reduction (fast on every provider), in the float
+    order of the formulas copied."""
+    pixels = _pixels(g, source)
     total = ""
     for k in range(k_taps):
-        term = g.op("Mul", [gather(k), _tap(g, weights, k)])
+        index = g.op("Add", [_tap(g, rows, k) if per_tap == rows else rows,
+                             _tap(g, cols, k) if per_tap == cols else cols])
+        term = g.op("Mul", [g.op("Gather", [pixels, index], axis=0), _tap(g, weights, k)])
         total = term if not total else g.op("Add", [total, term])
     return total
-
-
-def _resample_x(g: GraphBuilder, source: str, row_base: str, taps: str, weights: str,
-                k_taps: int) -> str:
-    """Along the columns: source [B,n,m,3], row_base [B,n,1] (flat index of each row's first
-    pixel), taps [K,B,1,m'], weights [K,B,1,m',3] -> [B,n,m',3]."""
-    pixels = _pixels(g, source)
-    return _weighted_sum(g, k_taps, lambda k: g.op("Gather", [pixels, g.op(
-        "Add", [row_base, _tap(g, taps, k)])], axis=0), weights)
-
-
-def _resample_y(g: GraphBuilder, source: str, taps: str, weights: str, k_taps: int) -> str:
-    """Along the rows: source [B,n,m,3], taps [K,B,n'] (offset by batch * n), weights
-    [K,B,n',1,1] -> [B,n',m,3]."""
-    rows = _merge01(g, source)
-    return _weighted_sum(g, k_taps, lambda k: g.op("Gather", [rows, _tap(g, taps, k)], axis=0),
-                         weights)
 
 
 def _to_pixels(g: GraphBuilder, x: str, rounding: str) -> str:
@@ -238,8 +224,10 @@ def paste_graph(mode: str) -> onnx.ModelProto:
     mouth = g.op("Transpose", [_to_pixels(g, finite, "Floor")], perm=[0, 2, 3, 1])  # [B,320,320,3]
     if mode == "synctalk":
         window = g.op("Cast", [window_u8], to=TensorProto.FLOAT)
-        crop = _resample_x(g, window, "window_row_base", "crop_x", "crop_x_w", 4)  # [B,Sh,328,3]
-        crop = _to_pixels(g, _resample_y(g, crop, "crop_y", "crop_y_w", 4), "Round")  # [B,328,328,3]
+        crop = _resample(g, window, "window_row_starts", "crop_x", "crop_x_w", 4, "crop_x")
+        crop = _resample(g, crop, "crop_y", g.constant("crop_range", np.arange(CROP).reshape(1, 1, CROP)),
+                         "crop_y_w", 4, "crop_y")                                  # [B,328,328,3]
+        crop = _to_pixels(g, crop, "Round")
         a, z = INNER.start, INNER.stop
         middle = _slice(g, crop, 1, a, z)
         middle = g.op("Concat", [_slice(g, middle, 2, 0, a), mouth, _slice(g, middle, 2, z, CROP)],
@@ -249,8 +237,8 @@ def paste_graph(mode: str) -> onnx.ModelProto:
     else:
         source = mouth
     taps, src = (4, CROP) if mode == "synctalk" else (2, MOUTH)
-    patch = _resample_x(g, source, "source_rows", "paste_x", "paste_x_w", taps)  # [B,S,Sw,3]
-    patch = _resample_y(g, patch, "paste_y", "paste_y_w", taps)                   # [B,Sh,Sw,3]
+    patch = _resample(g, source, "source_row_starts", "paste_x", "paste_x_w", taps, "paste_x")
+    patch = _resample(g, patch, "paste_y", "window_range", "paste_y_w", taps, "paste_y")  # [B,Sh,Sw,3]
     # the rect's pixels pasted (the patch is 0 outside the rect: its taps weigh 0 there), the
     # rest of the window as it was
     inside = g.op("Mul", ["inside_y", "inside_x"])                              # [B,Sh,Sw,3]
@@ -260,10 +248,12 @@ def paste_graph(mode: str) -> onnx.ModelProto:
     patch = g.op("Add", [patch, g.op("Mul", [window, outside])])
     pasted = g.op("Cast", [_to_pixels(g, patch, "Round" if mode == "synctalk" else "Floor")],
                   to=TensorProto.UINT8)
-    ones = g.op("Concat", [_slice(g, g.op("Shape", [pasted]), 0, 0, 3),
-                           g.constant("one", np.array([1]))], axis=0)
-    where = g.op("Concat", [g.op("Expand", [name, ones]) for name in
-                            ("batch_ids", "scatter_rows", "scatter_cols")], axis=3)  # [B,Sh,Sw,3]
+    # ScatterND's (batch, row, column) of each window pixel, broadcast by adding zeros
+    zero_rows = g.op("Mul", ["scatter_rows", g.constant("zero_i", np.array(0))])   # [B,Sh,1,1]
+    zero_cols = g.op("Mul", ["scatter_cols", g.constant("zero_i", np.array(0))])   # [B,1,Sw,1]
+    where = g.op("Concat", [g.op("Add", [g.op("Add", ["batch_ids", zero_rows]), zero_cols]),
+                            g.op("Add", ["scatter_rows", zero_cols]),
+                            g.op("Add", ["scatter_cols", zero_rows])], axis=3)     # [B,Sh,Sw,3]
     frames = g.op("Gather", ["backgrounds", "frames"], axis=0)                  # [B,H,W,3]
     g.nodes.append(helper.make_node("ScatterND", [frames, where, pasted], [OUTPUT], name=OUTPUT))
 
@@ -280,16 +270,17 @@ def paste_graph(mode: str) -> onnx.ModelProto:
               tensor("scatter_cols", i64, ["B", 1, "Sw", 1]),
               tensor("inside_y", f32, ["B", "Sh", 1, 1]),
               tensor("inside_x", f32, ["B", 1, "Sw", 3]),
-              tensor("source_rows", i64, ["B", src, 1])]
+              tensor("window_range", i64, [1, 1, "Sw"])]
     if mode == "synctalk":
-        inputs += [tensor("window_row_base", i64, ["B", "Sh", 1]),
+        inputs += [tensor("window_row_starts", i64, ["B", "Sh", 1]),
                    tensor("crop_x", i64, [4, "B", 1, CROP]),
                    tensor("crop_x_w", f32, [4, "B", 1, CROP, 3]),
-                   tensor("crop_y", i64, [4, "B", CROP]),
+                   tensor("crop_y", i64, [4, "B", CROP, 1]),
                    tensor("crop_y_w", f32, [4, "B", CROP, 1, 1])]
-    inputs += [tensor("paste_x", i64, [taps, "B", 1, "Sw"]),
+    inputs += [tensor("source_row_starts", i64, ["B", src, 1]),
+               tensor("paste_x", i64, [taps, "B", 1, "Sw"]),
                tensor("paste_x_w", f32, [taps, "B", 1, "Sw", 3]),
-               tensor("paste_y", i64, [taps, "B", "Sh"]),
+               tensor("paste_y", i64, [taps, "B", "Sh", 1]),
                tensor("paste_y_w", f32, [taps, "B", "Sh", 1, 1])]
     model = g.model(f"paste_{mode}", inputs, [tensor(OUTPUT, u8, ["B", "H", "W", 3])],
                     doc=f"lipsync: the compositor's {mode} paste over a batch of frames")
