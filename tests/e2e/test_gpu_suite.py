@@ -74,7 +74,8 @@ def test_dry_run_runs_every_step_and_reports(tmp_path: Path) -> None:
 
 def test_the_table_judges_the_targets_of_a_gpu_run() -> None:
     """On a GPU report (the branch the dry run cannot take) the table prints every figure
-    and judges the targets: ratio and fps of the best configuration, sessions held."""
+    (the device compositor's against the compositors' too) and judges the targets: ratio and
+    fps of the best configuration, sessions held."""
     sys.path.insert(0, str(REPO / "scripts"))
     from gpu_suite_table import table
 
@@ -92,8 +93,14 @@ def test_the_table_judges_the_targets_of_a_gpu_run() -> None:
             "onnxruntime": "1.31.1", "built_for_cuda": "13.0",
             "session_providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
             "cuda_libraries_from": "preload_dlls / already loaded"}},
-        {"name": "tests", "status": "ok", "result": {"passed": 11, "failed": 0, "skipped": 0,
-                                                     "tests": []}},
+        {"name": "tests", "status": "ok", "result": {"passed": 14, "failed": 0, "skipped": 0,
+                                                     "tests": [{
+            "test": "test_device_compositor::test_device_frames_equal_the_compositors_and_what_each_costs",
+            "outcome": "passed", "figures": {
+                f"{mode}_{key}": value for mode in ("synctalk", "stretch") for key, value in (
+                    ("device_ms_per_frame", 0.4), ("device_cpu_ms_per_frame", 0.1),
+                    ("compositor_ms_per_frame", 4.1), ("compositor_cpu_ms_per_frame", 4.0),
+                    ("worst_frame_psnr_db", 52.0))}}]}},
         {"name": "unet", "status": "ok", "result": {
             "model": "bench", "provider": "cuda",
             "throughput": [{"variant": v, "batch": b, "ort_fps": f * b}
@@ -116,5 +123,7 @@ def test_the_table_judges_the_targets_of_a_gpu_run() -> None:
     assert any(line.split() == ["fp16+graphs", "2400.0", "2823.5", "0.85", "120.0", "2.4", "2.1",
                                 "3.3"] for line in lines)
     assert "90 sessions 71/90 hold -> most held: 60" in text
+    assert ("on the device vs the compositors (ms wall, ms CPU): synctalk 0.4, 0.1 vs 4.1, 4.0, "
+            "worst 52.0 dB; stretch 0.4") in text
     assert lines[-1] == ("targets: e2e/ORT >= 0.9: NOT met (0.85); >= 1500 fps: met (2400.0); "
                          ">= 60 sessions: met")
