@@ -15,6 +15,7 @@ from pipeline.client import speech_like_audio
 from pipeline.config import load_config
 from pipeline.frontend.wire import parse_composite_request
 from pipeline.rpc import monolithic_pb2 as pb
+from pipeline.synctalk import SAMPLE_RATE
 
 
 def compare_inprocess(address: str, request: pb.CompositeBatchRequest, concurrency: int,
@@ -80,6 +81,7 @@ def stage_timings(cfg_path: Path, model_id: str, batch: int, repeats: int = 20) 
     from pipeline.bench.inprocess import InProcessEngine
     from pipeline.compositor.composite import encode_jpeg, paste
     from pipeline.gpu_worker import audio
+    from pipeline.gpu_worker import mel as mel_math
 
     cfg = load_config(cfg_path)
     stages = InProcessEngine(cfg_path, model_id, None, cfg.gpus.intra_op_threads)
@@ -88,7 +90,7 @@ def stage_timings(cfg_path: Path, model_id: str, batch: int, repeats: int = 20) 
     try:
         chunk = speech_like_audio(0.64)
         samples = speech_like_audio((batch + 15) * 0.04)
-        windows = audio.mel_windows(audio.melspectrogram(samples))
+        windows = audio.mel_windows(mel_math.melspectrogram(samples))
         features = audio.frame_features(encoder.encode(windows), batch)
         visual = np.empty((batch, 6, 320, 320), np.float32)
         prediction = np.empty((batch, 3, 320, 320), np.float32)
@@ -96,9 +98,9 @@ def stage_timings(cfg_path: Path, model_id: str, batch: int, repeats: int = 20) 
         unet.run(visual, features, prediction)
         frame = paste(avatar.frames()[0], prediction[0], avatar.rect(0), mode)
         return {
-            "mel_per_640ms_chunk": _median_ms(lambda: audio.melspectrogram(chunk), repeats),
+            "mel_per_640ms_chunk": _median_ms(lambda: mel_math.melspectrogram(chunk), repeats),
             f"audio_features_batch{batch}": _median_ms(
-                lambda: audio.request_features(encoder.encode, samples, audio.SAMPLE_RATE, batch),
+                lambda: audio.request_features(encoder.encode, samples, SAMPLE_RATE, batch),
                 repeats),
             "encoder_windows": float(len(windows)),
             "visual_input_per_frame": _median_ms(lambda: avatar.visual_inputs([0], visual[:1]), repeats),

@@ -27,7 +27,7 @@ from pipeline.config import DEFAULT_CONFIG_PATH, load_config
 from pipeline.gpu_worker.device import Resolved, resolve_provider
 from pipeline.gpu_worker.precision import max_abs_diff, psnr_db
 from pipeline.gpu_worker.unet import UNetRunner, load_unet
-from pipeline.synctalk import AUDIO_SHAPE, PREDICTION_SHAPE, VISUAL_SHAPE
+from pipeline.synctalk import AUDIO_SHAPE, PREDICTION_SHAPE, SAMPLE_RATE, VISUAL_SHAPE
 
 # name -> (gpus.unet_precision, gpus.cuda_graphs); "+static": OpenVINO compiled for each
 # batch size instead of the dynamic batch the worker runs (what the choice was measured on)
@@ -165,7 +165,7 @@ def precision_check(cfg_path: Path, model_id: str, provider: Resolved, batch: in
     # the features are the reference's (float32 on every backend): the UNet is compared
     encoder = load_audio_encoder(cfg.audio_encoder_of(model), reference[0])
     samples = speech_like_audio((batch + 15) * 0.04)
-    features = audio.request_features(encoder.encode, samples, audio.SAMPLE_RATE, batch)
+    features = audio.request_features(encoder.encode, samples, SAMPLE_RATE, batch)
     avatar = load_avatar(model, segment_name(f"prec{os.getpid()}", "bg"))
     try:
         visual = avatar.visual_inputs(range(start, start + batch),

@@ -45,16 +45,22 @@ class WorkerClient:
                                                       for s in self._to_workers]
         self._ids = itertools.count((os.getpid() & 0xFFFFFF) << 32)
         self._controls: dict[int, _Control] = {}
-        self._reader: asyncio.Task[None] | None = None
+        self._reading: int | None = None  # the inbox's file descriptor, while read
 
     def next_id(self) -> int:
         """A request id unique to this frontend (its pid in the high bits)."""
         return next(self._ids)
 
     def start(self, handlers: dict[type, Handler]) -> None:
-        """Read the inbox from now on, each message to its type's handler."""
+        """Read the inbox from now on, each message to its type's handler: the loop watches
+        the socket's descriptor itself (no future per wake-up, as zmq.asyncio would make:
+        a request's frames arrive one message each)."""
         table = {**handlers, msg.ControlReply: self._on_control_reply}
-        self._reader = asyncio.create_task(self._read_inbox(table))
+        inbox: zmq.Socket[bytes] = zmq.Socket.shadow(self._inbox.underlying)
+        fd = self._reading = int(inbox.getsockopt(zmq.FD))
+        loop = asyncio.get_running_loop()
+        loop.add_reader(fd, self._read_inbox, inbox, table)
+        loop.call_soon(self._read_inbox, inbox, table)  # what came before we watched
 
     async def send(self, worker: int, message: bytes) -> None:
         """To a gpu_worker: at once when its queue has room (no future), else waiting."""
@@ -88,28 +94,21 @@ class WorkerClient:
         if control is not None and not control.future.done():
             control.future.set_result(m)
 
-    async def _read_inbox(self, table: dict[type, Handler]) -> None:
-        # one wake-up of the loop takes every message that is there (frames of a batch
-        # arrive together): per message, a non-blocking read instead of a future
-        inbox: zmq.Socket[bytes] = zmq.Socket.shadow(self._inbox.underlying)
-        while True:
-            await self._inbox.poll()  # readable (POLLIN), no timeout
-            while True:
-                try:
-                    frames = inbox.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    message = msg.frontend_decoder.decode(frames[0])
-                    table[type(message)](message, frames[1:])
-                except Exception:
-                    log.exception("dropped a message from the inbox")
+    def _read_inbox(self, inbox: zmq.Socket[bytes], table: dict[type, Handler]) -> None:
+        # ZeroMQ's descriptor says "something changed", not "readable": every message that is
+        # there is taken while EVENTS says POLLIN (it signals again only once drained)
+        while int(inbox.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            frames = inbox.recv_multipart(zmq.NOBLOCK)
+            try:
+                message = msg.frontend_decoder.decode(frames[0])
+                table[type(message)](message, frames[1:])
+            except Exception:
+                log.exception("dropped a message from the inbox")
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
+        if self._reading is not None:
+            asyncio.get_running_loop().remove_reader(self._reading)
+            self._reading = None
         for sock in [self._inbox, *self._to_workers]:
             sock.close(0)
         self._ctx.term()

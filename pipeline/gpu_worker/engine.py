@@ -116,9 +116,9 @@ class Engine:
                cache: ModelCache, emit: Emit, start_load: StartLoad) -> Engine:
         """An engine with the shared audio encoder built and warm, held for the worker's
         life (the models that use it find it loaded)."""
-        from pipeline.gpu_worker import audio
+        from pipeline.gpu_worker import mel
 
-        audio.warm_up()
+        mel.warm_up()
         cv2.setNumThreads(1)  # building visual inputs: OpenCV's threads only cost on 320 px
         cache.encoders.acquire(cfg.audio_encoder_path)
         return cls(cfg, gpu_index, provider, inbox, cache, emit, start_load)

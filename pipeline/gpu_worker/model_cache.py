@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.config import Config, ModelConfig
-from pipeline.gpu_worker.audio import SILENCE
 from pipeline.gpu_worker.device import DeviceMemory, Resolved
+from pipeline.gpu_worker.mel import SILENCE
 from pipeline.gpu_worker.threads import ThreadPlanner, worker_cores
 from pipeline.gpu_worker.unet import Backend
 from pipeline.runtime.addresses import Addresses

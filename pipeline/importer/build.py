@@ -136,6 +136,7 @@ def run_one_frame(folder: Path) -> None:
     windows of silence through the encoder: the mel itself is the server's, not the
     model's): ImportFailed unless a finite [1,3,320,320] prediction in [0, 1] comes out."""
     from pipeline.gpu_worker import audio
+    from pipeline.gpu_worker import mel as mel_math
     from pipeline.gpu_worker.avatar import load_crop_rects
     from pipeline.gpu_worker.sessions import AudioEncoder
     from pipeline.gpu_worker.unet import load_unet
@@ -147,7 +148,7 @@ def run_one_frame(folder: Path) -> None:
         frame = cv2.imread(str(next((folder / FRAMES_DIR).glob("frame_0000.*"))))
         rect = tuple(int(v) for v in load_crop_rects(folder / RECTS_FILE)[0])
         visual = visual_input(frame, rect)[None]  # type: ignore[arg-type]
-        silence = np.full((2 * CONTEXT, *MEL_WINDOW_SHAPE), audio.SILENCE, np.float32)
+        silence = np.full((2 * CONTEXT, *MEL_WINDOW_SHAPE), mel_math.SILENCE, np.float32)
         features = audio.frame_features(encoder.encode(silence), 1)
         prediction = np.empty((1, *PREDICTION_SHAPE), np.float32)
         unet.run(visual, features, prediction)

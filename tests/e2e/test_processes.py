@@ -20,10 +20,10 @@ REPO = Path(__file__).resolve().parents[2]
 def test_import_does_not_build_the_filterbank() -> None:
     """Importing the module leaves the filterbank unbuilt (and librosa unimported) until used."""
     code = (
-        "import sys; from pipeline.gpu_worker import audio; "
-        "assert audio._mel_basis.cache_info().currsize == 0; "
+        "import sys; from pipeline.gpu_worker import mel as mel_math; "
+        "assert mel_math._mel_basis.cache_info().currsize == 0; "
         "assert 'librosa' not in sys.modules; "
-        "audio.warm_up(); assert audio._mel_basis.cache_info().currsize == 1"
+        "mel_math.warm_up(); assert mel_math._mel_basis.cache_info().currsize == 1"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 

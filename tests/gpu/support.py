@@ -72,12 +72,13 @@ def reference_frames(config: Path, model_id: str, raw_audio: bytes, batch: int,
     from pipeline.gpu_worker.sessions import AudioEncoder
     from pipeline.gpu_worker.unet import load_unet
     from pipeline.shm.segment import segment_name
+    from pipeline.synctalk import SAMPLE_RATE
 
     cfg = load_config(config)
     model = cfg.models[model_id]
     encoder = AudioEncoder.create(cfg.audio_encoder_path, "cpu")
     features = audio.request_features(encoder.encode, np.frombuffer(raw_audio, "<f4"),
-                                      audio.SAMPLE_RATE, batch)
+                                      SAMPLE_RATE, batch)
     avatar = load_avatar(model, segment_name(f"gpuref{os.getpid()}", "bg"))
     try:
         visual = avatar.visual_inputs(range(start, start + batch),

@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.client import speech_like_audio
 from pipeline.gpu_worker import audio
+from pipeline.gpu_worker import mel as mel_math
 from pipeline.gpu_worker.precision import max_abs_diff
 from pipeline.gpu_worker.sessions import ENCODED_DIM, AudioEncoder
 from pipeline.gpu_worker.unet import load_unet
@@ -58,7 +59,7 @@ def test_unet_on_device_memory_matches_the_cpu_provider(
 def test_encoder_on_device_memory_matches_the_cpu_provider(
         models_root: Path, provider: str, record_property: pytest.RecordProperty) -> None:
     """Audio features of real speech windows from device memory equal the CPU's (<= 1e-3)."""
-    windows = audio.mel_windows(audio.melspectrogram(speech_like_audio(2.0)))
+    windows = audio.mel_windows(mel_math.melspectrogram(speech_like_audio(2.0)))
     path = models_root / "audio_encoder.onnx"
     expected = AudioEncoder.create(path, "cpu").encode(windows)
     dev = AudioEncoder.create(path, provider)

@@ -10,6 +10,7 @@ import pytest
 import scipy.signal
 
 from pipeline.gpu_worker import audio
+from pipeline.gpu_worker import mel as mel_math
 from tests.conftest import reference_file
 
 TOL = 1e-4
@@ -46,7 +47,7 @@ def test_tone_matches_python_reference_fixture() -> None:
     """The 640 ms tone's mel is (52, 80) and equals the stored SyncTalk reference within 1e-4."""
     tone = np.load(reference_file("tone_640ms_16k.npy"))
     expected = np.load(reference_file("tone_640ms_mel_reference.npy"))
-    mel = audio.melspectrogram(tone)
+    mel = mel_math.melspectrogram(tone)
     assert mel.shape == (52, 80) == expected.shape
     assert mel.dtype == np.float32
     assert np.abs(mel - expected).max() <= TOL
@@ -54,7 +55,7 @@ def test_tone_matches_python_reference_fixture() -> None:
 
 def test_speech_matches_librosa_reference(speech: np.ndarray, speech_reference: np.ndarray) -> None:
     """20.9 s of real speech gives (1674, 80), equal to the librosa-based reference within 1e-4."""
-    mel = audio.melspectrogram(speech)
+    mel = mel_math.melspectrogram(speech)
     assert mel.shape == (1674, 80) == speech_reference.shape
     assert np.abs(mel - speech_reference).max() <= TOL
 
@@ -63,8 +64,8 @@ def test_symmetric_hann_window_fails_the_tolerance(
     speech: np.ndarray, speech_reference: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Go server's symmetric Hann (np.hanning) misses the reference by > 1e-4: caught."""
-    monkeypatch.setattr(audio, "_hann_periodic", lambda: np.hanning(audio.N_FFT))
-    mel = audio.melspectrogram(speech)
+    monkeypatch.setattr(mel_math, "_hann_periodic", lambda: np.hanning(mel_math.N_FFT))
+    mel = mel_math.melspectrogram(speech)
     assert np.abs(mel - speech_reference).max() > TOL
 
 
@@ -72,7 +73,7 @@ def test_symmetric_hann_window_fails_the_tolerance(
 def test_mel_has_one_plus_n_div_200_frames(n: int) -> None:
     """A mel of n samples has 1 + n // 200 time-major rows of 80 bins, including n = 0."""
     rng = np.random.default_rng(n)
-    mel = audio.melspectrogram(rng.uniform(-1, 1, n).astype(np.float32))
+    mel = mel_math.melspectrogram(rng.uniform(-1, 1, n).astype(np.float32))
     assert mel.shape == (1 + n // 200, 80)
     assert mel.dtype == np.float32
 
@@ -83,13 +84,13 @@ def test_short_audio_matches_reference() -> None:
     rng = np.random.default_rng(7)
     for n in (1, 199, 201):
         wav = rng.uniform(-1, 1, n).astype(np.float32)
-        assert np.abs(audio.melspectrogram(wav) - _librosa_reference_mel(wav)).max() <= TOL
+        assert np.abs(mel_math.melspectrogram(wav) - _librosa_reference_mel(wav)).max() <= TOL
 
 
 @pytest.mark.parametrize("n", [0, 1, 800, 16000])
 def test_silence_is_minus_four_everywhere(n: int) -> None:
     """Digital silence (and empty audio) sits at the amplitude floor: -4 after normalisation."""
-    mel = audio.melspectrogram(np.zeros(n, dtype=np.float32))
+    mel = mel_math.melspectrogram(np.zeros(n, dtype=np.float32))
     assert np.all(mel == -4.0)
 
 
@@ -99,73 +100,73 @@ def test_values_stay_within_plus_minus_four() -> None:
     speechlike = rng.uniform(-1, 1, 16000).astype(np.float32)
     overloaded = 100.0 * speechlike
     for wav in (speechlike, overloaded):
-        mel = audio.melspectrogram(wav)
+        mel = mel_math.melspectrogram(wav)
         assert mel.min() >= -4.0 and mel.max() <= 4.0
-    assert audio.melspectrogram(overloaded).max() == 4.0
-    assert audio.melspectrogram(speechlike).max() > -4.0
+    assert mel_math.melspectrogram(overloaded).max() == 4.0
+    assert mel_math.melspectrogram(speechlike).max() > -4.0
 
 
 def test_warm_up_builds_the_filterbank_once() -> None:
     """warm_up() builds the mel filterbank, and later requests reuse it without rebuilding."""
-    audio._mel_basis.cache_clear()
-    audio._mel_projection.cache_clear()
-    audio.warm_up()
-    assert audio._mel_basis.cache_info().misses == 1
-    assert audio._mel_projection.cache_info().misses == 1
-    audio.melspectrogram(np.zeros(4000, dtype=np.float32))
-    audio.melspectrogram(np.zeros(9000, dtype=np.float32))
-    assert audio._mel_basis.cache_info().misses == 1
-    assert audio._mel_projection.cache_info().misses == 1
+    mel_math._mel_basis.cache_clear()
+    mel_math._mel_projection.cache_clear()
+    mel_math.warm_up()
+    assert mel_math._mel_basis.cache_info().misses == 1
+    assert mel_math._mel_projection.cache_info().misses == 1
+    mel_math.melspectrogram(np.zeros(4000, dtype=np.float32))
+    mel_math.melspectrogram(np.zeros(9000, dtype=np.float32))
+    assert mel_math._mel_basis.cache_info().misses == 1
+    assert mel_math._mel_projection.cache_info().misses == 1
 
 
 def test_reused_buffers_leave_no_stale_audio(speech: np.ndarray) -> None:
     """A short mel after a long loud one is unaffected by the reused per-thread buffers."""
-    audio.melspectrogram(100.0 * speech)
-    assert np.all(audio.melspectrogram(np.zeros(1000, dtype=np.float32)) == -4.0)
+    mel_math.melspectrogram(100.0 * speech)
+    assert np.all(mel_math.melspectrogram(np.zeros(1000, dtype=np.float32)) == -4.0)
     short = speech[:30000]
-    assert np.abs(audio.melspectrogram(short) - _librosa_reference_mel(short)).max() <= TOL
+    assert np.abs(mel_math.melspectrogram(short) - _librosa_reference_mel(short)).max() <= TOL
 
 
 def test_audio_longer_than_kept_buffer_is_exact(
     speech: np.ndarray, speech_reference: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Audio past the kept-buffer limit (long uploads) takes a fresh buffer and stays exact."""
-    monkeypatch.setattr(audio, "_MAX_KEPT_SAMPLES", 10_000)
-    assert np.abs(audio.melspectrogram(speech) - speech_reference).max() <= TOL
+    monkeypatch.setattr(mel_math, "_MAX_KEPT_SAMPLES", 10_000)
+    assert np.abs(mel_math.melspectrogram(speech) - speech_reference).max() <= TOL
 
 
 def test_concurrent_threads_get_their_own_results(speech: np.ndarray) -> None:
     """Mels computed from 4 threads at once equal the same mels computed one by one."""
     inputs = [speech[: 16000 * s + 37 * s] for s in (1, 3, 7, 13)] * 4
-    expected = [audio.melspectrogram(x) for x in inputs]
+    expected = [mel_math.melspectrogram(x) for x in inputs]
     with ThreadPoolExecutor(max_workers=4) as pool:
         for _ in range(5):
-            results = list(pool.map(audio.melspectrogram, inputs))
+            results = list(pool.map(mel_math.melspectrogram, inputs))
             assert all(np.array_equal(r, e) for r, e in zip(results, expected, strict=True))
 
 
 @pytest.mark.parametrize("rate", [48000, 22050])
 def test_resampled_sine_matches_native_16k_mel(rate: int) -> None:
     """A 1 kHz sine at 48 / 22.05 kHz gives the 16 kHz sine's mel (inner rows within 1e-3)."""
-    native = audio.melspectrogram(_sine(16000))
-    mel = audio.melspectrogram(_sine(rate), sample_rate=rate)
+    native = mel_math.melspectrogram(_sine(16000))
+    mel = mel_math.melspectrogram(_sine(rate), sample_rate=rate)
     assert mel.shape == native.shape
     # The first and last two rows see the resampler's edge transient; the rest must agree.
     assert np.abs(mel[2:-2] - native[2:-2]).max() <= 1e-3
-    assert np.array_equal(mel, audio.melspectrogram(audio.resample_to_16k(_sine(rate), rate)))
+    assert np.array_equal(mel, mel_math.melspectrogram(mel_math.resample_to_16k(_sine(rate), rate)))
 
 
 def test_resample_is_identity_at_16k() -> None:
     """At 16 kHz the samples pass through unchanged, as float32."""
     wav = _sine(16000)
-    out = audio.resample_to_16k(wav, 16000)
+    out = mel_math.resample_to_16k(wav, 16000)
     assert out.dtype == np.float32
     assert np.array_equal(out, wav)
 
 
 def test_resample_changes_length_by_rate() -> None:
     """One second at 48 kHz becomes one second (16000 samples) of float32 at 16 kHz."""
-    out = audio.resample_to_16k(_sine(48000), 48000)
+    out = mel_math.resample_to_16k(_sine(48000), 48000)
     assert out.dtype == np.float32 and out.shape == (16000,)
 
 
@@ -173,15 +174,15 @@ def test_resample_changes_length_by_rate() -> None:
 def test_invalid_sample_rate_raises(rate: int) -> None:
     """A sample rate outside [8000, 192000] Hz is a ValueError naming the rate."""
     with pytest.raises(ValueError, match=str(rate)):
-        audio.resample_to_16k(_sine(16000), rate)
+        mel_math.resample_to_16k(_sine(16000), rate)
     with pytest.raises(ValueError):
-        audio.melspectrogram(_sine(16000), sample_rate=rate)
+        mel_math.melspectrogram(_sine(16000), sample_rate=rate)
 
 
 @pytest.mark.parametrize("rate", [8000, 192000])
 def test_boundary_sample_rates_are_accepted(rate: int) -> None:
     """The limits 8000 and 192000 Hz themselves are valid rates."""
-    assert audio.melspectrogram(_sine(rate, 0.1), sample_rate=rate).shape[1] == 80
+    assert mel_math.melspectrogram(_sine(rate, 0.1), sample_rate=rate).shape[1] == 80
 
 
 def test_window_starts_follow_the_spec_table() -> None:
@@ -358,7 +359,7 @@ _SWEEP_LENGTHS = sorted(
 def test_any_length_and_batch_size_gives_finite_features(n: int) -> None:
     """mel → windows → stand-in encoder → frame_features: finite [B,32,16,16], B = 1..32."""
     rng = np.random.default_rng(n)
-    mel = audio.melspectrogram(rng.uniform(-1, 1, n).astype(np.float32))
+    mel = mel_math.melspectrogram(rng.uniform(-1, 1, n).astype(np.float32))
     windows = audio.mel_windows(mel)
     assert windows.shape == (audio.window_count(mel.shape[0]), 1, 80, 16)
     encoded = windows.reshape(windows.shape[0], -1)[:, :512]  # a stand-in [N, 512] encoder
@@ -384,7 +385,7 @@ def test_streamed_features_equal_the_whole_audio_at_once(speech: np.ndarray, bat
     n = min(len(speech), frames * 640 - 123)
     whole[:n] = speech[20000 : 20000 + n]
     expected = audio.frame_features(
-        _fake_encoder(audio.mel_windows(audio.melspectrogram(whole))), frames)
+        _fake_encoder(audio.mel_windows(mel_math.melspectrogram(whole))), frames)
     first = 0
     for b in batches:
         lo, hi = audio.stream_samples(first, b)
