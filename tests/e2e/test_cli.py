@@ -35,7 +35,7 @@ def test_compositor_device_gpu_without_cuda_fails_at_start_saying_why(
     gpu-worker unit exit non-zero in one line that says why and what to set; no silent
     fallback to the CPU."""
     config = write_config(tmp_path / "config.yaml", models_root, **{"compositor.device": "gpu"})
-    for command in ("serve", "role gpu-worker"):
+    for command in ("serve", "role gpu-worker --index 0"):
         result = lipsync(*command.split(), "--config", str(config), timeout=60)
         assert result.returncode != 0, command
         assert result.stderr.count("\n") == 1, (command, result.stderr)
