@@ -162,9 +162,13 @@ class FrameDone(Message, frozen=True):
 
     request_id: int
     frame_index: int
-    compositor: int                     # which compositor made it
+    compositor: int                     # which compositor made it (DEVICE_COMPOSITOR: the
+                                        # gpu_worker itself, compositor.device gpu)
     paste_ns: int
     jpeg_ns: int
+
+
+DEVICE_COMPOSITOR = -1
 
 
 class FrameFailed(Message, frozen=True):

@@ -13,6 +13,12 @@ def _results(report: dict[str, Any], prefix: str) -> list[tuple[str, dict[str, A
             if s["name"].startswith(prefix) and s["status"] == "ok" and s.get("result")]
 
 
+def _figures(tests: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The recorded figures of the first test whose name starts with `prefix`."""
+    return next((c.get("figures", {}) for c in tests.get("tests", [])
+                 if c["test"].startswith(prefix)), {})
+
+
 def table(report: dict[str, Any]) -> str:
     kind = "DRY RUN on the CPU provider (no GPU figures)" if report["dry_run"] else "on the GPU"
     out = [f"== gpu-suite {kind}"
@@ -44,12 +50,13 @@ def table(report: dict[str, Any]) -> str:
 
     e2e = _results(report, "e2e")
     if e2e:
-        out.append("end to end: config        fps    ORT fps  ratio  p50 ms  paste+JPEG "
-                   "cores/1000fps  compositors cores/1000fps")
+        out.append("end to end: config                 fps    ORT fps  ratio  p50 ms  "
+                   "cores/1000fps: paste+JPEG  compositors  server")
         for name, r in e2e:
-            out.append(f"  {name[4:]:22s} {r['fps']:<7} {r['ort_fps']!s:<8} {r['ort_ratio']!s:<6} "
-                       f"{r['p50_ms']:<7} {r['cores_per_1000_fps_paste_jpeg']:<25} "
-                       f"{r['cores_per_1000_fps_compositors']}")
+            out.append(f"  {name[4:]:31s} {r['fps']:<7} {r['ort_fps']!s:<8} {r['ort_ratio']!s:<6} "
+                       f"{r['p50_ms']:<7} {r['cores_per_1000_fps_paste_jpeg']:<26} "
+                       f"{r['cores_per_1000_fps_compositors']:<12} "
+                       f"{r.get('cores_per_1000_fps_server', '?')}")
     streams = _results(report, "stream")
     if streams:
         held = [r["sessions"] for _, r in streams if r["all_hold_25fps"]]
@@ -69,6 +76,17 @@ def table(report: dict[str, Any]) -> str:
         out.append(f"tests (-m gpu): {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, "
                    f"{t.get('skipped', 0)} skipped" + (f": {', '.join(failed)}" if failed else "")
                    if t else f"tests: {tests['status']} {tests.get('reason', '')}")
+    # the tests step's record, also when a test failed (then the step has no result)
+    record = ((tests or {}).get("result") or report.get("tests") or {})
+    device = _figures(record, "test_device_compositor::test_device_frames_equal_the_compositors")
+    if device:
+        out.append("paste + JPEG per frame, on the device vs the compositors (ms wall, ms CPU): " +
+                   "; ".join(f"{mode} {device.get(f'{mode}_device_ms_per_frame')}, "
+                             f"{device.get(f'{mode}_device_cpu_ms_per_frame')} vs "
+                             f"{device.get(f'{mode}_compositor_ms_per_frame')}, "
+                             f"{device.get(f'{mode}_compositor_cpu_ms_per_frame')}, worst "
+                             f"{device.get(f'{mode}_worst_frame_psnr_db')} dB"
+                             for mode in ("synctalk", "stretch")))
     if report["dry_run"]:
         out.append("targets: not judged (CPU dry run)")
     elif e2e:

@@ -26,7 +26,7 @@ from pipeline.config import load_config
 from pipeline.frontend.wire import CompositeRequestView
 from pipeline.gpu_worker.batching import Inbox
 from pipeline.gpu_worker.device import Resolved, resolve_provider
-from pipeline.gpu_worker.engine import Engine
+from pipeline.gpu_worker.engine import EncodedFrame, Engine
 from pipeline.gpu_worker.model_cache import ModelCache, load_finished, unet_rebuilt
 from pipeline.protocol import RequestLayout
 from pipeline.shm.arena import Arena
@@ -60,7 +60,7 @@ class InProcessEngine:
             runtime=dataclasses.replace(cfg.runtime, instance=f"bench{os.getpid()}"))
         provider = provider or resolve_provider(cfg.gpus.provider, 1)
         self.model = cfg.models[model_id]
-        self.emitted: list[tuple[str, msg.Message]] = []
+        self.emitted: list[tuple[str, msg.Message | EncodedFrame]] = []
         inbox = Inbox()
         cache = ModelCache(cfg, GPU_INDEX, provider)
         self.engine = Engine.create(cfg, GPU_INDEX, provider, inbox, cache,
@@ -99,7 +99,8 @@ class InProcessEngine:
         self.engine.step(0.0)
         ns = dict.fromkeys(("audio", "encoder", "visual", "unet", "paste", "jpeg"), 0)
         handlers: dict[type, Callable[[Any, dict[str, int]], None]] = {
-            msg.InferDone: self._on_done, msg.InferFailed: _fail, msg.CompositeJob: self._on_job}
+            msg.InferDone: self._on_done, msg.InferFailed: _fail, msg.CompositeJob: self._on_job,
+            EncodedFrame: lambda frame, ns: self._timings(frame.header, ns)}
         for _, m in self.emitted:
             handlers[type(m)](m, ns)
         return ns
@@ -114,6 +115,11 @@ class InProcessEngine:
         header = msg.frontend_decoder.decode(composite_job(job, self._view, 0)[0])
         if not isinstance(header, msg.FrameDone):
             raise BaselineFailed(getattr(header, "error", repr(header)))
+        self._timings(header, ns)
+
+    @staticmethod
+    def _timings(header: msg.FrameDone, ns: dict[str, int]) -> None:
+        """A frame's paste and JPEG times (a compositor's, or the worker's own on its device)."""
         ns["paste"] += header.paste_ns
         ns["jpeg"] += header.jpeg_ns
 

@@ -5,6 +5,7 @@ from pipeline.config.environment import (
                                          ENV_RETIRED,
                                          client_credentials,
                                          env_flag,
+                                         gpu_path_on_cpu,
                                          grpc_server_address,
                                          parse_duration,
                                          retired_environment,
@@ -38,5 +39,5 @@ __all__ = ["DEFAULT_CONFIG_PATH", "ENV_OVERRIDES", "ENV_RETIRED", "LOCAL_ORIGINS
            "BatchingConfig", "CapacityConfig", "CompositeMode", "CompositorConfig", "Config",
            "ConfigError", "GpusConfig", "ModelConfig", "OpsConfig", "OutputConfig", "Provider",
            "RuntimeConfig", "ServerConfig", "StreamingConfig", "TlsConfig", "UnetPrecision",
-           "client_credentials", "env_flag", "grpc_server_address", "load_config",
+           "client_credentials", "env_flag", "gpu_path_on_cpu", "grpc_server_address", "load_config",
            "parse_config", "parse_duration", "parse_origin", "retired_environment", "setting"]

@@ -34,6 +34,14 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
+def gpu_path_on_cpu() -> bool:
+    """LIPSYNC_GPU_TESTS_ON_CPU=1 (`scripts/gpu-suite --dry-run`): the GPU-only paths run on
+    the CPU instead (the GPU tests on the CPU provider; `compositor.device: gpu` on ONNX
+    Runtime's CPU provider and nvImageCodec's CPU encoder): a test of those paths, never a
+    fallback a deployment gets."""
+    return env_flag("LIPSYNC_GPU_TESTS_ON_CPU")
+
+
 def grpc_server_address(default: str = "localhost:50053") -> str:
     """The server a client of ours talks to: GRPC_SERVER (as the seed's tools take it)."""
     return os.environ.get("GRPC_SERVER") or default

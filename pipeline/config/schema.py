@@ -22,6 +22,7 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "config.yaml"
 Provider = Literal["auto", "cuda", "cpu", "openvino"]
 UnetPrecision = Literal["auto", "fp32", "tf32", "fp16", "bf16"]
 CompositeMode = Literal["synctalk", "stretch"]
+CompositorDevice = Literal["cpu", "gpu"]
 
 
 class ConfigError(ValueError):
@@ -131,6 +132,11 @@ class OutputConfig:
 @dataclass(frozen=True)
 class CompositorConfig:
     pool_size: int = setting(2, lambda v: 1 <= v <= 256, "must be 1-256")  # paste + JPEG
+    # where a rendered frame is pasted and JPEG-encoded: cpu, by the compositor pool; gpu, by
+    # each gpu_worker on its device (the paste as an ONNX graph on the CUDA provider, the JPEG
+    # by nvImageCodec: the gpu-compositor extra), the pool then encoding only live sessions'
+    # idle frames. gpu on a box without CUDA or nvImageCodec fails at start, saying which.
+    device: CompositorDevice = setting("cpu", choices=("cpu", "gpu"))
 
 
 LOCAL_ORIGINS = tuple(f"{scheme}://{host}{port}" for scheme in ("http", "https")

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -32,11 +33,25 @@ from pipeline.runtime.process import RoleError
 from pipeline.shm.segment import SegmentCache
 from pipeline.synctalk import PREDICTION_BYTES, PREDICTION_SHAPE
 
+if TYPE_CHECKING:
+    from pipeline.gpu_worker.device_compositor import DeviceCompositor
+
 log = logging.getLogger(__name__)
 
 # where an emitted message goes
 FRONTEND, JOBS, EVENTS = "frontend", "jobs", "events"
-Emit = Callable[[str, msg.Message], None]
+
+
+@dataclass(frozen=True)
+class EncodedFrame:
+    """A JPEG this worker made on its device (compositor.device gpu), for the frontend: the
+    header, and the bytes that travel as its next ZMQ frame."""
+
+    header: msg.FrameDone
+    jpeg: bytes
+
+
+Emit = Callable[[str, msg.Message | EncodedFrame], None]
 # runs a load (rebuild False) or a loaded model's UNet rebuild elsewhere; LoadFinished or
 # UNetRebuilt comes back through the inbox
 StartLoad = Callable[[ModelConfig, bool], None]
@@ -266,7 +281,10 @@ class Engine:
         for p in prepared:
             with logging_request(p.req.request_id):
                 try:
-                    self._emit_jobs(model, p.req)
+                    if self.cache.compositor is None:
+                        self._emit_jobs(model, p.req)
+                    else:
+                        self._composite_on_device(self.cache.compositor, model, p.req)
                 except Exception as exc:
                     self.emit(FRONTEND, msg.InferFailed(p.req.request_id,
                                                         _client_error(exc, p.req)))
@@ -336,6 +354,22 @@ class Engine:
                 background=model.avatar.background_ref(frame), rect=model.avatar.rect(frame),
                 mode=model.config.composite_mode, jpeg_quality=self.cfg.jpeg_quality,
                 live=req.live))
+
+    def _composite_on_device(self, compositor: DeviceCompositor, model: LoadedModel,
+                             req: msg.InferRequest) -> None:
+        """compositor.device gpu: the request's frames pasted and encoded here, straight to
+        the frontend (device_compositor.py says why no compositor job is needed)."""
+        assert model.device_backgrounds is not None
+        indices, avatar = _background_indices(req), model.avatar
+        done = compositor.composite(model.device_backgrounds, [i % avatar.num_frames for i in indices],
+                                    [avatar.rect(i) for i in indices], self._view(req.output),
+                                    model.config.composite_mode)
+        b = len(done.jpegs)
+        for i, jpeg in enumerate(done.jpegs):  # each frame's share of the batch's times
+            self.emit(FRONTEND, EncodedFrame(msg.FrameDone(
+                req.request_id, i, msg.DEVICE_COMPOSITOR,
+                paste_ns=done.paste_ns // b + (done.paste_ns % b if i == 0 else 0),
+                jpeg_ns=done.jpeg_ns // b + (done.jpeg_ns % b if i == 0 else 0)), jpeg))
 
     def _view(self, ref: msg.TensorRef) -> np.ndarray:
         return self.segments.ndarray(ref.segment, ref.offset, ref.shape, ref.dtype)

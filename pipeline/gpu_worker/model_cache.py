@@ -33,6 +33,7 @@ from pipeline.synctalk import MEL_WINDOW_SHAPE
 
 if TYPE_CHECKING:  # onnxruntime is imported only after the device is pinned
     from pipeline.gpu_worker.avatar import Avatar
+    from pipeline.gpu_worker.device_compositor import DeviceBackgrounds, DeviceCompositor
     from pipeline.gpu_worker.unet import Encoder, UNetRunner
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,11 @@ class LoadedModel:
     encoder: Encoder                    # the model's audio encoder, shared with others of it
     encoders: AudioEncoders
     encoder_key: str
+    # compositor.device gpu: the backgrounds where the worker's paste reads them (device memory)
+    device_backgrounds: DeviceBackgrounds | None = None
 
     def close(self) -> None:
+        self.device_backgrounds = None  # the device's copy goes with its last reference
         self.avatar.close()
         self.encoders.release(self.encoder_key)
 
@@ -133,6 +137,13 @@ class ModelCache:
         self.planner = ThreadPlanner(cores, self.backend.threads,
                                      fixed=not cpu or gpus.intra_op_threads > 0)
         self.encoders = AudioEncoders(provider, self.backend.threads)
+        # compositor.device gpu: this worker pastes and encodes its frames on its device
+        # (DeviceError, saying what is missing, where it cannot: the worker does not start)
+        self.compositor: DeviceCompositor | None = None
+        if cfg.compositor.device == "gpu":
+            from pipeline.gpu_worker.device_compositor import DeviceCompositor
+
+            self.compositor = DeviceCompositor.create(provider, cfg.jpeg_quality)
         self.models: dict[str, LoadedModel] = {}
         self.loaded: dict[str, int] = {}
 
@@ -161,11 +172,20 @@ class ModelCache:
         except Exception as exc:
             self.encoders.release(key)
             raise LoadError(f"Failed to get model data: {exc}") from exc
+        on_device = None
+        if self.compositor is not None:
+            try:
+                with CAPTURE_LOCK:
+                    on_device = self.compositor.upload(avatar.frames())
+            except Exception as exc:
+                avatar.close()
+                self.encoders.release(key)
+                raise LoadError(f"Failed to copy the backgrounds to the device: {exc}") from exc
         # measured: the device's (or, on CPU, this process's private) memory growth over
-        # the load, plus the backgrounds' shared-memory segment
+        # the load (the backgrounds' device copy included), plus their shared-memory segment
         memory = max(0, self.memory.used_bytes() - before) + avatar.nbytes
         return LoadedModel(config, unet, avatar, memory, time.monotonic_ns() - t0, encoder,
-                           self.encoders, key)
+                           self.encoders, key, on_device)
 
     def build_unet(self, config: ModelConfig) -> UNetRunner:
         """`config`'s UNet on the current backend, warm."""

@@ -37,7 +37,7 @@ from pipeline.config import Config, ModelConfig
 from pipeline.gpu_worker.batching import Inbox
 from pipeline.gpu_worker.credits import CreditDispatcher
 from pipeline.gpu_worker.device import Resolved, pin_to_device
-from pipeline.gpu_worker.engine import EVENTS, FRONTEND, JOBS, Engine
+from pipeline.gpu_worker.engine import EVENTS, FRONTEND, JOBS, EncodedFrame, Engine
 from pipeline.gpu_worker.model_cache import ModelCache, load_finished, unet_rebuilt
 from pipeline.runtime.addresses import Addresses
 from pipeline.runtime.process import LIVENESS_BEATS, Readiness, run_role
@@ -81,8 +81,11 @@ class GpuWorkerProc:
         self.sender_done = threading.Event()
         self.failure: tuple[str, Exception] | None = None  # an IO thread that raised
 
-    def _post(self, target: str, message: msg.Message) -> None:
+    def _post(self, target: str, message: msg.Message | EncodedFrame) -> None:
         """The engine's `emit`: queued for the sender thread, never a socket call here."""
+        if isinstance(message, EncodedFrame):  # the JPEG as its own frame, as a compositor's
+            self.outbox.put((target, [msg.encode(message.header), message.jpeg]))
+            return
         frames = [msg.encode(message)]
         if isinstance(message, msg.CompositeJob):
             frames.insert(0, JOB_KEY.pack(message.request_id, message.frame_index, message.live))

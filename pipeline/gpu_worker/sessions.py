@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 
-def _session(model: Path | bytes, provider: Resolved, intra_op_threads: int,
+def make_session(model: Path | bytes, provider: Resolved, intra_op_threads: int,
              cuda_options: dict[str, str] | None = None) -> ort.InferenceSession:
     """A session of `model` (a file, or a serialized graph) on `provider`; on CUDA, float32
     stays float32 (TF32 off) unless `cuda_options` say otherwise."""
@@ -98,7 +98,7 @@ def unet_session(path: Path, provider: Resolved, intra_op_threads: int = 0,
     options = {"use_tf32": "1" if precision == "tf32" else "0"}
     if graphs:
         options["enable_cuda_graph"] = "1"
-    return _session(unet_model(path, precision), provider, intra_op_threads, options)
+    return make_session(unet_model(path, precision), provider, intra_op_threads, options)
 
 
 class UNet:
@@ -140,7 +140,7 @@ class AudioEncoder:
 
     @classmethod
     def create(cls, path: Path, provider: Resolved, intra_op_threads: int = 0) -> AudioEncoder:
-        return cls(_session(path, provider, intra_op_threads))
+        return cls(make_session(path, provider, intra_op_threads))
 
     def encode(self, windows: np.ndarray) -> np.ndarray:
         """[N,1,80,16] mel windows -> [N,512] features (N may be 0)."""

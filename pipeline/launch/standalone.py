@@ -73,12 +73,15 @@ def serve_role(cfg: Config, role: str, index: int) -> int:
         run_frontend_process(cfg, None)
     elif role == "gpu-worker":
         from pipeline.gpu_worker.device import resolve_provider
+        from pipeline.gpu_worker.device_compositor import unavailable as device_compositor_unavailable
         from pipeline.gpu_worker.proc import run_gpu_worker_process
 
         try:
             # ONNX Runtime is imported here but creates no CUDA context: the worker still
             # pins CUDA_VISIBLE_DEVICES before its first session, as under `lipsync serve`
             provider = resolve_provider(cfg.gpus.provider, cfg.gpus.count)
+            if cfg.compositor.device == "gpu" and (reason := device_compositor_unavailable(provider)):
+                raise ValueError(reason)
         except ValueError as exc:  # no device (yet): restartable, unlike a bad config
             print(f"lipsync role: {exc}", file=sys.stderr)
             return 1

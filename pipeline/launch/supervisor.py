@@ -28,6 +28,7 @@ from pipeline.compositor.proc import run_compositor_process
 from pipeline.config import Config
 from pipeline.frontend.server import run_frontend_process
 from pipeline.gpu_worker.device import resolve_provider
+from pipeline.gpu_worker.device_compositor import unavailable as device_compositor_unavailable
 from pipeline.gpu_worker.proc import run_gpu_worker_process
 from pipeline.gpu_worker.unet import Backend
 from pipeline.launch.common import prepare_runtime
@@ -67,6 +68,8 @@ class Supervisor:
         provider = resolve_provider(cfg.gpus.provider, cfg.gpus.count)
         # a precision the provider or this CPU cannot run stops the start here, by name
         backend = Backend.of(provider, cfg.gpus.unet_precision)
+        if cfg.compositor.device == "gpu" and (reason := device_compositor_unavailable(provider)):
+            raise ValueError(reason)
         log.info("%d %s gpu_worker(s) (%s), %d compositor(s)", cfg.gpus.count, provider,
                  backend.precision, cfg.compositor.pool_size)
         self.roles = (

@@ -106,9 +106,10 @@ class StateDictWeights:
 
 @dataclass
 class GraphBuilder:
-    """Collects nodes and initializers while a layout lays out its network."""
+    """Collects nodes and initializers while a layout lays out its network (or while
+    any other graph of ours is laid out: `weights` only for `conv`)."""
 
-    weights: WeightSource
+    weights: WeightSource | None = None
     nodes: list[Any] = field(default_factory=list)
     inits: list[Any] = field(default_factory=list)
     count: int = 0
@@ -130,6 +131,7 @@ class GraphBuilder:
         """A convolution with bias: a Conv2d and the BatchNorm after it, folded."""
         from onnx import numpy_helper
 
+        assert self.weights is not None, "a graph with convolutions needs a weight source"
         base = self.name("conv")
         weight, bias = self.weights.conv(key, (cout, cin // groups, k, k), gain)
         self.inits.append(numpy_helper.from_array(weight, f"{base}.weight"))

@@ -29,6 +29,20 @@ def test_unknown_key_fails_at_start(tmp_path: Path, models_root: Path) -> None:
     assert "capacity: unknown key 'max_modles'" in result.stderr
 
 
+def test_compositor_device_gpu_without_cuda_fails_at_start_saying_why(
+        tmp_path: Path, models_root: Path) -> None:
+    """compositor.device gpu on a box whose workers cannot run CUDA: `lipsync serve` and the
+    gpu-worker unit exit non-zero in one line that says why and what to set; no silent
+    fallback to the CPU."""
+    config = write_config(tmp_path / "config.yaml", models_root, **{"compositor.device": "gpu"})
+    for command in ("serve", "role gpu-worker --index 0"):
+        result = lipsync(*command.split(), "--config", str(config), timeout=60)
+        assert result.returncode != 0, command
+        assert result.stderr.count("\n") == 1, (command, result.stderr)
+        assert "compositor.device is gpu, but the gpu_workers run on the cpu provider" in \
+            result.stderr and "set compositor.device: cpu" in result.stderr, result.stderr
+
+
 def test_every_command_with_a_config_answers_a_bad_one_in_one_line(tmp_path: Path) -> None:
     """Each command that takes --config, given a missing file, broken YAML, a misspelt key
     or a binary file, exits non-zero with one line naming the problem, no traceback (bench

@@ -11,8 +11,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_dry_run_runs_every_step_and_reports(tmp_path: Path) -> None:
-    """The dry run passes its GPU tests on the CPU, measures every benchmark, derives the
-    figures, logs the CPU worker ignoring CUDA graphs, and ends with the table."""
+    """The dry run passes its GPU tests on the CPU (compositor.device gpu's among them),
+    measures every benchmark (a server compositing on the device too), derives the figures,
+    logs the CPU worker ignoring CUDA graphs, and ends with the table."""
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu-suite"), "--dry-run",
                            "--out", str(out)], capture_output=True, text=True, timeout=300,
@@ -24,15 +25,22 @@ def test_dry_run_runs_every_step_and_reports(tmp_path: Path) -> None:
     assert steps["wheels"]["status"] == "skipped" and steps["install"]["status"] == "skipped"
     assert {n: s["status"] for n, s in steps.items() if n not in ("wheels", "install")} == {
         "assets": "ok", "probe": "ok", "tests": "ok", "unet": "ok",
+        "e2e fp16+graphs+gpu-compositor": "ok", "server fp16+graphs+gpu-compositor": "ok",
         "e2e fp16+graphs": "ok", "stream 2": "ok", "live 2": "ok", "server fp16+graphs": "ok"}
 
     probe = steps["probe"]["result"]
     assert probe["session_providers"][0] == "CPUExecutionProvider"
     tests = steps["tests"]["result"]
-    assert tests["failed"] == 0 and tests["skipped"] == 0 and tests["passed"] >= 11
+    assert tests["failed"] == 0 and tests["skipped"] == 0 and tests["passed"] >= 14
     figures = {t["test"]: t.get("figures", {}) for t in tests["tests"]}
     assert figures["test_precision_and_graphs::test_fp16_frames_are_within_40_db_of_fp32"][
         "psnr_db_min"] >= 40
+    device = figures["test_device_compositor::test_device_frames_equal_the_compositors_and_what_each_costs"]
+    assert device["synctalk_worst_frame_psnr_db"] >= 45 and device["stretch_worst_frame_psnr_db"] >= 45
+    assert device["synctalk_device_cpu_ms_per_frame"] > 0
+    assert device["synctalk_compositor_cpu_ms_per_frame"] > 0
+    assert figures["test_device_compositor::test_a_server_compositing_on_the_device_answers_the_cpu_frames"][
+        "worst_frame_psnr_db"] >= 45
 
     unet = steps["unet"]["result"]
     measured = {(r["variant"], r["batch"]) for r in unet["throughput"] if r.get("ort_fps", 0) > 0}
@@ -40,11 +48,14 @@ def test_dry_run_runs_every_step_and_reports(tmp_path: Path) -> None:
     assert [r["variant"] for r in unet["throughput"] if "skipped" in r] == ["fp16+graphs"]
     assert unet["precision"]["psnr_db_min"] >= 40
 
-    e2e = steps["e2e fp16+graphs"]["result"]
-    assert e2e["fps"] > 0 and e2e["errors"] == 0 and e2e["ort_fps"] > 0
-    assert e2e["ort_ratio"] == round(e2e["fps"] / e2e["ort_fps"], 3)
-    assert e2e["cores_per_1000_fps_paste_jpeg"] > 0 and e2e["cores_per_1000_fps_compositors"] > 0
-    assert {"frontend", "gpu_worker 0", "compositor 0"} <= set(e2e["cores_busy"])
+    for name in ("fp16+graphs", "fp16+graphs+gpu-compositor"):
+        e2e = steps[f"e2e {name}"]["result"]
+        assert e2e["fps"] > 0 and e2e["errors"] == 0 and e2e["ort_fps"] > 0
+        assert e2e["ort_ratio"] == round(e2e["fps"] / e2e["ort_fps"], 3)
+        assert e2e["cores_per_1000_fps_paste_jpeg"] > 0
+        assert e2e["cores_per_1000_fps_server"] >= e2e["cores_per_1000_fps_gpu_worker"] > 0
+        assert {"frontend", "gpu_worker 0", "compositor 0"} <= set(e2e["cores_busy"])
+    assert steps["e2e fp16+graphs"]["result"]["cores_per_1000_fps_compositors"] > 0
     stream = steps["stream 2"]["result"]
     assert stream["sessions"] == 2 and stream["errors"] == 0 and stream["fps_total"] > 0
     live = steps["live 2"]["result"]
@@ -54,6 +65,8 @@ def test_dry_run_runs_every_step_and_reports(tmp_path: Path) -> None:
     log = (out / "gpu-suite.log").read_text()
     assert "gpus.cuda_graphs ignored: CUDA graphs need the CUDA execution provider" in log
     assert "=== tests" in log and "--- server log (fp16+graphs)" in log
+    assert "--- server log (fp16+graphs+gpu-compositor)" in log
+    assert "compositor.device gpu on the cpu provider with nvImageCodec's CPU encoder" in log
     last = done.stdout.strip().splitlines()
     assert last[0].startswith("== gpu-suite DRY RUN on the CPU provider")
     assert last[-1] == "targets: not judged (CPU dry run)"
@@ -61,13 +74,15 @@ def test_dry_run_runs_every_step_and_reports(tmp_path: Path) -> None:
 
 def test_the_table_judges_the_targets_of_a_gpu_run() -> None:
     """On a GPU report (the branch the dry run cannot take) the table prints every figure
-    and judges the targets: ratio and fps of the best configuration, sessions held."""
+    (the device compositor's against the compositors' too) and judges the targets: ratio and
+    fps of the best configuration, sessions held."""
     sys.path.insert(0, str(REPO / "scripts"))
     from gpu_suite_table import table
 
     def e2e(fps: float, ratio: float) -> dict:
         return {"fps": fps, "ort_fps": round(fps / ratio, 1), "ort_ratio": ratio, "p50_ms": 120.0,
-                "cores_per_1000_fps_paste_jpeg": 2.4, "cores_per_1000_fps_compositors": 2.1}
+                "cores_per_1000_fps_paste_jpeg": 2.4, "cores_per_1000_fps_compositors": 2.1,
+                "cores_per_1000_fps_server": 3.3}
 
     def stream(sessions: int, held: int) -> dict:
         return {"sessions": sessions, "holding_25fps": held, "all_hold_25fps": held == sessions}
@@ -78,8 +93,14 @@ def test_the_table_judges_the_targets_of_a_gpu_run() -> None:
             "onnxruntime": "1.31.1", "built_for_cuda": "13.0",
             "session_providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
             "cuda_libraries_from": "preload_dlls / already loaded"}},
-        {"name": "tests", "status": "ok", "result": {"passed": 11, "failed": 0, "skipped": 0,
-                                                     "tests": []}},
+        {"name": "tests", "status": "ok", "result": {"passed": 14, "failed": 0, "skipped": 0,
+                                                     "tests": [{
+            "test": "test_device_compositor::test_device_frames_equal_the_compositors_and_what_each_costs",
+            "outcome": "passed", "figures": {
+                f"{mode}_{key}": value for mode in ("synctalk", "stretch") for key, value in (
+                    ("device_ms_per_frame", 0.4), ("device_cpu_ms_per_frame", 0.1),
+                    ("compositor_ms_per_frame", 4.1), ("compositor_cpu_ms_per_frame", 4.0),
+                    ("worst_frame_psnr_db", 52.0))}}]}},
         {"name": "unet", "status": "ok", "result": {
             "model": "bench", "provider": "cuda",
             "throughput": [{"variant": v, "batch": b, "ort_fps": f * b}
@@ -99,7 +120,10 @@ def test_the_table_judges_the_targets_of_a_gpu_run() -> None:
     assert "NVIDIA H200" in lines[1] and "CUDAExecutionProvider" in lines[1]
     assert any(line.split()[:4] == ["fp16+graphs", "300.0", "2400.0", "9600.0"] for line in lines)
     assert any("PSNR min 47.5 dB" in line for line in lines)
-    assert any(line.split()[:3] == ["fp16+graphs", "2400.0", "2823.5"] for line in lines)
+    assert any(line.split() == ["fp16+graphs", "2400.0", "2823.5", "0.85", "120.0", "2.4", "2.1",
+                                "3.3"] for line in lines)
     assert "90 sessions 71/90 hold -> most held: 60" in text
+    assert ("on the device vs the compositors (ms wall, ms CPU): synctalk 0.4, 0.1 vs 4.1, 4.0, "
+            "worst 52.0 dB; stretch 0.4") in text
     assert lines[-1] == ("targets: e2e/ORT >= 0.9: NOT met (0.85); >= 1500 fps: met (2400.0); "
                          ">= 60 sessions: met")

@@ -16,7 +16,9 @@ import cv2
 import numpy as np
 import pytest
 
-ON_CPU = os.environ.get("LIPSYNC_GPU_TESTS_ON_CPU") == "1"
+from pipeline.config import gpu_path_on_cpu
+
+ON_CPU = gpu_path_on_cpu()
 BACKGROUNDS = 25  # background frames of the test models (their loads stay quick)
 
 

@@ -9,7 +9,7 @@ import pytest
 from pipeline.bench.unet import precision_check
 from pipeline.gpu_worker.cuda_graphs import GraphedUNet
 from pipeline.gpu_worker.precision import max_abs_diff
-from pipeline.gpu_worker.sessions import _session
+from pipeline.gpu_worker.sessions import make_session
 from pipeline.gpu_worker.unet import load_unet
 from tests.gpu.support import SIZES, requires_gpu
 
@@ -34,7 +34,7 @@ def test_cuda_graph_replays_equal_plain_runs(bench_model: Path, provider: str) -
         graphed = load_unet(bench_model, provider, cuda_graphs=True)
         assert isinstance(graphed, GraphedUNet)
     else:  # the dry run: the same class over host buffers (ORT ignores gpu_graph_id there)
-        graphed = GraphedUNet(_session(bench_model, "cpu", 0), device="cpu")
+        graphed = GraphedUNet(make_session(bench_model, "cpu", 0), device="cpu")
     for batch in SIZES.graph_batches:
         for seed in (batch, batch + 100):
             rng = np.random.default_rng(seed)

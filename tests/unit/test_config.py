@@ -364,6 +364,13 @@ def test_parse_does_not_mutate_raw() -> None:
     assert raw == before
 
 
+def test_compositor_device() -> None:
+    """compositor.device is cpu by default, gpu when asked, and nothing else."""
+    assert _parse(_raw()).compositor.device == "cpu"
+    assert _parse(_raw(compositor={"device": "gpu"})).compositor.device == "gpu"
+    assert _error(_raw(compositor={"device": "cuda"})) == "compositor.device: must be cpu or gpu"
+
+
 def test_unet_precision_and_cuda_graphs() -> None:
     """gpus.unet_precision is auto by default and one of auto/fp32/tf32/fp16/bf16;
     cuda_graphs a bool."""

@@ -19,7 +19,7 @@ from pipeline.gpu_worker.cuda_graphs import (
     bucket_for,
     split_frames,
 )
-from pipeline.gpu_worker.sessions import UNet, _session
+from pipeline.gpu_worker.sessions import UNet, make_session
 from pipeline.gpu_worker.unet import load_unet
 
 SMALL = (1, 2, 4)  # buckets small enough for the demo UNet on a 2-core machine
@@ -58,7 +58,7 @@ def test_padded_exact_and_split_batches_equal_plain_runs(unet_path: Path) -> Non
     """Through the static buffers (padded to a bucket, split past the largest) the predictions
     equal a plain run's, for fresh inputs each time (no stale rows)."""
     plain = load_unet(unet_path, "cpu")
-    graphed = GraphedUNet(_session(unet_path, "cpu", 0), device="cpu", buckets=SMALL)
+    graphed = GraphedUNet(make_session(unet_path, "cpu", 0), device="cpu", buckets=SMALL)
     for frames in (1, 3, 4, 7, 3):
         visual, audio = _batch(frames, seed=frames * 10 + len(graphed.first_runs))
         expected = np.empty((frames, 3, 320, 320), np.float32)
@@ -73,7 +73,7 @@ def test_padded_exact_and_split_batches_equal_plain_runs(unet_path: Path) -> Non
 
 def test_mismatched_or_non_float32_arrays_are_refused(unet_path: Path) -> None:
     """Batches of different sizes, or arrays the static copy cannot take as they are, fail."""
-    graphed = GraphedUNet(_session(unet_path, "cpu", 0), device="cpu", buckets=SMALL)
+    graphed = GraphedUNet(make_session(unet_path, "cpu", 0), device="cpu", buckets=SMALL)
     visual, audio = _batch(2, seed=1)
     with pytest.raises(ValueError, match="batch sizes differ"):
         graphed.run(visual, audio[:1], np.empty((2, 3, 320, 320), np.float32))
@@ -84,7 +84,7 @@ def test_mismatched_or_non_float32_arrays_are_refused(unet_path: Path) -> None:
 def test_only_a_buckets_first_runs_wait_for_the_capture_lock(unet_path: Path) -> None:
     """The warm-up runs and the capture of a bucket wait while another thread holds the lock
     (a session being created); once captured, its replays do not."""
-    graphed = GraphedUNet(_session(unet_path, "cpu", 0), device="cpu", buckets=SMALL)
+    graphed = GraphedUNet(make_session(unet_path, "cpu", 0), device="cpu", buckets=SMALL)
     visual, audio = _batch(1, seed=3)
     out = np.empty((1, 3, 320, 320), np.float32)
     for _ in range(WARMUP_RUNS + 1):
@@ -115,7 +115,7 @@ def test_only_a_buckets_first_runs_wait_for_the_capture_lock(unet_path: Path) ->
 
 def test_warm_up_runs_no_capture(unet_path: Path) -> None:
     """The loader's warm-up runs outside any graph: it counts toward no bucket's capture."""
-    graphed = GraphedUNet(_session(unet_path, "cpu", 0), device="cpu", buckets=SMALL)
+    graphed = GraphedUNet(make_session(unet_path, "cpu", 0), device="cpu", buckets=SMALL)
     graphed.warm_up()
     assert graphed.first_runs == {}
 

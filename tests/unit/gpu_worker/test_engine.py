@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -333,3 +334,44 @@ def test_the_engine_runs_on_openvino(config_path: Path) -> None:
         finally:
             harness.close()
     assert float(np.max(np.abs(predictions[0] - predictions[1]))) <= 1e-4
+
+
+def test_with_compositor_device_gpu_the_worker_sends_the_jpegs_itself(
+        config_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compositor.device gpu (its CPU test path): a request's frames come out of the engine
+    as JPEGs for the frontend, one per frame in order and before the InferDone, equal to the
+    compositors' within JPEG loss; no compositor job but the idle frames'."""
+    pytest.importorskip("nvidia.nvimgcodec", reason="nvImageCodec is not installed")
+    from pipeline.compositor.composite import encode_jpeg, paste
+    from pipeline.gpu_worker.engine import EncodedFrame
+    from pipeline.gpu_worker.precision import psnr_db
+
+    monkeypatch.setenv("LIPSYNC_GPU_TESTS_ON_CPU", "1")
+    cfg = load_config(config_path)
+    harness = Harness(dataclasses.replace(
+        cfg, compositor=dataclasses.replace(cfg.compositor, device="gpu")))
+    try:
+        assert harness.control(msg.LoadModel, "demo").ok
+        model = harness.cache.models["demo"]
+        assert model.device_backgrounds is not None
+        req = harness.request(3, SMALL_FRAMES - 1)
+        out = harness.handle(req)
+        assert [(t, type(m)) for t, m in out] == [(FRONTEND, EncodedFrame)] * 3 + [
+            (FRONTEND, msg.InferDone)]
+        prediction = harness.prediction(req)
+        for i, (_, encoded) in enumerate(out[:3]):
+            assert isinstance(encoded, EncodedFrame)
+            header = encoded.header
+            assert (header.request_id, header.frame_index) == (req.request_id, i)
+            assert header.compositor == msg.DEVICE_COMPOSITOR and header.paste_ns > 0
+            frame = (SMALL_FRAMES - 1 + i) % SMALL_FRAMES
+            expected = encode_jpeg(paste(model.avatar.frames()[frame], prediction[i],
+                                         model.avatar.rect(frame)), harness.cfg.jpeg_quality)
+            decoded = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR)
+                       for j in (expected, encoded.jpeg)]
+            assert psnr_db(*decoded) >= 45.0
+        idle = harness.handle(msg.BackgroundJpegs(99, 0, "demo", (0, 1)))
+        assert [type(m) for _, m in idle] == [msg.CompositeJob] * 2 + [msg.InferDone]
+        assert harness.control(msg.UnloadModel, "demo").ok and model.device_backgrounds is None
+    finally:
+        harness.close()
