@@ -94,7 +94,7 @@ def test_providers_are_compared_in_alternating_rounds(small_models_root: Path,
     pytest.importorskip("openvino", reason="the openvino extra is not installed")
     config = write_config(tmp_path / "config.yaml", small_models_root)
     result = bench("--config", str(config), "--model", "demo", "--providers", "cpu,openvino:1",
-                   "--duration", "3", "--rounds", "2", "--batch", "2", "--concurrency", "1")
+                   "--duration", "2", "--rounds", "2", "--batch", "2", "--concurrency", "1")
     assert result["providers"] == ["cpu", "openvino:1"] and result["rounds"] == 2
     for entry, backend in (("cpu", "onnxruntime-cpu fp32"), ("openvino:1", "openvino ")):
         assert result[entry]["errors"] == 0 and result[entry]["fps"] > 0

@@ -276,7 +276,10 @@ def test_demo_plays_a_wav_file_in_sync_and_interrupts(server, browser) -> None:
     assert interrupted.get("interrupts") == 1, context
     assert quiet_to["audioVoicedMs"] == quiet_from["audioVoicedMs"], context  # the file stopped
     assert quiet_to["audioSentMs"] > quiet_from["audioSentMs"] + 1500, context  # silence goes on
-    assert quiet_to["framesDrawn"] > quiet_from["framesDrawn"] + 40, context  # so does the video
+    # so does the video: frames whose time came, drawn or (a page starved of CPU skips a
+    # refresh now and then) passed over for a newer one
+    played = [s["framesDrawn"] + s["framesSkipped"] for s in (quiet_from, quiet_to)]
+    assert played[1] > played[0] + 40, context
     assert after["errors"] == 0 and after["interrupts"] == 2, context  # a new file: a new segment
     assert after["anchors"] == quiet_to["anchors"] + 1 and in_sync(after), context
 

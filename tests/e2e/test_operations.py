@@ -192,7 +192,7 @@ def test_sigkill_under_load_costs_requests_never_the_service(tmp_path: Path,
     from tests.conftest import SMALL_FRAMES as DEMO_FRAMES
     from tests.conftest import child_pids, role_pids
 
-    kills = int(os.environ.get("LIPSYNC_KILL_ROUNDS", "4"))  # 20 and more: before a release
+    kills = int(os.environ.get("LIPSYNC_KILL_ROUNDS", "3"))  # 20 and more: before a release
     config = write_config(tmp_path / "config.yaml", small_models_root, **{
         "runtime.restart_backoff_max_s": 0.5, "server.request_timeout_s": 20})
     raw = yaml.safe_load(config.read_text())
