@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
+from typing import NoReturn
 
 
 def cmd_livekit_avatar(args: argparse.Namespace) -> int:
@@ -24,8 +26,18 @@ def cmd_livekit_avatar(args: argparse.Namespace) -> int:
     except ValueError as exc:
         sys.exit(f"lipsync livekit-avatar: {exc}")
     except rtc.ConnectError as exc:
-        sys.exit(f"lipsync livekit-avatar: cannot join the room at {args.url}: {exc.message}")
+        _leave_now(f"lipsync livekit-avatar: cannot join the room at {args.url}: {exc.message}")
     return 0
+
+
+def _leave_now(message: str) -> NoReturn:
+    """Exit 1 with `message`, skipping the interpreter's teardown: after a failed join the
+    LiveKit SDK's native runtime may still be retrying, and its exit handler then aborts the
+    process now and then (a Rust panic in a function that cannot unwind: SIGABRT, 1 run in
+    ~12 here), so a clear one-line error would end in a core dump."""
+    print(message, file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(1)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

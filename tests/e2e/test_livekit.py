@@ -212,9 +212,12 @@ def test_worker_plays_an_utterance_and_answers_clear_buffer(server) -> None:
 def test_the_command_says_what_is_wrong_in_one_line(extra: list[str], says: str) -> None:
     """`lipsync livekit-avatar` with a bad server URL, a bad rate or a LiveKit server that is not
     there: exit status 1 and one line naming the problem (no traceback)."""
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "livekit-avatar", "--url",
-                           "ws://127.0.0.1:9", "--token", "t", *extra],
-                          capture_output=True, text=True, timeout=120)
-    lines = [line for line in done.stderr.splitlines() if line.startswith("lipsync")]
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert len(lines) == 1 and says in lines[0], done.stderr
+    # a failed join, several times: the SDK's exit handler used to abort the process after
+    # the message now and then (SIGABRT, about 1 run in 12)
+    for _ in range(3 if not extra else 1):
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "livekit-avatar", "--url",
+                               "ws://127.0.0.1:9", "--token", "t", *extra],
+                              capture_output=True, text=True, timeout=120)
+        lines = [line for line in done.stderr.splitlines() if line.startswith("lipsync")]
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert len(lines) == 1 and says in lines[0], done.stderr
