@@ -53,13 +53,18 @@ def visual_input(frame: np.ndarray, rect: tuple[int, int, int, int],
     to 328, inner 320, stacked with a copy whose mouth region is black; BGR / 255, CHW."""
     x1, y1, x2, y2 = rect
     crop = cv2.resize(frame[y1:y2, x1:x2], (CROP, CROP), interpolation=cv2.INTER_CUBIC)
-    ref = crop[INNER, INNER]
-    masked = ref.copy()
-    cv2.rectangle(masked, MASK_RECT, (0, 0, 0), -1)
     if out is None:
         out = np.empty(VISUAL_SHAPE, np.float32)
-    np.multiply(ref.transpose(2, 0, 1), 1 / 255.0, out=out[:3], casting="unsafe")
-    np.multiply(masked.transpose(2, 0, 1), 1 / 255.0, out=out[3:], casting="unsafe")
+    # per channel plane, in float32: x / 255 rounded once is bit-equal to the reference's
+    # float64 x * (1/255) cast to float32 for every byte (checked for all 256), at a third
+    # less CPU than converting through float64 from a transposed view
+    for channel, plane in enumerate(cv2.split(crop[INNER, INNER])):
+        np.divide(plane, np.float32(255), out=out[channel], dtype=np.float32, casting="unsafe")
+    # the masked copy: the same planes with the mouth rect black, as cv2.rectangle fills
+    # a rect (x, y, w, h) with thickness -1
+    out[3:] = out[:3]
+    x, y, w, h = MASK_RECT
+    out[3:, y:y + h, x:x + w] = 0
     return out
 
 

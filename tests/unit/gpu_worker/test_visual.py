@@ -84,3 +84,18 @@ def test_real_rects_each_give_their_own_crop(frame: np.ndarray) -> None:
         np.testing.assert_array_equal(np.rint(out[:3] * 255).astype(np.uint8),
                                       _reference_inner(frame, rect).transpose(2, 0, 1))
     assert not np.array_equal(outs[0], outs[-1])
+
+
+@pytest.mark.parametrize("rect", [(0, 0, 173, 189), (532, 210, 714, 392), (880, 320, 1280, 720)])
+def test_bit_equal_to_the_reference_formula(rect: tuple[int, int, int, int]) -> None:
+    """Every float, both halves, equals inference_328.py's own arithmetic (the inner 320 and
+    its masked copy, HWC uint8 -> CHW, x * (1/255) in float64, cast to float32), whatever the
+    byte values (noise covers all 256) and the rect."""
+    frame = np.random.default_rng(5).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
+    inner = _reference_inner(frame, rect)
+    masked = inner.copy()
+    cv2.rectangle(masked, (5, 5, 310, 305), (0, 0, 0), -1)
+    expected = np.concatenate([inner.transpose(2, 0, 1), masked.transpose(2, 0, 1)]) * (1 / 255.0)
+    assert len(np.unique(inner)) == 256
+    out = visual_input(frame, rect, np.full((6, 320, 320), np.nan, np.float32))
+    np.testing.assert_array_equal(out.view(np.uint32), expected.astype(np.float32).view(np.uint32))
