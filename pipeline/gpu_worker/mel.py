@@ -1,11 +1,13 @@
 """The mel spectrogram of the gpu_worker's audio path: samples (any rate, resampled to 16 kHz)
 → the SyncTalk-2D Python reference's normalised mel, matched to 1e-4 on every element.
 
-Pure numpy (and soxr for resampling) on the request path. librosa is used for one thing
-only: building the Slaney mel filterbank, lazily and once per process (`warm_up()` builds
-it before the first request). Its STFT is not used: librosa's first call JIT-compiles for
-seconds, and a numpy STFT with the same window and padding is exact and takes about 3 ms
-for 10 s of audio. Everything here is single-threaded and safe to call from any thread.
+Pure numpy (and soxr for resampling). The reference built its features with librosa; here
+its Slaney mel filterbank is computed with librosa's formulas in numpy, lazily and once per
+process (`warm_up()` builds it before the first request), bit-equal to
+`librosa.filters.mel` (the unit tests compare them): librosa itself would import scipy and
+numba for it, 1.2 s of CPU at every worker start. Its STFT is not used either: a numpy STFT
+with the same window and padding is exact and takes about 3 ms for 10 s of audio.
+Everything here is single-threaded and safe to call from any thread.
 
 1. `resample_to_16k` — the request's `sample_rate` is honoured (the Go server ignored it);
    soxr band-limited resampling, quality 'HQ'.
@@ -49,14 +51,38 @@ _MAX_KEPT_SAMPLES = 60 * SAMPLE_RATE  # longest padded input whose buffer a thre
 
 @functools.cache
 def _mel_basis() -> np.ndarray:
-    """The reference's [80, 401] Slaney filterbank (librosa, float32 weights)."""
-    # Imported here so that processes which only import this module (the tests of other
-    # roles, the CLI) don't pay librosa's import time.
-    import librosa
+    """The reference's [80, 401] Slaney filterbank, float32 weights: `librosa.filters.mel(sr,
+    n_fft, n_mels, fmin, fmax)` with its defaults (Slaney scale, Slaney area normalisation),
+    computed the way librosa computes it, so equal to it bit for bit."""
+    freqs = np.fft.rfftfreq(N_FFT, 1.0 / SAMPLE_RATE)
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(MEL_FMIN), _hz_to_mel(MEL_FMAX), N_MELS + 2))
+    width = np.diff(edges)
+    ramps = np.subtract.outer(edges, freqs)
+    # band i: a triangle rising from edge i to edge i+1, falling to edge i+2
+    rising, falling = -ramps[:-2] / width[:-1, None], ramps[2:] / width[1:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
+    weights *= (2.0 / (edges[2:] - edges[:-2]))[:, None]  # each band's area the same
+    return weights
 
-    return librosa.filters.mel(
-        sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=MEL_FMIN, fmax=MEL_FMAX
-    )
+
+# Slaney's mel scale (librosa's default, htk=False): linear below 1 kHz, logarithmic above
+_MEL_HZ_STEP = 200.0 / 3       # Hz per mel below 1 kHz
+_LOG_HZ = 1000.0
+_LOG_MEL = _LOG_HZ / _MEL_HZ_STEP
+_LOG_STEP = np.log(6.4) / 27.0  # ln of the frequency ratio per mel above 1 kHz
+
+
+def _hz_to_mel(hz: float) -> float:
+    if hz < _LOG_HZ:
+        return hz / _MEL_HZ_STEP
+    return float(_LOG_MEL + np.log(hz / _LOG_HZ) / _LOG_STEP)
+
+
+def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
+    hz = _MEL_HZ_STEP * mels
+    log = mels >= _LOG_MEL
+    hz[log] = _LOG_HZ * np.exp(_LOG_STEP * (mels[log] - _LOG_MEL))
+    return hz
 
 
 class _SparseMel(NamedTuple):

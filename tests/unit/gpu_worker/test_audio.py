@@ -106,6 +106,14 @@ def test_values_stay_within_plus_minus_four() -> None:
     assert mel_math.melspectrogram(speechlike).max() > -4.0
 
 
+def test_the_filterbank_is_librosas_bit_for_bit() -> None:
+    """The Slaney filterbank built in numpy equals librosa.filters.mel's, every weight."""
+    reference = librosa.filters.mel(sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600)
+    ours = mel_math._mel_basis()
+    assert ours.dtype == reference.dtype == np.float32 and ours.shape == reference.shape
+    np.testing.assert_array_equal(ours.view(np.uint32), reference.view(np.uint32))
+
+
 def test_warm_up_builds_the_filterbank_once() -> None:
     """warm_up() builds the mel filterbank, and later requests reuse it without rebuilding."""
     mel_math._mel_basis.cache_clear()
