@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.runtime.files import sha256_file
+
 MANIFEST = "build.json"
 
 
@@ -24,14 +26,6 @@ class DemoAssetsError(ValueError):
 
 def digest_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -47,7 +41,7 @@ def write_manifest(directory: Path, fields: dict[str, Any], files: list[Path],
                    shared: dict[str, str] | None = None) -> None:
     """Record `fields` and the hashes of `files` (under `directory`, written by the build)
     and of `shared` (name -> hash, beside it)."""
-    hashes = {str(p.relative_to(directory)): digest(p) for p in files}
+    hashes = {str(p.relative_to(directory)): sha256_file(p) for p in files}
     (directory / MANIFEST).write_text(json.dumps({**fields, "files": hashes,
                                                   "shared": shared or {}}))
 
@@ -55,7 +49,7 @@ def write_manifest(directory: Path, fields: dict[str, Any], files: list[Path],
 def matches(path: Path, recorded: object) -> bool:
     """Whether `path` is a regular file whose bytes have the recorded hash."""
     return (isinstance(recorded, str) and path.is_file() and not path.is_symlink()
-            and digest(path) == recorded)
+            and sha256_file(path) == recorded)
 
 
 def foreign_files(directory: Path) -> list[Path]:

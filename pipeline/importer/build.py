@@ -34,7 +34,7 @@ from pipeline.importer.training_run import (
     parameters,
     unet_graph,
 )
-from pipeline.runtime.files import new_dir
+from pipeline.runtime.files import new_dir, sha256_file
 
 UNET_FILE, ENCODER_FILE, FRAMES_DIR = "unet.onnx", "audio_encoder.onnx", "frames"
 RECTS_FILE, RECORD_FILE = "crop_rects.json", "import.json"
@@ -159,14 +159,6 @@ def run_one_frame(folder: Path) -> None:
                            "(NaN or out of range): its weights are broken")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _record(run: TrainingRun, frames_sha: str, smooth: int, staging: Path) -> dict[str, object]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -182,15 +174,15 @@ def _record(run: TrainingRun, frames_sha: str, smooth: int, staging: Path) -> di
         "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "name": run.name, "architecture": "SyncTalk-2D unet_328 (ave)",
         "sources": {
-            "checkpoint": {"path": str(run.checkpoint.resolve()), "sha256": _sha256(run.checkpoint)},
+            "checkpoint": {"path": str(run.checkpoint.resolve()), "sha256": sha256_file(run.checkpoint)},
             "audio_encoder": {"path": str(run.audio_encoder.resolve()),
-                              "sha256": _sha256(run.audio_encoder)},
+                              "sha256": sha256_file(run.audio_encoder)},
             "frames": {"path": str(run.frames[0].parent.resolve()), "count": len(run.frames),
                        "sha256_of_sha256s": frames_sha},
             "landmarks": {"path": str(run.landmarks[0].parent.resolve()),
                           "sha256_of_sha256s": landmarks.hexdigest(), "smooth": smooth},
         },
-        "outputs": {name: _sha256(staging / name) for name in (UNET_FILE, ENCODER_FILE, RECTS_FILE)},
+        "outputs": {name: sha256_file(staging / name) for name in (UNET_FILE, ENCODER_FILE, RECTS_FILE)},
     }
 
 

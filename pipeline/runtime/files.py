@@ -4,6 +4,7 @@
 all (written under a temporary name, renamed last)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
@@ -49,3 +50,9 @@ def copy_atomic(source: Path, dest: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sha256_file(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in blocks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
