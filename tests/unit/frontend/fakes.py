@@ -111,3 +111,12 @@ async def until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.001)
 
 
+class Clock:
+    """time.monotonic of the liveness module alone, moved by hand (the loop keeps its own):
+    the `clock` fixture (conftest.py) puts it in place."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now

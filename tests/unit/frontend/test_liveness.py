@@ -5,29 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
-
 from pipeline import messages as msg
 from pipeline.config import parse_config
-from pipeline.frontend import liveness as liveness_module
 from pipeline.frontend.liveness import CompositorLost, Liveness, WorkerHolds, WorkerLost
-
-
-class Clock:
-    """time.monotonic for the liveness module, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(liveness_module.time, "monotonic", c)
-    return c
+from tests.unit.frontend.fakes import Clock
 
 
 def view(tmp_path: Path, workers: int = 1, compositors: int = 2) -> Liveness:

@@ -8,20 +8,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 from pathlib import Path
-from types import SimpleNamespace
 
-import pytest
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2
 
 from pipeline import messages as msg
 from pipeline.config import Config, parse_config
-from pipeline.frontend import liveness as liveness_module
 from pipeline.frontend.liveness import Liveness
 from pipeline.frontend.models import FAILED, READY, ModelView
 from pipeline.frontend.server import Frontend, State
 from pipeline.frontend.services import INFERENCE, MONOLITHIC, NOT_SERVING, SERVING
-from tests.unit.frontend.fakes import run
+from tests.unit.frontend.fakes import Clock, run
 
 
 class Unused:
@@ -56,23 +53,6 @@ class Parts:
 
     def views(self) -> list[ModelView]:
         return self.models
-
-
-class Clock:
-    """time.monotonic of the liveness module alone, moved by hand (the loop keeps its own)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(liveness_module, "time", SimpleNamespace(monotonic=c.monotonic))
-    return c
 
 
 def config(tmp_path: Path) -> Config:
@@ -125,6 +105,15 @@ async def health_is(f: Frontend, status: int) -> None:
         await asyncio.sleep(0.001)
 
 
+async def serving(tmp_path: Path, parts: Parts) -> Frontend:
+    """`frontend()` with its first liveness applied: SERVING, the journal emptied."""
+    f = frontend(config(tmp_path), parts)
+    f._apply([])
+    await health_is(f, SERVING)
+    parts.journal.clear()
+    return f
+
+
 def test_a_restarted_worker_fails_its_work_and_forgets_its_models(tmp_path: Path,
                                                                  clock: Clock) -> None:
     """A heartbeat from a new pid of worker 0: its requests fail as restarted (their blocks
@@ -150,9 +139,7 @@ def test_an_announced_death_fails_at_once_and_the_box_is_not_serving(tmp_path: P
     parts = Parts()
 
     async def scenario() -> Frontend:
-        f = frontend(config(tmp_path), parts)
-        f._apply([])
-        await health_is(f, SERVING)
+        f = await serving(tmp_path, parts)
         f._on_role_down(msg.RoleDown("gpu_worker", 0, 10, "CUDA error"), [])
         await health_is(f, NOT_SERVING)
         return f
@@ -172,10 +159,7 @@ def test_a_silent_worker_fails_its_work_but_keeps_its_blocks_and_models(tmp_path
     parts = Parts()
 
     async def scenario() -> Frontend:
-        f = frontend(config(tmp_path), parts)
-        f._apply([])
-        await health_is(f, SERVING)
-        parts.journal.clear()
+        f = await serving(tmp_path, parts)
         for _ in range(8):  # 2 s, checked twice a heartbeat; the compositors keep beating
             clock.now += 0.25
             f._on_heartbeat(beat("compositor", 0, 20), [])
@@ -201,10 +185,7 @@ def test_a_lost_compositor_fails_nothing_while_another_serves(tmp_path: Path,
     parts = Parts()
 
     async def scenario() -> Frontend:
-        f = frontend(config(tmp_path), parts)
-        f._apply([])
-        await health_is(f, SERVING)
-        parts.journal.clear()
+        f = await serving(tmp_path, parts)
         f._on_role_down(msg.RoleDown("compositor", 1, 21, "killed"), [])
         await health_is(f, SERVING)
         return f
