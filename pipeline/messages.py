@@ -2,12 +2,12 @@
 
 Rule: tensors never travel inside a message. A message carries `TensorRef` handles
 (segment, offset, shape, dtype) to bytes in shared memory; only a finished JPEG travels
-as a separate ZMQ frame beside its `FrameDone` header.
+as a separate ZMQ frame beside its `FramesDone` header.
 
 Flow of one InferBatchComposite request:
-    frontend --InferRequest--> gpu_worker --CompositeJob x B--> compositors
+    frontend --InferRequest--> gpu_worker --CompositeJob (a few frames each)--> compositors
     gpu_worker --InferDone | InferFailed--> frontend
-    compositor --FrameDone + JPEG | FrameFailed--> frontend
+    compositor --FramesDone + its JPEGs | FramesFailed--> frontend
     compositor --Credit--> gpu_worker (a job finished: room for the next one)
 
 Compositors pull work: each grants every gpu_worker a few credits (jobs it may hold at
@@ -94,14 +94,18 @@ class UnloadModel(Message, frozen=True):
 # ---- gpu_worker -> compositor -----------------------------------------------------------
 
 class CompositeJob(Message, frozen=True):
+    """Frames [first_frame, first_frame + n) of a request, for one compositor to paste and
+    encode: a request's frames go out as a few jobs (engine.py, `job_spans`), not one
+    message, credit and wake-up per frame."""
+
     request_id: int
-    frame_index: int                    # position in the batch
-    prediction: TensorRef | None        # [3,320,320] float32 BGR in [0,1]; None: background only
-    background: TensorRef               # [H,W,3] uint8 BGR
-    rect: tuple[int, int, int, int]     # x1, y1, x2, y2 (half-open)
+    first_frame: int                    # the batch position of the job's first frame
+    predictions: TensorRef | None       # [n,3,320,320] float32 BGR in [0,1]; None: backgrounds only
+    backgrounds: tuple[TensorRef, ...]  # n of [H,W,3] uint8 BGR
+    rects: tuple[tuple[int, int, int, int], ...]  # n of x1, y1, x2, y2 (half-open)
     mode: Literal["synctalk", "stretch"]
     jpeg_quality: int
-    live: bool = False                  # a live session's frame: handed out first
+    live: bool = False                  # a live session's frames: handed out first
 
 
 class ReleaseSegment(Message, frozen=True):
@@ -122,8 +126,9 @@ class Credit(Message, frozen=True):
     pid: int
     credits: Annotated[int, msgspec.Meta(ge=0)]
     request_id: int = -1
-    frame_index: int = -1
-    cpu_ns: int = 0                     # the finished job's CPU (paste + JPEG; 0: not measured)
+    first_frame: int = -1
+    cpu_ns: int = 0                     # the finished job's CPU per frame (paste + JPEG; 0: not
+                                        # measured)
 
 
 class CompositorLink(msgspec.Struct, array_like=True, frozen=True):
@@ -157,23 +162,26 @@ class InferFailed(Message, frozen=True):
     error: str
 
 
-class FrameDone(Message, frozen=True):
-    """Header of a JPEG; the JPEG bytes follow as the next ZMQ frame."""
+class FramesDone(Message, frozen=True):
+    """Header of a job's JPEGs, frames [first_frame, first_frame + n) of a request; the n
+    JPEGs follow as the next ZMQ frames, one each."""
 
     request_id: int
-    frame_index: int
-    compositor: int                     # which compositor made it (DEVICE_COMPOSITOR: the
+    first_frame: int
+    compositor: int                     # which compositor made them (DEVICE_COMPOSITOR: the
                                         # gpu_worker itself, compositor.device gpu)
-    paste_ns: int
+    paste_ns: int                       # summed over the frames
     jpeg_ns: int
 
 
 DEVICE_COMPOSITOR = -1
 
 
-class FrameFailed(Message, frozen=True):
+class FramesFailed(Message, frozen=True):
+    """A job's frames (from first_frame on) could not be made."""
+
     request_id: int
-    frame_index: int
+    first_frame: int
     error: str
 
 
@@ -221,7 +229,7 @@ class RoleDown(Message, frozen=True):
 ToWorker = InferRequest | BackgroundJpegs | LoadModel | UnloadModel
 ToWorkerJobs = Credit | RoleDown  # what a gpu_worker's jobs socket receives
 ToCompositor = CompositeJob | ReleaseSegment
-ToFrontend = (InferDone | InferFailed | FrameDone | FrameFailed | ControlReply | Heartbeat
+ToFrontend = (InferDone | InferFailed | FramesDone | FramesFailed | ControlReply | Heartbeat
               | RoleDown)
 
 encode = msgspec.msgpack.Encoder().encode

@@ -26,7 +26,7 @@ from pipeline.config import load_config
 from pipeline.frontend.wire import CompositeRequestView
 from pipeline.gpu_worker.batching import Inbox
 from pipeline.gpu_worker.device import Resolved, resolve_provider
-from pipeline.gpu_worker.engine import EncodedFrame, Engine
+from pipeline.gpu_worker.engine import EncodedFrames, Engine
 from pipeline.gpu_worker.model_cache import ModelCache, load_finished, unet_rebuilt
 from pipeline.protocol import RequestLayout
 from pipeline.shm.arena import Arena
@@ -60,7 +60,7 @@ class InProcessEngine:
             runtime=dataclasses.replace(cfg.runtime, instance=f"bench{os.getpid()}"))
         provider = provider or resolve_provider(cfg.gpus.provider, 1)
         self.model = cfg.models[model_id]
-        self.emitted: list[tuple[str, msg.Message | EncodedFrame]] = []
+        self.emitted: list[tuple[str, msg.Message | EncodedFrames]] = []
         inbox = Inbox()
         cache = ModelCache(cfg, GPU_INDEX, provider)
         self.engine = Engine.create(cfg, GPU_INDEX, provider, inbox, cache,
@@ -100,7 +100,7 @@ class InProcessEngine:
         ns = dict.fromkeys(("audio", "encoder", "visual", "unet", "paste", "jpeg"), 0)
         handlers: dict[type, Callable[[Any, dict[str, int]], None]] = {
             msg.InferDone: self._on_done, msg.InferFailed: _fail, msg.CompositeJob: self._on_job,
-            EncodedFrame: lambda frame, ns: self._timings(frame.header, ns)}
+            EncodedFrames: lambda frames, ns: self._timings(frames.header, ns)}
         for _, m in self.emitted:
             handlers[type(m)](m, ns)
         return ns
@@ -111,15 +111,15 @@ class InProcessEngine:
                   unet=done.inference_ns)
 
     def _on_job(self, job: msg.CompositeJob, ns: dict[str, int]) -> None:
-        """What a compositor does with the job; its FrameDone's timings."""
+        """What a compositor does with the job; its FramesDone's timings."""
         header = msg.frontend_decoder.decode(composite_job(job, self._view, 0)[0])
-        if not isinstance(header, msg.FrameDone):
+        if not isinstance(header, msg.FramesDone):
             raise BaselineFailed(getattr(header, "error", repr(header)))
         self._timings(header, ns)
 
     @staticmethod
-    def _timings(header: msg.FrameDone, ns: dict[str, int]) -> None:
-        """A frame's paste and JPEG times (a compositor's, or the worker's own on its device)."""
+    def _timings(header: msg.FramesDone, ns: dict[str, int]) -> None:
+        """A job's paste and JPEG times (a compositor's, or the worker's own on its device)."""
         ns["paste"] += header.paste_ns
         ns["jpeg"] += header.jpeg_ns
 

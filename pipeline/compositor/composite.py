@@ -8,9 +8,9 @@ Modes (`composite_mode` of a model):
   server's own bilinear formula (no half-pixel offset).
 Pixel conversion as the reference: x255, clamp to [0, 255], truncate.
 
-`composite_job` is the whole of a compositor's work on one CompositeJob, pure (tensors are
-read through the `view` it is given): the compositor process and the in-process bench run
-the same function.
+`composite_job` is the whole of a compositor's work on one CompositeJob (a few frames of a
+request), pure (tensors are read through the `view` it is given): the compositor process
+and the in-process bench run the same function.
 """
 from __future__ import annotations
 
@@ -32,30 +32,39 @@ View = Callable[[msg.TensorRef], np.ndarray]  # a tensor in shared memory, read 
 
 
 def composite_job(job: msg.CompositeJob, view: View, compositor: int) -> list[bytes]:
-    """The frames to send the frontend for one job: [FrameDone, JPEG] or [FrameFailed]."""
+    """What to send the frontend for one job: [FramesDone, JPEG, ...] (its frames, in order)
+    or [FramesFailed]."""
     with logging_request(job.request_id):
-        t0 = time.perf_counter_ns()
+        paste_ns = jpeg_ns = 0
+        jpegs: list[bytes] = []
         try:
-            background = view(job.background)
-            frame = background if job.prediction is None else \
-                paste(background, view(job.prediction), job.rect, job.mode)
-            t1 = time.perf_counter_ns()
-            jpeg = encode_jpeg(frame, job.jpeg_quality)
+            predictions = None if job.predictions is None else view(job.predictions)
+            for k, (ref, rect) in enumerate(zip(job.backgrounds, job.rects, strict=True)):
+                t0 = time.perf_counter_ns()
+                background = view(ref)
+                frame = background if predictions is None else \
+                    paste(background, predictions[k], rect, job.mode)
+                t1 = time.perf_counter_ns()
+                jpegs.append(encode_jpeg(frame, job.jpeg_quality))
+                paste_ns += t1 - t0
+                jpeg_ns += time.perf_counter_ns() - t1
         except SegmentGone as exc:  # a dead frontend's arena, a dead worker's backgrounds:
             if exc.first:           # one line per segment, not a traceback per frame
                 log.warning("%s: dropping the frames that use it", exc)
-            return [msg.encode(msg.FrameFailed(
-                job.request_id, job.frame_index,
-                f"failed to composite frame {job.frame_index}: {exc}"))]
+            return [_failed(job, len(jpegs), exc)]
         except Exception as exc:
-            log.exception("compositing frame %d of request %d failed", job.frame_index,
-                          job.request_id)
-            return [msg.encode(msg.FrameFailed(
-                job.request_id, job.frame_index,
-                f"failed to composite frame {job.frame_index}: {exc}"))]
-        header = msg.FrameDone(job.request_id, job.frame_index, compositor, paste_ns=t1 - t0,
-                               jpeg_ns=time.perf_counter_ns() - t1)
-        return [msg.encode(header), jpeg]
+            log.exception("compositing frame %d of request %d failed",
+                          job.first_frame + len(jpegs), job.request_id)
+            return [_failed(job, len(jpegs), exc)]
+        header = msg.FramesDone(job.request_id, job.first_frame, compositor, paste_ns, jpeg_ns)
+        return [msg.encode(header), *jpegs]
+
+
+def _failed(job: msg.CompositeJob, made: int, exc: Exception) -> bytes:
+    return msg.encode(msg.FramesFailed(
+        job.request_id, job.first_frame,
+        f"failed to composite frame {job.first_frame + made}: {exc}"))
+
 
 def prediction_to_bgr(prediction: np.ndarray) -> np.ndarray:
     """[3,320,320] float BGR in [0,1] -> [320,320,3] uint8 (x255, clamp, truncate; NaN -> 0)."""

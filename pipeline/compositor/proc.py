@@ -1,6 +1,7 @@
-"""A compositor process: takes CompositeJobs from every gpu_worker, reads the prediction and
-the background in place from shared memory, pastes, encodes the JPEG and pushes it to the
-frontend as [FrameDone header, JPEG] (the JPEG as its own ZMQ frame).
+"""A compositor process: takes CompositeJobs (a few frames of a request each) from every
+gpu_worker, reads the predictions and the backgrounds in place from shared memory, pastes,
+encodes the JPEGs and pushes them to the frontend as one message, [FramesDone header, JPEG,
+...] (each JPEG its own ZMQ frame).
 
 Work is pulled: one DEALER per gpu_worker, on which this compositor grants CREDITS jobs and
 returns a credit after each job's frames have gone to the frontend (never before: a job
@@ -119,11 +120,12 @@ class CompositorProc:
         cpu0 = time.thread_time_ns()
         frames = composite_job(job, self._view, self.index)
         # a rendered frame's CPU, for the worker's thread split (an idle frame is no measure)
-        cpu_ns = time.thread_time_ns() - cpu0 if job.prediction is not None else 0
+        cpu_ns = (time.thread_time_ns() - cpu0) // len(job.backgrounds) \
+            if job.predictions is not None and job.backgrounds else 0
         self._send(self.results, frames)
         # after the frames: once the credit is back, the worker forgets the job
         self._send(worker, [msg.encode(msg.Credit(self.index, self.pid, CREDITS,
-                                                  job.request_id, job.frame_index, cpu_ns))])
+                                                  job.request_id, job.first_frame, cpu_ns))])
 
     def _on_release(self, release: msg.ReleaseSegment, _: zmq.Socket[Any]) -> None:
         self.segments.forget(release.segment)

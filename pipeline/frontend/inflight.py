@@ -74,9 +74,16 @@ class Pending:
     abandoned: bool = False  # the client gave up; the block waits for the worker
     per_compositor_ns: dict[int, int] = field(default_factory=dict)
 
-    def frame_done(self, m: msg.FrameDone, jpeg: bytes) -> None:
-        self.frames[m.frame_index] = jpeg
-        self.received += 1
+    def frames_done(self, m: msg.FramesDone, jpegs: list[bytes]) -> None:
+        """A job's JPEGs; the frames already here (a redispatched job's late duplicate) are
+        kept as they are."""
+        new = [(i, jpeg) for i, jpeg in enumerate(jpegs, m.first_frame)
+               if 0 <= i < len(self.frames) and self.frames[i] is None]
+        if not new:
+            return
+        for i, jpeg in new:
+            self.frames[i] = jpeg
+        self.received += len(new)
         self.paste_ns += m.paste_ns
         self.jpeg_ns += m.jpeg_ns
         busy = self.per_compositor_ns.get(m.compositor, 0)
@@ -228,11 +235,11 @@ class InFlight:
 
     # ---- what the worker tier reports ------------------------------------------------------
 
-    def on_frame_done(self, m: msg.Message, rest: list[bytes]) -> None:
-        assert isinstance(m, msg.FrameDone)
+    def on_frames_done(self, m: msg.Message, jpegs: list[bytes]) -> None:
+        assert isinstance(m, msg.FramesDone)
         p = self.pending.get(m.request_id)
-        if p is not None and 0 <= m.frame_index < len(p.frames) and p.frames[m.frame_index] is None:
-            p.frame_done(m, rest[0])
+        if p is not None:
+            p.frames_done(m, jpegs)
             p.complete_if_ready()
 
     def on_infer_done(self, m: msg.Message, _: list[bytes]) -> None:
@@ -246,11 +253,11 @@ class InFlight:
                 p.complete_if_ready()
 
     def on_failed(self, m: msg.Message, _: list[bytes]) -> None:
-        assert isinstance(m, (msg.InferFailed, msg.FrameFailed))
+        assert isinstance(m, (msg.InferFailed, msg.FramesFailed))
         p = self.pending.get(m.request_id)
-        if isinstance(m, msg.FrameFailed) and p is not None and \
-                0 <= m.frame_index < len(p.frames) and p.frames[m.frame_index] is not None:
-            return  # a late duplicate (a revived compositor's) of a frame already received
+        if isinstance(m, msg.FramesFailed) and p is not None and \
+                0 <= m.first_frame < len(p.frames) and p.frames[m.first_frame] is not None:
+            return  # a late duplicate (a revived compositor's) of a job already received
         if p is not None:
             if not p.future.done():
                 p.future.set_exception(Failed(m.error))

@@ -147,8 +147,8 @@ class Frontend:
         cfg = self.cfg
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.tokens.reload)
         self.client.start({
-            msg.FrameDone: self.inflight.on_frame_done, msg.InferDone: self.inflight.on_infer_done,
-            msg.InferFailed: self.inflight.on_failed, msg.FrameFailed: self.inflight.on_failed,
+            msg.FramesDone: self.inflight.on_frames_done, msg.InferDone: self.inflight.on_infer_done,
+            msg.InferFailed: self.inflight.on_failed, msg.FramesFailed: self.inflight.on_failed,
             msg.Heartbeat: self._on_heartbeat, msg.RoleDown: self._on_role_down})
         self._tasks = [asyncio.create_task(self._watch_liveness()),
                        asyncio.create_task(self.budget.sample_forever(self.liveness))]

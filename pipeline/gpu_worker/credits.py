@@ -10,9 +10,9 @@ frames), so when a compositor is lost its jobs go to the others and nothing fail
 
 - it announced its death (msg.RoleDown), its process is gone, or a send to it found no
   peer: forgotten at once, its jobs handed again, and with them the jobs it finished in
-  its last RECENT_S: a compositor sends a frame before the credit, but ZMQ writes each
-  socket from an IO thread, so a frame may still sit in a process that dies after its
-  credit left. Those few are duplicates the frontend drops when the frame did arrive,
+  its last RECENT_S: a compositor sends a job's frames before the credit, but ZMQ writes
+  each socket from an IO thread, so frames may still sit in a process that dies after its
+  credit left. Those few are duplicates the frontend drops when the frames did arrive,
   against a request waiting for its deadline when it did not;
 - it went silent (frozen, e.g. SIGSTOP): its jobs are handed again, but its record stays
   with those jobs still counted against its credits. If it comes back it finishes them
@@ -34,8 +34,8 @@ from pipeline.shm.segment import pid_alive
 
 log = logging.getLogger(__name__)
 
-JobKey = tuple[int, int]  # (request_id, frame_index)
-RECENT_S = 0.25  # a finished job's frame has surely left its compositor after this long
+JobKey = tuple[int, int]  # (request_id, first_frame)
+RECENT_S = 0.25  # a finished job's frames have surely left its compositor after this long
 
 
 def process_running(pid: int) -> bool:
@@ -110,7 +110,7 @@ class CreditDispatcher:
         member.last_seen = now
         member.credits = credit.credits
         if credit.request_id >= 0:
-            key = (credit.request_id, credit.frame_index)
+            key = (credit.request_id, credit.first_frame)
             job = member.held.pop(key, None)
             if job is not None:
                 member.recent.append((now, key, job))

@@ -5,7 +5,7 @@ Right after a request's UNet run the worker pastes its frames with the paste gra
 device since its load (decoded once, as for the compositors), and encodes them with
 nvImageCodec's CUDA JPEG encoder, quality (`output.jpeg_quality`) and 4:2:0 chroma set
 explicitly: the encoder's own defaults differ between releases. The worker then sends
-[FrameDone, JPEG] to the frontend itself, before the request's InferDone, on the socket that
+[FramesDone, JPEG, ...] to the frontend itself, before the request's InferDone, on the socket that
 carries the InferDone: no compositor job and no credit for these frames. What bounds them is
 what bounds the request: the frontend admits only so many requests and tensor bytes in flight,
 and each request's frames are made once, in its UNet run's turn on the compute loop. The

@@ -1,4 +1,4 @@
-"""The gpu_worker's engine: inbox -> coalesce -> prepare -> UNet -> one CompositeJob per frame.
+"""The gpu_worker's engine: inbox -> coalesce -> prepare -> UNet -> CompositeJobs (a few frames each).
 
 Pure compute: no sockets and no threads of its own. The process shell (proc.py) fills the
 inbox from its receiver and loader threads and carries what the engine emits (through the
@@ -7,8 +7,8 @@ tests and `lipsync bench --compare inprocess` run this very class in one process
 
 Per request it computes the audio features, builds the visual input when the client sent
 none, runs the UNet on the shared-memory tensors (the prediction written in place) and
-emits one CompositeJob per frame and the request's InferDone (or InferFailed). A request
-for a model this worker does not hold fails at once: the frontend only sends work for
+emits its frames as a few CompositeJobs (jobs.py) and its InferDone (or InferFailed). A
+request for a model this worker does not hold fails at once: the frontend only sends work for
 models it has seen loaded here, so that is a restart's leftover, not a reason to load.
 """
 from __future__ import annotations
@@ -27,11 +27,11 @@ from pipeline import messages as msg
 from pipeline.config import Config, ModelConfig
 from pipeline.gpu_worker.batching import Inbox, StagingBatch, coalesce
 from pipeline.gpu_worker.device import Resolved
+from pipeline.gpu_worker.jobs import composite_jobs
 from pipeline.gpu_worker.model_cache import LoadedModel, LoadFinished, ModelCache, UNetRebuilt
 from pipeline.runtime.logs import logging_request
 from pipeline.runtime.process import RoleError
 from pipeline.shm.segment import SegmentCache
-from pipeline.synctalk import PREDICTION_BYTES, PREDICTION_SHAPE
 
 if TYPE_CHECKING:
     from pipeline.gpu_worker.device_compositor import DeviceCompositor
@@ -43,15 +43,15 @@ FRONTEND, JOBS, EVENTS = "frontend", "jobs", "events"
 
 
 @dataclass(frozen=True)
-class EncodedFrame:
-    """A JPEG this worker made on its device (compositor.device gpu), for the frontend: the
-    header, and the bytes that travel as its next ZMQ frame."""
+class EncodedFrames:
+    """JPEGs this worker made on its device (compositor.device gpu), for the frontend: the
+    header, and the bytes that travel as its next ZMQ frames."""
 
-    header: msg.FrameDone
-    jpeg: bytes
+    header: msg.FramesDone
+    jpegs: list[bytes]
 
 
-Emit = Callable[[str, msg.Message | EncodedFrame], None]
+Emit = Callable[[str, msg.Message | EncodedFrames], None]
 # runs a load (rebuild False) or a loaded model's UNet rebuild elsewhere; LoadFinished or
 # UNetRebuilt comes back through the inbox
 StartLoad = Callable[[ModelConfig, bool], None]
@@ -236,11 +236,7 @@ class Engine:
                 req.request_id, f"model '{req.model_id}' is not loaded on gpu_worker {self.index}"))
             return
         started = time.monotonic_ns()
-        for i, frame in enumerate(req.indices):
-            self.emit(JOBS, msg.CompositeJob(
-                request_id=req.request_id, frame_index=i, prediction=None,
-                background=model.avatar.background_ref(frame), rect=model.avatar.rect(frame),
-                mode=model.config.composite_mode, jpeg_quality=self.cfg.jpeg_quality))
+        self._emit_jobs(model, req.request_id, req.indices, None, live=False)
         self.emit(FRONTEND, msg.InferDone(
             req.request_id, gpu_id=self.index, queue_ns=0, audio_ns=0, encoder_ns=0,
             visual_ns=0, inference_ns=0, composite_start_ns=started))
@@ -282,7 +278,8 @@ class Engine:
             with logging_request(p.req.request_id):
                 try:
                     if self.cache.compositor is None:
-                        self._emit_jobs(model, p.req)
+                        self._emit_jobs(model, p.req.request_id, _background_indices(p.req),
+                                        p.req.output, p.req.live)
                     else:
                         self._composite_on_device(self.cache.compositor, model, p.req)
                 except Exception as exc:
@@ -343,17 +340,14 @@ class Engine:
         self.staging.run(model.unet.run, [(self._view(p.req.visual), p.features,
                                            self._view(p.req.output)) for p in prepared])
 
-    def _emit_jobs(self, model: LoadedModel, req: msg.InferRequest) -> None:
-        """One CompositeJob per frame: the compositors read prediction and background in place."""
-        for i, frame in enumerate(_background_indices(req)):
-            self.emit(JOBS, msg.CompositeJob(
-                request_id=req.request_id, frame_index=i,
-                prediction=msg.TensorRef(req.output.segment,
-                                         req.output.offset + i * PREDICTION_BYTES,
-                                         PREDICTION_SHAPE, "float32"),
-                background=model.avatar.background_ref(frame), rect=model.avatar.rect(frame),
-                mode=model.config.composite_mode, jpeg_quality=self.cfg.jpeg_quality,
-                live=req.live))
+    def _emit_jobs(self, model: LoadedModel, request_id: int, indices: Sequence[int],
+                   output: msg.TensorRef | None, live: bool) -> None:
+        """The frames as a few CompositeJobs (jobs.py); `output` None: the backgrounds as
+        they are."""
+        for job in composite_jobs(request_id, indices, output, model.avatar,
+                                  model.config.composite_mode, self.cfg.jpeg_quality, live,
+                                  self.cfg.compositor.pool_size):
+            self.emit(JOBS, job)
 
     def _composite_on_device(self, compositor: DeviceCompositor, model: LoadedModel,
                              req: msg.InferRequest) -> None:
@@ -364,12 +358,8 @@ class Engine:
         done = compositor.composite(model.device_backgrounds, [i % avatar.num_frames for i in indices],
                                     [avatar.rect(i) for i in indices], self._view(req.output),
                                     model.config.composite_mode)
-        b = len(done.jpegs)
-        for i, jpeg in enumerate(done.jpegs):  # each frame's share of the batch's times
-            self.emit(FRONTEND, EncodedFrame(msg.FrameDone(
-                req.request_id, i, msg.DEVICE_COMPOSITOR,
-                paste_ns=done.paste_ns // b + (done.paste_ns % b if i == 0 else 0),
-                jpeg_ns=done.jpeg_ns // b + (done.jpeg_ns % b if i == 0 else 0)), jpeg))
+        self.emit(FRONTEND, EncodedFrames(msg.FramesDone(
+            req.request_id, 0, msg.DEVICE_COMPOSITOR, done.paste_ns, done.jpeg_ns), done.jpegs))
 
     def _view(self, ref: msg.TensorRef) -> np.ndarray:
         return self.segments.ndarray(ref.segment, ref.offset, ref.shape, ref.dtype)

@@ -37,7 +37,7 @@ from pipeline.config import Config, ModelConfig
 from pipeline.gpu_worker.batching import Inbox
 from pipeline.gpu_worker.credits import CreditDispatcher
 from pipeline.gpu_worker.device import Resolved, pin_to_device
-from pipeline.gpu_worker.engine import EVENTS, FRONTEND, JOBS, EncodedFrame, Engine
+from pipeline.gpu_worker.engine import EVENTS, FRONTEND, JOBS, EncodedFrames, Engine
 from pipeline.gpu_worker.model_cache import ModelCache, load_finished, unet_rebuilt
 from pipeline.runtime.addresses import Addresses
 from pipeline.runtime.process import LIVENESS_BEATS, Readiness, run_role
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 STOP_FLUSH_S = 0.5          # stopping: what is queued goes out by then, or never
 CHECK_S = 0.1               # how often the link thread looks for exited or silent compositors
-JOB_KEY = struct.Struct("<qq?")  # (request_id, frame_index, live) beside a job on the inproc hop
+JOB_KEY = struct.Struct("<qq?")  # (request_id, first_frame, live) beside a job on the inproc hop
 JOBS_INPROC = "inproc://jobs"
 
 
@@ -81,14 +81,14 @@ class GpuWorkerProc:
         self.sender_done = threading.Event()
         self.failure: tuple[str, Exception] | None = None  # an IO thread that raised
 
-    def _post(self, target: str, message: msg.Message | EncodedFrame) -> None:
+    def _post(self, target: str, message: msg.Message | EncodedFrames) -> None:
         """The engine's `emit`: queued for the sender thread, never a socket call here."""
-        if isinstance(message, EncodedFrame):  # the JPEG as its own frame, as a compositor's
-            self.outbox.put((target, [msg.encode(message.header), message.jpeg]))
+        if isinstance(message, EncodedFrames):  # each JPEG its own frame, as a compositor's
+            self.outbox.put((target, [msg.encode(message.header), *message.jpegs]))
             return
         frames = [msg.encode(message)]
         if isinstance(message, msg.CompositeJob):
-            frames.insert(0, JOB_KEY.pack(message.request_id, message.frame_index, message.live))
+            frames.insert(0, JOB_KEY.pack(message.request_id, message.first_frame, message.live))
         self.outbox.put((target, frames))
 
     def _start_load(self, config: ModelConfig, rebuild: bool) -> None:
@@ -217,8 +217,8 @@ class GpuWorkerProc:
                     handlers[type(message)](identity, message, time.monotonic())
             if jobs_in in ready:
                 for key, job in _drain(jobs_in):
-                    request_id, frame_index, live = JOB_KEY.unpack(key)
-                    self.credits.submit((request_id, frame_index), job, live)
+                    request_id, first_frame, live = JOB_KEY.unpack(key)
+                    self.credits.submit((request_id, first_frame), job, live)
             if time.monotonic() >= next_check:
                 self.credits.check(time.monotonic())
                 next_check = time.monotonic() + CHECK_S

@@ -12,7 +12,7 @@ stage the share of the cores that it takes of a frame's CPU:
 
 with `unet`, `prepare` and `composite` the CPU seconds per frame measured while serving:
 the worker's process CPU over its UNet runs, its engine thread's CPU over preparing the
-requests, and the compositors' CPU per job (reported with each credit). `cores` is this
+requests, and the compositors' CPU per frame (reported with each credit). `cores` is this
 worker's share of the cores the process may run on (its affinity divided among the box's
 CPU workers). A worker starts with every core of its share, re-plans once PLAN_FRAMES frames
 have been measured, and again whenever the plan has moved; a new plan rebuilds the loaded
@@ -83,7 +83,7 @@ class ThreadPlanner:
             self.cpu.prepare = _ewma(self.cpu.prepare, cpu_s / frames)
 
     def composite(self, cpu_s: float) -> None:
-        """One compositing job (one frame) took `cpu_s`."""
+        """A compositing job's frames took `cpu_s` each."""
         self.cpu.composite = _ewma(self.cpu.composite, cpu_s)
 
     def planned(self) -> int | None:

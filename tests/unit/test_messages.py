@@ -24,21 +24,23 @@ TO_WORKER = [
     msg.UnloadModel(request_id=4, worker_pid=10, model_id="demo"),
 ]
 TO_COMPOSITOR = [
-    msg.CompositeJob(request_id=5, frame_index=0, prediction=None, background=REF,
-                     rect=(0, 0, 1, 1), mode="synctalk", jpeg_quality=75),
-    msg.CompositeJob(request_id=5, frame_index=3, prediction=REF,
-                     background=msg.TensorRef("bg", 0, (720, 1280, 3), "uint8"),
-                     rect=(532, 210, 714, 392), mode="synctalk", jpeg_quality=75),
-    msg.CompositeJob(request_id=6, frame_index=0, prediction=REF, background=REF,
-                     rect=(0, 0, 1, 1), mode="stretch", jpeg_quality=100),
+    msg.CompositeJob(request_id=5, first_frame=0, predictions=None, backgrounds=(REF,),
+                     rects=((0, 0, 1, 1),), mode="synctalk", jpeg_quality=75),
+    msg.CompositeJob(request_id=5, first_frame=3, predictions=REF,
+                     backgrounds=(msg.TensorRef("bg", 0, (720, 1280, 3), "uint8"),
+                                  msg.TensorRef("bg", 2764800, (720, 1280, 3), "uint8")),
+                     rects=((532, 210, 714, 392), (530, 211, 712, 393)), mode="synctalk",
+                     jpeg_quality=75, live=True),
+    msg.CompositeJob(request_id=6, first_frame=0, predictions=REF, backgrounds=(REF,),
+                     rects=((0, 0, 1, 1),), mode="stretch", jpeg_quality=100),
     msg.ReleaseSegment(segment="lipsync-default-9-bg-demo"),
 ]
 TO_FRONTEND = [
     msg.InferDone(request_id=7, gpu_id=0, queue_ns=5, audio_ns=1, encoder_ns=1, visual_ns=3,
                   inference_ns=2, composite_start_ns=4),
     msg.InferFailed(request_id=8, error="Inference failed: boom"),
-    msg.FrameDone(request_id=9, frame_index=31, compositor=1, paste_ns=12345, jpeg_ns=6789),
-    msg.FrameFailed(request_id=10, frame_index=2, error="failed to composite frame 2: x"),
+    msg.FramesDone(request_id=9, first_frame=28, compositor=1, paste_ns=12345, jpeg_ns=6789),
+    msg.FramesFailed(request_id=10, first_frame=2, error="failed to composite frame 3: x"),
     msg.ControlReply(request_id=11, ok=True),
     msg.ControlReply(request_id=12, ok=False, error="model 'x' not configured", gpu_id=1,
                      elapsed_ns=99),
@@ -53,7 +55,7 @@ TO_FRONTEND = [
 ]
 TO_WORKER_JOBS = [
     msg.Credit(index=1, pid=4343, credits=2),
-    msg.Credit(index=1, pid=4343, credits=2, request_id=7, frame_index=3),
+    msg.Credit(index=1, pid=4343, credits=2, request_id=7, first_frame=4, cpu_ns=2_500_000),
     msg.RoleDown(role="compositor", index=1, pid=4343, reason="DecodeError: garbage"),
 ]
 DECODERS = [(m, msg.worker_decoder) for m in TO_WORKER] + \
@@ -96,8 +98,8 @@ def test_a_negative_credit_does_not_decode() -> None:
 
 def test_literal_fields_are_validated() -> None:
     """A composite mode outside synctalk/stretch does not decode."""
-    bad = msg.CompositeJob(request_id=1, frame_index=0, prediction=REF, background=REF,
-                           rect=(0, 0, 1, 1), mode="blend", jpeg_quality=75)  # type: ignore[arg-type]
+    bad = msg.CompositeJob(request_id=1, first_frame=0, predictions=REF, backgrounds=(REF,),
+                           rects=((0, 0, 1, 1),), mode="blend", jpeg_quality=75)  # type: ignore[arg-type]
     with pytest.raises(msgspec.ValidationError):
         msg.compositor_decoder.decode(msg.encode(bad))
 

@@ -73,8 +73,13 @@ class World:
         return self.client.sent[count - 1][1]
 
     def frame(self, request_id: int, index: int, compositor: int = 0) -> None:
-        self.table.on_frame_done(msg.FrameDone(request_id, index, compositor, paste_ns=10,
-                                               jpeg_ns=20), [b"jpeg%d" % index])
+        self.frames(request_id, index, 1, compositor)
+
+    def frames(self, request_id: int, first: int, count: int, compositor: int = 0) -> None:
+        """A job's frames [first, first + count), as a compositor sends them."""
+        self.table.on_frames_done(
+            msg.FramesDone(request_id, first, compositor, paste_ns=10 * count, jpeg_ns=20 * count),
+            [b"jpeg%d" % i for i in range(first, first + count)])
 
     def done(self, request_id: int) -> None:
         self.table.on_infer_done(msg.InferDone(request_id, 0, 0, 0, 0, 0, 0,
@@ -175,6 +180,31 @@ def test_frames_and_infer_done_complete_a_request_in_order(world: World) -> None
     assert world.blocks == 0 and not world.table.pending
 
 
+def test_a_jobs_frames_land_in_their_places_and_a_redispatched_jobs_duplicates_are_dropped(
+        world: World) -> None:
+    """Jobs of several frames each, out of order; a lost compositor's job handed again
+    arrives a second time (whole, and overlapping a frame already here) and one runs past
+    the batch: each frame is taken once, its job's times counted once."""
+    async def scenario() -> InferResult:
+        task = world.submit(request(batch=5))
+        await world.sent(1)
+        world.frames(1, 3, 2, compositor=1)
+        world.frames(1, 3, 2, compositor=0)   # the same job again: nothing new
+        world.frames(1, 0, 2, compositor=0)
+        world.frames(1, 4, 3, compositor=0)   # frame 4 is here, 5 and 6 are past the batch
+        world.done(1)
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        world.frames(1, 2, 1, compositor=1)
+        return await task
+
+    result = run(scenario)
+    assert result.frames == [b"jpeg%d" % i for i in range(5)]
+    assert (result.paste_ns, result.jpeg_ns) == (50, 100)
+    assert result.critical_ns == 90  # compositor 1: frames 2, 3 and 4
+    assert world.blocks == 0 and not world.table.pending
+
+
 @pytest.mark.parametrize("give_up", ["timeout", "cancel"])
 @pytest.mark.parametrize("finished", [msg.InferDone, msg.InferFailed])
 def test_an_abandoned_request_keeps_its_block_until_its_worker_finished(
@@ -246,10 +276,10 @@ def test_a_restarted_worker_gives_its_blocks_back_at_once(world: World) -> None:
 
 
 @pytest.mark.parametrize("failure", [msg.InferFailed(1, "Model 'demo' not loaded"),
-                                     msg.FrameFailed(1, 1, "Model 'demo' not loaded")])
+                                     msg.FramesFailed(1, 1, "Model 'demo' not loaded")])
 def test_a_failure_report_fails_the_request_and_frees_its_block(world: World,
                                                                failure: msg.Message) -> None:
-    """InferFailed, or FrameFailed for a frame not yet received: the request fails with the
+    """InferFailed, or FramesFailed for a job not yet received: the request fails with the
     worker's error and its block is given back."""
     async def scenario() -> None:
         task = world.submit(request())
@@ -265,13 +295,13 @@ def test_a_failure_report_fails_the_request_and_frees_its_block(world: World,
 
 
 def test_a_late_duplicate_frame_failure_is_ignored(world: World) -> None:
-    """A FrameFailed (a revived compositor's) for a frame already received changes nothing:
+    """A FramesFailed (a revived compositor's) for a job already received changes nothing:
     the request completes with its frames."""
     async def scenario() -> InferResult:
         task = world.submit(request())
         await world.sent(1)
         world.frame(1, 0)
-        world.table.on_failed(msg.FrameFailed(1, 0, "compositor 0 restarted"), [])
+        world.table.on_failed(msg.FramesFailed(1, 0, "compositor 0 restarted"), [])
         world.frame(1, 1)
         world.done(1)
         return await task

@@ -29,7 +29,7 @@ def _dispatcher() -> tuple[CreditDispatcher, Pids]:
 def _credit(index: int, credits: int = 2, done: tuple[int, int] | None = None) -> msg.Credit:
     rid, frame = done if done is not None else (-1, -1)
     return msg.Credit(index=index, pid=1000 + index, credits=credits, request_id=rid,
-                      frame_index=frame)
+                      first_frame=frame)
 
 
 def _submit(d: CreditDispatcher, request: int, frames: int) -> None:

@@ -20,6 +20,7 @@ from pipeline.gpu_worker import threads
 from pipeline.gpu_worker.batching import Inbox
 from pipeline.gpu_worker.device import Resolved
 from pipeline.gpu_worker.engine import EVENTS, FRONTEND, JOBS, ConfigMismatch, Engine
+from pipeline.gpu_worker.jobs import job_spans
 from pipeline.gpu_worker.model_cache import ModelCache, load_finished, unet_rebuilt
 from pipeline.shm.arena import Arena
 from pipeline.shm.segment import SHM_DIR, segment_name
@@ -226,27 +227,33 @@ def test_a_request_for_a_model_not_loaded_fails_at_once(fresh: Harness) -> None:
     assert fresh.loads == []
 
 
-def test_a_request_gives_one_job_per_frame_then_its_done(loaded: Harness) -> None:
-    """B CompositeJobs (the prediction rows of the output block, the wrapped background
-    frames and rects), then InferDone with the stage timings; the prediction is written."""
-    req = loaded.request(4, SMALL_FRAMES - 2)
+@pytest.mark.parametrize("batch", [1, 4, 11])
+def test_a_requests_frames_go_out_as_a_few_jobs_then_its_done(loaded: Harness, batch: int) -> None:
+    """The frames as `job_spans` cuts them (one job per compositor, none over JOB_FRAMES),
+    each job the prediction rows of the output block and the wrapped background frames and
+    rects of its frames, then InferDone with the stage timings; the prediction is written."""
+    req = loaded.request(batch, SMALL_FRAMES - 2)
     out = loaded.handle(req)
     jobs = [m for t, m in out if t == JOBS]
-    assert [type(m) for _, m in out] == [msg.CompositeJob] * 4 + [msg.InferDone]
+    spans = job_spans(batch, loaded.cfg.compositor.pool_size)
+    assert [type(m) for _, m in out] == [msg.CompositeJob] * len(spans) + [msg.InferDone]
+    assert [len(s) for s in spans] == {1: [1], 4: [2, 2], 11: [4, 4, 3]}[batch]
     avatar = loaded.cache.models["demo"].avatar
-    for i, job in enumerate(jobs):
-        assert isinstance(job, msg.CompositeJob)
-        frame = (SMALL_FRAMES - 2 + i) % SMALL_FRAMES
-        assert (job.request_id, job.frame_index) == (req.request_id, i)
-        assert job.prediction.offset == req.output.offset + i * PREDICTION_BYTES
-        assert job.background == avatar.background_ref(frame) and job.rect == avatar.rect(frame)
+    for span, job in zip(spans, jobs, strict=True):
+        assert isinstance(job, msg.CompositeJob) and job.predictions is not None
+        frames = [(SMALL_FRAMES - 2 + i) % SMALL_FRAMES for i in span]
+        assert (job.request_id, job.first_frame) == (req.request_id, span.start)
+        assert job.predictions.offset == req.output.offset + span.start * PREDICTION_BYTES
+        assert job.predictions.shape == (len(span), 3, 320, 320)
+        assert job.backgrounds == tuple(avatar.background_ref(f) for f in frames)
+        assert job.rects == tuple(avatar.rect(f) for f in frames)
         assert job.mode == "synctalk" and job.jpeg_quality == loaded.cfg.jpeg_quality
     done = out[-1][1]
     assert isinstance(done, msg.InferDone) and done.request_id == req.request_id
-    assert (done.run_frames, done.run_requests, done.gpu_id) == (4, 1, 0)
+    assert (done.run_frames, done.run_requests, done.gpu_id) == (batch, 1, 0)
     assert done.inference_ns > 0 and done.audio_ns >= done.encoder_ns > 0 and done.visual_ns > 0
     prediction = loaded.prediction(req)
-    assert prediction.shape == (4, 3, 320, 320) and prediction.max() > 0
+    assert prediction.shape == (batch, 3, 320, 320) and prediction.max() > 0
 
 
 def test_a_bad_request_fails_alone(loaded: Harness) -> None:
@@ -277,7 +284,8 @@ def test_coalesced_requests_share_a_run_and_get_their_own_frames(config_path: Pa
         out = harness.handle(*reqs)
         done = [m for _, m in out if isinstance(m, msg.InferDone)]
         assert [(d.run_requests, d.run_frames) for d in done] == [(3, 9)] * 3
-        assert sum(isinstance(m, msg.CompositeJob) for _, m in out) == 9
+        jobs = [m for _, m in out if isinstance(m, msg.CompositeJob)]
+        assert sum(len(job.backgrounds) for job in jobs) == 9
         for req, single in zip(reqs, alone, strict=True):
             np.testing.assert_allclose(harness.prediction(req), single, atol=1e-5)
     finally:
@@ -327,7 +335,7 @@ def test_the_engine_runs_on_openvino(config_path: Path) -> None:
             assert harness.control(msg.LoadModel, "demo").ok
             req = harness.request(3, 5)
             out = harness.handle(req)
-            assert [type(m) for _, m in out] == [msg.CompositeJob] * 3 + [msg.InferDone]
+            assert [type(m) for _, m in out] == [msg.CompositeJob] * 2 + [msg.InferDone]
             predictions.append(harness.prediction(req))
             assert harness.cache.backend.runtime == (
                 "openvino" if provider == "openvino" else "onnxruntime-cpu")
@@ -343,7 +351,7 @@ def test_with_compositor_device_gpu_the_worker_sends_the_jpegs_itself(
     compositors' within JPEG loss; no compositor job but the idle frames'."""
     pytest.importorskip("nvidia.nvimgcodec", reason="nvImageCodec is not installed")
     from pipeline.compositor.composite import encode_jpeg, paste
-    from pipeline.gpu_worker.engine import EncodedFrame
+    from pipeline.gpu_worker.engine import EncodedFrames
     from pipeline.gpu_worker.precision import psnr_db
 
     monkeypatch.setenv("LIPSYNC_GPU_TESTS_ON_CPU", "1")
@@ -356,19 +364,20 @@ def test_with_compositor_device_gpu_the_worker_sends_the_jpegs_itself(
         assert model.device_backgrounds is not None
         req = harness.request(3, SMALL_FRAMES - 1)
         out = harness.handle(req)
-        assert [(t, type(m)) for t, m in out] == [(FRONTEND, EncodedFrame)] * 3 + [
-            (FRONTEND, msg.InferDone)]
+        assert [(t, type(m)) for t, m in out] == [(FRONTEND, EncodedFrames),
+                                                  (FRONTEND, msg.InferDone)]
         prediction = harness.prediction(req)
-        for i, (_, encoded) in enumerate(out[:3]):
-            assert isinstance(encoded, EncodedFrame)
-            header = encoded.header
-            assert (header.request_id, header.frame_index) == (req.request_id, i)
-            assert header.compositor == msg.DEVICE_COMPOSITOR and header.paste_ns > 0
+        encoded = out[0][1]
+        assert isinstance(encoded, EncodedFrames) and len(encoded.jpegs) == 3
+        header = encoded.header
+        assert (header.request_id, header.first_frame) == (req.request_id, 0)
+        assert header.compositor == msg.DEVICE_COMPOSITOR and header.paste_ns > 0
+        for i, jpeg in enumerate(encoded.jpegs):
             frame = (SMALL_FRAMES - 1 + i) % SMALL_FRAMES
             expected = encode_jpeg(paste(model.avatar.frames()[frame], prediction[i],
                                          model.avatar.rect(frame)), harness.cfg.jpeg_quality)
             decoded = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR)
-                       for j in (expected, encoded.jpeg)]
+                       for j in (expected, jpeg)]
             assert psnr_db(*decoded) >= 45.0
         idle = harness.handle(msg.BackgroundJpegs(99, 0, "demo", (0, 1)))
         assert [type(m) for _, m in idle] == [msg.CompositeJob] * 2 + [msg.InferDone]

@@ -85,9 +85,11 @@ def test_a_heartbeat_says_what_the_worker_holds_and_hands_out(shell: GpuWorkerPr
 def test_jobs_go_to_the_link_thread_with_their_key(shell: GpuWorkerProc) -> None:
     """A CompositeJob is queued as [key, job] (the link thread tracks it by key); other
     messages as one frame."""
-    ref = msg.TensorRef("s", 0, (3, 320, 320), "float32")
-    job = msg.CompositeJob(request_id=77, frame_index=5, prediction=ref, background=ref,
-                           rect=(0, 0, 1, 1), mode="synctalk", jpeg_quality=75)
+    ref = msg.TensorRef("s", 0, (2, 3, 320, 320), "float32")
+    background = msg.TensorRef("b", 0, (720, 1280, 3), "uint8")
+    job = msg.CompositeJob(request_id=77, first_frame=5, predictions=ref,
+                           backgrounds=(background, background), rects=((0, 0, 1, 1),) * 2,
+                           mode="synctalk", jpeg_quality=75)
     shell._post(JOBS, job)
     shell._post("frontend", msg.InferFailed(1, "x"))
     (target, frames), (_, single) = shell.outbox.get_nowait(), shell.outbox.get_nowait()
