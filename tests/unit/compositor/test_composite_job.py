@@ -85,3 +85,34 @@ def test_a_gone_segment_is_said_once_without_a_traceback(caplog) -> None:
         "shared-memory segment arena is gone (its creator released it or exited): dropping the "
         "frames that use it"]
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_jobs_frames_reuse_one_frame_buffer() -> None:
+    """A job pastes its frames one after another into fresh 720p frames; only one may be
+    alive at a time, or the allocator maps a new buffer per frame (a 4-frame job cost ~430
+    page faults and 40 % more CPU a frame than four 1-frame jobs). Page faults a frame, after
+    a warm-up, stay those of a 1-frame job."""
+    import resource
+
+    rng = np.random.default_rng(5)
+    # smooth frames, as a camera's: their JPEGs are a few tens of KB (noise would make
+    # megabyte JPEGs, each a fresh mapping of its own)
+    ramp = np.linspace(0, 200, 1280, dtype=np.float32)[None, :, None] + \
+        np.linspace(0, 50, 720, dtype=np.float32)[:, None, None]
+    memory = {**{f"bg{i}": (ramp + 3 * i).astype(np.uint8).repeat(3, axis=2) for i in range(4)},
+              "arena": rng.random((4, 3, 320, 320), np.float32)}
+    rects = ((500, 200, 700, 400),) * 4
+    job = msg.CompositeJob(
+        request_id=1, first_frame=0, predictions=msg.TensorRef("arena", 0, (4, 3, 320, 320), "float32"),
+        backgrounds=tuple(msg.TensorRef(f"bg{i}", 0, (720, 1280, 3), "uint8") for i in range(4)),
+        rects=rects, mode="synctalk", jpeg_quality=75)
+
+    def faults_a_frame() -> float:
+        for _ in range(3):  # warm: the allocator settles on its buffer
+            composite_job(job, lambda ref: memory[ref.segment], 0)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            composite_job(job, lambda ref: memory[ref.segment], 0)
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
+
+    assert faults_a_frame() < 50
