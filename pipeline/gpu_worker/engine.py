@@ -229,7 +229,7 @@ class Engine:
     # ---- inference ---------------------------------------------------------------------
 
     def _on_background_jpegs(self, req: msg.BackgroundJpegs) -> None:
-        """A compositing job per frame with no prediction: the background's JPEG as it is."""
+        """Compositing jobs with no prediction: each background's JPEG as it is."""
         model = self.cache.get(req.model_id)
         if model is None:
             self.emit(FRONTEND, msg.InferFailed(
