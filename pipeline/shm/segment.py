@@ -4,8 +4,11 @@ Every segment name is `lipsync-<instance>-<creator pid>-<tag>`, so a start-up sw
 remove the segments of dead creators, and nothing else. The stdlib resource_tracker is
 kept out of it: on Python < 3.13 attaching registers the segment and the tracker then
 unlinks it when the attaching process exits (CPython gh-82300), which would pull an
-arena out from under its owner. Lifetimes are ours: the owner unlinks on close, the
-sweep reclaims what a killed owner left.
+arena out from under its owner; and registering then unregistering at each open races
+between processes that open one segment at once (the tracker counts two REGISTERs as one
+and prints a KeyError traceback at the second UNREGISTER). So nothing is registered, as
+3.13's track=False does. Lifetimes are ours: the owner unlinks on close, the sweep
+reclaims what a killed owner left.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -54,12 +58,21 @@ def creator_pid(name: str) -> int | None:
     return None if parsed is None else parsed[1]
 
 
+_UNTRACKED = threading.Lock()  # one open at a time with the tracker's register stubbed
+
+
 def _open(name: str, create: bool, size: int) -> SharedMemory:
     if sys.version_info >= (3, 13):
         return SharedMemory(name, create=create, size=size, track=False)  # type: ignore[call-arg]
-    shm = SharedMemory(name, create=create, size=size)
-    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    return shm
+    # SharedMemory registers through the module attribute, read at each open: stubbed for
+    # this one call (nothing else of ours registers with the tracker while a role runs)
+    with _UNTRACKED:
+        register = resource_tracker.register
+        resource_tracker.register = lambda name, rtype: None
+        try:
+            return SharedMemory(name, create=create, size=size)
+        finally:
+            resource_tracker.register = register
 
 
 class SharedSegment:
