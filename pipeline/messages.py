@@ -95,8 +95,8 @@ class UnloadModel(Message, frozen=True):
 
 class CompositeJob(Message, frozen=True):
     """Frames [first_frame, first_frame + n) of a request, for one compositor to paste and
-    encode: a request's frames go out as a few jobs (engine.py, `job_spans`), not one
-    message, credit and wake-up per frame."""
+    encode: a request's frames go out as a few jobs (gpu_worker/jobs.py), not one message,
+    credit and wake-up per frame."""
 
     request_id: int
     first_frame: int                    # the batch position of the job's first frame

@@ -4,8 +4,9 @@ Each job is one message to a compositor, one credit back and one wake-up of each
 a request's frames travel as a few jobs rather than one per frame: at least one per
 compositor of the pool (all of them work on the request at once), at most JOB_FRAMES
 frames each. A job that long keeps a live session's frames from waiting behind more than a
-few frames of batch work that a compositor already holds (~10 ms of paste + JPEG per 720p
-frame on a CPU core; the live session's jobs are handed out first, credits.py).
+few frames of batch work that a compositor already holds (2.4-3 ms of paste + JPEG per
+720p frame on the benchmark VM's cores; the live session's jobs are handed out first,
+credits.py).
 """
 from __future__ import annotations
 
