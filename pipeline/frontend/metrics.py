@@ -60,7 +60,7 @@ class Metrics:
         self.warmups = Counter("lipsync_model_warmups", "Warm-up runs of models at load",
                                ["model"], registry=r)
         self.loop_lag = Histogram("lipsync_event_loop_lag_seconds",
-                                  "How late the frontend's event loop ran a 20 ms timer",
+                                  "How late the frontend's event loop ran a 100 ms timer",
                                   buckets=STAGE_BUCKETS, registry=r)
 
     def warmup_done(self, model_id: str) -> None:
