@@ -1,0 +1,149 @@
+"""The CPU any Python gRPC frontend pays per InferBatchComposite call, with nothing behind
+it (docs/benchmarks.md, "The second redesign step"): the floor under the frontend's figure
+in `lipsync bench --compare inprocess`.
+
+    .venv/bin/python scripts/grpc_floor.py --calls 3000 --concurrency 4
+
+A grpc.aio server in a process of its own answers every call with the same 8 JPEGs (a demo
+background frame encoded at the config's quality, as a response carries them), built once;
+the bench's own clients (`pipeline.bench.grpc_load.Clients`) send it the bench's request.
+Three servers, one after another:
+
+- `bytes`: the request left as bytes, the response serialized once: grpc.aio's own cost;
+- `protobuf`: the request parsed and the response built and serialized by protobuf;
+- `frontend`: the frontend's own gRPC layer (its options, the in-flight interceptor, the
+  zero-copy request reader, the response built as the servicer builds it).
+
+Prints one JSON line: the server's CPU (user + system) per call of each, and calls/s.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+import cv2
+import grpc
+
+MODES = ("bytes", "protobuf", "frontend")
+
+
+def _jpeg(cfg_path: Path) -> bytes:
+    from pipeline.config import load_config
+    from pipeline.gpu_worker.avatar import find_frame
+
+    cfg = load_config(cfg_path)
+    model = cfg.models["demo"]
+    frame = cv2.imread(str(find_frame(model.background_dir, 0,
+                                      {p.name for p in model.background_dir.iterdir()})))
+    if frame is None:
+        raise SystemExit(f"grpc_floor: cannot read the demo's first frame in {model.background_dir}")
+    ok, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])
+    assert ok
+    return jpeg.tobytes()
+
+
+async def _serve(mode: str, cfg_path: Path, port: int, ready: Event) -> None:
+    from pipeline.config import load_config
+    from pipeline.frontend.drain import InflightCalls
+    from pipeline.frontend.heap import HeapTrim
+    from pipeline.frontend.services import MONOLITHIC, add_services, grpc_options
+    from pipeline.rpc import monolithic_pb2 as pb
+
+    cfg = load_config(cfg_path)
+    frames = [_jpeg(cfg_path)] * 8
+    serialized = pb.CompositeBatchResponse(composited_frames=frames, success=True).SerializeToString()
+    if mode == "frontend":
+        server = grpc.aio.server(options=grpc_options(cfg), interceptors=[InflightCalls(HeapTrim())])
+
+        class Servicer:
+            async def InferBatchComposite(self, request: Any, context: Any) -> Any:
+                return pb.CompositeBatchResponse(composited_frames=frames, success=True)
+
+            def __getattr__(self, name: str) -> Any:  # the other methods: never called here
+                async def unused(request: Any, context: Any) -> None:
+                    return None
+                return unused
+
+        add_services(server, cfg, {MONOLITHIC: Servicer()})
+    else:
+        server = grpc.aio.server(options=grpc_options(cfg))
+
+        async def infer(request: Any, context: Any) -> Any:
+            if mode == "bytes":
+                return serialized
+            return pb.CompositeBatchResponse(composited_frames=frames, success=True)
+
+        raw = mode == "bytes"
+        method = grpc.unary_unary_rpc_method_handler(
+            infer, request_deserializer=None if raw else pb.CompositeBatchRequest.FromString,
+            response_serializer=None if raw else pb.CompositeBatchResponse.SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            MONOLITHIC.full_name, {"InferBatchComposite": method}),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    ready.set()
+    await server.wait_for_termination()
+
+
+def _server_main(mode: str, cfg_path: Path, port: int, ready: Event) -> None:
+    asyncio.run(_serve(mode, cfg_path, port, ready))
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(mode: str, cfg_path: Path, port: int, calls: int, concurrency: int) -> dict[str, float]:
+    from pipeline.bench.grpc_load import Clients
+    from pipeline.client import build_request
+
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    server = ctx.Process(target=_server_main, args=(mode, cfg_path, port, ready), daemon=True)
+    server.start()
+    assert server.pid is not None
+    try:
+        if not ready.wait(60):
+            raise SystemExit(f"grpc_floor: the {mode} server did not start")
+        request = build_request(cfg_path, "demo", 8, start=0, client_visual=False)
+        clients = Clients(f"127.0.0.1:{port}", request, concurrency, warmup=20)
+        try:
+            cpu0 = _cpu_s(server.pid)
+            measured = clients.run(calls, None)
+            cpu = _cpu_s(server.pid) - cpu0
+        finally:
+            clients.close()
+    finally:
+        server.kill()
+        server.join()
+    return {"server_cpu_ms_per_call": round(cpu * 1e3 / calls, 3),
+            "calls_per_s": round(calls / measured.wall_s, 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=Path(__file__).parent.parent / "config.yaml")
+    parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--port", type=int, default=50091)
+    args = parser.parse_args()
+    from pipeline.demo.ensure import ensure_model  # the demo avatar's frames
+
+    ensure_model(args.config, "demo")
+    result: dict[str, Any] = {"calls": args.calls, "concurrency": args.concurrency}
+    for mode in MODES:
+        result[mode] = measure(mode, args.config, args.port, args.calls, args.concurrency)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
