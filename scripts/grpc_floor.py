@@ -124,6 +124,10 @@ def measure(mode: str, cfg_path: Path, port: int, calls: int, concurrency: int) 
     finally:
         server.kill()
         server.join()
+    answered = len(measured.latencies)
+    if answered != calls:
+        raise SystemExit(f"grpc_floor: the {mode} server answered {answered} of {calls} calls "
+                         f"({len(measured.errors)} errors: {measured.errors[:1]})")
     return {"server_cpu_ms_per_call": round(cpu * 1e3 / calls, 3),
             "calls_per_s": round(calls / measured.wall_s, 1)}
 
