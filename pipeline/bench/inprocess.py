@@ -30,10 +30,11 @@ from pipeline.gpu_worker.engine import EncodedFrames, Engine
 from pipeline.gpu_worker.model_cache import ModelCache, load_finished, unet_rebuilt
 from pipeline.protocol import RequestLayout
 from pipeline.shm.arena import Arena
-from pipeline.shm.segment import SegmentCache, segment_name
+from pipeline.shm.segment import SegmentCache, segment_name, sweep_stale_segments
 from pipeline.synctalk import SAMPLE_RATE
 
 GPU_INDEX = 0
+INSTANCE_PREFIX = "bench"  # this process's segments: lipsync-bench<pid>-<pid>-<tag>
 
 
 class BaselineFailed(RuntimeError):
@@ -53,11 +54,13 @@ class InProcessEngine:
         (every core), the fastest one-at-a-time baseline."""
         cfg = load_config(cfg_path)
         # a run never waits for company (one request at a time), and this process's
-        # segments carry an instance name of their own, apart from any server's
+        # segments carry an instance name of their own, apart from any server's; what a
+        # killed bench left under its own (the avatar's frames: hundreds of MB) goes now
+        sweep_stale_segments(private_to=INSTANCE_PREFIX)
         cfg = dataclasses.replace(
             cfg, gpus=dataclasses.replace(cfg.gpus, intra_op_threads=threads),
             batching=dataclasses.replace(cfg.batching, max_queue_delay_ms=0.0),
-            runtime=dataclasses.replace(cfg.runtime, instance=f"bench{os.getpid()}"))
+            runtime=dataclasses.replace(cfg.runtime, instance=f"{INSTANCE_PREFIX}{os.getpid()}"))
         provider = provider or resolve_provider(cfg.gpus.provider, 1)
         self.model = cfg.models[model_id]
         self.emitted: list[tuple[str, msg.Message | EncodedFrames]] = []
@@ -136,7 +139,8 @@ class InProcessEngine:
         layout = RequestLayout(b, audio.nbytes, features.nbytes)
         # a name never used before: the engine keeps what it mapped under an old one
         self.arena = arena = Arena.create(
-            segment_name(f"bench{os.getpid()}", f"requests{next(self._ids)}"), layout.nbytes + 4096)
+            segment_name(f"{INSTANCE_PREFIX}{os.getpid()}", f"requests{next(self._ids)}"),
+            layout.nbytes + 4096)
         refs = layout.refs(arena.name, 0)
         if request.visual_frames:
             arena.ndarray(0, refs["visual"].shape, "float32")[...] = np.frombuffer(

@@ -67,7 +67,8 @@ def wait_healthy(address: str, timeout_s: float, died: Callable[[], str | None],
 
 
 class ServerProcess:
-    """`lipsync serve` on free ports; a context manager that stops it with SIGTERM."""
+    """`lipsync serve` on free ports; a context manager that stops it with SIGTERM. The server
+    stops by itself, too, once this process has exited, even by SIGKILL."""
 
     def __init__(self, config: Path, log_path: Path | None = None,
                  start_timeout_s: float = 180.0, tls_ca: Path | None = None,
@@ -107,7 +108,8 @@ class ServerProcess:
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "serve", "--config", str(self.config),
-             "--grpc-port", str(self.grpc_port), "--ws-port", str(self.ws_port)],
+             "--grpc-port", str(self.grpc_port), "--ws-port", str(self.ws_port),
+             "--stop-with-parent"],  # however this process ends, the server does not outlive it
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         proc = self.proc
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_role_free(Addresses.of(cfg).role_lock("frontend"))
         check_free(cfg)
         ensure_demo_assets(cfg)
-        supervisor = Supervisor(cfg)
+        supervisor = Supervisor(cfg, stop_with_parent=args.stop_with_parent)
     except (ValueError, RoleError) as exc:
         sys.exit(f"lipsync: {exc}")
     return supervisor.serve()
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ws-port", type=int, help="override server.ws_port")
     serve.add_argument("--metrics-port", type=int,
                        help="override ops.metrics_port (/metrics; 0 turns it off)")
+    serve.add_argument("--stop-with-parent", action="store_true",
+                       help="stop (as on SIGTERM) when the process that started it exits, "
+                            "however it exits (lipsync bench's own servers)")
     serve.set_defaults(func=cmd_serve)
 
     demo = with_config(sub.add_parser("demo-assets", help="build the built-in demo avatar"))
@@ -168,9 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging("lipsync")
+    # SIGTERM (`timeout`, a cancelled job) ends a command as Ctrl-C does: its clean-up runs
+    # (a bench stops the server it started and frees its shared memory); `serve` and `role`
+    # install their own handlers
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         sys.exit(args.func(args))
     except ConfigError as exc:  # any command's --config: one line, not a traceback

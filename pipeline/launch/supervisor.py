@@ -62,8 +62,11 @@ class Role:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, stop_with_parent: bool = False) -> None:
+        """`stop_with_parent`: stop as on SIGTERM once the process that started this one
+        has exited (a bench's own server; seen by the watch, which runs anyway)."""
         self.cfg = cfg
+        self._parent = os.getppid() if stop_with_parent else None
         self.ctx = mp.get_context("spawn")
         provider = resolve_provider(cfg.gpus.provider, cfg.gpus.count)
         # a precision the provider or this CPU cannot run stops the start here, by name
@@ -115,6 +118,17 @@ class Supervisor:
     def _request_stop(self) -> None:
         self._stopping = True
 
+    def _orphaned(self) -> bool:
+        """The process that started this one has exited (this one was handed to init or a
+        subreaper): with `stop_with_parent`, a stop as on SIGTERM."""
+        if self._parent is None or os.getppid() == self._parent:
+            return False
+        if not self._stopping:
+            log.warning("the process that started this server (pid %d) exited; stopping",
+                        self._parent)
+        self._stopping = True
+        return True
+
     def _forward_reload(self) -> None:
         """SIGHUP (systemctl reload): the frontend re-reads its tokens."""
         frontend = self.roles[-1].process
@@ -124,7 +138,7 @@ class Supervisor:
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.cfg.runtime.start_timeout_s
         waiting: dict[object, Role] = {r.ready_conn: r for r in self.roles if r.ready_conn}
-        while waiting and not self._stopping:
+        while waiting and not self._stopping and not self._orphaned():
             if time.monotonic() > deadline:
                 log.error("not ready after %.0f s: %s", self.cfg.runtime.start_timeout_s,
                           ", ".join(r.name for r in waiting.values()))
@@ -145,7 +159,7 @@ class Supervisor:
         """Each death as it happens: announced, its segments swept, its restart due after
         its backoff; the other roles stay watched meanwhile."""
         restarts: dict[str, tuple[float, Role]] = {}  # name -> (when, role)
-        while not self._stopping:
+        while not self._stopping and not self._orphaned():
             now = time.monotonic()
             for name, (when, role) in list(restarts.items()):
                 if when <= now:

@@ -231,12 +231,18 @@ def list_segments(instance: str | None = None) -> list[str]:
         return []
 
 
-def sweep_stale_segments(instance: str | None = None, pids: set[int] | None = None) -> list[str]:
-    """Unlink our segments whose creator is dead (or is one of `pids`, known dead)."""
+def sweep_stale_segments(instance: str | None = None, pids: set[int] | None = None,
+                         private_to: str | None = None) -> list[str]:
+    """Unlink our segments whose creator is dead (or is one of `pids`, known dead): of
+    `instance`, or of every process-private instance `<private_to><creator pid>` (a bench's
+    in-process engine, whose instance no later process shares), or of all instances."""
     removed = []
     for name in list_segments(instance):
-        pid = creator_pid(name)
-        if pid is None:
+        parsed = parse_name(name)
+        if parsed is None:
+            continue
+        owner, pid, _ = parsed
+        if private_to is not None and owner != f"{private_to}{pid}":
             continue
         dead = pid in pids if pids is not None else not pid_alive(pid)
         if not dead:
