@@ -9,7 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from pipeline.config import load_config
 from pipeline.shm.segment import list_segments, pid_alive
@@ -50,56 +54,58 @@ def _zombie(pid: int) -> bool:
         return False
 
 
-def _kill_all(pids: set[int]) -> None:
-    """What a failed test leaves running (an orphaned server) is killed, not left to others."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+@dataclass
+class RunningBench:
+    process: subprocess.Popen[bytes]
+    server: set[int]       # the processes of the server it started
+    instance: str          # that server's runtime instance
+    config: Path
+
+
+@pytest.fixture
+def running_bench(tmp_path: Path, small_models_root: Path) -> Iterator[RunningBench]:
+    """A bench mid-comparison; whatever a failed test leaves (an orphaned server, segments)
+    is killed and removed after, not left to the other tests."""
+    config = write_config(tmp_path / "config.yaml", small_models_root)
+    bench = _start_bench(config)
+    running = RunningBench(bench, set(), load_config(config).runtime.instance, config)
+    try:
+        _wait_for_engine_segments(bench)
+        running.server = child_pids(bench.pid)
+        assert running.server and list_segments(running.instance)
+        yield running
+    finally:
+        bench.kill()
+        bench.wait()
+        for pid in running.server:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for name in list_segments(f"bench{bench.pid}"):
+            (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def test_a_terminated_bench_stops_its_server_and_frees_its_memory(
-        tmp_path: Path, small_models_root: Path) -> None:
-    config = write_config(tmp_path / "config.yaml", small_models_root)
-    instance = load_config(config).runtime.instance
-    bench = _start_bench(config)
-    server: set[int] = set()
-    try:
-        _wait_for_engine_segments(bench)
-        server = child_pids(bench.pid)
-        assert server and list_segments(instance)
-        bench.send_signal(signal.SIGTERM)
-        bench.wait(60)
-        assert _wait_gone(server, 30) == set(), "the bench's server outlived it"
-        assert list_segments(f"bench{bench.pid}") == []
-        assert list_segments(instance) == []
-    finally:
-        bench.kill()
-        bench.wait()
-        _kill_all(server)
+        running_bench: RunningBench) -> None:
+    bench = running_bench.process
+    bench.send_signal(signal.SIGTERM)
+    bench.wait(60)
+    assert _wait_gone(running_bench.server, 30) == set(), "the bench's server outlived it"
+    assert list_segments(f"bench{bench.pid}") == []
+    assert list_segments(running_bench.instance) == []
 
 
 def test_a_killed_benchs_server_stops_and_the_next_bench_reclaims_its_memory(
-        tmp_path: Path, small_models_root: Path) -> None:
-    config = write_config(tmp_path / "config.yaml", small_models_root)
-    instance = load_config(config).runtime.instance
-    bench = _start_bench(config)
-    server: set[int] = set()
-    try:
-        _wait_for_engine_segments(bench)
-        server = child_pids(bench.pid)
-        bench.kill()
-        bench.wait()
-        assert _wait_gone(server, 30) == set(), "the bench's server outlived it"
-        assert list_segments(instance) == []
-        assert list_segments(f"bench{bench.pid}"), "a SIGKILLed process cannot free its own"
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "--config",
-                               str(config), "--stages", "--batch", "8"],
-                              cwd=REPO, capture_output=True, timeout=180)
-        assert done.returncode == 0, done.stderr.decode()[-3000:]
-        assert list_segments(f"bench{bench.pid}") == []
-    finally:
-        _kill_all(server)
-        for name in list_segments(f"bench{bench.pid}"):  # a failed reclaim: not left to others
-            (Path("/dev/shm") / name).unlink(missing_ok=True)
+        running_bench: RunningBench) -> None:
+    bench = running_bench.process
+    bench.kill()
+    bench.wait()
+    assert _wait_gone(running_bench.server, 30) == set(), "the bench's server outlived it"
+    assert list_segments(running_bench.instance) == []
+    assert list_segments(f"bench{bench.pid}"), "a SIGKILLed process cannot free its own"
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "--config",
+                           str(running_bench.config), "--stages", "--batch", "8"],
+                          cwd=REPO, capture_output=True, timeout=180)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert list_segments(f"bench{bench.pid}") == []
