@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
+
 from pipeline.bench.figures import percentile, role_cpu_seconds
 from pipeline.client import channel
 from pipeline.rpc import monolithic_pb2 as pb
@@ -75,6 +77,15 @@ class Measured:
         }
 
 
+def _call(call: Callable[..., Any], wire: bytes) -> tuple[Any, str]:
+    """One call: (the response, "") or, refused with a gRPC status (RESOURCE_EXHAUSTED for
+    an overloaded server, UNAVAILABLE, ...), (None, "CODE: details") counted as an error."""
+    try:
+        return call(wire, timeout=300), ""
+    except grpc.RpcError as exc:
+        return None, f"{exc.code().name}: {exc.details()}"
+
+
 class Clients:
     """`concurrency` gRPC clients of one server, each on its own channel, sending one
     request (serialized once: the client's protobuf encoding is not what is measured).
@@ -95,11 +106,13 @@ class Clients:
         self.calls = [ch.unary_unary(INFER_METHOD,
                                      response_deserializer=pb.CompositeBatchResponse.FromString)
                       for ch in self.channels]
-        with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(lambda cw: [cw[0](cw[1], timeout=300) for _ in range(warmup)],
+        self.closed = False
+        with ThreadPoolExecutor(concurrency) as pool:  # a refusal here is no measurement
+            list(pool.map(lambda cw: [_call(cw[0], cw[1]) for _ in range(warmup)],
                           zip(self.calls, self.wires, strict=True)))
 
     def close(self) -> None:
+        self.closed = True  # the clients still sending stop (Ctrl-C, SIGTERM mid-run)
         for ch in self.channels:
             ch.close()
 
@@ -114,16 +127,21 @@ class Clients:
         def more() -> bool:
             with lock:
                 n = next(counter)
-            return (requests is None or n < requests) and time.perf_counter() < end[0]
+            return (requests is None or n < requests) and time.perf_counter() < end[0] \
+                and not self.closed
 
         def client(call: Callable[..., Any], wire: bytes) -> None:
             barrier.wait()
             while more():
                 t0 = time.perf_counter()
-                resp = call(wire, timeout=300)
+                resp, refused = _call(call, wire)
                 dt = (time.perf_counter() - t0) * 1e3
+                if self.closed:
+                    return
                 with lock:
-                    if resp.success:
+                    if resp is None:
+                        out.errors.append(refused)
+                    elif resp.success:
                         out.latencies.append(dt)
                         out.stages.append(_stages(resp))
                     else:

@@ -112,3 +112,18 @@ def test_bad_provider_entries_are_refused() -> None:
                                entries, "--duration", "1"], capture_output=True, text=True,
                               timeout=120)
         assert done.returncode != 0 and "--providers" in done.stderr, (entries, done.stderr)
+
+
+def test_refused_calls_are_counted_as_errors_not_a_crash(start_server) -> None:
+    """A server that refuses (RESOURCE_EXHAUSTED: one request in flight at most, four
+    clients) is measured: every refusal an error with its status, the run completes."""
+    busy = start_server(**{"server.max_inflight_requests": 1})
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "--json", "--config",
+                           str(busy.config), "--address", busy.address, "--batch", "2",
+                           "--concurrency", "4", "--requests", "40", "--warmup", "2",
+                           "--visual", "server"], capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 1  # errors: the exit status says so
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["errors"] > 0 and result["requests"] + result["errors"] == 40
+    assert result["first_error"].startswith("RESOURCE_EXHAUSTED: server busy")
