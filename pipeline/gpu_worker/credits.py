@@ -138,10 +138,11 @@ class CreditDispatcher:
                 self._lose(member, f"is silent ({now - member.last_seen:.1f} s)", forget=False)
 
     def _lose(self, member: Member, why: str, forget: bool) -> None:
-        jobs = [(key, job) for key, job in member.held.items() if job is not None]
-        if forget:  # gone: what it finished last may not have left it (a frozen one keeps it)
-            jobs[:0] = [(key, job) for t, key, job in member.recent
-                        if t >= member.last_seen - RECENT_S]
+        held = [(key, job) for key, job in member.held.items() if job is not None]
+        # gone: what it finished last may not have left it (a frozen one keeps it)
+        recent = [(key, job) for t, key, job in member.recent
+                  if t >= member.last_seen - RECENT_S] if forget else []
+        jobs = recent + held
         self._live.extendleft(reversed(jobs))  # they are the oldest and late: first again
         self.redispatched += len(jobs)
         if forget:
@@ -149,11 +150,13 @@ class CreditDispatcher:
         else:
             member.alive = False
             member.held = dict.fromkeys(member.held)
-        # a loss only when jobs moved: one that held nothing (it stopped with the server, or
-        # its death is logged by whoever saw it) is a note
-        log.log(logging.WARNING if jobs else logging.INFO,
-                "compositor %d (pid %d) %s: %d job(s) handed to the others", member.index,
-                member.pid, why, len(jobs))
+        # a loss only when jobs it held moved: one that held nothing (it stopped with the
+        # server, or its death is logged by whoever saw it) is a note, its last finished
+        # jobs sent again only in case their frames were lost with it
+        log.log(logging.WARNING if held else logging.INFO,
+                "compositor %d (pid %d) %s: %d job(s) handed to the others%s", member.index,
+                member.pid, why, len(held),
+                f", {len(recent)} finished just before sent again" if recent else "")
 
     def assignments(self) -> Iterator[tuple[bytes, bytes]]:
         """(identity, job) for every waiting job that a compositor has room for now, each

@@ -245,3 +245,22 @@ def test_a_compositor_that_leaves_holding_nothing_is_no_warning(caplog) -> None:
         d.check(0.1)
     levels = {r.getMessage().split(" (")[0]: r.levelname for r in caplog.records}
     assert levels == {"compositor 0": "WARNING", "compositor 1": "INFO"}, caplog.text
+
+
+def test_a_compositor_that_leaves_just_after_its_last_job_is_no_warning(caplog) -> None:
+    """One that finished its last job just before it exited (a server's clean stop right
+    after some work) loses nothing: that job is sent again only in case its frames were
+    still in the dead process's socket, noted at INFO with the count."""
+    import logging
+
+    d, pids = _dispatcher()
+    d.on_credit(A, _credit(0), 0.0)
+    _submit(d, 7, 1)
+    assert _hand_out(d) == [(A, b"job 7/0")]
+    d.on_credit(A, _credit(0, done=(7, 0)), 0.1)   # done; then it exits with the server
+    pids.dead.add(1000)
+    with caplog.at_level(logging.INFO, logger="pipeline.gpu_worker.credits"):
+        d.check(0.2)
+    assert [key for key, _ in d.waiting] == [(7, 0)]  # the precaution stays
+    assert [r.levelname for r in caplog.records] == ["INFO"], caplog.text
+    assert "0 job(s) handed to the others, 1 finished just before sent again" in caplog.text
