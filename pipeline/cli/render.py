@@ -135,7 +135,7 @@ def _render_into(audio, wav: Path, tmp: Path, address: str, model_id: str, bar) 
                     if status.get("type") == "flushed":
                         flushed = int(status.get("frames", -1))
             except grpc.RpcError as exc:
-                raise _rpc_error(exc, address) from None
+                raise _rpc_error(exc, address, frames) from None
             finally:
                 responses.cancel()  # a no-op after a normal end; stops the stream on an error
         if sender.error is not None:
@@ -282,12 +282,19 @@ def _parse_status(text: str) -> dict:
     return status
 
 
-def _rpc_error(exc: grpc.RpcError, address: str) -> RenderError:
+def _rpc_error(exc: grpc.RpcError, address: str, frames: int) -> RenderError:
+    """What a failed stream means, `frames` into the render."""
     code = exc.code() if hasattr(exc, "code") else None
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     if code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details:
         return RenderError(f"the server at {address} shut down during the render; no output "
                            "was written")
+    if code == grpc.StatusCode.UNAVAILABLE and frames:
+        # reached, then gone: a stopping server's status can lose the race with its closing
+        # connection (this side's next send fails first), as can a failed network
+        return RenderError(f"the connection to the server at {address} was lost after {frames} "
+                           f"frames (the server shut down, or the network failed): {details}; "
+                           "no output was written")
     if code == grpc.StatusCode.UNAVAILABLE:
         return RenderError(f"cannot reach the server at {address} (is `lipsync serve` running?): "
                            f"{details}")
