@@ -22,13 +22,13 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
 from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
 import cv2
 import grpc
+import psutil
 
 MODES = ("bytes", "protobuf", "frontend")
 
@@ -95,10 +95,9 @@ def _server_main(mode: str, cfg_path: Path, port: int, ready: Event) -> None:
     asyncio.run(_serve(mode, cfg_path, port, ready))
 
 
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_s(process: psutil.Process) -> float:
+    cpu = process.cpu_times()
+    return float(cpu.user + cpu.system)
 
 
 def measure(mode: str, cfg_path: Path, port: int, calls: int, concurrency: int) -> dict[str, float]:
@@ -116,9 +115,10 @@ def measure(mode: str, cfg_path: Path, port: int, calls: int, concurrency: int) 
         request = build_request(cfg_path, "demo", 8, start=0, client_visual=False)
         clients = Clients(f"127.0.0.1:{port}", request, concurrency, warmup=20)
         try:
-            cpu0 = _cpu_s(server.pid)
+            process = psutil.Process(server.pid)
+            cpu0 = _cpu_s(process)
             measured = clients.run(calls, None)
-            cpu = _cpu_s(server.pid) - cpu0
+            cpu = _cpu_s(process) - cpu0
         finally:
             clients.close()
     finally:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.shm.segment import list_segments, pid_alive
+from pipeline.runtime.process import exit_status
+from pipeline.shm.segment import SHM_DIR, list_segments, pid_alive
 from tests.conftest import child_pids, write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,17 +42,11 @@ def _wait_for_engine_segments(bench: subprocess.Popen[bytes]) -> None:
 
 def _wait_gone(pids: set[int], timeout_s: float) -> set[int]:
     deadline = time.monotonic() + timeout_s
-    while (alive := {p for p in pids if pid_alive(p) and not _zombie(p)}) \
+    # a zombie (its exit status set) is gone: its parent, init, reaps it when it will
+    while (alive := {p for p in pids if pid_alive(p) and exit_status(p) is None}) \
             and time.monotonic() < deadline:
         time.sleep(0.1)
     return alive
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return False
 
 
 @dataclass
@@ -83,7 +78,7 @@ def running_bench(tmp_path: Path, small_models_root: Path) -> Iterator[RunningBe
             except ProcessLookupError:
                 pass
         for name in list_segments(f"bench{bench.pid}"):
-            (Path("/dev/shm") / name).unlink(missing_ok=True)
+            (SHM_DIR / name).unlink(missing_ok=True)
 
 
 def test_a_terminated_bench_stops_its_server_and_frees_its_memory(

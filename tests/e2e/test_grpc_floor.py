@@ -3,20 +3,14 @@ each of its three servers, from real calls."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.bench.local_server import free_port
 from tests.conftest import write_config
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_each_server_answers_every_call_and_its_cpu_is_counted(tmp_path: Path,
@@ -24,7 +18,7 @@ def test_each_server_answers_every_call_and_its_cpu_is_counted(tmp_path: Path,
     config = write_config(tmp_path / "config.yaml", small_models_root)
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "grpc_floor.py"), "--config",
                            str(config), "--calls", "300", "--concurrency", "2",
-                           "--port", str(_free_port())],
+                           "--port", str(free_port())],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
