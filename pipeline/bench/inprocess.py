@@ -57,26 +57,31 @@ class InProcessEngine:
         # segments carry an instance name of their own, apart from any server's; what a
         # killed bench left under its own (the avatar's frames: hundreds of MB) goes now
         sweep_stale_segments(private_to=INSTANCE_PREFIX)
+        self.instance = f"{INSTANCE_PREFIX}{os.getpid()}"
         cfg = dataclasses.replace(
             cfg, gpus=dataclasses.replace(cfg.gpus, intra_op_threads=threads),
             batching=dataclasses.replace(cfg.batching, max_queue_delay_ms=0.0),
-            runtime=dataclasses.replace(cfg.runtime, instance=f"{INSTANCE_PREFIX}{os.getpid()}"))
+            runtime=dataclasses.replace(cfg.runtime, instance=self.instance))
         provider = provider or resolve_provider(cfg.gpus.provider, 1)
         self.model = cfg.models[model_id]
         self.emitted: list[tuple[str, msg.Message | EncodedFrames]] = []
+        self.segments = SegmentCache()  # the compositor's side of shared memory
+        self.arena: Arena | None = None
+        self._written: tuple[CompositeRequestView, msg.InferRequest] | None = None
+        self._ids = itertools.count(1)
         inbox = Inbox()
         cache = ModelCache(cfg, GPU_INDEX, provider)
         self.engine = Engine.create(cfg, GPU_INDEX, provider, inbox, cache,
                                     lambda target, m: self.emitted.append((target, m)),
                                     lambda config, rebuild: inbox.put(
                                         (unet_rebuilt if rebuild else load_finished)(cache, config)))
-        self.segments = SegmentCache()  # the compositor's side of shared memory
-        self.arena: Arena | None = None
-        self._written: tuple[CompositeRequestView, msg.InferRequest] | None = None
-        self._ids = itertools.count(1)
-        self._control(msg.LoadModel(next(self._ids), os.getpid(), model_id))
-        loaded = cache.get(model_id)
-        assert loaded is not None
+        try:  # the load makes the avatar's segment: a load cut short (SIGTERM) frees it too
+            self._control(msg.LoadModel(next(self._ids), os.getpid(), model_id))
+            loaded = cache.get(model_id)
+            assert loaded is not None
+        except BaseException:
+            self.close()
+            raise
         self.encoder, self.unet, self.avatar = loaded.encoder, loaded.unet, loaded.avatar
 
     def _control(self, message: msg.LoadModel) -> None:
@@ -93,6 +98,9 @@ class InProcessEngine:
         self.segments.close()
         if self.arena is not None:
             self.arena.close()
+        # whatever is still named under this process's own instance (a segment made by a
+        # step that an exception cut short, before anything tracked it) goes too
+        sweep_stale_segments(self.instance, pids={os.getpid()})
 
     def run(self, request: CompositeRequestView) -> dict[str, int]:
         """One request (read as the server reads it) through every stage; ns per stage."""
@@ -139,8 +147,7 @@ class InProcessEngine:
         layout = RequestLayout(b, audio.nbytes, features.nbytes)
         # a name never used before: the engine keeps what it mapped under an old one
         self.arena = arena = Arena.create(
-            segment_name(f"{INSTANCE_PREFIX}{os.getpid()}", f"requests{next(self._ids)}"),
-            layout.nbytes + 4096)
+            segment_name(self.instance, f"requests{next(self._ids)}"), layout.nbytes + 4096)
         refs = layout.refs(arena.name, 0)
         if request.visual_frames:
             arena.ndarray(0, refs["visual"].shape, "float32")[...] = np.frombuffer(
