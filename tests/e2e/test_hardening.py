@@ -313,8 +313,9 @@ def test_malformed_zeromq_messages_leave_the_ops_socket_serving(server) -> None:
 
 def test_memory_goes_back_after_bursts_of_large_requests(server) -> None:
     """Bursts of 8 concurrent 20 MB requests: once the server is idle, the frontend's
-    private memory falls back (freed request buffers are trimmed) and does not grow from
-    one burst to the next; it used to keep what the bursts had taken."""
+    private memory falls back to where it was (freed request buffers are trimmed); it used
+    to keep what the bursts had taken, and then 70-160 MB of it, freed on threads whose
+    arenas glibc does not trim."""
     batch = 8
     wire = pb.CompositeBatchRequest(
         model_id="demo", batch_size=batch, raw_audio=speech_like_audio(0.92).tobytes(),
@@ -341,9 +342,9 @@ def test_memory_goes_back_after_bursts_of_large_requests(server) -> None:
     print(f"BURSTS private MB: baseline {baseline:.0f}, peaks {[round(p) for p in peaks]}, "
           f"after idle {[round(i) for i in idle]}")
     assert max(peaks) > baseline + 100  # the bursts did take memory
-    assert idle[-1] < baseline + (max(peaks) - baseline) / 2, (baseline, peaks, idle)
-    # levelling off (grpcio keeps some buffers of its own): the last burst adds little
-    assert idle[-1] < idle[-2] + 64, (baseline, peaks, idle)
+    # all of it back, each time: the buffers were freed on grpc's and the executor's
+    # threads too (test_processes::test_buffers_freed_on_other_threads_go_back_to_the_os)
+    assert max(idle) < baseline + 16, (baseline, peaks, idle)
 
 
 def test_memory_goes_back_after_bursts_of_refused_requests(server) -> None:
@@ -371,4 +372,4 @@ def test_memory_goes_back_after_bursts_of_refused_requests(server) -> None:
     print(f"REFUSED BURSTS private MB: baseline {baseline:.0f}, peaks {[round(p) for p in peaks]}, "
           f"after idle {[round(i) for i in idle]}")
     assert max(peaks) > baseline + 100  # the bursts did take memory
-    assert idle[-1] < baseline + (max(peaks) - baseline) / 2, (baseline, peaks, idle)
+    assert max(idle) < baseline + 16, (baseline, peaks, idle)  # all of it back
