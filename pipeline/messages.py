@@ -56,8 +56,8 @@ class InferRequest(Message, frozen=True):
     batch_size: int
     start_frame_idx: int
     output: TensorRef                   # [B,3,320,320] float32, written by the UNet
-    visual: TensorRef                   # [B,6,320,320] float32
-    build_visual: bool = False          # visual is empty: build it from the avatar's frames
+    visual: TensorRef | None = None     # [B,6,320,320] float32 the client sent; None: the
+                                        # worker builds it from the avatar's frames
     audio: TensorRef | None = None      # [n] float32 PCM at sample_rate
     sample_rate: int = SAMPLE_RATE
     features: TensorRef | None = None   # deprecated: one frame's [32,16,16], replicated

@@ -145,28 +145,33 @@ FLOAT32 = 4
 @dataclass(frozen=True)
 class RequestLayout:
     """Where a request's tensors lie in one block of the request arena, in this order: the
-    visual input (client-sent, or built by the worker), the UNet's prediction, the audio and
-    the deprecated features. Every frontend and the in-process bench lay a request out so."""
+    visual input when the client sent it, the UNet's prediction, the audio and the
+    deprecated features. A visual input the worker builds from the avatar's frames takes no
+    room here: the worker builds it in memory of its own (gpu_worker/engine.py). Every
+    frontend and the in-process bench lay a request out so."""
 
     batch: int
     audio_bytes: int = 0
     feature_bytes: int = 0
+    visual: bool = False            # the client sent the visual input
 
     @property
     def nbytes(self) -> int:
-        return self.batch * (VISUAL_BYTES + PREDICTION_BYTES) + self.audio_bytes + self.feature_bytes
+        return sum(nbytes for _, _, nbytes in self._tensors())
 
     def refs(self, segment: str, offset: int) -> dict[str, TensorRef]:
-        """The tensors of a block that starts at `offset` of `segment`: visual and output
-        always, audio and features when the request carries them."""
-        b = self.batch
+        """The tensors of a block that starts at `offset` of `segment`: the output always,
+        the visual, audio and features when the request carries them."""
         refs = {}
-        for name, shape, nbytes in (("visual", (b, *VISUAL_SHAPE), b * VISUAL_BYTES),
-                                    ("output", (b, *PREDICTION_SHAPE), b * PREDICTION_BYTES),
-                                    ("audio", (self.audio_bytes // FLOAT32,), self.audio_bytes),
-                                    ("features", (self.feature_bytes // FLOAT32,),
-                                     self.feature_bytes)):
-            if nbytes or name in ("visual", "output"):
+        for name, shape, nbytes in self._tensors():
+            if nbytes or name == "output":
                 refs[name] = TensorRef(segment, offset, shape, "float32")
             offset += nbytes
         return refs
+
+    def _tensors(self) -> tuple[tuple[str, tuple[int, ...], int], ...]:
+        b = self.batch
+        return (("visual", (b, *VISUAL_SHAPE), b * VISUAL_BYTES if self.visual else 0),
+                ("output", (b, *PREDICTION_SHAPE), b * PREDICTION_BYTES),
+                ("audio", (self.audio_bytes // FLOAT32,), self.audio_bytes),
+                ("features", (self.feature_bytes // FLOAT32,), self.feature_bytes))

@@ -144,7 +144,7 @@ class InProcessEngine:
         b = request.batch_size
         audio = np.frombuffer(request.raw_audio, "<f4")
         features = np.frombuffer(request.audio_features, "<f4")
-        layout = RequestLayout(b, audio.nbytes, features.nbytes)
+        layout = RequestLayout(b, audio.nbytes, features.nbytes, visual=bool(request.visual_frames))
         # a name never used before: the engine keeps what it mapped under an old one
         self.arena = arena = Arena.create(
             segment_name(self.instance, f"requests{next(self._ids)}"), layout.nbytes + 4096)
@@ -158,7 +158,7 @@ class InProcessEngine:
         template = msg.InferRequest(
             request_id=0, worker_pid=os.getpid(), model_id=self.model.model_id, batch_size=b,
             start_frame_idx=request.start_frame_idx, output=refs["output"],
-            visual=refs["visual"], build_visual=not request.visual_frames,
+            visual=refs.get("visual"),
             audio=refs.get("audio"), sample_rate=request.sample_rate or SAMPLE_RATE,
             features=refs.get("features") if not audio.size else None)
         self._written = (request, template)

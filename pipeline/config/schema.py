@@ -209,7 +209,7 @@ class RuntimeConfig:
     # names the ipc endpoints and shared-memory arenas
     instance: str = setting("default", lambda v: v.replace("_", "").isalnum(),
                             "must be letters, digits or _ (it is part of segment and socket names)")
-    # request arena in /dev/shm (visual + audio + UNet output)
+    # request arena in /dev/shm (audio + UNet output, + visual when the client sends it)
     arena_mb: int = setting(1024, lambda v: v >= 64, "must be >= 64")
     # roles report liveness to the frontend this often
     heartbeat_s: float = setting(0.5, lambda v: 0 < v <= 10, "must be in (0, 10]")

@@ -133,7 +133,8 @@ class InFlight:
         """Run one request on `worker`: its tensors into the arena, frames back in order."""
         b = req.batch_size
         layout = RequestLayout(b, 0 if req.audio is None else req.audio.nbytes,
-                               0 if req.features is None else req.features.nbytes)
+                               0 if req.features is None else req.features.nbytes,
+                               visual=req.visual is not None)
         size = layout.nbytes
         if size > self.arena.capacity:
             raise Overloaded(f"request needs {size} bytes of shared memory; the arena has "
@@ -159,7 +160,7 @@ class InFlight:
             await self.client.send(worker, msg.encode(msg.InferRequest(
                 request_id=request_id, worker_pid=view.pid, model_id=req.model_id,
                 batch_size=b, start_frame_idx=req.start_frame_idx, output=refs["output"],
-                visual=refs["visual"], build_visual=req.visual is None, audio=refs.get("audio"),
+                visual=refs.get("visual"), audio=refs.get("audio"),
                 sample_rate=req.sample_rate, features=refs.get("features"),
                 stream_offset=req.stream_offset, sent_ns=time.monotonic_ns(),
                 background_indices=req.background_indices, live=req.live)))

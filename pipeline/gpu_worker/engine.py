@@ -32,6 +32,7 @@ from pipeline.gpu_worker.model_cache import LoadedModel, LoadFinished, ModelCach
 from pipeline.runtime.logs import logging_request
 from pipeline.runtime.process import RoleError
 from pipeline.shm.segment import SegmentCache
+from pipeline.synctalk import VISUAL_SHAPE
 
 if TYPE_CHECKING:
     from pipeline.gpu_worker.device_compositor import DeviceCompositor
@@ -67,9 +68,10 @@ class Loading:
 
 @dataclass
 class Prepared:
-    """A request ready for the UNet: its features, and what preparing it took."""
+    """A request ready for the UNet: its inputs, and what preparing it took."""
 
     req: msg.InferRequest
+    visual: np.ndarray            # [B,6,320,320] float32: the client's, in the arena, or built
     features: np.ndarray          # [B,32,16,16] float32
     started_ns: int
     audio_ns: int
@@ -99,6 +101,10 @@ class Engine:
         self.max_batch_frames = cfg.batching.max_batch_frames or (32 if provider == "cuda" else 1)
         self.queue_delay_s = cfg.batching.max_queue_delay_ms / 1e3
         self.staging: StagingBatch | None = None
+        # the visual inputs this worker builds, in its own memory: private pages (huge ones
+        # where the kernel gives them) are cheaper to write and read than shared memory's,
+        # and the request's arena block needs no room for them (protocol.RequestLayout)
+        self.built_visual = np.empty((0, *VISUAL_SHAPE), np.float32)
         self.segments = SegmentCache()          # the frontend's request arena, attached lazily
         self.loading: dict[str, Loading] = {}
         self.rebuilding: set[str] = set()
@@ -253,10 +259,14 @@ class Engine:
         """One UNet run for the requests of `run` (one model); each is answered on its own."""
         prepared = []
         cpu0 = time.thread_time()
+        built = self._built_visual(sum(req.batch_size for req in run if req.visual is None))
         for req in run:
             with logging_request(req.request_id):
                 try:
-                    prepared.append(self._prepare(model, req))
+                    rows = None
+                    if req.visual is None:  # each request of the run its own rows
+                        rows, built = built[:req.batch_size], built[req.batch_size:]
+                    prepared.append(self._prepare(model, req, rows))
                 except Exception as exc:
                     self.emit(FRONTEND, msg.InferFailed(req.request_id, _client_error(exc, req)))
         if not prepared:
@@ -293,8 +303,16 @@ class Engine:
                 inference_ns=t1 - t0, composite_start_ns=t1,
                 run_frames=frames, run_requests=len(prepared)))
 
-    def _prepare(self, model: LoadedModel, req: msg.InferRequest) -> Prepared:
-        """The request's audio features, and its visual input when the server builds it."""
+    def _built_visual(self, frames: int) -> np.ndarray:
+        """Room for `frames` frames of visual input built here (grown as runs need it)."""
+        if len(self.built_visual) < frames:
+            self.built_visual = np.empty((frames, *VISUAL_SHAPE), np.float32)
+        return self.built_visual[:frames]
+
+    def _prepare(self, model: LoadedModel, req: msg.InferRequest,
+                 build_into: np.ndarray | None) -> Prepared:
+        """The request's audio features, and its visual input: the client's in the arena, or
+        built from the avatar's frames into `build_into`."""
         from pipeline.gpu_worker import audio
 
         b = req.batch_size
@@ -324,20 +342,23 @@ class Engine:
         except Exception as exc:
             raise RequestError(f"Failed to encode audio features: {exc}") from exc
         t1 = time.monotonic_ns()
-        if req.build_visual:
-            model.avatar.visual_inputs(_background_indices(req), out=self._view(req.visual))
-        return Prepared(req, features, started_ns=t0, audio_ns=t1 - t0, encoder_ns=encoder_ns,
-                        visual_ns=time.monotonic_ns() - t1 if req.build_visual else 0)
+        if req.visual is not None:
+            return Prepared(req, self._view(req.visual), features, started_ns=t0,
+                            audio_ns=t1 - t0, encoder_ns=encoder_ns, visual_ns=0)
+        assert build_into is not None
+        model.avatar.visual_inputs(_background_indices(req), out=build_into)
+        return Prepared(req, build_into, features, started_ns=t0, audio_ns=t1 - t0,
+                        encoder_ns=encoder_ns, visual_ns=time.monotonic_ns() - t1)
 
     def _run_unet(self, model: LoadedModel, prepared: list[Prepared]) -> None:
         """One ORT run over every prepared request, predictions into their output blocks."""
         if len(prepared) == 1:  # bound in place: ORT reads and writes shared memory
             p = prepared[0]
-            model.unet.run(self._view(p.req.visual), p.features, self._view(p.req.output))
+            model.unet.run(p.visual, p.features, self._view(p.req.output))
             return
         if self.staging is None:
             self.staging = StagingBatch(self.max_batch_frames)
-        self.staging.run(model.unet.run, [(self._view(p.req.visual), p.features,
+        self.staging.run(model.unet.run, [(p.visual, p.features,
                                            self._view(p.req.output)) for p in prepared])
 
     def _emit_jobs(self, model: LoadedModel, request_id: int, indices: Sequence[int],

@@ -17,7 +17,7 @@ TO_WORKER = [
                      audio=msg.TensorRef("s", 4096, (10240,), "float32"), sample_rate=44100,
                      features=msg.TensorRef("s", 0, (32, 16, 16), "float32")),
     msg.InferRequest(request_id=2, worker_pid=10, model_id="demo", batch_size=2, start_frame_idx=7,
-                     output=REF, visual=REF, build_visual=True, stream_offset=0,
+                     output=REF, stream_offset=0,
                      background_indices=(248, 249)),
     msg.BackgroundJpegs(request_id=3, worker_pid=10, model_id="demo", indices=(0, 1, 2, 249)),
     msg.LoadModel(request_id=3, worker_pid=10, model_id="demo"),
@@ -107,7 +107,7 @@ def test_literal_fields_are_validated() -> None:
 def test_defaults_survive_round_trip() -> None:
     """Omitted optional fields decode to their defaults."""
     decoded = msg.worker_decoder.decode(msg.encode(TO_WORKER[0]))
-    assert decoded.build_visual is False
+    assert msg.worker_decoder.decode(msg.encode(TO_WORKER[2])).visual is None  # built there
     assert decoded.audio is None and decoded.features is None
     assert decoded.sample_rate == 16000
     assert isinstance(decoded.output.shape, tuple)

@@ -121,7 +121,7 @@ def test_submit_writes_the_inputs_where_its_request_says(world: World, visual: b
                                                           features: bool) -> None:
     """The InferRequest names the worker's pid and the block's tensors exactly as
     RequestLayout lays them out; the arena holds the client's visual and audio (or features)
-    there; without a visual, the worker is told to build it."""
+    there; without a visual, the worker builds it and the block has no room for one."""
     req = request(visual=visual, features=features)
 
     async def scenario() -> None:
@@ -131,13 +131,14 @@ def test_submit_writes_the_inputs_where_its_request_says(world: World, visual: b
         block = world.table.pending[m.request_id].block
         assert block is not None
         layout = RequestLayout(2, 0 if features else AUDIO.nbytes,
-                               FEATURE_BYTES if features else 0)
+                               FEATURE_BYTES if features else 0, visual=visual)
         refs = layout.refs(world.table.arena.name, block.offset)
         assert (m.visual, m.output, m.audio, m.features) == \
-            (refs["visual"], refs["output"], refs.get("audio"), refs.get("features"))
+            (refs.get("visual"), refs["output"], refs.get("audio"), refs.get("features"))
+        assert (m.visual is None) is not visual
+        assert block.size == -(-layout.nbytes // 4096) * 4096
         assert (m.worker_pid, m.model_id, m.batch_size, m.start_frame_idx, m.sample_rate) == \
             (4242, "demo", 2, 3, 16000)
-        assert m.build_visual is not visual
         arena = world.table.arena
         if req.visual is not None:
             assert np.array_equal(arena.ndarray(m.visual.offset, m.visual.shape, "float32"),
@@ -314,27 +315,27 @@ def test_a_request_larger_than_the_arena_is_refused_at_once(world: World) -> Non
     the setting; nothing allocated, nothing sent."""
     async def scenario() -> str:
         with pytest.raises(Overloaded) as refused:
-            await world.submit(request(batch=20, visual=False))
+            await world.submit(request(batch=60, visual=False))
         return str(refused.value)
 
     error = run(scenario)
-    needed = RequestLayout(20, AUDIO.nbytes).nbytes
+    needed = RequestLayout(60, AUDIO.nbytes).nbytes
     assert error == (f"request needs {needed} bytes of shared memory; the arena has "
                      f"{64 * 2**20} (runtime.arena_mb)")
     assert world.blocks == 0 and not world.client.sent
 
 
 def test_a_full_arena_is_waited_for_until_the_deadline(world: World) -> None:
-    """The arena is held by a 17-frame request: a request with a short deadline is refused
+    """The arena is held by a 52-frame request: a request with a short deadline is refused
     Overloaded; one with time left is sent as soon as the first gives its block back."""
     async def scenario() -> tuple[str, int]:
-        big = world.submit(request(batch=17, visual=False))
+        big = world.submit(request(batch=52, visual=False))
         await world.sent(1)
         waiting = world.submit(request(), timeout=10)
         with pytest.raises(Overloaded) as refused:
             await world.submit(request(), timeout=0.05)
         assert len(world.client.sent) == 1
-        world.answer(1, 17)
+        world.answer(1, 52)
         await big
         m = await world.sent(2)
         assert isinstance(m, msg.InferRequest)
@@ -433,7 +434,7 @@ def test_the_snapshot_counts_requests_per_worker_and_the_arena(world: World) -> 
 
     snapshot = run(scenario)
     arena = world.table.arena
-    block = RequestLayout(1, AUDIO.nbytes).nbytes
+    block = RequestLayout(1, AUDIO.nbytes, visual=True).nbytes
     assert snapshot == {"inflight_requests": 3, "per_worker": {0: 2, 1: 1},
                         "arena": {"name": arena.name, "capacity_bytes": 64 * 2**20,
                                   "used_bytes": 3 * ((block + 4095) // 4096 * 4096),

@@ -22,9 +22,10 @@ from pipeline.gpu_worker.device import Resolved
 from pipeline.gpu_worker.engine import EVENTS, FRONTEND, JOBS, ConfigMismatch, Engine
 from pipeline.gpu_worker.jobs import job_spans
 from pipeline.gpu_worker.model_cache import ModelCache, load_finished, unet_rebuilt
+from pipeline.protocol import RequestLayout
 from pipeline.shm.arena import Arena
 from pipeline.shm.segment import SHM_DIR, segment_name
-from pipeline.synctalk import PREDICTION_BYTES, VISUAL_BYTES, VISUAL_SHAPE
+from pipeline.synctalk import PREDICTION_BYTES, VISUAL_SHAPE
 from tests.conftest import SMALL_FRAMES, write_config
 from tests.helpers import write_silent_encoder
 
@@ -94,18 +95,14 @@ class Harness:
                 audio: bool = True) -> msg.InferRequest:
         """An audio-only request laid out in the arena as the frontend lays one out."""
         samples = speech_like_audio((batch + 15) * 0.04, seed=seed)
-        block = self.arena.allocate(batch * (VISUAL_BYTES + PREDICTION_BYTES) + samples.nbytes)
+        layout = RequestLayout(batch, samples.nbytes)
+        block = self.arena.allocate(layout.nbytes)
         assert block is not None
-        visual = msg.TensorRef(block.segment, block.offset, (batch, *VISUAL_SHAPE), "float32")
-        output = msg.TensorRef(block.segment, block.offset + batch * VISUAL_BYTES,
-                               (batch, 3, 320, 320), "float32")
-        audio_ref = msg.TensorRef(block.segment, output.offset + batch * PREDICTION_BYTES,
-                                  (samples.size,), "float32")
-        self.arena.ndarray(audio_ref.offset, audio_ref.shape, "float32")[...] = samples
+        refs = layout.refs(block.segment, block.offset)
+        self.arena.ndarray(refs["audio"].offset, refs["audio"].shape, "float32")[...] = samples
         return msg.InferRequest(request_id=self._id(), worker_pid=0, model_id=model_id,
-                                batch_size=batch, start_frame_idx=start, output=output,
-                                visual=visual, build_visual=True,
-                                audio=audio_ref if audio else None)
+                                batch_size=batch, start_frame_idx=start, output=refs["output"],
+                                audio=refs["audio"] if audio else None)
 
     def prediction(self, req: msg.InferRequest) -> np.ndarray:
         return self.arena.ndarray(req.output.offset, req.output.shape, "float32").copy()
@@ -204,7 +201,9 @@ def test_a_model_runs_with_its_own_audio_encoder(fresh: Harness) -> None:
     assert fresh.control(msg.LoadModel, "demo").ok and fresh.control(msg.LoadModel, "mute").ok
     demo, mute = fresh.request(2, 0, seed=3), fresh.request(2, 0, seed=3, model_id="mute")
     fresh.handle(demo, mute)
-    reference = fresh.arena.ndarray(mute.visual.offset, mute.visual.shape, "float32")[:, :3]
+    model = fresh.engine.cache.get("mute")
+    assert model is not None and mute.visual is None  # built by the worker, as a client would
+    reference = model.avatar.visual_inputs(range(2), np.empty((2, *VISUAL_SHAPE), np.float32))[:, :3]
     np.testing.assert_array_equal(fresh.prediction(mute), np.clip(reference, 0, 1))
     assert np.abs(fresh.prediction(demo) - fresh.prediction(mute)).max() > 0.1
 
