@@ -5,11 +5,11 @@ inbox from its receiver and loader threads and carries what the engine emits (th
 injected `emit`) to the frontend, the compositors and the segment-release channel. Unit
 tests and `lipsync bench --compare inprocess` run this very class in one process.
 
-Per request it computes the audio features, builds the visual input when the client sent
-none, runs the UNet on the shared-memory tensors (the prediction written in place) and
-emits its frames as a few CompositeJobs (jobs.py) and its InferDone (or InferFailed). A
-request for a model this worker does not hold fails at once: the frontend only sends work for
-models it has seen loaded here, so that is a restart's leftover, not a reason to load.
+Per request it prepares the audio features and the visual input (inputs.py), runs the UNet
+(the prediction written in place into the request's arena block) and emits its frames as a
+few CompositeJobs (jobs.py) and its InferDone (or InferFailed). A request for a model this
+worker does not hold fails at once: the frontend only sends work for models it has seen
+loaded here, so that is a restart's leftover, not a reason to load.
 """
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ from pipeline import messages as msg
 from pipeline.config import Config, ModelConfig
 from pipeline.gpu_worker.batching import Inbox, StagingBatch, coalesce
 from pipeline.gpu_worker.device import Resolved
+from pipeline.gpu_worker.inputs import Prepared, RequestError, RequestInputs, background_indices
 from pipeline.gpu_worker.jobs import composite_jobs
 from pipeline.gpu_worker.model_cache import LoadedModel, LoadFinished, ModelCache, UNetRebuilt
 from pipeline.runtime.logs import logging_request
 from pipeline.runtime.process import RoleError
 from pipeline.shm.segment import SegmentCache
-from pipeline.synctalk import VISUAL_SHAPE
 
 if TYPE_CHECKING:
     from pipeline.gpu_worker.device_compositor import DeviceCompositor
@@ -66,23 +66,6 @@ class Loading:
     discard: bool = False  # unloaded while loading: dropped when it finishes
 
 
-@dataclass
-class Prepared:
-    """A request ready for the UNet: its inputs, and what preparing it took."""
-
-    req: msg.InferRequest
-    visual: np.ndarray            # [B,6,320,320] float32: the client's, in the arena, or built
-    features: np.ndarray          # [B,32,16,16] float32
-    started_ns: int
-    audio_ns: int
-    encoder_ns: int
-    visual_ns: int
-
-
-class RequestError(Exception):
-    """A request failed; the message is the client-facing error string."""
-
-
 class ConfigMismatch(RoleError):
     """The frontend named a model this worker's config lacks: the two run different
     configs (a unit restarted after an edit). The worker exits, and its supervisor starts
@@ -101,10 +84,7 @@ class Engine:
         self.max_batch_frames = cfg.batching.max_batch_frames or (32 if provider == "cuda" else 1)
         self.queue_delay_s = cfg.batching.max_queue_delay_ms / 1e3
         self.staging: StagingBatch | None = None
-        # the visual inputs this worker builds, in its own memory: private pages (huge ones
-        # where the kernel gives them) are cheaper to write and read than shared memory's,
-        # and the request's arena block needs no room for them (protocol.RequestLayout)
-        self.built_visual = np.empty((0, *VISUAL_SHAPE), np.float32)
+        self.inputs = RequestInputs(self._view)
         self.segments = SegmentCache()          # the frontend's request arena, attached lazily
         self.loading: dict[str, Loading] = {}
         self.rebuilding: set[str] = set()
@@ -259,14 +239,14 @@ class Engine:
         """One UNet run for the requests of `run` (one model); each is answered on its own."""
         prepared = []
         cpu0 = time.thread_time()
-        built = self._built_visual(sum(req.batch_size for req in run if req.visual is None))
+        built = self.inputs.room_to_build(sum(req.batch_size for req in run if req.visual is None))
         for req in run:
             with logging_request(req.request_id):
                 try:
                     rows = None
                     if req.visual is None:  # each request of the run its own rows
                         rows, built = built[:req.batch_size], built[req.batch_size:]
-                    prepared.append(self._prepare(model, req, rows))
+                    prepared.append(self.inputs.prepare(model, req, rows))
                 except Exception as exc:
                     self.emit(FRONTEND, msg.InferFailed(req.request_id, _client_error(exc, req)))
         if not prepared:
@@ -288,7 +268,7 @@ class Engine:
             with logging_request(p.req.request_id):
                 try:
                     if self.cache.compositor is None:
-                        self._emit_jobs(model, p.req.request_id, _background_indices(p.req),
+                        self._emit_jobs(model, p.req.request_id, background_indices(p.req),
                                         p.req.output, p.req.live)
                     else:
                         self._composite_on_device(self.cache.compositor, model, p.req)
@@ -302,53 +282,6 @@ class Engine:
                 audio_ns=p.audio_ns, encoder_ns=p.encoder_ns, visual_ns=p.visual_ns,
                 inference_ns=t1 - t0, composite_start_ns=t1,
                 run_frames=frames, run_requests=len(prepared)))
-
-    def _built_visual(self, frames: int) -> np.ndarray:
-        """Room for `frames` frames of visual input built here (grown as runs need it)."""
-        if len(self.built_visual) < frames:
-            self.built_visual = np.empty((frames, *VISUAL_SHAPE), np.float32)
-        return self.built_visual[:frames]
-
-    def _prepare(self, model: LoadedModel, req: msg.InferRequest,
-                 build_into: np.ndarray | None) -> Prepared:
-        """The request's audio features, and its visual input: the client's in the arena, or
-        built from the avatar's frames into `build_into`."""
-        from pipeline.gpu_worker import audio
-
-        b = req.batch_size
-        t0 = time.monotonic_ns()
-        encoder_ns = 0
-
-        def encode(windows: np.ndarray) -> np.ndarray:
-            nonlocal encoder_ns
-            start = time.monotonic_ns()
-            encoded = model.encoder.encode(windows)
-            encoder_ns += time.monotonic_ns() - start
-            return encoded
-
-        try:
-            if req.stream_offset >= 0 and req.audio is not None:
-                features = audio.stream_frame_features(
-                    encode, self._view(req.audio), req.stream_offset, req.start_frame_idx, b)
-            elif req.audio is not None:
-                features = audio.request_features(encode, self._view(req.audio),
-                                                  req.sample_rate, b)
-            elif req.features is not None:
-                features = audio.replicated_features(self._view(req.features).tobytes(), b)
-            else:
-                raise RequestError("Either raw_audio or audio_features must be provided")
-        except RequestError:
-            raise
-        except Exception as exc:
-            raise RequestError(f"Failed to encode audio features: {exc}") from exc
-        t1 = time.monotonic_ns()
-        if req.visual is not None:
-            return Prepared(req, self._view(req.visual), features, started_ns=t0,
-                            audio_ns=t1 - t0, encoder_ns=encoder_ns, visual_ns=0)
-        assert build_into is not None
-        model.avatar.visual_inputs(_background_indices(req), out=build_into)
-        return Prepared(req, build_into, features, started_ns=t0, audio_ns=t1 - t0,
-                        encoder_ns=encoder_ns, visual_ns=time.monotonic_ns() - t1)
 
     def _run_unet(self, model: LoadedModel, prepared: list[Prepared]) -> None:
         """One ORT run over every prepared request, predictions into their output blocks."""
@@ -375,7 +308,7 @@ class Engine:
         """compositor.device gpu: the request's frames pasted and encoded here, straight to
         the frontend (device_compositor.py says why no compositor job is needed)."""
         assert model.device_backgrounds is not None
-        indices, avatar = _background_indices(req), model.avatar
+        indices, avatar = background_indices(req), model.avatar
         done = compositor.composite(model.device_backgrounds, [i % avatar.num_frames for i in indices],
                                     [avatar.rect(i) for i in indices], self._view(req.output),
                                     model.config.composite_mode)
@@ -384,11 +317,6 @@ class Engine:
 
     def _view(self, ref: msg.TensorRef) -> np.ndarray:
         return self.segments.ndarray(ref.segment, ref.offset, ref.shape, ref.dtype)
-
-
-def _background_indices(req: msg.InferRequest) -> Sequence[int]:
-    """The background frame of each of the request's frames."""
-    return req.background_indices or range(req.start_frame_idx, req.start_frame_idx + req.batch_size)
 
 
 def _client_error(exc: Exception, req: msg.InferRequest) -> str:
