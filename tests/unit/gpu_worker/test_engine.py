@@ -92,17 +92,20 @@ class Harness:
         return self.next_id
 
     def request(self, batch: int, start: int, seed: int = 1, model_id: str = "demo",
-                audio: bool = True) -> msg.InferRequest:
-        """An audio-only request laid out in the arena as the frontend lays one out."""
+                audio: bool = True, visual: np.ndarray | None = None) -> msg.InferRequest:
+        """A request laid out in the arena as the frontend lays one out: audio, and the
+        client's `visual` if given (else the worker builds it)."""
         samples = speech_like_audio((batch + 15) * 0.04, seed=seed)
-        layout = RequestLayout(batch, samples.nbytes)
+        layout = RequestLayout(batch, samples.nbytes, visual=visual is not None)
         block = self.arena.allocate(layout.nbytes)
         assert block is not None
         refs = layout.refs(block.segment, block.offset)
-        self.arena.ndarray(refs["audio"].offset, refs["audio"].shape, "float32")[...] = samples
+        for name, values in (("audio", samples), ("visual", visual)):
+            if values is not None:
+                self.arena.ndarray(refs[name].offset, refs[name].shape, "float32")[...] = values
         return msg.InferRequest(request_id=self._id(), worker_pid=0, model_id=model_id,
                                 batch_size=batch, start_frame_idx=start, output=refs["output"],
-                                audio=refs["audio"] if audio else None)
+                                visual=refs.get("visual"), audio=refs["audio"] if audio else None)
 
     def prediction(self, req: msg.InferRequest) -> np.ndarray:
         return self.arena.ndarray(req.output.offset, req.output.shape, "float32").copy()
@@ -285,6 +288,36 @@ def test_coalesced_requests_share_a_run_and_get_their_own_frames(config_path: Pa
         assert [(d.run_requests, d.run_frames) for d in done] == [(3, 9)] * 3
         jobs = [m for _, m in out if isinstance(m, msg.CompositeJob)]
         assert sum(len(job.backgrounds) for job in jobs) == 9
+        for req, single in zip(reqs, alone, strict=True):
+            np.testing.assert_allclose(harness.prediction(req), single, atol=1e-5)
+    finally:
+        harness.close()
+
+
+def test_a_run_mixing_client_and_built_visual_inputs_gives_each_its_own(
+        config_path: Path) -> None:
+    """One coalesced run of requests whose visual input the worker builds and one whose
+    client sent it (here: the very input the worker would build for frames 40..42): each
+    gets the prediction it gets alone (two built ones sharing rows would not: the second
+    would overwrite the first's input before the run)."""
+    cfg = load_config(config_path)
+    harness = Harness(dataclasses.replace(
+        cfg, batching=dataclasses.replace(cfg.batching, max_batch_frames=16)))
+    try:
+        assert harness.control(msg.LoadModel, "demo").ok
+        model = harness.engine.cache.get("demo")
+        assert model is not None
+        sent = model.avatar.visual_inputs(range(40, 43), np.empty((3, *VISUAL_SHAPE), np.float32))
+        reqs = [harness.request(2, 0, seed=1), harness.request(3, 40, seed=2, visual=sent),
+                harness.request(4, 20, seed=3)]
+        alone = []
+        for req in reqs:
+            harness.handle(req)
+            alone.append(harness.prediction(req))
+            harness.arena.ndarray(req.output.offset, req.output.shape, "float32")[...] = 0
+        out = harness.handle(*reqs)
+        assert [(m.run_requests, m.run_frames) for _, m in out
+                if isinstance(m, msg.InferDone)] == [(3, 9)] * 3
         for req, single in zip(reqs, alone, strict=True):
             np.testing.assert_allclose(harness.prediction(req), single, atol=1e-5)
     finally:
