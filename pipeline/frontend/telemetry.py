@@ -28,6 +28,7 @@ from pipeline.frontend.models import ModelRegistry
 from pipeline.frontend.ops_http import NotReadyReason, OpsHttpServer
 from pipeline.frontend.ports import Listener
 from pipeline.frontend.streaming.sessions import Sessions
+from pipeline.runtime.process import private_bytes
 from pipeline.runtime.sockets import make_socket
 
 log = logging.getLogger(__name__)
@@ -37,19 +38,6 @@ log = logging.getLogger(__name__)
 # alone woke an idle frontend 50 times a second (10.5 ms of CPU a second, 4.0-4.5 at 100 ms)
 LAG_PROBE_S = 0.1
 OPS_MAX_REQUEST_BYTES = 1 << 20
-
-
-def _private_bytes(pid: int) -> int:
-    """Resident memory of `pid` that is its own (RssAnon): RSS also counts the pages of
-    shared-memory segments it touched, which are the arena's and the models', not a leak."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class Telemetry:
@@ -81,7 +69,7 @@ class Telemetry:
                 return {"pid": pid, "cpu_percent": proc.cpu_percent(None),
                         "cpu_s": round(cpu.user + cpu.system, 3),
                         "rss_bytes": proc.memory_info().rss,
-                        "private_bytes": _private_bytes(pid),
+                        "private_bytes": private_bytes(pid),
                         "uptime_s": round(time.time() - proc.create_time(), 1)}
         except psutil.Error:
             self._processes.pop(pid, None)

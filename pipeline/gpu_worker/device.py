@@ -11,6 +11,8 @@ import importlib.util
 import os
 from typing import Literal
 
+from pipeline.runtime.process import private_bytes
+
 Resolved = Literal["cuda", "cpu", "openvino"]
 
 
@@ -64,15 +66,6 @@ def pin_to_device(provider: Resolved, gpu_index: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
 
 
-def process_anon_bytes() -> int:
-    """Private resident memory of this process (excludes shared-memory pages it touched)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 class DeviceMemory:
     """Measured memory in use on this worker's device: NVML on a GPU, private RSS on CPU."""
 
@@ -86,7 +79,7 @@ class DeviceMemory:
 
     def used_bytes(self) -> int:
         if self._handle is None:
-            return process_anon_bytes()
+            return private_bytes()
         import pynvml
 
         return int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).used)

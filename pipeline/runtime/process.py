@@ -237,6 +237,20 @@ def check_role_free(path: Path) -> None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
 
 
+def private_bytes(pid: int | str = "self") -> int:
+    """Resident memory of process `pid` that is its own (RssAnon; 0 if it cannot be read):
+    RSS also counts the pages of shared-memory segments it touched, which are the arena's
+    and the models', not its own."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def keep_freed_memory() -> None:
     """Let glibc reuse freed buffers instead of returning them to the OS.
 

@@ -79,14 +79,10 @@ def test_pip_accepts_the_wheels_for_the_box_python(tmp_path: Path, wheels: list[
 
 _FREED_IN_THREADS = """
 import threading
-from pipeline.runtime.process import keep_freed_memory, release_free_heap
-
-def anon_mb():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:")) >> 10
+from pipeline.runtime.process import keep_freed_memory, private_bytes, release_free_heap
 
 keep_freed_memory()
-before = anon_mb()
+before = private_bytes()
 
 def burst():  # what a request's buffers are: megabytes, written, freed on another thread
     for _ in range(3):
@@ -100,7 +96,7 @@ for thread in threads:
 for thread in threads:
     thread.join()
 release_free_heap()
-print(anon_mb() - before)
+print((private_bytes() - before) >> 20)
 """
 
 

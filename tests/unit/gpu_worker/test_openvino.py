@@ -15,9 +15,10 @@ import pytest
 from pipeline.bench.unet import precision_check
 from pipeline.demo.bench_model import bench_model_path, write_bench_model
 from pipeline.demo.graphs import build_unet_model
-from pipeline.gpu_worker.device import process_anon_bytes, resolve_provider
+from pipeline.gpu_worker.device import resolve_provider
 from pipeline.gpu_worker.precision import max_abs_diff, resolve_precision
 from pipeline.gpu_worker.unet import Backend, load_audio_encoder, load_unet
+from pipeline.runtime.process import private_bytes
 from pipeline.shm.segment import SharedSegment, segment_name
 from pipeline.synctalk import AUDIO_SHAPE, PREDICTION_BYTES, PREDICTION_SHAPE, VISUAL_SHAPE
 from tests.conftest import write_config
@@ -237,10 +238,10 @@ def test_unloaded_models_give_their_memory_back(bench_unet: Path) -> None:
         release_free_heap()
 
     cycle()
-    before = process_anon_bytes()
+    before = private_bytes()
     for _ in range(3):
         cycle()
-    assert process_anon_bytes() - before < 40 * 2**20
+    assert private_bytes() - before < 40 * 2**20
 
 
 def test_a_model_compiled_for_one_batch_size_predicts_the_same(tmp_path: Path) -> None:
