@@ -147,7 +147,7 @@ class RequestLayout:
     """Where a request's tensors lie in one block of the request arena, in this order: the
     visual input when the client sent it, the UNet's prediction, the audio and the
     deprecated features. A visual input the worker builds from the avatar's frames takes no
-    room here: the worker builds it in memory of its own (gpu_worker/engine.py). Every
+    room here: the worker builds it in memory of its own (gpu_worker/inputs.py). Every
     frontend and the in-process bench lay a request out so."""
 
     batch: int

@@ -285,8 +285,8 @@ class Engine:
 
     def _run_unet(self, model: LoadedModel, prepared: list[Prepared]) -> None:
         """One ORT run over every prepared request, predictions into their output blocks."""
-        if len(prepared) == 1:  # bound in place: ORT reads and writes shared memory
-            p = prepared[0]
+        if len(prepared) == 1:  # bound in place: the inputs read where they are, the
+            p = prepared[0]      # prediction written into the request's arena block
             model.unet.run(p.visual, p.features, self._view(p.req.output))
             return
         if self.staging is None:
