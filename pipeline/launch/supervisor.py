@@ -11,8 +11,10 @@ itself, with the cause.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import os
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -33,7 +35,7 @@ from pipeline.gpu_worker.proc import run_gpu_worker_process
 from pipeline.gpu_worker.unet import Backend
 from pipeline.launch.common import prepare_runtime
 from pipeline.runtime.addresses import Addresses
-from pipeline.runtime.process import exit_reason, exit_status, role_down
+from pipeline.runtime.process import ExitWatch, exit_reason, role_down
 from pipeline.runtime.sockets import make_socket
 from pipeline.shm.segment import sweep_stale_segments
 
@@ -58,6 +60,7 @@ class Role:
     started_at: float = 0.0
     restarts: int = 0
     pids: list[int] = field(default_factory=list)
+    exits: ExitWatch | None = None  # its exit status before its sentinel fires
     announced: bool = True       # its death goes to the frontend (not the frontend's own)
 
 
@@ -90,6 +93,9 @@ class Supervisor:
                                         name=role.name, daemon=False)
         role.process.start()
         child_conn.close()
+        if role.exits is not None:
+            role.exits.close()
+        role.exits = ExitWatch(role.process.pid)
         role.ready_conn = parent_conn
         role.started_at = time.monotonic()
         role.pids.append(role.process.pid)
@@ -159,6 +165,10 @@ class Supervisor:
         """Each death as it happens: announced, its segments swept, its restart due after
         its backoff; the other roles stay watched meanwhile."""
         restarts: dict[str, tuple[float, Role]] = {}  # name -> (when, role)
+        # the roles watched and their sentinels' poll, made again only when a role died or
+        # restarted (20 wake-ups a second: the idle server's main cost, kept small)
+        watched: dict[int, Role] = {}
+        poller: select.poll | None = None
         while not self._stopping and not self._orphaned():
             now = time.monotonic()
             for name, (when, role) in list(restarts.items()):
@@ -166,18 +176,25 @@ class Supervisor:
                     del restarts[name]
                     role.process.join()  # reaped (torn down by now, or shortly)
                     self._start(role)
-            watched = {r.process.sentinel: r for r in self.roles if r.name not in restarts}
+                    poller = None
+            if poller is None:
+                watched = {r.process.sentinel: r for r in self.roles if r.name not in restarts}
+                poller = select.poll()
+                for sentinel in watched:
+                    poller.register(sentinel, select.POLLIN)
             timeout = min([WATCH_S, *(max(0.0, when - now) for when, _ in restarts.values())])
-            ready = {watched[s].name for s in wait(list(watched), timeout=timeout)}
-            for role in watched.values():
+            ready = {fd for fd, _ in poller.poll(math.ceil(timeout * 1000))}
+            for sentinel, role in watched.items():
                 if self._stopping:
                     break
-                code = exit_status(role.process.pid)
-                if code is None and role.name in ready:  # its descriptors closed: exiting
+                assert role.exits is not None
+                code = role.exits.exit_status()
+                if code is None and sentinel in ready:  # its descriptors closed: exiting
                     role.process.join()
                     code = role.process.exitcode
                 if code is not None:
                     restarts[role.name] = (time.monotonic() + self._died(role, code), role)
+                    poller = None
 
     def _died(self, role: Role, exitcode: int | None) -> float:
         """Handle `role`'s death (its exit status as multiprocessing gives it); returns
@@ -221,6 +238,9 @@ class Supervisor:
                 log.warning("%s did not stop in time; killing it", p.name)
                 p.kill()
                 p.join()
+        for role in self.roles:
+            if role.exits is not None:
+                role.exits.close()
         pids = {pid for r in self.roles for pid in r.pids}
         sweep_stale_segments(self.cfg.runtime.instance, pids=pids)
         # the spawn context started multiprocessing's resource tracker for us; reap it too,

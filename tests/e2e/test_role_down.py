@@ -225,3 +225,29 @@ def test_an_exit_is_read_before_the_child_is_reaped() -> None:
     finally:
         running.kill()
         assert (running.wait(), exiting.wait()) == (-signal.SIGKILL, 3)
+
+
+def test_an_exit_watch_reads_its_own_process_only() -> None:
+    """ExitWatch, the supervisor's kept descriptor: None while the child runs, its status
+    once it is a zombie, and None again once it is reaped, never the status of a process
+    that got its pid since."""
+    import signal
+
+    from pipeline.runtime.process import ExitWatch
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    watch = ExitWatch(child.pid)
+    try:
+        assert watch.exit_status() is None
+        child.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while watch.exit_status() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert watch.exit_status() == -signal.SIGKILL
+        assert child.wait() == -signal.SIGKILL
+        assert watch.exit_status() is None  # reaped: the descriptor names no process now
+    finally:
+        child.kill()
+        child.wait()
+        watch.close()
