@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
+import setproctitle
 import zmq
 
 from pipeline import messages as msg
@@ -70,8 +71,10 @@ class GpuWorkerProc:
         self.addresses = Addresses.of(cfg)
         self.inbox = Inbox()
         self.cache = ModelCache(cfg, gpu_index, provider)
-        self.outbox: queue.Queue[tuple[str, list[bytes]]] = queue.Queue()
-        self.loader = ThreadPoolExecutor(1, thread_name_prefix="loader")
+        self.outbox: queue.Queue[tuple[str, list[bytes]] | None] = queue.Queue()
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="loader",
+                                         initializer=setproctitle.setthreadtitle,
+                                         initargs=("loader",))
         self.engine = Engine.create(cfg, gpu_index, provider, self.inbox, self.cache,
                                     self._post, self._start_load)
         self.credits = CreditDispatcher(LIVENESS_BEATS * cfg.runtime.heartbeat_s)
@@ -121,6 +124,7 @@ class GpuWorkerProc:
         except Exception as exc:
             failure = exc
         stop.set()
+        self.outbox.put(None)  # the sender's last message: nothing follows
         heartbeat.join()
         if failure is None and self.failure is not None:
             name, cause = self.failure
@@ -145,6 +149,7 @@ class GpuWorkerProc:
         announced), never a silent hang."""
 
         def guarded() -> None:
+            setproctitle.setthreadtitle(name)  # as `top -H` and /proc show it
             try:
                 target(*args, stop)
             except Exception as exc:
@@ -174,18 +179,18 @@ class GpuWorkerProc:
                                 message.request_id, message.worker_pid)
 
     def _send(self, socks: dict[str, zmq.Socket[Any]], stop: threading.Event) -> None:
-        flush_until: float | None = None
-        while flush_until is None or (time.monotonic() < flush_until and not self.outbox.empty()):
-            if stop.is_set() and flush_until is None:
-                flush_until = time.monotonic() + STOP_FLUSH_S
-            try:
-                target, frames = self.outbox.get(timeout=0.05)
-            except queue.Empty:
-                continue
+        """What the engine emits, in order, until its last word (None: it has stopped)."""
+        flush_until = float("inf")
+        while (item := self.outbox.get()) is not None:
+            if stop.is_set():  # stopping: what is queued goes out by then, or never
+                flush_until = min(flush_until, time.monotonic() + STOP_FLUSH_S)
+                if time.monotonic() >= flush_until:
+                    continue
+            target, frames = item
             try:
                 # stopping, a peer that is gone (the frontend stops first) must not hold
                 # this thread for a send timeout per message: don't wait for it
-                socks[target].send_multipart(frames, zmq.NOBLOCK if flush_until else 0)
+                socks[target].send_multipart(frames, zmq.NOBLOCK if stop.is_set() else 0)
             except zmq.Again:
                 log.error("send to %s timed out; message dropped", target)
         self.sender_done.set()
@@ -236,6 +241,7 @@ class GpuWorkerProc:
             self.cache.planner.composite(credit.cpu_ns / 1e9)
 
     def _beat(self, sock: zmq.Socket[Any], stop: threading.Event) -> None:
+        setproctitle.setthreadtitle("heartbeat")
         while True:
             links, waiting, redispatched = self.link_view
             beat = msg.Heartbeat(
