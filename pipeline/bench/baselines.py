@@ -44,7 +44,7 @@ def compare_inprocess(address: str, request: pb.CompositeBatchRequest, concurren
         clients.close()
     return measured, {
         "baseline_fps": round(len(runs) * request.batch_size / baseline_wall, 2),
-        "baseline_requests": len(runs), "rounds": rounds,
+        "baseline_requests": len(runs), "rounds": rounds, "baseline_backend": baseline.backend,
         "baseline_cpu_ms_per_request": round(baseline_cpu * 1e3 / len(runs), 2),
         "baseline_stage_ms": {k: round(statistics.fmean(r[k] for r in runs) / 1e6, 2)
                               for k in runs[0]}}

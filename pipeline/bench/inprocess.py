@@ -83,6 +83,7 @@ class InProcessEngine:
             self.close()
             raise
         self.encoder, self.unet, self.avatar = loaded.encoder, loaded.unet, loaded.avatar
+        self.backend = cache.backend.label()  # e.g. "openvino bf16, 2 threads"
 
     def _control(self, message: msg.LoadModel) -> None:
         self.emitted.clear()

@@ -90,6 +90,8 @@ def run_bench(args: argparse.Namespace) -> int:
             result = measured.summary(args.batch, args.concurrency)
             result.update(baseline)
             result["ratio"] = round(result["fps"] / result["baseline_fps"], 3)
+            result.update(cpu_ratio(result["cpu_ms_per_request"],
+                                    result["baseline_cpu_ms_per_request"]))
         else:
             result = drive(address, per_model, args.concurrency, requests, args.duration,
                            args.warmup, ops)
@@ -107,6 +109,17 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0 if not result["errors"] else 1
 
 
+def cpu_ratio(cpu_ms: dict[str, float], baseline_ms: float) -> dict[str, float]:
+    """The server's CPU per request (every role's, not the bench's clients') and its ratio
+    to the in-process engine's: the pipeline's own cost in one figure. Empty when the
+    server's ops socket did not answer (no role's CPU is known)."""
+    server_ms = sum(ms for role, ms in cpu_ms.items() if role not in ("client", "total"))
+    if not server_ms or baseline_ms <= 0:
+        return {}
+    return {"server_cpu_ms_per_request": round(server_ms, 2),
+            "cpu_ratio": round(server_ms / baseline_ms, 3)}
+
+
 def print_result(result: dict[str, Any]) -> None:
     print(f"model {result['model']}  batch {result['batch']}  concurrency {result['concurrency']}"
           f"  requests {result['requests']}  errors {result['errors']}")
@@ -122,10 +135,13 @@ def print_result(result: dict[str, Any]) -> None:
         print(f"one request at a time: latency p50 {s['latency_ms_p50']} ms, stage compute "
               f"{s['compute_ms_mean']} ms, overhead p50 {s['overhead_ms_p50']} ms")
     if "baseline_fps" in result:
-        print(f"in-process baseline: {result['baseline_fps']} frames/s "
+        print(f"in-process baseline ({result['baseline_backend']}): {result['baseline_fps']} frames/s "
               f"(stage ms {result['baseline_stage_ms']}, CPU ms per request "
               f"{result['baseline_cpu_ms_per_request']})   ratio {result['ratio']} "
               f"({result['rounds']} alternating rounds)")
+    if "cpu_ratio" in result:
+        print(f"server CPU per request {result['server_cpu_ms_per_request']} ms: "
+              f"{result['cpu_ratio']}x the in-process engine's")
     if "ort_fps" in result:
         print(f"ONNX Runtime alone ({result['provider']}): {result['ort_fps']} frames/s   "
               f"ratio {result['ort_ratio']}")

@@ -43,6 +43,7 @@ def test_compare_inprocess_and_ort(server: ServerProcess) -> None:
     assert stages["compute"] <= stages["server_total"]
     # the baseline ran the same requests, in the same run; ratio is what it says
     assert result["baseline_requests"] == 6 and result["baseline_fps"] > 0
+    assert result["baseline_backend"].startswith("onnxruntime-cpu fp32")  # the config's provider
     assert result["ratio"] == pytest.approx(result["fps"] / result["baseline_fps"], rel=1e-2)
     assert set(result["baseline_stage_ms"]) == {"audio", "encoder", "visual", "unet", "paste",
                                                 "jpeg"}
@@ -54,6 +55,12 @@ def test_compare_inprocess_and_ort(server: ServerProcess) -> None:
     assert cpu["gpu_worker 0"] > 0 and cpu["total"] == pytest.approx(
         sum(v for k, v in cpu.items() if k != "total"), abs=0.1)
     assert result["baseline_cpu_ms_per_request"] > 0
+    # the pipeline's own cost: every role's CPU per request (not the clients') against the
+    # in-process engine's
+    server_ms = sum(v for k, v in cpu.items() if k not in ("client", "total"))
+    assert result["server_cpu_ms_per_request"] == pytest.approx(server_ms, abs=0.02)
+    assert result["cpu_ratio"] == pytest.approx(
+        server_ms / result["baseline_cpu_ms_per_request"], rel=1e-2)
     single = result["single_request"]
     assert single["requests"] == 2
     assert single["overhead_ms_p50"] == pytest.approx(
