@@ -115,15 +115,33 @@ class StagingBatch:
         self.output = np.empty((max_frames, *PREDICTION_SHAPE), np.float32)
 
     def run(self, unet: UNetRun, parts: Sequence[Part]) -> None:
-        """Gather the parts' inputs, one UNet run, scatter the predictions to their outputs."""
+        """Gather the parts' inputs, one UNet run, scatter the predictions to their outputs.
+
+        A visual input built into its own rows of this batch (`visual_rows`) is not copied.
+        One built a few rows further on (a request before it in the run failed) moves down,
+        in order: a part's rows never start after its source, so no copy overwrites a
+        later part's input before it is gathered."""
         frames = sum(len(visual) for visual, _, _ in parts)
         visual, audio, output = self.visual[:frames], self.audio[:frames], self.output[:frames]
         for (v, features, _), rows in zip(parts, _rows(parts), strict=True):
-            visual[rows] = v
+            if not _same_memory(v, visual[rows]):
+                visual[rows] = v
             audio[rows] = features
         unet(visual, audio, output)
         for (_, _, out), rows in zip(parts, _rows(parts), strict=True):
             out[...] = output[rows]
+
+    def visual_rows(self, sizes: Sequence[int]) -> list[np.ndarray]:
+        """The rows of this batch that each request of a run of these sizes (in order) takes:
+        a visual input built there is gathered without a copy."""
+        starts = itertools.accumulate(sizes, initial=0)
+        # (starts ends with the run's total, one more than the sizes)
+        return [self.visual[start:start + n] for start, n in zip(starts, sizes, strict=False)]
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and \
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
 
 
 def _rows(parts: Sequence[Part]) -> Iterator[slice]:

@@ -239,13 +239,9 @@ class Engine:
         """One UNet run for the requests of `run` (one model); each is answered on its own."""
         prepared = []
         cpu0 = time.thread_time()
-        built = self.inputs.room_to_build(sum(req.batch_size for req in run if req.visual is None))
-        for req in run:
+        for req, rows in zip(run, self._visual_rows(run), strict=True):
             with logging_request(req.request_id):
                 try:
-                    rows = None
-                    if req.visual is None:  # each request of the run its own rows
-                        rows, built = built[:req.batch_size], built[req.batch_size:]
                     prepared.append(self.inputs.prepare(model, req, rows))
                 except Exception as exc:
                     self.emit(FRONTEND, msg.InferFailed(req.request_id, _client_error(exc, req)))
@@ -283,16 +279,29 @@ class Engine:
                 inference_ns=t1 - t0, composite_start_ns=t1,
                 run_frames=frames, run_requests=len(prepared)))
 
+    def _visual_rows(self, run: list[msg.InferRequest]) -> list[np.ndarray | None]:
+        """Where each request's visual input is built, if the worker builds it (None: the
+        client's, in the arena): a single request's in the inputs' own buffer, a coalesced
+        run's straight into its rows of the staging batch (the gather copies nothing)."""
+        if len(run) == 1:
+            req = run[0]
+            return [self.inputs.room_to_build(req.batch_size) if req.visual is None else None]
+        rows = self._staging().visual_rows([req.batch_size for req in run])
+        return [r if req.visual is None else None for req, r in zip(run, rows, strict=True)]
+
+    def _staging(self) -> StagingBatch:
+        if self.staging is None:
+            self.staging = StagingBatch(self.max_batch_frames)
+        return self.staging
+
     def _run_unet(self, model: LoadedModel, prepared: list[Prepared]) -> None:
         """One ORT run over every prepared request, predictions into their output blocks."""
         if len(prepared) == 1:  # bound in place: the inputs read where they are, the
             p = prepared[0]      # prediction written into the request's arena block
             model.unet.run(p.visual, p.features, self._view(p.req.output))
             return
-        if self.staging is None:
-            self.staging = StagingBatch(self.max_batch_frames)
-        self.staging.run(model.unet.run, [(p.visual, p.features,
-                                           self._view(p.req.output)) for p in prepared])
+        self._staging().run(model.unet.run, [(p.visual, p.features,
+                                              self._view(p.req.output)) for p in prepared])
 
     def _emit_jobs(self, model: LoadedModel, request_id: int, indices: Sequence[int],
                    output: msg.TensorRef | None, live: bool) -> None:

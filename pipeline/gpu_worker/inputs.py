@@ -6,10 +6,12 @@ A visual input built here goes into the worker's own memory, not the arena: priv
 (huge ones where the kernel gives them; /dev/shm's tmpfs usually gets none) are cheaper to
 write and read than shared memory's (a batch of 8, 19.7 MB: 1.16 ms against 1.66 on the
 benchmark VM), and the request's arena block then needs no room for it
-(protocol.RequestLayout). Each request of a run gets its own rows of one buffer, which the
-next run reuses: a run's UNet has read them before the engine prepares another. The buffer
-keeps the size of the largest run built so far (a batch of 32: 79 MB), where the arena used
-to hold 2.46 MB a frame for every request in flight.
+(protocol.RequestLayout). A request run alone builds into one buffer of this worker, which
+the next run reuses (a run's UNet has read it before the engine prepares another), kept at
+the size of the largest such request (a batch of 32: 79 MB), where the arena used to hold
+2.46 MB a frame for every request in flight; the requests of a coalesced run build straight
+into their rows of the run's staging batch (the engine's `_visual_rows`), so its gather
+copies none of it.
 """
 from __future__ import annotations
 

@@ -324,6 +324,39 @@ def test_a_run_mixing_client_and_built_visual_inputs_gives_each_its_own(
         harness.close()
 
 
+def test_a_coalesced_run_with_a_failed_request_gives_the_others_their_own(
+        config_path: Path) -> None:
+    """Built visual inputs of a coalesced run go straight into its staging rows; when the
+    request between two of them fails (no audio), its rows stay empty and the one after
+    it still gets the prediction it gets alone."""
+    cfg = load_config(config_path)
+    harness = Harness(dataclasses.replace(
+        cfg, batching=dataclasses.replace(cfg.batching, max_batch_frames=16)))
+    try:
+        assert harness.control(msg.LoadModel, "demo").ok
+        good = [harness.request(2, 0, seed=1), harness.request(4, 20, seed=3)]
+        alone = []
+        for req in good:
+            harness.handle(req)
+            alone.append(harness.prediction(req))
+            harness.arena.ndarray(req.output.offset, req.output.shape, "float32")[...] = 0
+        bad = harness.request(3, 40, seed=2, audio=False)
+        buffer = harness.engine.inputs.built_visual  # what the requests alone built into
+        kept = buffer.copy()
+        out = harness.handle(good[0], bad, good[1])
+        assert (FRONTEND, msg.InferFailed(bad.request_id,
+                                          "Either raw_audio or audio_features must be provided")) in out
+        assert [(m.run_requests, m.run_frames) for _, m in out
+                if isinstance(m, msg.InferDone)] == [(2, 6)] * 2
+        # built in the staging rows: the buffer of single runs neither grew nor was written
+        assert harness.engine.inputs.built_visual is buffer
+        np.testing.assert_array_equal(buffer, kept)
+        for req, single in zip(good, alone, strict=True):
+            np.testing.assert_allclose(harness.prediction(req), single, atol=1e-5)
+    finally:
+        harness.close()
+
+
 def test_the_inference_threads_follow_the_measured_stage_cpu(
         tmp_path: Path, small_models_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With gpus.intra_op_threads auto, once enough frames were measured the loaded UNet is
