@@ -6,6 +6,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from pipeline import messages as msg
 from pipeline.gpu_worker.batching import Inbox, StagingBatch, coalesce
@@ -135,32 +136,32 @@ def test_staging_gathers_runs_once_and_scatters_each_part_back() -> None:
         np.testing.assert_allclose(out, v[:, :3] + a.mean(axis=(1, 2, 3))[:, None, None, None])
 
 
-def test_visual_inputs_built_in_their_rows_are_gathered_in_place_or_moved_down() -> None:
+@pytest.mark.parametrize("dropped", [None, 1])
+def test_visual_inputs_built_in_their_rows_are_gathered_in_place_or_moved_down(
+        dropped: int | None) -> None:
     """Parts whose visual input was built in the staging batch's own rows: in place when
     every request of the run is there, moved down in order when one before them dropped
     out (its rows unused): the run sees each part's input either way."""
     rng = np.random.default_rng(1)
-    for dropped in (None, 1):
-        staging = StagingBatch(8)
-        sizes = (2, 3, 2)
-        rows = staging.visual_rows(sizes)
-        assert [r.shape[0] for r in rows] == list(sizes)
-        assert rows[1].__array_interface__["data"][0] == \
-            staging.visual[2:].__array_interface__["data"][0]
-        inputs = [rng.random((b, 6, 320, 320), np.float32) for b in sizes]
-        for r, v in zip(rows, inputs, strict=True):
-            r[...] = v
-        kept = [i for i in range(3) if i != dropped]
-        features = [rng.random((sizes[i], 32, 16, 16), np.float32) for i in kept]
-        outputs = [np.zeros((sizes[i], 3, 320, 320), np.float32) for i in kept]
-        seen = []
+    staging = StagingBatch(8)
+    sizes = (2, 3, 2)
+    rows = staging.visual_rows(sizes)
+    assert [r.shape[0] for r in rows] == list(sizes)
+    assert rows[1].__array_interface__["data"][0] == \
+        staging.visual[2:].__array_interface__["data"][0]
+    inputs = [rng.random((b, 6, 320, 320), np.float32) for b in sizes]
+    for r, v in zip(rows, inputs, strict=True):
+        r[...] = v
+    kept = [i for i in range(3) if i != dropped]
+    features = [rng.random((sizes[i], 32, 16, 16), np.float32) for i in kept]
+    outputs = [np.zeros((sizes[i], 3, 320, 320), np.float32) for i in kept]
+    seen = []
 
-        def unet(v: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
-            seen.append(v.copy())
-            out[...] = v[:, :3]
+    def unet(v: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
+        seen.append(v.copy())
+        out[...] = v[:, :3]
 
-        staging.run(unet, [(rows[i], f, o) for i, f, o in zip(kept, features, outputs,
-                                                               strict=True)])
-        np.testing.assert_array_equal(seen[0], np.concatenate([inputs[i] for i in kept]))
-        for i, out in zip(kept, outputs, strict=True):
-            np.testing.assert_array_equal(out, inputs[i][:, :3])
+    staging.run(unet, [(rows[i], f, o) for i, f, o in zip(kept, features, outputs, strict=True)])
+    np.testing.assert_array_equal(seen[0], np.concatenate([inputs[i] for i in kept]))
+    for i, out in zip(kept, outputs, strict=True):
+        np.testing.assert_array_equal(out, inputs[i][:, :3])
