@@ -24,6 +24,7 @@ import numpy as np
 from pipeline import messages as msg
 from pipeline.gpu_worker import audio
 from pipeline.gpu_worker.model_cache import LoadedModel
+from pipeline.runtime.process import release_free_heap
 from pipeline.synctalk import VISUAL_SHAPE
 
 
@@ -59,6 +60,10 @@ class RequestInputs:
         """Rows for `frames` frames of visual input built here (grown as runs need it)."""
         if len(self.built_visual) < frames:
             self.built_visual = np.empty((frames, *VISUAL_SHAPE), np.float32)
+            # the buffer it replaces goes back to the OS: the roles' heap keeps freed
+            # buffers (runtime.process.keep_freed_memory), and a smaller one is never
+            # asked for again (rare: once per new largest request)
+            release_free_heap()
         return self.built_visual[:frames]
 
     def prepare(self, model: LoadedModel, req: msg.InferRequest,

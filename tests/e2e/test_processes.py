@@ -109,3 +109,25 @@ def test_buffers_freed_on_other_threads_go_back_to_the_os() -> None:
     kept_mb = int(subprocess.run([sys.executable, "-c", _FREED_IN_THREADS], check=True,
                                  capture_output=True, text=True).stdout)
     assert kept_mb < 8, f"{kept_mb} MB of freed buffers kept after release_free_heap"
+
+
+_GROWING_VISUAL_BUFFER = """
+from pipeline.gpu_worker.inputs import RequestInputs
+from pipeline.runtime.process import keep_freed_memory, private_bytes
+
+keep_freed_memory()  # as every role runs
+inputs = RequestInputs(lambda ref: None)
+before = private_bytes()
+for frames in range(1, 9):  # requests of growing batch, as a worker meets them
+    inputs.room_to_build(frames)[...] = 1.0
+print((private_bytes() - before) >> 20)
+"""
+
+
+def test_the_built_visual_buffer_keeps_only_its_own_size() -> None:
+    """The worker's buffer for the visual inputs it builds grows with the largest request
+    it has met; the buffers it replaced go back to the OS, not into a heap that keeps them
+    (requests of 1..8 frames kept 55-90 MB for a buffer of 19.7)."""
+    kept_mb = int(subprocess.run([sys.executable, "-c", _GROWING_VISUAL_BUFFER], check=True,
+                                 capture_output=True, text=True).stdout)
+    assert kept_mb < 26, f"{kept_mb} MB kept for a visual buffer of 8 frames (19.7 MB)"
