@@ -17,8 +17,8 @@ exits.
 from __future__ import annotations
 
 import logging
+import math
 import os
-import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -35,6 +35,7 @@ from pipeline.runtime.addresses import Addresses
 from pipeline.runtime.process import (
     ANNOUNCE_LINGER_MS,
     Readiness,
+    StopFlag,
     failure_reason,
     role_down,
     run_role,
@@ -73,7 +74,7 @@ class CompositorProc:
             msg.CompositeJob: self._on_job, msg.ReleaseSegment: self._on_release}
         cv2.setNumThreads(1)  # parallelism comes from the pool, not from inside one frame
 
-    def serve(self, readiness: Readiness, stop: threading.Event) -> None:
+    def serve(self, readiness: Readiness, stop: StopFlag) -> None:
         a = self.addresses
         ctx: zmq.Context[zmq.Socket[Any]] = zmq.Context()
         workers = [make_socket(ctx, zmq.DEALER, connect=[a.worker_jobs(i)])
@@ -84,6 +85,7 @@ class CompositorProc:
         poller = zmq.Poller()
         for sock in (*workers, events):
             poller.register(sock, zmq.POLLIN)
+        poller.register(stop.fileno(), zmq.POLLIN)  # a stop wakes the poll at once
         heartbeat = msg.encode(msg.Heartbeat(role="compositor", index=self.index, pid=self.pid))
         grant = msg.encode(msg.Credit(self.index, self.pid, CREDITS))
         next_beat = 0.0
@@ -99,7 +101,10 @@ class CompositorProc:
                     # a dead frontend's arena (or a dead worker's backgrounds) goes at once
                     self.segments.forget_dead()
                     next_beat = time.monotonic() + self.cfg.runtime.heartbeat_s
-                for sock, _ in poller.poll(100):
+                wait_ms = max(0.0, next_beat - time.monotonic()) * 1000
+                for sock, _ in poller.poll(math.ceil(wait_ms)):
+                    if isinstance(sock, int):  # the stop's descriptor
+                        continue
                     message = msg.compositor_decoder.decode(sock.recv())
                     self.handlers[type(message)](message, sock)
         except Exception as exc:

@@ -38,6 +38,7 @@ class Inbox:
         self._heap: list[Entry] = []
         self._arrivals = itertools.count()
         self._ready = threading.Condition()
+        self._woken = False
 
     def put(self, item: object) -> None:
         with self._ready:
@@ -53,10 +54,17 @@ class Inbox:
         with self._ready:
             while not self._heap:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self._woken:
+                    self._woken = False
                     return None
                 self._ready.wait(left)
             return heapq.heappop(self._heap)
+
+    def wake(self) -> None:
+        """The reader waiting for an item returns now, with none (the shell's stop)."""
+        with self._ready:
+            self._woken = True
+            self._ready.notify_all()
 
     def give_back(self, entries: list[Entry]) -> None:
         """Entries taken out and not used: they keep their place (class and arrival)."""

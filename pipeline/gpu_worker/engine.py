@@ -112,11 +112,12 @@ class Engine:
     # ---- the loop ----------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Handle inbox items until `stop` is set. An exception out of a handler is a bug
-        or a fatal condition: it ends the loop (the shell announces the death)."""
+        """Handle inbox items until `stop` is set (the shell wakes the inbox when it is).
+        An exception out of a handler is a bug or a fatal condition: it ends the loop (the
+        shell announces the death)."""
         next_sweep = 0.0
         while not stop.is_set():
-            self.step(0.1)
+            self.step(max(0.0, next_sweep - time.monotonic()))
             if time.monotonic() >= next_sweep:  # a dead frontend's arena goes at once
                 self.segments.forget_dead()
                 next_sweep = time.monotonic() + self.cfg.runtime.heartbeat_s

@@ -41,7 +41,7 @@ from pipeline.gpu_worker.device import Resolved, pin_to_device
 from pipeline.gpu_worker.engine import EVENTS, FRONTEND, JOBS, EncodedFrames, Engine
 from pipeline.gpu_worker.model_cache import ModelCache, load_finished, unet_rebuilt
 from pipeline.runtime.addresses import Addresses
-from pipeline.runtime.process import LIVENESS_BEATS, Readiness, run_role
+from pipeline.runtime.process import LIVENESS_BEATS, Readiness, StopFlag, run_role
 from pipeline.runtime.sockets import make_socket
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class GpuWorkerProc:
 
     # ---- the process -------------------------------------------------------------------
 
-    def serve(self, readiness: Readiness, stop: threading.Event) -> None:
+    def serve(self, readiness: Readiness, stop: StopFlag) -> None:
         a, i = self.addresses, self.index
         ctx: zmq.Context[zmq.Socket[Any]] = zmq.Context()
         inbox = make_socket(ctx, zmq.PULL, bind=a.worker_inbox(i))
@@ -114,6 +114,7 @@ class GpuWorkerProc:
                    self._thread("sender", stop, self._send, out),
                    self._thread("link", stop, self._link, router, jobs_in)]
         heartbeat = threading.Thread(target=self._beat, args=(beat, stop), name="heartbeat")
+        stop.on_set(self.inbox.wake)  # the engine waits on its inbox, never on a timer
         for t in [*threads, heartbeat]:
             t.start()
         log.info("ready (%s, device %d)", self.cache.backend.label(), i)
@@ -161,10 +162,13 @@ class GpuWorkerProc:
 
     # ---- IO threads --------------------------------------------------------------------
 
-    def _receive(self, sock: zmq.Socket[Any], stop: threading.Event) -> None:
+    def _receive(self, sock: zmq.Socket[Any], stop: StopFlag) -> None:
         pid = os.getpid()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(stop.fileno(), zmq.POLLIN)  # a stop wakes it: no timeout to look
         while not stop.is_set():
-            if sock.poll(100):
+            if sock in dict(poller.poll()):
                 try:
                     message = msg.worker_decoder.decode(sock.recv())
                 except Exception:

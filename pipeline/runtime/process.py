@@ -311,8 +311,39 @@ def release_free_heap() -> None:
         pass
 
 
+class StopFlag(threading.Event):
+    """A role's stop (run_role's): an Event that also wakes whatever sleeps until it. `set()`
+    makes `fileno()` readable, so a loop asleep in a poll of its sockets (ZeroMQ's Poller
+    takes descriptors too) wakes at once instead of looking at the flag every so often, and
+    calls what `on_set` registered (waking a queue's reader). Set from a signal handler too:
+    the write never blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._callbacks: list[Callable[[], None]] = []
+
+    def fileno(self) -> int:
+        return self._read
+
+    def on_set(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when the flag is set (now, if it is)."""
+        self._callbacks.append(callback)
+        if self.is_set():
+            callback()
+
+    def set(self) -> None:
+        super().set()
+        try:
+            os.write(self._write, b"\0")
+        except BlockingIOError:  # readable already
+            pass
+        for callback in list(self._callbacks):
+            callback()
+
+
 def run_role(role: str, ready_conn: Connection | None,
-             body: Callable[[Readiness, threading.Event], None],
+             body: Callable[[Readiness, StopFlag], None],
              lock: Path | None = None, announce_to: str | None = None) -> None:
     """Run a role's body under the common prologue; never returns normally with an error.
 
@@ -331,7 +362,7 @@ def run_role(role: str, ready_conn: Connection | None,
     setproctitle.setproctitle(f"lipsync: {role}")
     setup_logging(role)
     keep_freed_memory()
-    stop = threading.Event()
+    stop = StopFlag()
     readiness = Readiness(ready_conn, role, announce_to)
 
     def on_stop_signal(*_: object) -> None:

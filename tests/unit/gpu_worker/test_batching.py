@@ -165,3 +165,16 @@ def test_visual_inputs_built_in_their_rows_are_gathered_in_place_or_moved_down(
     np.testing.assert_array_equal(seen[0], np.concatenate([inputs[i] for i in kept]))
     for i, out in zip(kept, outputs, strict=True):
         np.testing.assert_array_equal(out, inputs[i][:, :3])
+
+
+def test_a_wake_returns_the_waiting_reader_with_nothing() -> None:
+    """Inbox.wake (the shell's stop): a reader waiting for an item with a far deadline
+    returns None at once; the next wait waits again."""
+    inbox = Inbox()
+    threading.Timer(0.05, inbox.wake).start()
+    t0 = time.monotonic()
+    assert inbox.next(t0 + 30) is None
+    assert time.monotonic() - t0 < 10
+    inbox.put("item")
+    assert inbox.next(time.monotonic() + 1) == "item"
+    assert inbox.next(time.monotonic() + 0.05) is None  # timed out: no wake left over

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 
 import pytest
 
@@ -29,3 +30,21 @@ def test_reasons_say_how_the_role_ended() -> None:
     assert exit_reason(1) == "exited with code 1"
     assert failure_reason(ValueError("bad")) == "ValueError: bad"
     assert failure_reason(RoleError("port taken")) == "port taken"
+
+
+def test_a_stop_flag_wakes_a_poll_and_its_callbacks() -> None:
+    """StopFlag: its descriptor turns readable when set (a loop asleep in a poll wakes at
+    once), what on_set registered is called then, or at once when registered after."""
+    import select
+
+    from pipeline.runtime.process import StopFlag
+
+    stop, called = StopFlag(), []
+    stop.on_set(lambda: called.append("before"))
+    assert select.select([stop], [], [], 0)[0] == [] and called == []
+    threading.Timer(0.05, stop.set).start()
+    assert select.select([stop], [], [], 5)[0] == [stop]
+    assert stop.is_set() and called == ["before"]
+    stop.on_set(lambda: called.append("after"))
+    stop.set()  # again: nothing blocks, every callback runs
+    assert called == ["before", "after", "before", "after"]
