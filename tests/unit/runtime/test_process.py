@@ -42,8 +42,10 @@ def test_a_stop_flag_wakes_a_poll_and_its_callbacks() -> None:
     stop, called = StopFlag(), []
     stop.on_set(lambda: called.append("before"))
     assert select.select([stop], [], [], 0)[0] == [] and called == []
-    threading.Timer(0.05, stop.set).start()
+    setter = threading.Timer(0.05, stop.set)
+    setter.start()
     assert select.select([stop], [], [], 5)[0] == [stop]
+    setter.join()  # the descriptor turns readable before the callbacks have run
     assert stop.is_set() and called == ["before"]
     stop.on_set(lambda: called.append("after"))
     stop.set()  # again: nothing blocks, every callback runs
