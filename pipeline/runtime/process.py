@@ -140,15 +140,6 @@ class ExitWatch:
             self._fd = None
 
 
-def exit_status(pid: int) -> int | None:
-    """ExitWatch's answer for `pid`, read once."""
-    watch = ExitWatch(pid)
-    try:
-        return watch.exit_status()
-    finally:
-        watch.close()
-
-
 def announce_death(endpoint: str, down: msg.RoleDown) -> None:
     """Send `down` to `endpoint` (the frontend's inbox) on a socket of its own, waiting at
     most ANNOUNCE_LINGER_MS for it to leave."""

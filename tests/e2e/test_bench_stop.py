@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.runtime.process import exit_status
+from pipeline.runtime.process import ExitWatch
 from pipeline.shm.segment import SHM_DIR, list_segments, pid_alive
 from tests.conftest import child_pids, write_config
 
@@ -42,10 +42,16 @@ def _wait_for_engine_segments(bench: subprocess.Popen[bytes]) -> None:
 
 def _wait_gone(pids: set[int], timeout_s: float) -> set[int]:
     deadline = time.monotonic() + timeout_s
-    # a zombie (its exit status set) is gone: its parent, init, reaps it when it will
-    while (alive := {p for p in pids if pid_alive(p) and exit_status(p) is None}) \
-            and time.monotonic() < deadline:
-        time.sleep(0.1)
+    watches = {p: ExitWatch(p) for p in pids}
+    try:
+        # a zombie (its exit status set) is gone: its parent, init, reaps it when it will
+        while (alive := {p for p, watch in watches.items()
+                         if pid_alive(p) and watch.exit_status() is None}) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        for watch in watches.values():
+            watch.close()
     return alive
 
 

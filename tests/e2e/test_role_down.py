@@ -206,25 +206,28 @@ def test_a_dead_frontends_arena_is_one_line_per_compositor(start_server,
 
 
 def test_an_exit_is_read_before_the_child_is_reaped() -> None:
-    """exit_status: None while a child runs; its exit code, or minus the signal that killed
+    """ExitWatch: None while a child runs; its exit code, or minus the signal that killed
     it, as soon as it is a zombie (what the supervisor's watch reads before the sentinel)."""
     import signal
 
-    from pipeline.runtime.process import exit_status
+    from pipeline.runtime.process import ExitWatch
 
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     exiting = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    watches = ExitWatch(running.pid), ExitWatch(exiting.pid)
     try:
-        assert exit_status(running.pid) is None
+        assert watches[0].exit_status() is None
         running.send_signal(signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while exit_status(running.pid) is None or exit_status(exiting.pid) is None:
+        while any(watch.exit_status() is None for watch in watches):
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert (exit_status(running.pid), exit_status(exiting.pid)) == (-signal.SIGKILL, 3)
+        assert tuple(watch.exit_status() for watch in watches) == (-signal.SIGKILL, 3)
     finally:
         running.kill()
         assert (running.wait(), exiting.wait()) == (-signal.SIGKILL, 3)
+        for watch in watches:
+            watch.close()
 
 
 def test_an_exit_watch_reads_its_own_process_only() -> None:
