@@ -110,6 +110,17 @@ class Harness:
     def prediction(self, req: msg.InferRequest) -> np.ndarray:
         return self.arena.ndarray(req.output.offset, req.output.shape, "float32").copy()
 
+    def predictions_alone(self, reqs: list[msg.InferRequest]) -> list[np.ndarray]:
+        """Each request's prediction when it runs by itself; its output is cleared after,
+        for the run they then share."""
+        alone = []
+        for req in reqs:
+            out = self.handle(req)
+            assert [m.run_requests for _, m in out if isinstance(m, msg.InferDone)] == [1]
+            alone.append(self.prediction(req))
+            self.arena.ndarray(req.output.offset, req.output.shape, "float32")[...] = 0
+        return alone
+
 
 @pytest.fixture(scope="module")
 def config_path(tmp_path_factory: pytest.TempPathFactory, small_models_root: Path) -> Path:
@@ -135,6 +146,18 @@ def loaded(config_path: Path) -> Iterator[Harness]:
 def fresh(config_path: Path) -> Iterator[Harness]:
     """An engine holding no model (for load and unload tests)."""
     harness = Harness(load_config(config_path))
+    yield harness
+    harness.close()
+
+
+@pytest.fixture
+def coalescing(config_path: Path) -> Iterator[Harness]:
+    """An engine with the demo model loaded that runs queued requests together (16 frames
+    at most)."""
+    cfg = load_config(config_path)
+    harness = Harness(dataclasses.replace(
+        cfg, batching=dataclasses.replace(cfg.batching, max_batch_frames=16)))
+    assert harness.control(msg.LoadModel, "demo").ok
     yield harness
     harness.close()
 
@@ -268,93 +291,59 @@ def test_a_bad_request_fails_alone(loaded: Harness) -> None:
     assert any(isinstance(m, msg.InferDone) and m.request_id == good.request_id for _, m in out)
 
 
-def test_coalesced_requests_share_a_run_and_get_their_own_frames(config_path: Path) -> None:
+def test_coalesced_requests_share_a_run_and_get_their_own_frames(coalescing: Harness) -> None:
     """With a frame limit of 16, queued requests of one model share one UNet run, and each
     gets the same prediction it gets alone, in its own output block."""
-    cfg = load_config(config_path)
-    harness = Harness(dataclasses.replace(
-        cfg, batching=dataclasses.replace(cfg.batching, max_batch_frames=16)))
-    try:
-        assert harness.control(msg.LoadModel, "demo").ok
-        reqs = [harness.request(b, s, seed=i) for i, (b, s) in enumerate([(3, 0), (2, 9), (4, 30)])]
-        alone = []
-        for req in reqs:
-            out = harness.handle(req)
-            assert [m.run_requests for _, m in out if isinstance(m, msg.InferDone)] == [1]
-            alone.append(harness.prediction(req))
-            harness.arena.ndarray(req.output.offset, req.output.shape, "float32")[...] = 0
-        out = harness.handle(*reqs)
-        done = [m for _, m in out if isinstance(m, msg.InferDone)]
-        assert [(d.run_requests, d.run_frames) for d in done] == [(3, 9)] * 3
-        jobs = [m for _, m in out if isinstance(m, msg.CompositeJob)]
-        assert sum(len(job.backgrounds) for job in jobs) == 9
-        for req, single in zip(reqs, alone, strict=True):
-            np.testing.assert_allclose(harness.prediction(req), single, atol=1e-5)
-    finally:
-        harness.close()
+    reqs = [coalescing.request(b, s, seed=i) for i, (b, s) in enumerate([(3, 0), (2, 9), (4, 30)])]
+    alone = coalescing.predictions_alone(reqs)
+    out = coalescing.handle(*reqs)
+    done = [m for _, m in out if isinstance(m, msg.InferDone)]
+    assert [(d.run_requests, d.run_frames) for d in done] == [(3, 9)] * 3
+    jobs = [m for _, m in out if isinstance(m, msg.CompositeJob)]
+    assert sum(len(job.backgrounds) for job in jobs) == 9
+    for req, single in zip(reqs, alone, strict=True):
+        np.testing.assert_allclose(coalescing.prediction(req), single, atol=1e-5)
 
 
 def test_a_run_mixing_client_and_built_visual_inputs_gives_each_its_own(
-        config_path: Path) -> None:
+        coalescing: Harness) -> None:
     """One coalesced run of requests whose visual input the worker builds and one whose
     client sent it (here: the very input the worker would build for frames 40..42): each
     gets the prediction it gets alone (two built ones sharing rows would not: the second
     would overwrite the first's input before the run)."""
-    cfg = load_config(config_path)
-    harness = Harness(dataclasses.replace(
-        cfg, batching=dataclasses.replace(cfg.batching, max_batch_frames=16)))
-    try:
-        assert harness.control(msg.LoadModel, "demo").ok
-        model = harness.engine.cache.get("demo")
-        assert model is not None
-        sent = model.avatar.visual_inputs(range(40, 43), np.empty((3, *VISUAL_SHAPE), np.float32))
-        reqs = [harness.request(2, 0, seed=1), harness.request(3, 40, seed=2, visual=sent),
-                harness.request(4, 20, seed=3)]
-        alone = []
-        for req in reqs:
-            harness.handle(req)
-            alone.append(harness.prediction(req))
-            harness.arena.ndarray(req.output.offset, req.output.shape, "float32")[...] = 0
-        out = harness.handle(*reqs)
-        assert [(m.run_requests, m.run_frames) for _, m in out
-                if isinstance(m, msg.InferDone)] == [(3, 9)] * 3
-        for req, single in zip(reqs, alone, strict=True):
-            np.testing.assert_allclose(harness.prediction(req), single, atol=1e-5)
-    finally:
-        harness.close()
+    model = coalescing.engine.cache.get("demo")
+    assert model is not None
+    sent = model.avatar.visual_inputs(range(40, 43), np.empty((3, *VISUAL_SHAPE), np.float32))
+    reqs = [coalescing.request(2, 0, seed=1), coalescing.request(3, 40, seed=2, visual=sent),
+            coalescing.request(4, 20, seed=3)]
+    alone = coalescing.predictions_alone(reqs)
+    out = coalescing.handle(*reqs)
+    assert [(m.run_requests, m.run_frames) for _, m in out
+            if isinstance(m, msg.InferDone)] == [(3, 9)] * 3
+    for req, single in zip(reqs, alone, strict=True):
+        np.testing.assert_allclose(coalescing.prediction(req), single, atol=1e-5)
 
 
 def test_a_coalesced_run_with_a_failed_request_gives_the_others_their_own(
-        config_path: Path) -> None:
+        coalescing: Harness) -> None:
     """Built visual inputs of a coalesced run go straight into its staging rows; when the
     request between two of them fails (no audio), its rows stay empty and the one after
     it still gets the prediction it gets alone."""
-    cfg = load_config(config_path)
-    harness = Harness(dataclasses.replace(
-        cfg, batching=dataclasses.replace(cfg.batching, max_batch_frames=16)))
-    try:
-        assert harness.control(msg.LoadModel, "demo").ok
-        good = [harness.request(2, 0, seed=1), harness.request(4, 20, seed=3)]
-        alone = []
-        for req in good:
-            harness.handle(req)
-            alone.append(harness.prediction(req))
-            harness.arena.ndarray(req.output.offset, req.output.shape, "float32")[...] = 0
-        bad = harness.request(3, 40, seed=2, audio=False)
-        buffer = harness.engine.inputs.built_visual  # what the requests alone built into
-        kept = buffer.copy()
-        out = harness.handle(good[0], bad, good[1])
-        assert (FRONTEND, msg.InferFailed(bad.request_id,
-                                          "Either raw_audio or audio_features must be provided")) in out
-        assert [(m.run_requests, m.run_frames) for _, m in out
-                if isinstance(m, msg.InferDone)] == [(2, 6)] * 2
-        # built in the staging rows: the buffer of single runs neither grew nor was written
-        assert harness.engine.inputs.built_visual is buffer
-        np.testing.assert_array_equal(buffer, kept)
-        for req, single in zip(good, alone, strict=True):
-            np.testing.assert_allclose(harness.prediction(req), single, atol=1e-5)
-    finally:
-        harness.close()
+    good = [coalescing.request(2, 0, seed=1), coalescing.request(4, 20, seed=3)]
+    alone = coalescing.predictions_alone(good)
+    bad = coalescing.request(3, 40, seed=2, audio=False)
+    buffer = coalescing.engine.inputs.built_visual  # what the requests alone built into
+    kept = buffer.copy()
+    out = coalescing.handle(good[0], bad, good[1])
+    assert (FRONTEND, msg.InferFailed(bad.request_id,
+                                      "Either raw_audio or audio_features must be provided")) in out
+    assert [(m.run_requests, m.run_frames) for _, m in out
+            if isinstance(m, msg.InferDone)] == [(2, 6)] * 2
+    # built in the staging rows: the buffer of single runs neither grew nor was written
+    assert coalescing.engine.inputs.built_visual is buffer
+    np.testing.assert_array_equal(buffer, kept)
+    for req, single in zip(good, alone, strict=True):
+        np.testing.assert_allclose(coalescing.prediction(req), single, atol=1e-5)
 
 
 def test_the_inference_threads_follow_the_measured_stage_cpu(
