@@ -210,6 +210,18 @@ def e2e_figures(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def overhead_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's own cost (`lipsync bench --compare inprocess`): the server's CPU per
+    request, every role's, against the same engine's in one process, one request at a time,
+    on the same device and config."""
+    if "cpu_ratio" not in result:
+        raise StepFailed("the server's CPU was not measured (its ops socket did not answer)")
+    return {key: result[key] for key in (
+        "batch", "concurrency", "requests", "errors", "fps", "baseline_fps", "baseline_backend",
+        "cpu_ms_per_request", "server_cpu_ms_per_request", "baseline_cpu_ms_per_request",
+        "cpu_ratio")}
+
+
 def _held(result: dict[str, Any]) -> dict[str, Any]:
     """What every streaming run reports: its sessions and how many held 25 fps."""
     per = result.get("per_session", [])

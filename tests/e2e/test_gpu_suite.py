@@ -26,7 +26,8 @@ def test_dry_run_runs_every_step_and_reports(tmp_path: Path) -> None:
     assert {n: s["status"] for n, s in steps.items() if n not in ("wheels", "install")} == {
         "assets": "ok", "probe": "ok", "tests": "ok", "unet": "ok",
         "e2e fp16+graphs+gpu-compositor": "ok", "server fp16+graphs+gpu-compositor": "ok",
-        "e2e fp16+graphs": "ok", "stream 2": "ok", "live 2": "ok", "server fp16+graphs": "ok"}
+        "e2e fp16+graphs": "ok", "overhead fp16+graphs": "ok", "stream 2": "ok", "live 2": "ok",
+        "server fp16+graphs": "ok"}
 
     probe = steps["probe"]["result"]
     assert probe["session_providers"][0] == "CPUExecutionProvider"
@@ -56,6 +57,12 @@ def test_dry_run_runs_every_step_and_reports(tmp_path: Path) -> None:
         assert e2e["cores_per_1000_fps_server"] >= e2e["cores_per_1000_fps_gpu_worker"] > 0
         assert {"frontend", "gpu_worker 0", "compositor 0"} <= set(e2e["cores_busy"])
     assert steps["e2e fp16+graphs"]["result"]["cores_per_1000_fps_compositors"] > 0
+    overhead = steps["overhead fp16+graphs"]["result"]
+    assert overhead["errors"] == 0 and overhead["requests"] == 6
+    assert overhead["server_cpu_ms_per_request"] > 0 and overhead["baseline_cpu_ms_per_request"] > 0
+    assert overhead["cpu_ratio"] == round(
+        overhead["server_cpu_ms_per_request"] / overhead["baseline_cpu_ms_per_request"], 3)
+    assert {"frontend", "gpu_worker 0", "compositor 0"} <= set(overhead["cpu_ms_per_request"])
     stream = steps["stream 2"]["result"]
     assert stream["sessions"] == 2 and stream["errors"] == 0 and stream["fps_total"] > 0
     live = steps["live 2"]["result"]
@@ -75,7 +82,8 @@ def test_dry_run_runs_every_step_and_reports(tmp_path: Path) -> None:
 def test_the_table_judges_the_targets_of_a_gpu_run() -> None:
     """On a GPU report (the branch the dry run cannot take) the table prints every figure
     (the device compositor's against the compositors' too) and judges the targets: ratio and
-    fps of the best configuration, sessions held."""
+    fps of the best configuration, sessions held, the server's CPU against the in-process
+    engine's."""
     sys.path.insert(0, str(REPO / "scripts"))
     from gpu_suite_table import table
 
@@ -109,6 +117,10 @@ def test_the_table_judges_the_targets_of_a_gpu_run() -> None:
             "precision": {"batch": 8, "psnr_db_min": 47.5, "prediction_max_abs_diff": 0.01}}},
         {"name": "e2e fp32", "status": "ok", "result": e2e(1200.0, 0.95)},
         {"name": "e2e fp16+graphs", "status": "ok", "result": e2e(2400.0, 0.85)},
+        {"name": "overhead fp16+graphs", "status": "ok", "result": {
+            "batch": 8, "concurrency": 4, "server_cpu_ms_per_request": 27.5,
+            "baseline_cpu_ms_per_request": 24.1, "baseline_backend": "onnxruntime-cuda fp16",
+            "cpu_ratio": 1.141}},
         {"name": "stream 30", "status": "ok", "result": stream(30, 30)},
         {"name": "stream 60", "status": "ok", "result": stream(60, 60)},
         {"name": "stream 90", "status": "ok", "result": stream(90, 71)},
@@ -122,8 +134,10 @@ def test_the_table_judges_the_targets_of_a_gpu_run() -> None:
     assert any("PSNR min 47.5 dB" in line for line in lines)
     assert any(line.split() == ["fp16+graphs", "2400.0", "2823.5", "0.85", "120.0", "2.4", "2.1",
                                 "3.3"] for line in lines)
+    assert ("pipeline's own cost (fp16+graphs, batch 8 x 4): server CPU 27.5 ms a request vs "
+            "in-process 24.1 (onnxruntime-cuda fp16): ratio 1.141") in lines
     assert "90 sessions 71/90 hold -> most held: 60" in text
     assert ("on the device vs the compositors (ms wall, ms CPU): synctalk 0.4, 0.1 vs 4.1, 4.0, "
             "worst 52.0 dB; stretch 0.4") in text
     assert lines[-1] == ("targets: e2e/ORT >= 0.9: NOT met (0.85); >= 1500 fps: met (2400.0); "
-                         ">= 60 sessions: met")
+                         ">= 60 sessions: met; server/in-process CPU <= 1.10: NOT met (1.141)")
