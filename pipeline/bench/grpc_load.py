@@ -116,8 +116,9 @@ class Clients:
         for ch in self.channels:
             ch.close()
 
-    def run(self, requests: int | None, duration: float | None) -> Measured:
-        """Every client sends until `requests` were sent or `duration` seconds passed."""
+    def run(self, requests: int | None, duration: float | None, pause_s: float = 0.0) -> Measured:
+        """Every client sends until `requests` were sent or `duration` seconds passed,
+        waiting `pause_s` after each answer (a rate below what the server could take)."""
         out = Measured()
         lock = threading.Lock()
         counter = itertools.count()
@@ -146,6 +147,8 @@ class Clients:
                         out.stages.append(_stages(resp))
                     else:
                         out.errors.append(resp.error)
+                if pause_s:
+                    time.sleep(pause_s)
 
         threads = [threading.Thread(target=client, args=cw)
                    for cw in zip(self.calls, self.wires, strict=True)]
