@@ -29,6 +29,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.frontend.inflight import check_arena_fits
     from pipeline.frontend.ports import check_free
     from pipeline.launch.supervisor import Supervisor
     from pipeline.runtime.addresses import Addresses
@@ -36,10 +37,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     try:
-        # before building anything: another server of this instance, or a taken port,
-        # fails at once
+        # before building anything: another server of this instance, a taken port or a
+        # /dev/shm without room for the arena fails at once
         check_role_free(Addresses.of(cfg).role_lock("frontend"))
         check_free(cfg)
+        check_arena_fits(cfg)
         ensure_demo_assets(cfg)
         supervisor = Supervisor(cfg, stop_with_parent=args.stop_with_parent)
     except (ValueError, RoleError) as exc:

@@ -22,7 +22,9 @@ from pipeline.frontend.validation import InferInput, copy_finite_visual
 from pipeline.protocol import RequestLayout
 from pipeline.runtime.addresses import Addresses
 from pipeline.runtime.logs import request_id as log_request
+from pipeline.runtime.process import RoleError
 from pipeline.shm.arena import Arena, Block
+from pipeline.shm.segment import shm_space, sweep_stale_segments
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +102,36 @@ class Pending:
         return True
 
 
+class ArenaDoesNotFit(RoleError):
+    """/dev/shm has no room for the request arena."""
+
+
+def arena_does_not_fit(size: int) -> ArenaDoesNotFit:
+    free, total = shm_space()
+    return ArenaDoesNotFit(
+        f"the request arena (runtime.arena_mb: {size // 2**20} MB) does not fit in /dev/shm "
+        f"({free // 2**20} MB free of {total // 2**20} MB): give /dev/shm more room (a "
+        f"container: `docker run --shm-size=4g`; a host: docs/deploy.md, \"Shared memory "
+        f"(/dev/shm) sizing\"), or lower runtime.arena_mb")
+
+
+def check_arena_fits(cfg: Config) -> None:
+    """ArenaDoesNotFit unless /dev/shm has room for the arena, counting what this instance's
+    dead processes left there as free (its roles remove it as they start): for a start
+    that fails at once, before any role is spawned."""
+    sweep_stale_segments(cfg.runtime.instance)
+    size = cfg.runtime.arena_mb * 2**20
+    if shm_space()[0] < size:
+        raise arena_does_not_fit(size)
+
+
 def create_arena(name: str, size: int) -> Arena:
     """The request arena. /dev/shm may be short for a moment after a frontend died: its
     arena is unlinked but mapped by the other roles until they notice (within a heartbeat),
-    so the space is waited for briefly before giving up."""
+    so the space is waited for briefly before giving up; an arena larger than all of
+    /dev/shm is refused at once."""
+    if size > shm_space()[1]:
+        raise arena_does_not_fit(size)
     deadline = time.monotonic() + ARENA_SPACE_WAIT_S
     waiting = False
     while True:
@@ -111,7 +139,7 @@ def create_arena(name: str, size: int) -> Arena:
             return Arena.create(name, size)
         except MemoryError as exc:
             if time.monotonic() > deadline:
-                raise
+                raise arena_does_not_fit(size) from exc
             if not waiting:
                 log.warning("%s; waiting up to %.0f s for the other roles to let go of a dead "
                             "frontend's arena", exc, ARENA_SPACE_WAIT_S)

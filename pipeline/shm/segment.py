@@ -29,6 +29,12 @@ PREFIX = "lipsync"
 SHM_DIR = Path("/dev/shm")
 
 
+def shm_space() -> tuple[int, int]:
+    """Bytes of /dev/shm free (to an unprivileged writer) and in all."""
+    stat = os.statvfs(SHM_DIR)
+    return stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists (a pid we may not signal still exists)."""
     try:
@@ -94,8 +100,10 @@ class SharedSegment:
         except OSError as exc:
             shm.close()
             (SHM_DIR / name).unlink(missing_ok=True)
+            free, total = shm_space()
             raise MemoryError(f"cannot reserve {size} bytes of shared memory for {name}: "
-                              f"{exc.strerror} (is /dev/shm large enough?)") from exc
+                              f"{exc.strerror} (/dev/shm: {free // 2**20} MB free of "
+                              f"{total // 2**20} MB)") from exc
         return cls(shm, owner=True)
 
     @classmethod

@@ -1,12 +1,14 @@
-"""A frontend that dies with /dev/shm nearly full: its successor gets the space back.
+"""/dev/shm too small: a frontend that dies with it nearly full gives its successor the
+space back, and a start in a container's 64 MB stops at once with one line saying what to
+change.
 
 Runs the server in a private mount namespace with a small tmpfs on /dev/shm (root and
-unshare(1) needed; skipped otherwise), fills it to less than one arena free, kills the
-frontend and expects the restarted one to serve.
+unshare(1) needed; skipped otherwise).
 """
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,12 +20,14 @@ import pytest
 
 from pipeline.bench.local_server import free_port, wait_healthy
 from pipeline.client import channel, speech_like_audio
+from pipeline.frontend.inflight import ARENA_SPACE_WAIT_S
 from pipeline.rpc import monolithic_pb2 as pb
 from pipeline.rpc import monolithic_pb2_grpc as pb_grpc
 from tests.conftest import role_pids, write_config
 
 ARENA_MB = 128
 TMPFS_MB = 400
+CONTAINER_SHM_MB = 64  # Docker's /dev/shm unless `--shm-size` says otherwise
 
 
 def _private_tmpfs_works() -> bool:
@@ -86,3 +90,31 @@ def test_a_dead_frontends_arena_is_given_back_to_its_successor(tmp_path: Path,
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.mark.parametrize("command", [["serve"], ["role", "frontend"]], ids=["serve", "role"])
+def test_a_start_in_a_containers_dev_shm_stops_at_once_with_one_line(
+        tmp_path: Path, small_models_root: Path, command: list[str]) -> None:
+    """The default 1024 MB arena in a 64 MB /dev/shm: `lipsync serve` (before it spawns a
+    role) and a frontend run on its own exit 1 at once, with one line naming the arena's
+    size, what /dev/shm has and what to change; no traceback, no wait for space that no
+    other role can give back."""
+    config = write_config(tmp_path / "config.yaml", small_models_root,
+                          **{"runtime.arena_mb": 1024, "server.port": free_port(),
+                             "server.ws_port": free_port()})
+    argv = [sys.executable, "-m", "pipeline.cli", *command, "--config", str(config)]
+    script = f"mount -t tmpfs -o size={CONTAINER_SHM_MB}m tmpfs /dev/shm && exec {shlex.join(argv)}"
+    t0 = time.monotonic()
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - t0
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    lines = [line for line in out.splitlines() if "runtime.arena_mb" in line]
+    assert len(lines) == 1, out[-3000:]
+    assert "1024 MB" in lines[0] and f"{CONTAINER_SHM_MB} MB" in lines[0], lines[0]
+    assert "--shm-size" in lines[0], lines[0]
+    assert elapsed < ARENA_SPACE_WAIT_S, f"took {elapsed:.1f} s:\n{out[-3000:]}"
+    if command == ["serve"]:
+        assert "ready" not in out, out[-3000:]  # refused before any role was spawned

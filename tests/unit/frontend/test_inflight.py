@@ -18,12 +18,20 @@ from pipeline import messages as msg
 from pipeline.config import parse_config
 from pipeline.frontend import inflight as inflight_module
 from pipeline.frontend.errors import Failed, Overloaded, Unavailable
-from pipeline.frontend.inflight import AliveWorkers, InferResult, InFlight, WorkerSend, create_arena
+from pipeline.frontend.inflight import (
+    AliveWorkers,
+    ArenaDoesNotFit,
+    InferResult,
+    InFlight,
+    WorkerSend,
+    create_arena,
+)
 from pipeline.frontend.liveness import RoleView
 from pipeline.frontend.validation import InferInput, InvalidRequest
 from pipeline.protocol import RequestLayout
 from pipeline.runtime.addresses import Addresses
 from pipeline.shm.arena import Arena
+from pipeline.shm.segment import shm_space
 from pipeline.synctalk import FEATURE_BYTES
 from tests.unit.frontend.fakes import run, until
 
@@ -443,7 +451,8 @@ def test_the_snapshot_counts_requests_per_worker_and_the_arena(world: World) -> 
 
 def test_the_arena_waits_briefly_for_dev_shm_space(monkeypatch: pytest.MonkeyPatch) -> None:
     """/dev/shm full for a moment (a dead frontend's arena still mapped): the arena is
-    created once space comes back; still full after the wait, the MemoryError is raised."""
+    created once space comes back; still full after the wait, the role stops with one line
+    (a RoleError) saying what does not fit and what to change."""
     attempts: list[str] = []
     made = object()
 
@@ -458,6 +467,15 @@ def test_the_arena_waits_briefly_for_dev_shm_space(monkeypatch: pytest.MonkeyPat
     assert create_arena("arena", 1) is made and len(attempts) == 3
     attempts.clear()
     monkeypatch.setattr(inflight_module, "ARENA_SPACE_WAIT_S", -1.0)
-    with pytest.raises(MemoryError):
-        create_arena("arena", 1)
+    with pytest.raises(ArenaDoesNotFit, match=r"runtime\.arena_mb.*/dev/shm.*--shm-size"):
+        create_arena("arena", 2**20)
     assert len(attempts) == 1
+
+
+def test_an_arena_larger_than_all_of_dev_shm_is_refused_without_waiting(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No role can give back more than /dev/shm holds: no attempt, no wait."""
+    monkeypatch.setattr(Arena, "create", lambda name, size: pytest.fail("attempted"))
+    total = shm_space()[1]
+    with pytest.raises(ArenaDoesNotFit, match=f"of {total // 2**20} MB"):
+        create_arena("arena", total + 2**20)
