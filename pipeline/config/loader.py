@@ -25,6 +25,13 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
         if len(data) > MAX_CONFIG_BYTES:
             raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB")
         raw = yaml.safe_load(data.decode()) or {}
+    except FileNotFoundError as exc:
+        if path == DEFAULT_CONFIG_PATH.resolve():  # the default, and no checkout around it
+            raise ConfigError(
+                f"no config given, and none at {path}, where a checkout installed with "
+                f"`pip install -e .` keeps its own: pass --config FILE (the repository's "
+                f"config.yaml is the template, systemd/config.yaml a service's)") from exc
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:

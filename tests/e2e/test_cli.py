@@ -1,6 +1,7 @@
 """The `lipsync` command line as a user runs it (a real subprocess)."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,19 @@ def test_demo_assets_names_a_foreign_file_in_one_line(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and "lipsync did not write (unet.onnx)" in result.stderr
     assert (root / "demo" / "unet.onnx").read_bytes() == b"the user's own unet"
+
+
+def test_an_installed_package_without_a_config_says_to_pass_one(tmp_path: Path) -> None:
+    """A `pip install .` (not -e) puts the package where no config.yaml lies beside it: a
+    command given no --config says in one line that none was found and what to pass, not
+    "cannot read config .../site-packages/config.yaml"."""
+    repo = Path(__file__).resolve().parents[2]
+    shutil.copytree(repo / "pipeline", tmp_path / "pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for command in ("serve", "bench", "stats"):
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", *command.split()],
+                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert result.returncode != 0, command
+        assert result.stderr.count("\n") == 1, (command, result.stderr)
+        assert "no config given" in result.stderr and "--config FILE" in result.stderr, \
+            (command, result.stderr)
