@@ -12,6 +12,7 @@ from pipeline.config import ModelConfig
 from pipeline.gpu_worker.avatar import AvatarError, find_frame, load_avatar, load_crop_rects
 from pipeline.messages import TensorRef
 from pipeline.shm.segment import SharedSegment, list_segments, segment_name
+from pipeline.synctalk import mouth_crop
 
 LOADED = 6  # demo frames decoded per test: enough to wrap, small enough to be fast
 SMALL_W, SMALL_H = 64, 48
@@ -49,14 +50,15 @@ def _small_avatar_dir(tmp_path: Path, names: list[str], rects: object = None) ->
 
 
 def test_load_decodes_frames_into_shared_memory(models_root: Path, instance: str) -> None:
-    """load_avatar puts each frame, as cv2.imread decodes it, into a segment other processes can map."""
+    """load_avatar puts each frame, as cv2.imread decodes it, into a segment other processes
+    can map, and keeps each frame's mouth crop as a client cuts it (counted in its bytes)."""
     model = _demo_model(models_root)
     name = segment_name(instance, "bg-demo")
     avatar = load_avatar(model, name)
     reader = SharedSegment.attach(name)
     try:
         assert (avatar.num_frames, avatar.height, avatar.width) == (LOADED, 720, 1280)
-        assert avatar.nbytes == LOADED * 720 * 1280 * 3
+        assert avatar.nbytes == LOADED * 720 * 1280 * 3 + LOADED * 3 * 320 * 320
         assert avatar.segment.name == name and avatar.segment.owner
         frames = avatar.frames()
         seen = reader.ndarray(0, (LOADED, 720, 1280, 3), "uint8")
@@ -64,6 +66,7 @@ def test_load_decodes_frames_into_shared_memory(models_root: Path, instance: str
             expected = cv2.imread(str(model.background_dir / f"frame_{i:04d}.jpg"))
             np.testing.assert_array_equal(frames[i], expected)
             np.testing.assert_array_equal(seen[i], expected)
+            np.testing.assert_array_equal(avatar.mouths[i], mouth_crop(expected, avatar.rect(i)))
         rects = json.loads(model.crop_rects_path.read_text())
         assert avatar.rects.dtype == np.int32
         np.testing.assert_array_equal(avatar.rects, rects)
