@@ -79,8 +79,12 @@ def _failed(job: msg.CompositeJob, made: int, exc: Exception) -> bytes:
 def prediction_to_bgr(prediction: np.ndarray) -> np.ndarray:
     """[3,320,320] float BGR in [0,1] -> [320,320,3] uint8 (x255, clamp, truncate; NaN -> 0)."""
     scaled = np.multiply(prediction, np.float32(255.0), dtype=np.float32)
-    np.fmax(scaled, 0.0, out=scaled)    # fmax/fmin drop NaN: NaN -> 0, and -inf -> 0
-    np.fmin(scaled, 255.0, out=scaled)  # +inf -> 255
+    # clip (-inf -> 0, +inf -> 255) keeps NaN, which then goes to 0: half the CPU of
+    # fmax/fmin, which drop NaN themselves but have no fast loop (0.17 against 0.33 ms)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    nan = np.isnan(scaled)
+    if nan.any():
+        scaled[nan] = 0.0
     planes = scaled.astype(np.uint8)    # truncates, as the reference; contiguous: fast
     return cv2.merge((planes[0], planes[1], planes[2]))  # CHW -> HWC
 

@@ -42,6 +42,19 @@ def test_pixel_conversion(value: float, byte: int) -> None:
     assert (out == byte).all()
 
 
+def test_pixel_conversion_of_mixed_values_is_each_values_own() -> None:
+    """NaN and infinities scattered among ordinary values (float32 and float16) convert
+    pixel by pixel as each does alone; the others are untouched by them."""
+    rng = np.random.default_rng(3)
+    pred = rng.normal(0.5, 0.8, (3, 320, 320)).astype(np.float32)
+    pred.flat[::7], pred.flat[1::11], pred.flat[2::13] = np.nan, np.inf, -np.inf
+    for p in (pred, pred.astype(np.float16)):
+        with np.errstate(invalid="ignore"):
+            scaled = p.astype(np.float32) * np.float32(255)
+        expected = np.where(np.isnan(scaled), 0, np.clip(scaled, 0, 255)).astype(np.uint8)
+        np.testing.assert_array_equal(prediction_to_bgr(p), expected.transpose(1, 2, 0))
+
+
 def test_pixel_conversion_keeps_channel_order_and_layout() -> None:
     """Channel c of the CHW prediction becomes channel c of the HWC image, pixel for pixel."""
     rng = np.random.default_rng(1)
