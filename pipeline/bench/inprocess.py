@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline import messages as msg
 from pipeline.compositor.composite import composite_job
+from pipeline.compositor.jpeg_rows import BackgroundJpegs
 from pipeline.config import load_config
 from pipeline.frontend.wire import CompositeRequestView
 from pipeline.gpu_worker.batching import Inbox
@@ -66,6 +67,7 @@ class InProcessEngine:
         self.model = cfg.models[model_id]
         self.emitted: list[tuple[str, msg.Message | EncodedFrames]] = []
         self.segments = SegmentCache()  # the compositor's side of shared memory
+        self.jpegs = BackgroundJpegs(cfg.compositor.background_jpeg_cache_mb * 2**20)
         self.arena: Arena | None = None
         self._written: tuple[CompositeRequestView, msg.InferRequest] | None = None
         self._ids = itertools.count(1)
@@ -124,7 +126,7 @@ class InProcessEngine:
 
     def _on_job(self, job: msg.CompositeJob, ns: dict[str, int]) -> None:
         """What a compositor does with the job; its FramesDone's timings."""
-        header = msg.frontend_decoder.decode(composite_job(job, self._view, 0)[0])
+        header = msg.frontend_decoder.decode(composite_job(job, self._view, 0, self.jpegs)[0])
         if not isinstance(header, msg.FramesDone):
             raise BaselineFailed(getattr(header, "error", repr(header)))
         self._timings(header, ns)

@@ -9,8 +9,10 @@ Modes (`composite_mode` of a model):
 Pixel conversion as the reference: x255, clamp to [0, 255], truncate.
 
 `composite_job` is the whole of a compositor's work on one CompositeJob (a few frames of a
-request), pure (tensors are read through the `view` it is given): the compositor process
-and the in-process bench run the same function.
+request), pure but for the encoded backgrounds it keeps (tensors are read through the
+`view` it is given): the compositor process and the in-process bench run the same function.
+Only the rows of MCUs around the rect are encoded per frame; the others are the
+background's, encoded once (jpeg_rows.py): the JPEG is byte for byte the whole frame's.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import cv2
 import numpy as np
 
 from pipeline import messages as msg
+from pipeline.compositor.jpeg_rows import BackgroundJpegs, encode_rows
 from pipeline.runtime.logs import logging_request
 from pipeline.shm.segment import SegmentGone
 from pipeline.synctalk import CROP, INNER
@@ -31,43 +34,58 @@ log = logging.getLogger(__name__)
 View = Callable[[msg.TensorRef], np.ndarray]  # a tensor in shared memory, read in place
 
 
-def composite_job(job: msg.CompositeJob, view: View, compositor: int) -> list[bytes]:
+def composite_job(job: msg.CompositeJob, view: View, compositor: int,
+                  jpegs: BackgroundJpegs) -> list[bytes]:
     """What to send the frontend for one job: [FramesDone, JPEG, ...] (its frames, in order)
     or [FramesFailed]."""
     with logging_request(job.request_id):
         paste_ns = jpeg_ns = 0
-        jpegs: list[bytes] = []
+        frames: list[bytes] = []
         try:
             predictions = None if job.predictions is None else view(job.predictions)
             for k, (ref, rect) in enumerate(zip(job.backgrounds, job.rects, strict=True)):
                 jpeg, paste_took, encode_took = _frame_jpeg(
-                    job, view(ref), None if predictions is None else predictions[k], rect)
-                jpegs.append(jpeg)
+                    job, ref, view(ref), None if predictions is None else predictions[k], rect,
+                    jpegs)
+                frames.append(jpeg)
                 paste_ns += paste_took
                 jpeg_ns += encode_took
         except SegmentGone as exc:  # a dead frontend's arena, a dead worker's backgrounds:
             if exc.first:           # one line per segment, not a traceback per frame
                 log.warning("%s: dropping the frames that use it", exc)
-            return [_failed(job, len(jpegs), exc)]
+            return [_failed(job, len(frames), exc)]
         except Exception as exc:
             log.exception("compositing frame %d of request %d failed",
-                          job.first_frame + len(jpegs), job.request_id)
-            return [_failed(job, len(jpegs), exc)]
+                          job.first_frame + len(frames), job.request_id)
+            return [_failed(job, len(frames), exc)]
         header = msg.FramesDone(job.request_id, job.first_frame, compositor, paste_ns, jpeg_ns)
-        return [msg.encode(header), *jpegs]
+        return [msg.encode(header), *frames]
 
 
-def _frame_jpeg(job: msg.CompositeJob, background: np.ndarray, prediction: np.ndarray | None,
-                rect: tuple[int, int, int, int]) -> tuple[bytes, int, int]:
+def _frame_jpeg(job: msg.CompositeJob, ref: msg.TensorRef, background: np.ndarray,
+                prediction: np.ndarray | None, rect: tuple[int, int, int, int],
+                jpegs: BackgroundJpegs) -> tuple[bytes, int, int]:
     """One frame's JPEG, and the ns its paste and its encoding took. Its own function so
-    that the pasted frame is freed before the next one is made: with one frame-sized buffer
-    alive at a time the allocator reuses it, with two it maps a fresh one per frame (~430
-    page faults a 720p frame, 40 % more CPU)."""
+    that what it pastes is freed before the next frame is made: with one such buffer alive
+    at a time the allocator reuses it, with two it maps a fresh one per frame (~430 page
+    faults a 720p frame, 40 % more CPU)."""
+    key = (ref.segment, ref.offset, job.jpeg_quality)
     t0 = time.perf_counter_ns()
-    frame = background if prediction is None else paste(background, prediction, rect, job.mode)
-    t1 = time.perf_counter_ns()
-    jpeg = encode_jpeg(frame, job.jpeg_quality)
-    return jpeg, t1 - t0, time.perf_counter_ns() - t1
+    if prediction is None:  # the background as it is: encoded once
+        kept = jpegs.background(key, background)
+        jpeg = kept.joined() if kept is not None else encode_jpeg(background, job.jpeg_quality)
+        return jpeg, 0, time.perf_counter_ns() - t0
+    paste_ns = 0
+
+    def draw(pixels: np.ndarray, rect_in: tuple[int, int, int, int]) -> np.ndarray:
+        nonlocal paste_ns
+        start = time.perf_counter_ns()
+        pasted = paste(pixels, prediction, rect_in, job.mode)
+        paste_ns += time.perf_counter_ns() - start
+        return pasted
+
+    jpeg = jpegs.frame(key, background, rect, draw)
+    return jpeg, paste_ns, time.perf_counter_ns() - t0 - paste_ns
 
 
 def _failed(job: msg.CompositeJob, made: int, exc: Exception) -> bytes:
@@ -127,7 +145,5 @@ def paste(background: np.ndarray, prediction: np.ndarray, rect: tuple[int, int, 
 
 
 def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
-    ok, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    return jpeg.tobytes()
+    """A whole frame's JPEG, as every frame is written (4:2:0, a restart marker a row)."""
+    return encode_rows(frame, quality).joined()

@@ -30,6 +30,7 @@ import zmq
 
 from pipeline import messages as msg
 from pipeline.compositor.composite import composite_job
+from pipeline.compositor.jpeg_rows import BackgroundJpegs
 from pipeline.config import Config
 from pipeline.runtime.addresses import Addresses
 from pipeline.runtime.process import (
@@ -69,6 +70,7 @@ class CompositorProc:
         self.pid = os.getpid()
         self.addresses = Addresses.of(cfg)
         self.segments = SegmentCache()
+        self.jpegs = BackgroundJpegs(cfg.compositor.background_jpeg_cache_mb * 2**20)
         self.results: zmq.Socket[Any] | None = None
         self.handlers: dict[type, Callable[[Any, zmq.Socket[Any]], None]] = {
             msg.CompositeJob: self._on_job, msg.ReleaseSegment: self._on_release}
@@ -99,7 +101,8 @@ class CompositorProc:
                     for worker in workers:  # the first one also grants the credits
                         self._send(worker, [grant])
                     # a dead frontend's arena (or a dead worker's backgrounds) goes at once
-                    self.segments.forget_dead()
+                    for segment in self.segments.forget_dead():
+                        self.jpegs.forget(segment)
                     next_beat = time.monotonic() + self.cfg.runtime.heartbeat_s
                 wait_ms = max(0.0, next_beat - time.monotonic()) * 1000
                 for sock, _ in poller.poll(math.ceil(wait_ms)):
@@ -123,7 +126,7 @@ class CompositorProc:
     def _on_job(self, job: msg.CompositeJob, worker: zmq.Socket[Any]) -> None:
         assert self.results is not None
         cpu0 = time.thread_time_ns()
-        frames = composite_job(job, self._view, self.index)
+        frames = composite_job(job, self._view, self.index, self.jpegs)
         # a rendered frame's CPU, for the worker's thread split (an idle frame is no measure)
         cpu_ns = (time.thread_time_ns() - cpu0) // len(job.backgrounds) \
             if job.predictions is not None and job.backgrounds else 0
@@ -134,6 +137,7 @@ class CompositorProc:
 
     def _on_release(self, release: msg.ReleaseSegment, _: zmq.Socket[Any]) -> None:
         self.segments.forget(release.segment)
+        self.jpegs.forget(release.segment)
 
     def _view(self, ref: msg.TensorRef) -> np.ndarray:
         return self.segments.ndarray(ref.segment, ref.offset, ref.shape, ref.dtype)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
 
 from pipeline import messages as msg
 from pipeline.compositor.composite import composite_job, encode_jpeg, paste
+from pipeline.compositor.jpeg_rows import BackgroundJpegs
 
 BACKGROUNDS = tuple(msg.TensorRef(f"bg{i}", 0, (120, 160, 3), "uint8") for i in range(3))
 RECTS = ((40, 20, 104, 84), (38, 22, 102, 86), (41, 19, 105, 83))
@@ -25,12 +27,20 @@ def _memory() -> dict[str, np.ndarray]:
             "arena": rng.random((3, 3, 320, 320), np.float32)}
 
 
-def test_a_job_gives_its_frames_done_and_the_jpegs_in_order() -> None:
+def _kept() -> BackgroundJpegs:
+    return BackgroundJpegs(64 * 2**20)
+
+
+@pytest.mark.parametrize("kept_mb", [0, 64])
+def test_a_job_gives_its_frames_done_and_the_jpegs_in_order(kept_mb: int) -> None:
     """[FramesDone, JPEG, JPEG, JPEG]: the header names request, first frame and compositor
-    with the summed timings, and each JPEG is its prediction pasted into its background."""
+    with the summed timings, and each JPEG is its prediction pasted into its background,
+    the same bytes whether the backgrounds' rows were kept (twice: encoded, then kept) or
+    every frame was encoded whole."""
     memory = _memory()
-    for mode in ("synctalk", "stretch"):
-        header, *jpegs = composite_job(_job(mode), lambda ref: memory[ref.segment], 3)
+    jpegs_kept = BackgroundJpegs(kept_mb * 2**20)
+    for mode in ("synctalk", "stretch", "synctalk"):
+        header, *jpegs = composite_job(_job(mode), lambda ref: memory[ref.segment], 3, jpegs_kept)
         done = msg.frontend_decoder.decode(header)
         assert isinstance(done, msg.FramesDone)
         assert (done.request_id, done.first_frame, done.compositor) == (5, 2, 3)
@@ -45,8 +55,10 @@ def test_a_job_gives_its_frames_done_and_the_jpegs_in_order() -> None:
 def test_a_job_without_predictions_encodes_its_backgrounds_as_they_are() -> None:
     """A live session's idle frames: each background's JPEG, nothing pasted."""
     memory = _memory()
-    _, *jpegs = composite_job(_job(predictions=None), lambda ref: memory[ref.segment], 0)
-    assert jpegs == [encode_jpeg(memory[f"bg{k}"], 80) for k in range(3)]
+    kept = _kept()
+    for _ in range(2):  # encoded, then as kept
+        _, *jpegs = composite_job(_job(predictions=None), lambda ref: memory[ref.segment], 0, kept)
+        assert jpegs == [encode_jpeg(memory[f"bg{k}"], 80) for k in range(3)]
 
 
 def test_a_job_that_cannot_be_composited_fails_alone() -> None:
@@ -58,7 +70,7 @@ def test_a_job_that_cannot_be_composited_fails_alone() -> None:
             raise FileNotFoundError(f"no segment {ref.segment}")
         return memory[ref.segment]
 
-    (only,) = composite_job(_job(), view, 0)
+    (only,) = composite_job(_job(), view, 0, _kept())
     failed = msg.frontend_decoder.decode(only)
     assert isinstance(failed, msg.FramesFailed) and (failed.request_id, failed.first_frame) == (5, 2)
     assert failed.error.startswith("failed to composite frame 3: no segment bg1")
@@ -79,7 +91,7 @@ def test_a_gone_segment_is_said_once_without_a_traceback(caplog) -> None:
         raise SegmentGone(ref.segment, first)
 
     with caplog.at_level(logging.INFO):
-        replies = [composite_job(_job(), view, 0) for _ in range(5)]
+        replies = [composite_job(_job(), view, 0, _kept()) for _ in range(5)]
     assert all(isinstance(msg.frontend_decoder.decode(r[0]), msg.FramesFailed) for r in replies)
     assert [r.getMessage() for r in caplog.records] == [
         "shared-memory segment arena is gone (its creator released it or exited): dropping the "
@@ -107,12 +119,13 @@ def test_a_jobs_frames_reuse_one_frame_buffer() -> None:
         backgrounds=tuple(msg.TensorRef(f"bg{i}", 0, (720, 1280, 3), "uint8") for i in range(4)),
         rects=rects, mode="synctalk", jpeg_quality=75)
 
-    def faults_a_frame() -> float:
+    def faults_a_frame(kept: BackgroundJpegs) -> float:
         for _ in range(3):  # warm: the allocator settles on its buffer
-            composite_job(job, lambda ref: memory[ref.segment], 0)
+            composite_job(job, lambda ref: memory[ref.segment], 0, kept)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(5):
-            composite_job(job, lambda ref: memory[ref.segment], 0)
+            composite_job(job, lambda ref: memory[ref.segment], 0, kept)
         return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
 
-    assert faults_a_frame() < 50
+    assert faults_a_frame(BackgroundJpegs(0)) < 50  # each frame pasted and encoded whole
+    assert faults_a_frame(_kept()) < 50  # the rows around the mouth
