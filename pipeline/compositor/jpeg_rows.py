@@ -10,9 +10,9 @@ and for a frame encodes only the band of MCU rows that the rect covers, then joi
 background's rows above it, the band's and the background's below it, each marker
 renumbered for its place. The band starts on an MCU row and spans the whole width, so its
 blocks, quantised coefficients and standard Huffman codes are those of the same rows in
-the whole frame encoded at once: decoded, a joined frame equals that frame pixel for
-pixel (the tests decode and compare). Restart markers cost 2 bytes and a partial byte a
-row (~0.1 % of a frame) and every decoder reads them.
+the whole frame encoded at once: a joined frame is that frame's JPEG byte for byte (the
+tests compare the bytes). Restart markers change no decoded pixel, cost 2 bytes and a
+partial byte a row (~0.1 % of a frame), and every decoder reads them.
 """
 from __future__ import annotations
 
