@@ -472,6 +472,22 @@ def test_the_arena_waits_briefly_for_dev_shm_space(monkeypatch: pytest.MonkeyPat
     assert len(attempts) == 1
 
 
+def test_a_start_checks_that_dev_shm_has_room_for_the_arena(tmp_path: Path,
+                                                              instance: str) -> None:
+    """`lipsync serve`'s check before any role starts: an arena /dev/shm has room for
+    passes; one larger than what is free is refused with the arena's size and the way out."""
+    from pipeline.frontend.inflight import check_arena_fits
+
+    def config(arena_mb: int):
+        return parse_config({"runtime": {"instance": instance, "arena_mb": arena_mb,
+                                         "dir": str(tmp_path)}, "models": {}}, base_dir=tmp_path)
+
+    check_arena_fits(config(64))
+    too_big = shm_space()[0] // 2**20 + 1024
+    with pytest.raises(ArenaDoesNotFit, match=f"runtime.arena_mb: {too_big} MB.*--shm-size"):
+        check_arena_fits(config(too_big))
+
+
 def test_an_arena_larger_than_all_of_dev_shm_is_refused_without_waiting(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """No role can give back more than /dev/shm holds: no attempt, no wait."""
