@@ -80,7 +80,7 @@ def stage_timings(cfg_path: Path, model_id: str, batch: int, repeats: int = 20) 
     """Each stage of the pipeline run in this process on the real components (median ms)."""
     from pipeline.bench.inprocess import InProcessEngine
     from pipeline.compositor.composite import encode_jpeg, paste
-    from pipeline.compositor.jpeg_rows import BackgroundJpegs
+    from pipeline.compositor.jpeg_splice import BackgroundJpegs
     from pipeline.gpu_worker import audio
     from pipeline.gpu_worker import mel as mel_math
 
@@ -112,8 +112,8 @@ def stage_timings(cfg_path: Path, model_id: str, batch: int, repeats: int = 20) 
             "paste_per_frame": _median_ms(lambda: paste(background, prediction[0], rect, mode),
                                           repeats),
             "jpeg_per_frame": _median_ms(lambda: encode_jpeg(frame, cfg.jpeg_quality), repeats),
-            # what a compositor does: the paste and the JPEG of the rect's MCU rows only
-            "paste_jpeg_band_per_frame": _median_ms(lambda: kept.frame(
+            # what a compositor does: the paste and the JPEG of the rect's segments only
+            "paste_jpeg_patch_per_frame": _median_ms(lambda: kept.frame(
                 key, background, rect, lambda pixels, r: paste(pixels, prediction[0], r, mode)),
                 repeats),
         }

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline import messages as msg
 from pipeline.compositor.composite import composite_job
-from pipeline.compositor.jpeg_rows import BackgroundJpegs
+from pipeline.compositor.jpeg_splice import BackgroundJpegs
 from pipeline.config import load_config
 from pipeline.frontend.wire import CompositeRequestView
 from pipeline.gpu_worker.batching import Inbox

@@ -11,8 +11,8 @@ Pixel conversion as the reference: x255, clamp to [0, 255], truncate.
 `composite_job` is the whole of a compositor's work on one CompositeJob (a few frames of a
 request), pure but for the encoded backgrounds it keeps (tensors are read through the
 `view` it is given): the compositor process and the in-process bench run the same function.
-Only the rows of MCUs around the rect are encoded per frame; the others are the
-background's, encoded once (jpeg_rows.py): the JPEG is byte for byte the whole frame's.
+Only the JPEG segments around the rect are encoded per frame; the others are the
+background's, encoded once (jpeg_splice.py): the JPEG is byte for byte the whole frame's.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from pipeline import messages as msg
-from pipeline.compositor.jpeg_rows import BackgroundJpegs, encode_rows
+from pipeline.compositor.jpeg_splice import BackgroundJpegs, encode_jpeg
 from pipeline.runtime.logs import logging_request
 from pipeline.shm.segment import SegmentGone
 from pipeline.synctalk import CROP, INNER
@@ -143,7 +143,3 @@ def paste(background: np.ndarray, prediction: np.ndarray, rect: tuple[int, int, 
     frame[y1:y2, x1:x2] = patch
     return frame
 
-
-def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
-    """A whole frame's JPEG, as every frame is written (4:2:0, a restart marker a row)."""
-    return encode_rows(frame, quality).joined()

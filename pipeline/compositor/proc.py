@@ -30,7 +30,7 @@ import zmq
 
 from pipeline import messages as msg
 from pipeline.compositor.composite import composite_job
-from pipeline.compositor.jpeg_rows import BackgroundJpegs
+from pipeline.compositor.jpeg_splice import BackgroundJpegs
 from pipeline.config import Config
 from pipeline.runtime.addresses import Addresses
 from pipeline.runtime.process import (

@@ -138,8 +138,8 @@ class CompositorConfig:
     # idle frames. gpu on a box without CUDA or nvImageCodec fails at start, saying which.
     device: CompositorDevice = setting("cpu", choices=("cpu", "gpu"))
     # each compositor keeps the backgrounds it has encoded (per JPEG quality), so a frame's
-    # JPEG encodes only the rows around its mouth: MB per compositor, least recently used
-    # out first (a 250-frame 720p avatar: ~10-40 MB); 0 encodes every frame whole
+    # JPEG encodes only the segments around its mouth: MB per compositor, least recently
+    # used out first (a 250-frame 720p avatar: ~10-40 MB); 0 encodes every frame whole
     background_jpeg_cache_mb: int = setting(256, lambda v: v >= 0, "must be >= 0")
 
 
