@@ -79,8 +79,8 @@ def _median_ms(fn, repeats: int) -> float:
 def stage_timings(cfg_path: Path, model_id: str, batch: int, repeats: int = 20) -> dict[str, float]:
     """Each stage of the pipeline run in this process on the real components (median ms)."""
     from pipeline.bench.inprocess import InProcessEngine
-    from pipeline.compositor.composite import encode_jpeg, paste
-    from pipeline.compositor.jpeg_splice import BackgroundJpegs
+    from pipeline.compositor.composite import paste
+    from pipeline.compositor.jpeg_splice import BackgroundJpegs, encode_jpeg
     from pipeline.gpu_worker import audio
     from pipeline.gpu_worker import mel as mel_math
 

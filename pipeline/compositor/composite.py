@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from pipeline import messages as msg
-from pipeline.compositor.jpeg_splice import BackgroundJpegs, encode_jpeg
+from pipeline.compositor.jpeg_splice import BackgroundJpegs
 from pipeline.runtime.logs import logging_request
 from pipeline.shm.segment import SegmentGone
 from pipeline.synctalk import CROP, INNER
@@ -72,9 +72,7 @@ def _frame_jpeg(job: msg.CompositeJob, ref: msg.TensorRef, background: np.ndarra
     key = (ref.segment, ref.offset, job.jpeg_quality)
     t0 = time.perf_counter_ns()
     if prediction is None:  # the background as it is: encoded once
-        kept = jpegs.background(key, background)
-        jpeg = kept.joined() if kept is not None else encode_jpeg(background, job.jpeg_quality)
-        return jpeg, 0, time.perf_counter_ns() - t0
+        return jpegs.jpeg(key, background), 0, time.perf_counter_ns() - t0
     paste_ns = 0
 
     def draw(pixels: np.ndarray, rect_in: tuple[int, int, int, int]) -> np.ndarray:

@@ -158,6 +158,12 @@ class BackgroundJpegs:
         self.held += made.nbytes
         return made
 
+    def jpeg(self, key: tuple[str, int, int], image: np.ndarray) -> bytes:
+        """The background's JPEG as it is: its kept segments joined, or (no room to keep
+        it) encoded whole."""
+        kept = self.background(key, image)
+        return encode_jpeg(image, key[2]) if kept is None else kept.joined()
+
     def frame(self, key: tuple[str, int, int], background: np.ndarray, rect: Rect,
               draw: Draw) -> bytes:
         """The JPEG of `background` with `draw` applied to the segments the rect covers:

@@ -65,7 +65,8 @@ def reference_frames(config: Path, model_id: str, raw_audio: bytes, batch: int,
                      start: int) -> list[np.ndarray]:
     """The frames of an audio-only request computed in this process on the CPU provider
     (encoder, server-built visual input, fp32 UNet, paste, JPEG), decoded."""
-    from pipeline.compositor.composite import encode_jpeg, paste
+    from pipeline.compositor.composite import paste
+    from pipeline.compositor.jpeg_splice import encode_jpeg
     from pipeline.config import load_config
     from pipeline.gpu_worker import audio
     from pipeline.gpu_worker.avatar import load_avatar

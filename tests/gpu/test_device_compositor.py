@@ -15,7 +15,8 @@ import pytest
 
 from pipeline.bench.local_server import ServerProcess
 from pipeline.client import build_request, channel, speech_like_audio
-from pipeline.compositor.composite import encode_jpeg, paste
+from pipeline.compositor.composite import paste
+from pipeline.compositor.jpeg_splice import encode_jpeg
 from pipeline.gpu_worker.avatar import load_avatar
 from pipeline.gpu_worker.device_compositor import DeviceCompositor
 from pipeline.gpu_worker.paste_graph import MODES

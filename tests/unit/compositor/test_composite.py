@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.compositor.composite import encode_jpeg, go_bilinear_resize, paste, prediction_to_bgr
+from pipeline.compositor.composite import go_bilinear_resize, paste, prediction_to_bgr
+from pipeline.compositor.jpeg_splice import encode_jpeg
 from tests.conftest import reference_file
 
 H, W = 720, 1280

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline import messages as msg
-from pipeline.compositor.composite import composite_job, encode_jpeg, paste
-from pipeline.compositor.jpeg_splice import BackgroundJpegs
+from pipeline.compositor.composite import composite_job, paste
+from pipeline.compositor.jpeg_splice import BackgroundJpegs, encode_jpeg
 
 BACKGROUNDS = tuple(msg.TensorRef(f"bg{i}", 0, (120, 160, 3), "uint8") for i in range(3))
 RECTS = ((40, 20, 104, 84), (38, 22, 102, 86), (41, 19, 105, 83))

@@ -112,7 +112,7 @@ def test_kept_backgrounds_stay_within_their_bytes_least_recently_used_out() -> N
         assert kept.background(("seg", s, QUALITY), backgrounds[s]) is not None
     assert list(kept.entries) == [("seg", 0, QUALITY), ("seg", 2, QUALITY)]
     assert kept.held == sum(e.nbytes for e in kept.entries.values()) <= kept.max_bytes
-    kept.background(("other", 0, QUALITY), backgrounds[1])
+    assert kept.jpeg(("other", 0, QUALITY), backgrounds[1]) == encode_jpeg(backgrounds[1], QUALITY)
     kept.forget("seg")
     assert list(kept.entries) == [("other", 0, QUALITY)]
     assert kept.held == kept.entries[("other", 0, QUALITY)].nbytes
@@ -120,6 +120,8 @@ def test_kept_backgrounds_stay_within_their_bytes_least_recently_used_out() -> N
     for budget in (0, size // 2):
         none_kept = BackgroundJpegs(budget)
         assert none_kept.background(("seg", 0, QUALITY), backgrounds[0]) is None
+        assert none_kept.jpeg(("seg", 0, QUALITY), backgrounds[0]) == \
+            encode_jpeg(backgrounds[0], QUALITY)
         assert none_kept.frame(("seg", 0, QUALITY), backgrounds[0], rect, _draw("synctalk")) \
             == encode_jpeg(paste(backgrounds[0], PREDICTION, rect), QUALITY)
         assert not none_kept.entries and none_kept.held == 0

@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.compositor.composite import encode_jpeg, paste
+from pipeline.compositor.composite import paste
+from pipeline.compositor.jpeg_splice import encode_jpeg
 from pipeline.gpu_worker.device_compositor import (
     DeviceCompositor,
     DeviceError,

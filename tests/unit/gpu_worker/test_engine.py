@@ -404,7 +404,8 @@ def test_with_compositor_device_gpu_the_worker_sends_the_jpegs_itself(
     as JPEGs for the frontend, one per frame in order and before the InferDone, equal to the
     compositors' within JPEG loss; no compositor job but the idle frames'."""
     pytest.importorskip("nvidia.nvimgcodec", reason="nvImageCodec is not installed")
-    from pipeline.compositor.composite import encode_jpeg, paste
+    from pipeline.compositor.composite import paste
+    from pipeline.compositor.jpeg_splice import encode_jpeg
     from pipeline.gpu_worker.engine import EncodedFrames
     from pipeline.gpu_worker.precision import psnr_db
 
