@@ -47,6 +47,7 @@ INFER_DONE_BYTES = 200  # about what an encoded InferDone weighs
 
 
 def _jpeg(cfg_path: Path) -> bytes:
+    from pipeline.compositor.jpeg_splice import encode_jpeg
     from pipeline.config import load_config
     from pipeline.gpu_worker.avatar import find_frame
 
@@ -56,9 +57,7 @@ def _jpeg(cfg_path: Path) -> bytes:
                                       {p.name for p in model.background_dir.iterdir()})))
     if frame is None:
         raise SystemExit(f"grpc_floor: cannot read the demo's first frame in {model.background_dir}")
-    ok, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])
-    assert ok
-    return jpeg.tobytes()
+    return encode_jpeg(frame, cfg.jpeg_quality)  # as a compositor writes a frame
 
 
 def _worker_tier(ipc: str, jpeg: bytes, ready: Event) -> None:
